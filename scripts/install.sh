@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs everything pyshim needs on a fresh Debian 12 machine (run as root):
+# the distribution packages (runc, containerd, Go + Go ttrpc for interop tests,
+# busybox-static for test images, CNI plugins) and a virtualenv at .venv with
+# pyshim installed in editable mode, plus links of the three commands into
+# /usr/local/bin so that containerd finds the shim on its PATH.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+apt_packages=(runc containerd golang-go golang-github-containerd-ttrpc-dev
+              busybox-static containernetworking-plugins python3-venv iproute2 procps)
+missing=()
+for p in "${apt_packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$python" -m venv .venv
+fi
+.venv/bin/pip install -q --upgrade pip >/dev/null
+.venv/bin/pip install -q -e ".[test]"
+
+for cmd in containerd-shim-pyshim-v1 pyshimd pyshim; do
+    ln -sf "$PWD/.venv/bin/$cmd" "/usr/local/bin/$cmd"
+done
