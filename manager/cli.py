@@ -1,11 +1,496 @@
-"""pyshim: the manager CLI (not implemented yet; see the manager issue)."""
+"""pyshim: the command line for pyshimd."""
 
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
 import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from google.protobuf.json_format import MessageToDict
+
+from manager.apiclient import ManagerClient, ManagerNotRunning
+from manager.paths import Paths
+from manager.streams import LogTail, forward_stdin
+from manager.terminal import raw_mode, terminal_size
+from protocol.proto import timeutil
+from protocol.proto.manager.v1 import manager_pb2 as pb
+from protocol.ttrpc.status import TtrpcError
+
+# docker's convention: the manager failed, as opposed to the container's own status.
+EXIT_MANAGER_ERROR = 125
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
-def main() -> int:
-    sys.stderr.write("pyshim: not yet implemented\n")
-    return 1
+class UsageError(Exception):
+    pass
+
+
+def parse_memory(text: str) -> int:
+    """``67108864``, ``64m``, ``64MiB``, ``1g`` (powers of 1024, as docker)."""
+    t = text.strip().lower().removesuffix("ib").removesuffix("b") if text else ""
+    num = t.rstrip("kmgt")
+    unit = t[len(num) :]
+    if not num or len(unit) > 1:
+        raise argparse.ArgumentTypeError(f"invalid memory size {text!r} (e.g. 64m, 1g)")
+    try:
+        value = float(num)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid memory size {text!r} (e.g. 64m, 1g)") from None
+    size = int(value * _UNITS[unit])
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"memory size must be positive: {text!r}")
+    return size
+
+
+def parse_cpus(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid cpus {text!r} (e.g. 0.5, 2)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("cpus must be positive")
+    return value
+
+
+def parse_env(text: str) -> str:
+    key, sep, _ = text.partition("=")
+    if not key:
+        raise argparse.ArgumentTypeError(f"invalid --env {text!r}: expected K=V")
+    # docker: a bare K takes its value from our own environment.
+    if not sep:
+        if key not in os.environ:
+            raise argparse.ArgumentTypeError(f"--env {key}: not set here; give K=V")
+        return f"{key}={os.environ[key]}"
+    return text
+
+
+def parse_signal(text: str) -> int:
+    t = text.upper()
+    if t.isdigit():
+        num = int(t)
+        if not 0 <= num < signal.NSIG:
+            raise argparse.ArgumentTypeError(f"invalid signal {text!r}")
+        return num
+    name = t if t.startswith("SIG") else "SIG" + t
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"unknown signal {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pyshim", description="run containers with pyshimd")
+    p.add_argument("--run-dir", help="pyshimd's run dir (env PYSHIM_RUN_DIR, /run/pyshim)")
+    p.add_argument("--state-dir", help="pyshimd's state dir (env PYSHIM_STATE_DIR)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="create and start a container")
+    run.add_argument("--rm", action="store_true", help="remove it once it exited")
+    run.add_argument("-d", "--detach", action="store_true", help="print its id and return")
+    run.add_argument("-t", "--tty", action="store_true", help="give it a terminal")
+    run.add_argument("-i", "--interactive", action="store_true", help="keep its stdin open")
+    run.add_argument("--name")
+    run.add_argument("-e", "--env", action="append", default=[], type=parse_env, metavar="K=V")
+    run.add_argument("-w", "--workdir", default="")
+    run.add_argument("-u", "--user", default="", metavar="UID[:GID]")
+    run.add_argument("-m", "--memory", type=parse_memory, default=0, metavar="BYTES")
+    run.add_argument("--cpus", type=parse_cpus, default=0.0)
+    run.add_argument("--rootfs", default="", help="use this directory as the root")
+    run.add_argument("image_and_cmd", nargs=argparse.REMAINDER, metavar="[IMAGE] -- CMD")
+
+    ex = sub.add_parser("exec", help="run a command in a running container")
+    ex.add_argument("-t", "--tty", action="store_true")
+    ex.add_argument("-i", "--interactive", action="store_true")
+    ex.add_argument("-e", "--env", action="append", default=[], type=parse_env, metavar="K=V")
+    ex.add_argument("-w", "--workdir", default="")
+    ex.add_argument("-u", "--user", default="", metavar="UID[:GID]")
+    ex.add_argument("container")
+    ex.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD")
+
+    at = sub.add_parser("attach", help="connect to a container's output (and stdin)")
+    at.add_argument("container")
+
+    ps = sub.add_parser("ps", help="list containers")
+    ps.add_argument("-a", "--all", action="store_true", help="include stopped containers")
+    ps.add_argument("--json", action="store_true")
+
+    lg = sub.add_parser("logs", help="print a container's output")
+    lg.add_argument("-f", "--follow", action="store_true")
+    lg.add_argument("container")
+
+    k = sub.add_parser("kill", help="signal a container")
+    k.add_argument("-s", "--signal", type=parse_signal, default=int(signal.SIGKILL))
+    k.add_argument("container")
+
+    w = sub.add_parser("wait", help="print a container's exit status once it exited")
+    w.add_argument("container")
+
+    rm = sub.add_parser("rm", help="remove containers")
+    rm.add_argument("-f", "--force", action="store_true", help="kill it first if running")
+    rm.add_argument("containers", nargs="+", metavar="container")
+
+    ins = sub.add_parser("inspect", help="a container's details as JSON")
+    ins.add_argument("container")
+
+    img = sub.add_parser("image", help="manage images")
+    isub = img.add_subparsers(dest="image_command", required=True, metavar="COMMAND")
+    imp = isub.add_parser("import", help="import an OCI image layout or docker-archive tar")
+    imp.add_argument("archive")
+    imp.add_argument("--ref", default="", help="name for an image the archive leaves unnamed")
+    isub.add_parser("ls", help="list images")
+    irm = isub.add_parser("rm", help="remove an image")
+    irm.add_argument("ref")
+    return p
+
+
+def split_image_and_cmd(words: Sequence[str], rootfs: str) -> tuple[str, list[str]]:
+    """``[IMAGE] [--] CMD...``: with ``--`` the image is whatever precedes it."""
+    words = list(words)
+    if "--" in words:
+        i = words.index("--")
+        before, cmd = words[:i], words[i + 1 :]
+        if len(before) > 1:
+            raise UsageError(f"unexpected arguments before --: {' '.join(before[1:])}")
+        image = before[0] if before else ""
+    elif rootfs or not words:
+        image, cmd = "", words
+    else:
+        image, cmd = words[0], words[1:]
+    if image and rootfs:
+        raise UsageError("give either an IMAGE or --rootfs, not both")
+    if not image and not cmd:
+        raise UsageError("no command given: pyshim run [IMAGE] -- CMD...")
+    return image, cmd
+
+
+def _strip_dashdash(words: Sequence[str]) -> list[str]:
+    words = list(words)
+    return words[1:] if words[:1] == ["--"] else words
+
+
+# ---------------------------------------------------------------------- commands
+
+
+async def _interactive_session(
+    mc: ManagerClient,
+    *,
+    container: str,
+    exec_id: str,
+    log_path: str,
+    stdin_path: str,
+    tty: bool,
+    from_end: bool,
+) -> pb.WaitResponse:
+    """Show output, feed stdin, follow the terminal size, until the process exits."""
+    loop = asyncio.get_running_loop()
+    tail = LogTail(Path(log_path), sys.stdout.fileno(), from_end=from_end)
+    done = asyncio.Event()
+    tasks: list[asyncio.Task[None]] = []
+    use_tty = tty and os.isatty(sys.stdin.fileno())
+
+    async def resize() -> None:
+        cols, rows = terminal_size(sys.stdin.fileno())
+        if cols and rows:
+            with contextlib.suppress(TtrpcError):
+                await mc.empty(
+                    "Resize",
+                    pb.ResizeRequest(container=container, exec_id=exec_id, width=cols, height=rows),
+                )
+
+    async def close_stdin() -> None:
+        with contextlib.suppress(TtrpcError):
+            await mc.empty("CloseIO", pb.CloseIORequest(container=container, exec_id=exec_id))
+
+    with raw_mode(sys.stdin.fileno()) if use_tty else contextlib.nullcontext():
+        if use_tty:
+            await resize()
+            loop.add_signal_handler(
+                signal.SIGWINCH, lambda: tasks.append(asyncio.create_task(resize()))
+            )
+        if stdin_path:
+            tasks.append(
+                asyncio.create_task(forward_stdin(sys.stdin.fileno(), stdin_path, close_stdin))
+            )
+        follower = asyncio.create_task(tail.follow(done))
+        try:
+            result = await mc.wait(container, exec_id)
+        finally:
+            done.set()
+            await follower
+            tail.close()
+            if use_tty:
+                loop.remove_signal_handler(signal.SIGWINCH)
+            for t in tasks:
+                t.cancel()
+    return result
+
+
+def _report_exit(res: pb.WaitResponse) -> None:
+    if res.exit_reason:
+        sys.stderr.write(f"pyshim: {res.exit_reason}\n")
+
+
+async def cmd_run(mc: ManagerClient, args: argparse.Namespace) -> int:
+    image, cmd = split_image_and_cmd(args.image_and_cmd, args.rootfs)
+    rootfs = str(Path(args.rootfs).absolute()) if args.rootfs else ""
+    cfg = pb.ContainerConfig(
+        name=args.name or "",
+        args=cmd,
+        env=args.env,
+        workdir=args.workdir,
+        user=args.user,
+        memory_bytes=args.memory,
+        cpus=args.cpus,
+        image=image,
+        rootfs=rootfs,
+        terminal=args.tty,
+        stdin=args.interactive,
+        # Foreground --rm is done here, after the last output has been read.
+        auto_remove=args.rm and args.detach,
+    )
+    resp = await mc.call("Run", pb.RunRequest(config=cfg), pb.RunResponse)
+    c = resp.container
+    if args.detach:
+        print(c.id)
+        return 0
+    try:
+        res = await _interactive_session(
+            mc,
+            container=c.id,
+            exec_id="",
+            log_path=c.log_path,
+            stdin_path=c.stdin_path,
+            tty=args.tty,
+            from_end=False,
+        )
+    finally:
+        if args.rm:
+            with contextlib.suppress(TtrpcError):
+                await mc.empty("Remove", pb.RemoveRequest(container=c.id, force=True))
+    _report_exit(res)
+    return res.exit_status
+
+
+async def cmd_exec(mc: ManagerClient, args: argparse.Namespace) -> int:
+    cmd = _strip_dashdash(args.cmd)
+    if not cmd:
+        raise UsageError("no command given: pyshim exec NAME -- CMD...")
+    req = pb.ExecRequest(
+        container=args.container,
+        args=cmd,
+        env=args.env,
+        workdir=args.workdir,
+        user=args.user,
+        terminal=args.tty,
+        stdin=args.interactive,
+    )
+    resp = await mc.call("Exec", req, pb.ExecResponse)
+    res = await _interactive_session(
+        mc,
+        container=resp.container_id,
+        exec_id=resp.exec_id,
+        log_path=resp.log_path,
+        stdin_path=resp.stdin_path,
+        tty=args.tty,
+        from_end=False,
+    )
+    return res.exit_status
+
+
+async def cmd_attach(mc: ManagerClient, args: argparse.Namespace) -> int:
+    c = (await mc.inspect(args.container)).container
+    if c.exited:
+        raise UsageError(f"container {c.name} is not running (exit status {c.exit_status})")
+    res = await _interactive_session(
+        mc,
+        container=c.id,
+        exec_id="",
+        log_path=c.log_path,
+        stdin_path=c.stdin_path,
+        tty=c.terminal,
+        from_end=True,
+    )
+    _report_exit(res)
+    return res.exit_status
+
+
+def _ago(ts_ns: int) -> str:
+    secs = max(0, int(time.time() - ts_ns / 1e9))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if secs >= size:
+            return f"{secs // size}{unit} ago"
+    return f"{secs}s ago"
+
+
+def status_text(c: pb.Container) -> str:
+    if c.exited:
+        return f"exited ({c.exit_status}) {_ago(timeutil.ns_from_timestamp(c.exited_at))}"
+    return c.status
+
+
+def container_json(c: pb.Container) -> dict[str, object]:
+    d = MessageToDict(
+        c, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    if not c.exited:
+        d.pop("exited_at", None)
+    return d
+
+
+async def cmd_ps(mc: ManagerClient, args: argparse.Namespace) -> int:
+    resp = await mc.call("List", pb.ListRequest(all=args.all), pb.ListResponse)
+    if args.json:
+        print(json.dumps([container_json(c) for c in resp.containers], indent=2))
+        return 0
+    rows = [("CONTAINER ID", "NAME", "IMAGE", "COMMAND", "CREATED", "STATUS", "PID")]
+    for c in resp.containers:
+        command = " ".join(c.command)
+        rows.append(
+            (
+                c.id[:12],
+                c.name,
+                c.image or "-",
+                command if len(command) <= 30 else command[:27] + "...",
+                _ago(timeutil.ns_from_timestamp(c.created_at)),
+                status_text(c),
+                str(c.pid) if c.pid and not c.exited else "-",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
+async def cmd_logs(mc: ManagerClient, args: argparse.Namespace) -> int:
+    c = (await mc.inspect(args.container)).container
+    tail = LogTail(Path(c.log_path), sys.stdout.fileno())
+    try:
+        if not args.follow or c.exited:
+            tail.pump()
+            return 0
+        done = asyncio.Event()
+        follower = asyncio.create_task(tail.follow(done))
+        try:
+            await mc.wait(c.id)
+        finally:
+            done.set()
+            await follower
+    finally:
+        tail.close()
+    return 0
+
+
+async def cmd_kill(mc: ManagerClient, args: argparse.Namespace) -> int:
+    await mc.empty("Kill", pb.KillRequest(container=args.container, signal=args.signal))
+    return 0
+
+
+async def cmd_wait(mc: ManagerClient, args: argparse.Namespace) -> int:
+    res = await mc.wait(args.container)
+    _report_exit(res)
+    print(res.exit_status)
+    return 0
+
+
+async def cmd_rm(mc: ManagerClient, args: argparse.Namespace) -> int:
+    rc = 0
+    for ref in args.containers:
+        try:
+            await mc.empty("Remove", pb.RemoveRequest(container=ref, force=args.force))
+        except TtrpcError as exc:
+            sys.stderr.write(f"pyshim: {exc.message}\n")
+            rc = EXIT_MANAGER_ERROR
+            continue
+        print(ref)
+    return rc
+
+
+async def cmd_inspect(mc: ManagerClient, args: argparse.Namespace) -> int:
+    resp = await mc.inspect(args.container)
+    out = container_json(resp.container)
+    out["spec"] = json.loads(resp.spec_json) if resp.spec_json else None
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+async def cmd_image(mc: ManagerClient, args: argparse.Namespace) -> int:
+    if args.image_command == "import":
+        path = Path(args.archive).absolute()
+        if not path.is_file():
+            raise UsageError(f"{args.archive}: no such file")
+        req = pb.ImageImportRequest(archive_path=str(path), ref=args.ref)
+        resp = await mc.call("ImageImport", req, pb.ImageImportResponse)
+        for image in resp.images:
+            print(f"{image.ref} {image.digest}")
+        return 0
+    if args.image_command == "ls":
+        listed = await mc.call("ImageList", pb.ImageListRequest(), pb.ImageListResponse)
+        rows = [("REF", "DIGEST", "LAYERS", "SIZE")]
+        for im in listed.images:
+            rows.append((im.ref, im.digest[:19], str(len(im.layers)), _size(im.size)))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        for r in rows:
+            print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+        return 0
+    await mc.empty("ImageRemove", pb.ImageRemoveRequest(ref=args.ref))
+    print(args.ref)
+    return 0
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1024
+    return f"{value:.1f}TiB"
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "exec": cmd_exec,
+    "attach": cmd_attach,
+    "ps": cmd_ps,
+    "logs": cmd_logs,
+    "kill": cmd_kill,
+    "wait": cmd_wait,
+    "rm": cmd_rm,
+    "inspect": cmd_inspect,
+    "image": cmd_image,
+}
+
+
+async def _dispatch(paths: Paths, args: argparse.Namespace) -> int:
+    mc = await ManagerClient.connect(paths)
+    try:
+        return await COMMANDS[args.command](mc, args)
+    finally:
+        mc.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    paths = Paths.resolve(args.run_dir, args.state_dir)
+    try:
+        return asyncio.run(_dispatch(paths, args))
+    except UsageError as exc:
+        parser.error(str(exc))
+    except ManagerNotRunning as exc:
+        sys.stderr.write(f"pyshim: {exc}\n")
+    except TtrpcError as exc:
+        sys.stderr.write(f"pyshim: {exc.message}\n")
+    except KeyboardInterrupt:
+        return 130
+    return EXIT_MANAGER_ERROR
 
 
 if __name__ == "__main__":

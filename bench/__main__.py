@@ -1,0 +1,5 @@
+"""``python -m bench``: the shim benchmarks (see bench/README.md)."""
+
+from bench.shims import main
+
+raise SystemExit(main())

@@ -1,0 +1,77 @@
+"""Where pyshimd keeps things: one object computed from flags/env, shared by daemon and CLI."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_RUN_DIR = "/run/pyshim"
+DEFAULT_STATE_DIR = "/var/lib/pyshim"
+RUN_DIR_ENV = "PYSHIM_RUN_DIR"
+STATE_DIR_ENV = "PYSHIM_STATE_DIR"
+# The shim namespace every manager-run container lives in (shim -namespace, runc root dir).
+NAMESPACE = "pyshim"
+
+
+@dataclass(frozen=True)
+class Paths:
+    run_dir: Path
+    state_dir: Path
+
+    @classmethod
+    def resolve(
+        cls,
+        run_dir: str | None = None,
+        state_dir: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> Paths:
+        """Flag beats environment beats default."""
+        env = os.environ if env is None else env
+        run = run_dir or env.get(RUN_DIR_ENV) or DEFAULT_RUN_DIR
+        state = state_dir or env.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR
+        return cls(Path(run).absolute(), Path(state).absolute())
+
+    @property
+    def socket(self) -> Path:
+        return self.run_dir / "pyshimd.sock"
+
+    @property
+    def events_socket(self) -> Path:
+        return self.run_dir / "events.sock"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.run_dir / "pyshimd.pid"
+
+    @property
+    def runc_root(self) -> Path:
+        # Our own runc root keeps manager containers apart from containerd's.
+        return self.run_dir / "runc"
+
+    def bundle(self, container_id: str) -> Path:
+        return self.run_dir / "bundles" / NAMESPACE / container_id
+
+    def fifo_dir(self, container_id: str) -> Path:
+        return self.run_dir / "fifo" / container_id
+
+    @property
+    def containers_dir(self) -> Path:
+        return self.state_dir / "containers"
+
+    def container_dir(self, container_id: str) -> Path:
+        return self.containers_dir / container_id
+
+    def record(self, container_id: str) -> Path:
+        return self.container_dir(container_id) / "record.json"
+
+    def log(self, container_id: str) -> Path:
+        return self.container_dir(container_id) / "ctr.log"
+
+    def exec_log(self, container_id: str, exec_id: str) -> Path:
+        return self.container_dir(container_id) / f"exec-{exec_id}.log"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.state_dir / "images"

@@ -1,0 +1,169 @@
+"""pyshimd's ttrpc services: the Manager API for the CLI and the Events sink for shims.
+
+Thin: each handler maps a request onto the Supervisor or the ImageStore.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+
+from google.protobuf import empty_pb2
+
+from manager.images import ImageEntry, ImageError, ImageNotFound, ImageStore
+from manager.supervisor import Supervisor, container_message
+from protocol.proto import anyutil, timeutil
+from protocol.proto.events import forward_pb2
+from protocol.proto.events import task_pb2 as events_pb2
+from protocol.proto.manager.v1 import manager_pb2 as pb
+from protocol.ttrpc.server import Method, RequestContext, Server
+from protocol.ttrpc.status import Code, TtrpcError
+
+log = logging.getLogger("pyshimd")
+
+MANAGER_SERVICE = "pyshim.manager.v1.Manager"
+EVENTS_SERVICE = "containerd.services.events.ttrpc.v1.Events"
+
+
+def _image_message(entry: ImageEntry) -> pb.Image:
+    return pb.Image(
+        ref=entry.ref,
+        digest=entry.digest,
+        layers=entry.layers,
+        size=entry.size,
+        config_json=json.dumps(entry.config),
+    )
+
+
+def _image_error(exc: ImageError) -> TtrpcError:
+    code = Code.NOT_FOUND if isinstance(exc, ImageNotFound) else Code.FAILED_PRECONDITION
+    return TtrpcError(code, str(exc))
+
+
+class ManagerService:
+    def __init__(self, supervisor: Supervisor, images: ImageStore) -> None:
+        self.sup = supervisor
+        self.images = images
+
+    async def run(self, ctx: RequestContext, req: pb.RunRequest) -> pb.RunResponse:
+        if not req.config.args and not req.config.image:
+            raise TtrpcError(Code.INVALID_ARGUMENT, "no command given")
+        try:
+            c = await self.sup.run(req.config)
+        except ImageError as exc:
+            raise _image_error(exc) from exc
+        return pb.RunResponse(container=container_message(c, self.sup.paths))
+
+    async def exec(self, ctx: RequestContext, req: pb.ExecRequest) -> pb.ExecResponse:
+        return await self.sup.exec(req)
+
+    async def kill(self, ctx: RequestContext, req: pb.KillRequest) -> empty_pb2.Empty:
+        await self.sup.kill(req.container, req.signal or 15, req.exec_id, req.all)
+        return empty_pb2.Empty()
+
+    async def wait(self, ctx: RequestContext, req: pb.WaitRequest) -> pb.WaitResponse:
+        status, at_ns, reason = await self.sup.wait(req.container, req.exec_id)
+        resp = pb.WaitResponse(exit_status=status, exit_reason=reason)
+        resp.exited_at.CopyFrom(timeutil.timestamp_from_ns(at_ns))
+        return resp
+
+    async def remove(self, ctx: RequestContext, req: pb.RemoveRequest) -> empty_pb2.Empty:
+        await self.sup.remove(req.container, req.force)
+        return empty_pb2.Empty()
+
+    async def list(self, ctx: RequestContext, req: pb.ListRequest) -> pb.ListResponse:
+        found = self.sup.containers_list(req.all)
+        return pb.ListResponse(containers=[container_message(c, self.sup.paths) for c in found])
+
+    async def inspect(self, ctx: RequestContext, req: pb.InspectRequest) -> pb.InspectResponse:
+        c = self.sup.lookup(req.container)
+        try:
+            spec = Path(c.record.bundle, "config.json").read_text()
+        except OSError:
+            spec = ""
+        return pb.InspectResponse(container=container_message(c, self.sup.paths), spec_json=spec)
+
+    async def resize(self, ctx: RequestContext, req: pb.ResizeRequest) -> empty_pb2.Empty:
+        await self.sup.resize(req.container, req.exec_id, req.width, req.height)
+        return empty_pb2.Empty()
+
+    async def close_io(self, ctx: RequestContext, req: pb.CloseIORequest) -> empty_pb2.Empty:
+        await self.sup.close_io(req.container, req.exec_id)
+        return empty_pb2.Empty()
+
+    async def image_import(
+        self, ctx: RequestContext, req: pb.ImageImportRequest
+    ) -> pb.ImageImportResponse:
+        path = Path(req.archive_path)
+        if not path.is_absolute():
+            raise TtrpcError(Code.INVALID_ARGUMENT, "archive path must be absolute")
+        try:
+            # Unpacking is disk-bound and long; the loop keeps serving meanwhile.
+            entries = await asyncio.to_thread(self.images.import_archive, path, req.ref)
+        except ImageError as exc:
+            raise TtrpcError(Code.INVALID_ARGUMENT, str(exc)) from exc
+        return pb.ImageImportResponse(images=[_image_message(e) for e in entries])
+
+    async def image_list(
+        self, ctx: RequestContext, req: pb.ImageListRequest
+    ) -> pb.ImageListResponse:
+        return pb.ImageListResponse(images=[_image_message(e) for e in self.images.list()])
+
+    async def image_remove(
+        self, ctx: RequestContext, req: pb.ImageRemoveRequest
+    ) -> empty_pb2.Empty:
+        in_use = {c.record.image for c in self.sup.containers.values() if c.record.image}
+        try:
+            self.images.remove(req.ref, in_use)
+        except ImageError as exc:
+            raise _image_error(exc) from exc
+        return empty_pb2.Empty()
+
+    def register(self, server: Server) -> None:
+        server.register(
+            MANAGER_SERVICE,
+            {
+                "Run": Method(pb.RunRequest, self.run),
+                "Exec": Method(pb.ExecRequest, self.exec),
+                "Kill": Method(pb.KillRequest, self.kill),
+                "Wait": Method(pb.WaitRequest, self.wait),
+                "Remove": Method(pb.RemoveRequest, self.remove),
+                "List": Method(pb.ListRequest, self.list),
+                "Inspect": Method(pb.InspectRequest, self.inspect),
+                "Resize": Method(pb.ResizeRequest, self.resize),
+                "CloseIO": Method(pb.CloseIORequest, self.close_io),
+                "ImageImport": Method(pb.ImageImportRequest, self.image_import),
+                "ImageList": Method(pb.ImageListRequest, self.image_list),
+                "ImageRemove": Method(pb.ImageRemoveRequest, self.image_remove),
+            },
+        )
+
+
+class EventsService:
+    """Where shims forward their events ($TTRPC_ADDRESS)."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.sup = supervisor
+
+    async def forward(
+        self, ctx: RequestContext, req: forward_pb2.ForwardRequest
+    ) -> empty_pb2.Empty:
+        env = req.envelope
+        if env.topic == "/tasks/exit":
+            try:
+                ev = anyutil.unpack(env.event, events_pb2.TaskExit)
+            except Exception as exc:
+                raise TtrpcError(Code.INVALID_ARGUMENT, f"bad /tasks/exit event: {exc}") from exc
+            self.sup.on_task_exit(
+                ev.container_id, ev.id, ev.exit_status, timeutil.ns_from_timestamp(ev.exited_at)
+            )
+        elif env.topic == "/tasks/oom":
+            log.warning("event %s %s", env.topic, env.event.value.hex())
+        return empty_pb2.Empty()
+
+    def register(self, server: Server) -> None:
+        server.register(
+            EVENTS_SERVICE, {"Forward": Method(forward_pb2.ForwardRequest, self.forward)}
+        )

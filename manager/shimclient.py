@@ -1,0 +1,116 @@
+"""The task API as the manager calls it: one ttrpc connection per container's shim."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from typing import TypeVar
+
+from google.protobuf import empty_pb2
+from google.protobuf.message import Message
+
+from manager.paths import NAMESPACE
+from protocol.proto.task.v2 import shim_pb2
+from protocol.ttrpc.address import dial_path
+from protocol.ttrpc.client import Client
+
+TASK_SERVICE = "containerd.task.v2.Task"
+# containerd's budgets: shim.load for Connect, task.state for State, shim.shutdown.
+CONNECT_TIMEOUT = 5.0
+STATE_TIMEOUT = 2.0
+SHUTDOWN_TIMEOUT = 3.0
+# Calls without a containerd bound still get one, so a wedged shim cannot hang the CLI.
+CALL_TIMEOUT = 30.0
+R = TypeVar("R", bound=Message)
+_PEERCRED = struct.Struct("3i")
+_METADATA = {"containerd-namespace-ttrpc": NAMESPACE}
+
+
+class ShimClient:
+    def __init__(self, client: Client, address: str) -> None:
+        self._client = client
+        self.address = address
+
+    @classmethod
+    async def dial(cls, address: str) -> ShimClient:
+        client = await Client.connect(dial_path(address), timeout=CONNECT_TIMEOUT)
+        return cls(client, address)
+
+    @property
+    def closed(self) -> bool:
+        return self._client.closed
+
+    def close(self) -> None:
+        self._client.close()
+
+    async def wait_closed(self) -> None:
+        await self._client.wait_closed()
+
+    async def _call(self, method: str, req: Message, resp: type[R], timeout: float | None) -> R:
+        return await self._client.call(
+            TASK_SERVICE, method, req, resp, timeout=timeout, metadata=_METADATA
+        )
+
+    async def connect(self, container_id: str) -> shim_pb2.ConnectResponse:
+        req = shim_pb2.ConnectRequest(id=container_id)
+        return await self._call("Connect", req, shim_pb2.ConnectResponse, CONNECT_TIMEOUT)
+
+    async def create(self, req: shim_pb2.CreateTaskRequest) -> shim_pb2.CreateTaskResponse:
+        return await self._call("Create", req, shim_pb2.CreateTaskResponse, CALL_TIMEOUT)
+
+    async def start(self, container_id: str, exec_id: str = "") -> shim_pb2.StartResponse:
+        req = shim_pb2.StartRequest(id=container_id, exec_id=exec_id)
+        return await self._call("Start", req, shim_pb2.StartResponse, CALL_TIMEOUT)
+
+    async def state(self, container_id: str, exec_id: str = "") -> shim_pb2.StateResponse:
+        req = shim_pb2.StateRequest(id=container_id, exec_id=exec_id)
+        return await self._call("State", req, shim_pb2.StateResponse, STATE_TIMEOUT)
+
+    async def wait(self, container_id: str, exec_id: str = "") -> shim_pb2.WaitResponse:
+        # No deadline: it returns when the process exits, however long that takes.
+        req = shim_pb2.WaitRequest(id=container_id, exec_id=exec_id)
+        return await self._call("Wait", req, shim_pb2.WaitResponse, None)
+
+    async def kill(
+        self, container_id: str, signal: int, *, exec_id: str = "", all: bool = False
+    ) -> None:
+        req = shim_pb2.KillRequest(id=container_id, exec_id=exec_id, signal=signal, all=all)
+        await self._call("Kill", req, empty_pb2.Empty, CALL_TIMEOUT)
+
+    async def exec(self, req: shim_pb2.ExecProcessRequest) -> None:
+        await self._call("Exec", req, empty_pb2.Empty, CALL_TIMEOUT)
+
+    async def resize(self, container_id: str, exec_id: str, width: int, height: int) -> None:
+        req = shim_pb2.ResizePtyRequest(
+            id=container_id, exec_id=exec_id, width=width, height=height
+        )
+        await self._call("ResizePty", req, empty_pb2.Empty, CALL_TIMEOUT)
+
+    async def close_io(self, container_id: str, exec_id: str = "") -> None:
+        req = shim_pb2.CloseIORequest(id=container_id, exec_id=exec_id, stdin=True)
+        await self._call("CloseIO", req, empty_pb2.Empty, CALL_TIMEOUT)
+
+    async def delete(self, container_id: str, exec_id: str = "") -> shim_pb2.DeleteResponse:
+        req = shim_pb2.DeleteRequest(id=container_id, exec_id=exec_id)
+        return await self._call("Delete", req, shim_pb2.DeleteResponse, CALL_TIMEOUT)
+
+    async def shutdown(self, container_id: str) -> None:
+        req = shim_pb2.ShutdownRequest(id=container_id)
+        await self._call("Shutdown", req, empty_pb2.Empty, SHUTDOWN_TIMEOUT)
+
+
+async def peer_pid(address: str) -> int:
+    """The pid serving ``address`` (SO_PEERCRED): known even when ttrpc itself fails, so a
+    shim that cannot be shut down politely can still be stopped."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.setblocking(False)
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            await loop.sock_connect(sock, dial_path(address))
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+        pid, _, _ = _PEERCRED.unpack(creds)
+        return int(pid)
+    finally:
+        sock.close()

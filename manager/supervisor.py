@@ -1,0 +1,645 @@
+"""The manager's containers: launch, exits, exec, removal and reconnect after a restart.
+
+Every exit is written to the container's record before anyone is told; the first exit
+learned for a process wins and a different one arriving later is logged and dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import any_pb2
+
+from manager import spec as ocispec
+from manager.images import ImageStore
+from manager.launcher import ShimLauncher, ShimLaunchError
+from manager.paths import Paths
+from manager.records import ContainerRecord, RecordStore
+from manager.shimclient import ShimClient, peer_pid
+from manager.shimlog import LogRelay, make_log_fifo
+from protocol.proto import anyutil, timeutil
+from protocol.proto.manager.v1 import manager_pb2
+from protocol.proto.runc import options_pb2
+from protocol.proto.task.v2 import shim_pb2
+from protocol.proto.types import mount_pb2, task_pb2
+from protocol.ttrpc.status import Code, ConnectionClosedError, TtrpcError
+
+log = logging.getLogger("pyshimd")
+
+# containerd's identifier rule; ids and names both end up in paths and runc ids.
+_IDENT = re.compile(r"^[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*$")
+MAX_IDENT = 76
+PROCESS_SPEC_URL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
+# How long `rm -f` waits for the container to die after SIGKILL before tearing down.
+FORCE_KILL_WAIT = 10.0
+MNT_DETACH = 2
+
+
+def valid_identifier(value: str) -> bool:
+    return len(value) <= MAX_IDENT and _IDENT.match(value) is not None
+
+
+def _now_ns() -> int:
+    return time.time_ns()
+
+
+def _file_uri(path: Path) -> str:
+    return "file://" + str(path)
+
+
+@dataclass
+class Container:
+    record: ContainerRecord
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+    client: ShimClient | None = None
+    relay: LogRelay | None = None
+    monitor: asyncio.Task[None] | None = None
+    removing: bool = False
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # exec id -> the one task that waits for and deletes it; every waiter shares it.
+    exec_waits: dict[str, asyncio.Task[shim_pb2.WaitResponse]] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+
+def _not_found(ref: str) -> TtrpcError:
+    return TtrpcError(Code.NOT_FOUND, f"no such container: {ref} (see `pyshim ps --all`)")
+
+
+class Supervisor:
+    def __init__(
+        self, paths: Paths, store: RecordStore, launcher: ShimLauncher, images: ImageStore
+    ) -> None:
+        self.paths = paths
+        self.store = store
+        self.launcher = launcher
+        self.images = images
+        self.containers: dict[str, Container] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------------ lookup
+
+    def lookup(self, ref: str) -> Container:
+        """By id, then by name, then by an unambiguous id prefix."""
+        if not ref:
+            raise TtrpcError(Code.INVALID_ARGUMENT, "container id or name is required")
+        c = self.containers.get(ref)
+        if c is not None:
+            return c
+        for c in self.containers.values():
+            if c.record.name == ref:
+                return c
+        matches = [c for cid, c in self.containers.items() if cid.startswith(ref)]
+        if len(matches) == 1:
+            return matches[0]
+        raise _not_found(ref)
+
+    def containers_list(self, all: bool) -> list[Container]:
+        found = [c for c in self.containers.values() if all or not c.record.exited]
+        return sorted(found, key=lambda c: c.record.created_at_ns)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------------ exits
+
+    def record_exit(self, c: Container, status: int, exited_at_ns: int, reason: str = "") -> None:
+        rec = c.record
+        if rec.exit_status is not None:
+            if rec.exit_status != status:
+                log.warning(
+                    "container %s: ignoring a second exit %d (already recorded %d)",
+                    c.id,
+                    status,
+                    rec.exit_status,
+                )
+            return
+        rec.exit_status = status
+        rec.exited_at_ns = exited_at_ns or _now_ns()
+        rec.exit_reason = reason
+        rec.status = "stopped"
+        self.store.save(rec)
+        log.info(
+            "container %s exited with status %d%s", c.id, status, f" ({reason})" * bool(reason)
+        )
+        c.exited.set()
+        if rec.auto_remove and not c.removing:
+            self._spawn(self._auto_remove(c))
+
+    async def _auto_remove(self, c: Container) -> None:
+        try:
+            await self.remove(c.id, force=True)
+        except Exception:
+            log.exception("auto-removing container %s", c.id)
+
+    def on_task_exit(self, container_id: str, process_id: str, status: int, at_ns: int) -> None:
+        """A /tasks/exit event; the init's exit has process_id == container_id."""
+        c = self.containers.get(container_id)
+        if c is None or process_id != container_id:
+            return
+        self.record_exit(c, status, at_ns)
+
+    async def _monitor(self, c: Container) -> None:
+        """Waits on the shim for the init's exit; a dropped connection means the shim died."""
+        client = c.client
+        assert client is not None
+        try:
+            resp = await client.wait(c.id)
+        except ConnectionClosedError:
+            if not c.removing:
+                await self._shim_lost(c, "the shim exited unexpectedly")
+            return
+        except TtrpcError as exc:
+            log.warning("container %s: Wait failed: %s", c.id, exc)
+            return
+        self.record_exit(c, resp.exit_status, timeutil.ns_from_timestamp(resp.exited_at))
+        await self._watch_stopped(c)
+
+    async def _shim_lost(self, c: Container, why: str) -> None:
+        """Run the shim's `delete` (it kills what is left) and keep what it tells us."""
+        log.warning("container %s: %s; cleaning up with the shim's delete", c.id, why)
+        if c.client is not None:
+            c.client.close()
+            c.client = None
+        started = _now_ns()
+        try:
+            resp = await self.launcher.delete(c.id, Path(c.record.bundle))
+        except ShimLaunchError as exc:
+            # containerd's convention for a delete that failed: 255 at "now".
+            c.record.shim_gone = True
+            self.store.save(c.record)
+            self.record_exit(c, 255, 0, f"{why}; cleanup failed ({exc}); exit status unknown")
+            return
+        c.record.shim_gone = True
+        self.store.save(c.record)
+        at = timeutil.ns_from_timestamp(resp.exited_at)
+        # The shim's delete reports a persisted exit when it has one; otherwise it makes
+        # up 137 at "now", which we recognise by a time after we called it.
+        if at >= started:
+            reason = f"{why}; the real exit status is unknown (the container was killed)"
+        else:
+            reason = f"{why}; exit status recovered from the shim's record"
+        self.record_exit(c, resp.exit_status, at, reason)
+
+    # ------------------------------------------------------------------ run
+
+    def _new_id(self) -> str:
+        while True:
+            cid = secrets.token_hex(8)
+            if cid not in self.containers and not self.paths.container_dir(cid).exists():
+                return cid
+
+    async def run(self, cfg: manager_pb2.ContainerConfig) -> Container:
+        cid = self._new_id()
+        name = cfg.name or cid[:12]
+        if not valid_identifier(name):
+            raise TtrpcError(
+                Code.INVALID_ARGUMENT,
+                f"invalid name {name!r}: use letters, digits and single . _ - between them",
+            )
+        if any(c.record.name == name for c in self.containers.values()):
+            raise TtrpcError(
+                Code.ALREADY_EXISTS,
+                f"name {name!r} is already in use; remove it with `pyshim rm {name}` first",
+            )
+        if cfg.image and cfg.rootfs:
+            raise TtrpcError(Code.INVALID_ARGUMENT, "give either an image or --rootfs, not both")
+        bundle = self.paths.bundle(cid)
+        record = ContainerRecord(
+            id=cid,
+            name=name,
+            bundle=str(bundle),
+            created_at_ns=_now_ns(),
+            command=list(cfg.args),
+            image=cfg.image,
+            terminal=cfg.terminal,
+            stdin=cfg.stdin,
+            auto_remove=cfg.auto_remove,
+        )
+        c = Container(record)
+        # Reserve the name before the first await so a concurrent run cannot take it.
+        self.containers[cid] = c
+        try:
+            async with c.lock:
+                await self._create_and_start(c, cfg)
+        except BaseException as exc:
+            log.warning("container %s: run failed: %s", cid, exc)
+            await self._teardown(c)
+            if isinstance(exc, TtrpcError):
+                raise TtrpcError(exc.code, f"cannot start container {name}: {exc.message}") from exc
+            if isinstance(exc, ocispec.SpecError | ShimLaunchError | OSError | ValueError):
+                raise TtrpcError(Code.UNKNOWN, str(exc)) from exc
+            raise
+        return c
+
+    def _prepare_bundle(
+        self, c: Container, cfg: manager_pb2.ContainerConfig
+    ) -> list[mount_pb2.Mount]:
+        cid = c.id
+        bundle = Path(c.record.bundle)
+        image_defaults: ocispec.ImageDefaults | None = None
+        mounts: list[mount_pb2.Mount] = []
+        links: list[tuple[str, str]] = []
+        cdir = self.paths.container_dir(cid)
+        cdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if cfg.image:
+            image = self.images.resolve(cfg.image)
+            image_defaults = image.defaults
+            mounts.append(self.images.overlay_mount(image, cdir / "overlay"))
+            root = ocispec.RootView(path="rootfs")
+            c.record.image = image.ref
+        elif cfg.rootfs:
+            rootfs = Path(cfg.rootfs)
+            if not rootfs.is_absolute() or not rootfs.is_dir():
+                raise ocispec.SpecError(f"--rootfs {cfg.rootfs}: not an absolute directory")
+            root = ocispec.RootView(path=str(rootfs))
+        else:
+            root, links = ocispec.host_view()
+        process = ocispec.resolve_process(
+            ocispec.ProcessOptions(
+                args=list(cfg.args),
+                env=list(cfg.env),
+                workdir=cfg.workdir,
+                user=cfg.user,
+                terminal=cfg.terminal,
+            ),
+            image_defaults,
+        )
+        c.record.command = list(process.args)
+        cgroups_path = f"/pyshim/{cid}" if cfg.memory_bytes or cfg.cpus else None
+        spec = ocispec.container_spec(
+            process,
+            root,
+            hostname=c.record.name[:63],
+            memory_bytes=cfg.memory_bytes,
+            cpus=cfg.cpus,
+            cgroups_path=cgroups_path,
+        )
+        bundle.mkdir(parents=True, exist_ok=True, mode=0o711)
+        (bundle / "rootfs").mkdir(exist_ok=True, mode=0o711)
+        for name, target in links:
+            (bundle / "rootfs" / name.lstrip("/")).symlink_to(target)
+        (bundle / "config.json").write_text(json.dumps(spec, indent=2))
+        self.paths.log(cid).touch(mode=0o640)
+        if cfg.stdin:
+            fifo_dir = self.paths.fifo_dir(cid)
+            fifo_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.mkfifo(fifo_dir / "stdin", 0o600)
+        return mounts
+
+    async def _create_and_start(self, c: Container, cfg: manager_pb2.ContainerConfig) -> None:
+        cid = c.id
+        mounts = self._prepare_bundle(c, cfg)
+        bundle = Path(c.record.bundle)
+        self.store.save(c.record)
+        c.relay = LogRelay(cid, make_log_fifo(bundle))
+        address = await self.launcher.start(cid, bundle)
+        c.record.shim_address = address
+        with contextlib.suppress(OSError, TimeoutError):
+            c.record.shim_pid = await peer_pid(address)
+        self.store.save(c.record)
+        c.client = await ShimClient.dial(address)
+        conn = await c.client.connect(cid)
+        c.record.shim_pid = conn.shim_pid
+        options = options_pb2.Options(root=str(self.paths.runc_root))
+        out = _file_uri(self.paths.log(cid))
+        req = shim_pb2.CreateTaskRequest(
+            id=cid,
+            bundle=str(bundle),
+            rootfs=mounts,
+            terminal=cfg.terminal,
+            stdin=str(self.paths.fifo_dir(cid) / "stdin") if cfg.stdin else "",
+            stdout=out,
+            stderr="" if cfg.terminal else out,
+            options=anyutil.pack(options),
+        )
+        created = await c.client.create(req)
+        c.record.pid = created.pid
+        self.store.save(c.record)
+        await c.client.start(cid)
+        c.record.status = "running"
+        self.store.save(c.record)
+        c.monitor = asyncio.create_task(self._monitor(c))
+
+    # ------------------------------------------------------------------ teardown
+
+    async def _teardown(self, c: Container) -> None:
+        """Best effort, every step: delete the task, stop the shim, remove every trace."""
+        c.removing = True
+        if c.monitor is not None:
+            c.monitor.cancel()
+        client = c.client
+        shim_done = c.record.shim_gone or not c.record.shim_address
+        if client is not None and not client.closed:
+            try:
+                with contextlib.suppress(TtrpcError):
+                    await client.delete(c.id)
+                with contextlib.suppress(TtrpcError):
+                    await client.shutdown(c.id)
+                shim_done = True
+            except ConnectionClosedError:
+                pass
+            client.close()
+        c.client = None
+        if not shim_done or Path(c.record.bundle, "address").exists():
+            # The shim's own cleanup for whatever the RPCs could not do (runc state,
+            # rootfs mounts); harmless when they already did.
+            try:
+                await self.launcher.delete(c.id, Path(c.record.bundle))
+            except ShimLaunchError as exc:
+                log.warning("container %s: shim delete: %s", c.id, exc)
+            _stop_shim_process(c.record.shim_pid, c.id)
+        if c.relay is not None:
+            c.relay.close()
+            c.relay = None
+        bundle = Path(c.record.bundle)
+        _unmount_all(bundle / "rootfs")
+        for path in (bundle, self.paths.fifo_dir(c.id), self.paths.container_dir(c.id)):
+            shutil.rmtree(path, ignore_errors=True)
+        self.containers.pop(c.id, None)
+        c.exited.set()
+
+    async def remove(self, ref: str, force: bool) -> None:
+        c = self.lookup(ref)
+        if c.removing:
+            return
+        if not c.record.exited and not c.record.shim_gone:
+            if not force:
+                raise TtrpcError(
+                    Code.FAILED_PRECONDITION,
+                    f"container {c.record.name} is running: stop it with "
+                    f"`pyshim kill {c.record.name}` or use `pyshim rm -f {c.record.name}`",
+                )
+            if c.client is not None:
+                with contextlib.suppress(TtrpcError):
+                    await c.client.kill(c.id, 9, all=True)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(FORCE_KILL_WAIT):
+                        await c.exited.wait()
+        async with c.lock:
+            await self._teardown(c)
+        log.info("container %s removed", c.id)
+
+    # ------------------------------------------------------------------ process control
+
+    def _client(self, c: Container) -> ShimClient:
+        if c.client is None or c.client.closed:
+            raise TtrpcError(
+                Code.FAILED_PRECONDITION,
+                f"container {c.record.name} has no running shim "
+                f"({c.record.exit_reason or c.record.status})",
+            )
+        return c.client
+
+    async def kill(self, ref: str, signal: int, exec_id: str, all: bool) -> None:
+        c = self.lookup(ref)
+        if not exec_id and c.record.exited:
+            raise TtrpcError(Code.FAILED_PRECONDITION, f"container {c.record.name} is not running")
+        try:
+            await self._client(c).kill(c.id, signal, exec_id=exec_id, all=all)
+        except TtrpcError as exc:
+            if exc.code == Code.NOT_FOUND:
+                raise TtrpcError(
+                    Code.FAILED_PRECONDITION, f"container {c.record.name}: {exc.message}"
+                ) from exc
+            raise
+
+    async def wait(self, ref: str, exec_id: str) -> tuple[int, int, str]:
+        c = self.lookup(ref)
+        if exec_id:
+            resp = await self._exec_wait(c, exec_id)
+            return resp.exit_status, timeutil.ns_from_timestamp(resp.exited_at), ""
+        await c.exited.wait()
+        rec = c.record
+        if rec.exit_status is None:
+            raise TtrpcError(Code.NOT_FOUND, f"container {rec.name} was removed")
+        return rec.exit_status, rec.exited_at_ns, rec.exit_reason
+
+    def _exec_wait(self, c: Container, exec_id: str) -> asyncio.Task[shim_pb2.WaitResponse]:
+        task = c.exec_waits.get(exec_id)
+        if task is None:
+            task = asyncio.create_task(self._wait_and_delete_exec(c, exec_id))
+            c.exec_waits[exec_id] = task
+        return task
+
+    async def _wait_and_delete_exec(self, c: Container, exec_id: str) -> shim_pb2.WaitResponse:
+        client = self._client(c)
+        resp = await client.wait(c.id, exec_id)
+        # The shim keeps an exited exec until it is deleted; nobody else will.
+        with contextlib.suppress(TtrpcError):
+            await client.delete(c.id, exec_id)
+        return resp
+
+    async def exec(self, req: manager_pb2.ExecRequest) -> manager_pb2.ExecResponse:
+        c = self.lookup(req.container)
+        if c.record.exited:
+            raise TtrpcError(Code.FAILED_PRECONDITION, f"container {c.record.name} is not running")
+        client = self._client(c)
+        exec_id = "e" + secrets.token_hex(6)
+        cfg = json.loads(Path(c.record.bundle, "config.json").read_text())
+        base = cfg.get("process", {})
+        try:
+            proc = ocispec.process_spec(
+                ocispec.ProcessOptions(
+                    args=list(req.args),
+                    env=ocispec.merge_env(base.get("env", []), list(req.env)),
+                    workdir=req.workdir or base.get("cwd", "/"),
+                    user=req.user or _user_text(base.get("user", {})),
+                    terminal=req.terminal,
+                )
+            )
+        except ocispec.SpecError as exc:
+            raise TtrpcError(Code.INVALID_ARGUMENT, str(exc)) from exc
+        if not req.args:
+            raise TtrpcError(Code.INVALID_ARGUMENT, "exec needs a command")
+        out = self.paths.exec_log(c.id, exec_id)
+        out.touch(mode=0o640)
+        stdin = ""
+        if req.stdin:
+            stdin = str(self.paths.fifo_dir(c.id) / f"{exec_id}-stdin")
+            Path(stdin).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.mkfifo(stdin, 0o600)
+        any_spec = any_pb2.Any(type_url=PROCESS_SPEC_URL, value=json.dumps(proc).encode())
+        await client.exec(
+            shim_pb2.ExecProcessRequest(
+                id=c.id,
+                exec_id=exec_id,
+                terminal=req.terminal,
+                stdin=stdin,
+                stdout=_file_uri(out),
+                stderr="" if req.terminal else _file_uri(out),
+                spec=any_spec,
+            )
+        )
+        try:
+            started = await client.start(c.id, exec_id)
+        except TtrpcError:
+            with contextlib.suppress(TtrpcError):
+                await client.delete(c.id, exec_id)
+            raise
+        return manager_pb2.ExecResponse(
+            container_id=c.id, exec_id=exec_id, pid=started.pid, log_path=str(out), stdin_path=stdin
+        )
+
+    async def resize(self, ref: str, exec_id: str, width: int, height: int) -> None:
+        c = self.lookup(ref)
+        await self._client(c).resize(c.id, exec_id, width, height)
+
+    async def close_io(self, ref: str, exec_id: str) -> None:
+        c = self.lookup(ref)
+        await self._client(c).close_io(c.id, exec_id)
+
+    # ------------------------------------------------------------------ restart
+
+    async def recover(self) -> None:
+        records, problems = self.store.load_all()
+        for problem in problems:
+            log.error("skipping container: %s", problem)
+        for rec in records:
+            c = Container(rec)
+            if rec.exited:
+                c.exited.set()
+            self.containers[rec.id] = c
+        await asyncio.gather(*(self._reconnect(c) for c in list(self.containers.values())))
+        for c in list(self.containers.values()):
+            if c.record.exited and c.record.auto_remove:
+                self._spawn(self._auto_remove(c))
+
+    async def _reconnect(self, c: Container) -> None:
+        rec = c.record
+        if rec.shim_gone:
+            return
+        bundle = Path(rec.bundle)
+        address = rec.shim_address
+        if not address:
+            with contextlib.suppress(OSError):
+                address = (bundle / "address").read_text().strip()
+        if not address:
+            # pyshimd died before the shim was started; nothing can be running.
+            rec.shim_gone = True
+            self.record_exit(c, 255, 0, "pyshimd stopped while creating the container")
+            return
+        if (bundle / "log").exists():
+            try:
+                c.relay = LogRelay(c.id, make_log_fifo(bundle))
+            except OSError as exc:
+                log.warning("container %s: shim log: %s", c.id, exc)
+        try:
+            c.client = await ShimClient.dial(address)
+            conn = await c.client.connect(c.id)
+            state = await c.client.state(c.id)
+        except (OSError, TtrpcError) as exc:
+            await self._shim_lost(c, f"its shim is gone ({exc})")
+            return
+        rec.shim_pid = conn.shim_pid
+        if state.status == task_pb2.STOPPED:
+            self.record_exit(c, state.exit_status, timeutil.ns_from_timestamp(state.exited_at))
+        elif state.status in (task_pb2.RUNNING, task_pb2.PAUSED, task_pb2.PAUSING):
+            rec.status = "running"
+            rec.pid = state.pid
+            self.store.save(rec)
+        else:
+            rec.status = task_pb2.Status.Name(state.status).lower()
+            self.store.save(rec)
+        log.info("reconnected to container %s (%s)", c.id, rec.status)
+        if not rec.exited:
+            c.monitor = asyncio.create_task(self._monitor(c))
+        else:
+            # A later connection drop must not be taken for a death.
+            c.monitor = asyncio.create_task(self._watch_stopped(c))
+
+    async def _watch_stopped(self, c: Container) -> None:
+        client = c.client
+        assert client is not None
+        with contextlib.suppress(TtrpcError):
+            await client.wait_closed()
+        if not c.removing:
+            c.record.shim_gone = True
+            self.store.save(c.record)
+
+    async def close(self) -> None:
+        """pyshimd stopping: let go of shims, never stop them (containers outlive us)."""
+        for c in self.containers.values():
+            c.removing = True
+            if c.monitor is not None:
+                c.monitor.cancel()
+            if c.client is not None:
+                c.client.close()
+            if c.relay is not None:
+                c.relay.close()
+        for task in list(self._tasks):
+            task.cancel()
+
+
+def _stop_shim_process(pid: int, container_id: str) -> None:
+    """SIGKILL a shim we could not shut down, after checking the pid is still that shim."""
+    if pid <= 0:
+        return
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return
+    if container_id.encode() not in argv or not any(b"containerd-shim-pyshim" in a for a in argv):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, 9)
+        log.warning("container %s: killed its unresponsive shim %d", container_id, pid)
+
+
+def _user_text(user: dict[str, object]) -> str:
+    return f"{user.get('uid', 0)}:{user.get('gid', 0)}"
+
+
+def _unmount_all(target: Path) -> None:
+    if not target.exists():
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    for _ in range(16):
+        if not os.path.ismount(target):
+            return
+        if libc.umount2(os.fsencode(target), MNT_DETACH) != 0:
+            log.warning("unmounting %s: %s", target, os.strerror(ctypes.get_errno()))
+            return
+
+
+def container_message(c: Container, paths: Paths) -> manager_pb2.Container:
+    rec = c.record
+    msg = manager_pb2.Container(
+        id=rec.id,
+        name=rec.name,
+        status=rec.status,
+        pid=rec.pid,
+        exited=rec.exited,
+        exit_status=rec.exit_status or 0,
+        command=rec.command,
+        image=rec.image,
+        bundle=rec.bundle,
+        shim_address=rec.shim_address,
+        terminal=rec.terminal,
+        exit_reason=rec.exit_reason,
+        auto_remove=rec.auto_remove,
+        shim_pid=rec.shim_pid,
+        log_path=str(paths.log(rec.id)),
+        stdin_path=str(paths.fifo_dir(rec.id) / "stdin") if rec.stdin else "",
+    )
+    msg.created_at.CopyFrom(timeutil.timestamp_from_ns(rec.created_at_ns))
+    if rec.exited:
+        msg.exited_at.CopyFrom(timeutil.timestamp_from_ns(rec.exited_at_ns))
+    return msg

@@ -1,0 +1,270 @@
+"""The long-lived shim process (shim-cli.md "The daemon").
+
+`start` re-executes the binary with no action, cwd = bundle, the listening
+socket as fd 3 and stdio on /dev/null. Everything cwd-relative (the `log` fifo,
+the `address` file) is read here at start-up only: in a grouped shim the first
+container's bundle, our cwd, can be deleted while we keep serving others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import io
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
+
+from protocol.ttrpc.server import Server
+from shim import syscalls
+from shim.events import Publisher
+from shim.reaper import Reaper
+
+if TYPE_CHECKING:
+    from shim.cli import Options
+
+__all__ = ["DaemonConfig", "Service", "ServiceFactory", "run_daemon", "serve"]
+
+_log = logging.getLogger("shim.daemon")
+
+LISTEN_FD = 3
+SERVER_SHUTDOWN_TIMEOUT = 2.0
+PUBLISHER_FLUSH_TIMEOUT = 5.0
+RUNTIME_NAME = "io.containerd.pyshim.v1"
+
+
+class Service(Protocol):
+    def register(self, server: Server) -> None: ...
+
+
+ServiceFactory = Callable[[str, Publisher, Reaper, Callable[[], None]], Service]
+
+
+def _task_service(
+    namespace: str, publisher: Publisher, reaper: Reaper, request_shutdown: Callable[[], None]
+) -> Service:
+    from shim.service import TaskService
+
+    return TaskService(
+        namespace=namespace, publisher=publisher, reaper=reaper, request_shutdown=request_shutdown
+    )
+
+
+class DaemonConfig:
+    def __init__(
+        self,
+        *,
+        namespace: str,
+        container_id: str,
+        grpc_address: str,
+        publish_binary: str,
+        ttrpc_address: str | None,
+        debug: bool = False,
+        socket_path: str | None = None,
+    ) -> None:
+        self.namespace = namespace
+        self.container_id = container_id
+        self.grpc_address = grpc_address
+        self.publish_binary = publish_binary
+        self.ttrpc_address = ttrpc_address
+        self.debug = debug
+        # The filesystem socket to remove at shutdown (from `address` or -socket).
+        self.socket_path = socket_path
+
+
+def peer_check(pid: int, uid: int, gid: int) -> bool:
+    """Like the Go shim (same uid and gid as us), and root is always let in."""
+    return uid == 0 or (uid == os.geteuid() and gid == os.getegid())
+
+
+# -- logging until shim/log.py takes over ------------------------------------------------
+
+
+_FORMATTER = logging.Formatter()
+
+
+class _FifoHandler(logging.Handler):
+    """logrus-style lines on fd 2 that never block: a full or unread fifo drops them."""
+
+    def __init__(self, fields: dict[str, str]) -> None:
+        super().__init__()
+        self._fields = "".join(f" {k}={v}" for k, v in fields.items())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            nanos = int((record.created % 1) * 1e9)
+            msg = record.getMessage()
+            if record.exc_info:
+                msg += "\n" + _FORMATTER.formatException(record.exc_info)
+            # One record per line, quoted like logrus.
+            msg = msg.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+            level = record.levelname.lower().replace("critical", "fatal")
+            line = f'time="{ts}.{nanos:09d}Z" level={level} msg="{msg}"{self._fields}\n'
+            os.write(2, line.encode(errors="replace"))
+        except (BlockingIOError, BrokenPipeError):
+            pass
+        except OSError:
+            pass
+
+
+def _setup_logging(cfg: DaemonConfig) -> None:
+    root = logging.getLogger()
+    root.handlers[:] = [
+        _FifoHandler({"namespace": cfg.namespace, "pid": str(os.getpid()), "runtime": RUNTIME_NAME})
+    ]
+    root.setLevel(logging.DEBUG if cfg.debug else logging.INFO)
+
+
+def _open_log_fifo() -> None:
+    """fd 2 = <cwd>/log (containerd holds the read end); keep /dev/null when absent."""
+    try:
+        fd = os.open("log", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return
+    if fd != 2:
+        os.dup2(fd, 2)
+        os.close(fd)
+    sys.stderr = io.TextIOWrapper(
+        io.FileIO(2, "w", closefd=False), line_buffering=True, errors="replace"
+    )
+
+
+def _read_socket_path() -> str | None:
+    try:
+        with open("address") as f:
+            address = f.read().strip()
+    except OSError:
+        return None
+    if address.startswith("unix://"):
+        return address[len("unix://") :]
+    return None
+
+
+def _listener_from_fd(fd: int) -> socket.socket:
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as exc:
+        raise RuntimeError(f"fd {fd} is not open: run through `start` or pass -socket") from exc
+    if not stat.S_ISSOCK(mode):
+        raise RuntimeError(f"fd {fd} is not a socket: run through `start` or pass -socket")
+    sock = socket.socket(fileno=fd)
+    # runc and every other child must not inherit the listener (the Go shim leaks it).
+    os.set_inheritable(fd, False)
+    return sock
+
+
+def _dump_stacks() -> None:
+    import faulthandler
+    import tempfile
+
+    buf = io.StringIO()
+    for task in asyncio.all_tasks():
+        buf.write(f"task {task.get_name()}:\n")
+        task.print_stack(file=buf)
+    with tempfile.TemporaryFile("w+") as f:
+        faulthandler.dump_traceback(file=f, all_threads=True)
+        f.seek(0)
+        buf.write(f.read())
+    _log.info("=== BEGIN stack dump ===\n%s=== END stack dump ===", buf.getvalue())
+
+
+def _unlink_socket(path: str | None, inode: int | None) -> None:
+    if not path:
+        return
+    try:
+        # A new `start` may have replaced a socket we no longer serve; leave that one.
+        if inode is not None and os.stat(path).st_ino != inode:
+            return
+        os.unlink(path)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            _log.warning("failed to remove socket %s: %s", path, exc)
+
+
+async def serve(
+    cfg: DaemonConfig,
+    listener: socket.socket,
+    *,
+    service_factory: ServiceFactory = _task_service,
+) -> None:
+    """Serve until Shutdown or SIGTERM/SIGINT, then stop in the documented order."""
+    loop = asyncio.get_running_loop()
+    inode = None
+    if cfg.socket_path:
+        with contextlib.suppress(OSError):
+            inode = os.stat(cfg.socket_path).st_ino
+
+    reaper = Reaper()
+    reaper.install(loop)
+    publisher = Publisher(
+        namespace=cfg.namespace,
+        ttrpc_address=cfg.ttrpc_address,
+        publish_binary=cfg.publish_binary,
+        containerd_address=cfg.grpc_address,
+        reaper=reaper,
+    )
+    stop = asyncio.Event()
+    server = Server(peer_check=peer_check)
+    service = service_factory(cfg.namespace, publisher, reaper, stop.set)
+    service.register(server)
+
+    handled = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, _dump_stacks)
+    try:
+        await server.serve_socket(listener)
+        _log.info("starting signal loop")
+        await stop.wait()
+        _log.info("shutting down")
+        await server.shutdown(SERVER_SHUTDOWN_TIMEOUT)
+        _unlink_socket(cfg.socket_path, inode)
+        await publisher.close(PUBLISHER_FLUSH_TIMEOUT)
+    finally:
+        server.close()
+        for sig in handled:
+            loop.remove_signal_handler(sig)
+        reaper.uninstall()
+
+
+def run_daemon(opts: Options) -> int:
+    cfg = DaemonConfig(
+        namespace=opts.namespace,
+        container_id=opts.id,
+        grpc_address=opts.address or os.environ.get("GRPC_ADDRESS", ""),
+        publish_binary=opts.publish_binary,
+        ttrpc_address=os.environ.get("TTRPC_ADDRESS") or None,
+        debug=opts.debug,
+    )
+    _open_log_fifo()
+    _setup_logging(cfg)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    syscalls.set_child_subreaper(True)
+    if opts.socket:
+        path = opts.socket.removeprefix("unix://")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        listener.bind(path)
+        listener.listen(socket.SOMAXCONN)
+        os.chmod(path, 0o600)
+        cfg.socket_path = path
+    else:
+        cfg.socket_path = _read_socket_path()
+        listener = _listener_from_fd(LISTEN_FD)
+    if opts.debug_socket:
+        _log.debug("ignoring -debug-socket %s (no debug endpoint)", opts.debug_socket)
+
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(serve(cfg, listener))
+    return 0

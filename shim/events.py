@@ -1,0 +1,252 @@
+"""Event publisher: one ordered queue, one sender, ttrpc Forward to containerd.
+
+See events.md. Unlike the Go shim, a failing event stays at the head of the
+queue while it is retried, so events leave in exactly the order they were
+produced (consumers rely on create < start < exit < delete). Exits are on disk
+before they are published, so an event dropped after its last attempt loses no
+information containerd cannot get back through State/Wait/Delete.
+
+Nothing runs while the queue is empty: the sender task exits and no timer is
+armed, so an idle shim never wakes up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+
+from google.protobuf import empty_pb2
+from google.protobuf.message import Message
+
+from protocol.proto import anyutil, timeutil
+from protocol.proto.events import forward_pb2
+from protocol.ttrpc.address import parse_ttrpc_address
+from protocol.ttrpc.client import Client
+from protocol.ttrpc.status import Code, ConnectionClosedError, TtrpcError
+from shim.reaper import Reaper
+
+__all__ = ["EVENTS_SERVICE", "NAMESPACE_METADATA_KEY", "PublishError", "Publisher"]
+
+_log = logging.getLogger("shim.events")
+
+EVENTS_SERVICE = "containerd.services.events.ttrpc.v1.Events"
+FORWARD_METHOD = "Forward"
+NAMESPACE_METADATA_KEY = "containerd-namespace-ttrpc"
+CALL_TIMEOUT = 5.0
+DIAL_TIMEOUT = 5.0
+# The Go shim buffers 128; ours may hold more because a failing head blocks the rest.
+DEFAULT_MAX_QUEUE = 1024
+# Reference: attempt n waits n seconds, dropped after more than 5 retries.
+DEFAULT_MAX_ATTEMPTS = 6
+DEFAULT_BACKOFF_STEP = 1.0
+DEFAULT_BACKOFF_MAX = 5.0
+PUBLISH_BINARY_TIMEOUT = 30.0
+
+# containerd answers these for an envelope it will never accept; retrying is useless.
+_PERMANENT = frozenset({Code.INVALID_ARGUMENT, Code.UNIMPLEMENTED, Code.PERMISSION_DENIED})
+
+
+class PublishError(Exception):
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+class _Pending:
+    __slots__ = ("attempts", "envelope", "topic")
+
+    def __init__(self, topic: str, envelope: forward_pb2.Envelope) -> None:
+        self.topic = topic
+        self.envelope = envelope
+        self.attempts = 0
+
+
+class Publisher:
+    """Publishes task events in order without ever blocking the caller."""
+
+    def __init__(
+        self,
+        *,
+        namespace: str,
+        ttrpc_address: str | None,
+        publish_binary: str | None,
+        containerd_address: str | None,
+        reaper: Reaper,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        backoff_step: float = DEFAULT_BACKOFF_STEP,
+        backoff_max: float = DEFAULT_BACKOFF_MAX,
+    ) -> None:
+        self.namespace = namespace
+        self._ttrpc_path = parse_ttrpc_address(ttrpc_address) if ttrpc_address else None
+        self._publish_binary = publish_binary or None
+        self._containerd_address = containerd_address or None
+        self._reaper = reaper
+        self._max_queue = max_queue
+        self._max_attempts = max(1, max_attempts)
+        self._backoff_step = backoff_step
+        self._backoff_max = backoff_max
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._task: asyncio.Task[None] | None = None
+        self._client: Client | None = None
+        self._closed = False
+        self.dropped = 0
+        self.sent = 0
+        if self._ttrpc_path is None and not (self._publish_binary and self._containerd_address):
+            _log.warning("no TTRPC_ADDRESS and no publish binary: events will be dropped")
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue)
+
+    def publish(self, topic: str, event: Message) -> None:
+        """Queue ``event`` under ``topic``; stamped with the current time. Never blocks."""
+        if self._closed:
+            _log.warning("publisher closed, dropping event topic=%s", topic)
+            self.dropped += 1
+            return
+        if len(self._queue) >= self._max_queue:
+            _log.error("event queue full (%d), dropping event topic=%s", len(self._queue), topic)
+            self.dropped += 1
+            return
+        envelope = forward_pb2.Envelope(
+            timestamp=timeutil.timestamp_now(),
+            namespace=self.namespace,
+            topic=topic,
+            event=anyutil.pack(event),
+        )
+        self._queue.append(_Pending(topic, envelope))
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(
+                self._drain(), name="event-publisher"
+            )
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Stop accepting events, give queued ones up to ``timeout`` s, then drop the rest."""
+        self._closed = True
+        task = self._task
+        if task is not None and not task.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(task), timeout)
+            except TimeoutError:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._queue:
+            _log.warning("dropping %d unpublished events at shutdown", len(self._queue))
+            self.dropped += len(self._queue)
+            self._queue.clear()
+        self._disconnect()
+
+    # -- the single sender -----------------------------------------------------------
+
+    async def _drain(self) -> None:
+        while self._queue:
+            item = self._queue[0]
+            try:
+                await self._send(item.envelope)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                item.attempts += 1
+                permanent = isinstance(exc, PublishError) and exc.permanent
+                if permanent or item.attempts >= self._max_attempts:
+                    self._queue.popleft()
+                    self.dropped += 1
+                    _log.error(
+                        "dropping event topic=%s after %d attempts: %s",
+                        item.topic,
+                        item.attempts,
+                        exc,
+                    )
+                    continue
+                delay = min(self._backoff_step * item.attempts, self._backoff_max)
+                _log.warning(
+                    "publish topic=%s failed (attempt %d), retrying in %.1fs: %s",
+                    item.topic,
+                    item.attempts,
+                    delay,
+                    exc,
+                )
+                await asyncio.sleep(delay)
+                continue
+            self._queue.popleft()
+            self.sent += 1
+
+    async def _send(self, envelope: forward_pb2.Envelope) -> None:
+        if self._ttrpc_path is not None:
+            await self._forward(envelope)
+        elif self._publish_binary and self._containerd_address:
+            await self._run_publish_binary(envelope)
+        else:
+            raise PublishError("no event destination configured", permanent=True)
+
+    async def _connect(self) -> Client:
+        if self._client is None or self._client.closed:
+            self._disconnect()
+            assert self._ttrpc_path is not None
+            self._client = await Client.connect(self._ttrpc_path, timeout=DIAL_TIMEOUT)
+        return self._client
+
+    def _disconnect(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    async def _forward(self, envelope: forward_pb2.Envelope) -> None:
+        request = forward_pb2.ForwardRequest(envelope=envelope)
+        metadata = {NAMESPACE_METADATA_KEY: self.namespace}
+        # A connection containerd closed (it restarted) gets one immediate
+        # redial, as the reference does; anything else goes to the backoff.
+        for attempt in (1, 2):
+            reused = self._client is not None and not self._client.closed
+            try:
+                client = await self._connect()
+                await client.call(
+                    EVENTS_SERVICE,
+                    FORWARD_METHOD,
+                    request,
+                    empty_pb2.Empty,
+                    timeout=CALL_TIMEOUT,
+                    metadata=metadata,
+                )
+                return
+            except ConnectionClosedError as exc:
+                self._disconnect()
+                if attempt == 1 and reused:
+                    continue
+                raise PublishError(str(exc)) from exc
+            except TtrpcError as exc:
+                if exc.code == Code.DEADLINE_EXCEEDED:
+                    # The connection may be wedged; start afresh next time.
+                    self._disconnect()
+                raise PublishError(str(exc), permanent=exc.code in _PERMANENT) from exc
+            except (OSError, TimeoutError) as exc:
+                self._disconnect()
+                raise PublishError(f"dial {self._ttrpc_path}: {exc}") from exc
+
+    async def _run_publish_binary(self, envelope: forward_pb2.Envelope) -> None:
+        assert self._publish_binary is not None and self._containerd_address is not None
+        argv = [
+            self._publish_binary,
+            "--address",
+            self._containerd_address,
+            "publish",
+            "--topic",
+            envelope.topic,
+            "--namespace",
+            envelope.namespace,
+        ]
+        try:
+            async with asyncio.timeout(PUBLISH_BINARY_TIMEOUT):
+                result = await self._reaper.run(argv, input=envelope.event.SerializeToString())
+        except (OSError, TimeoutError) as exc:
+            raise PublishError(f"{os.path.basename(argv[0])} publish: {exc!r}") from exc
+        if result.status != 0:
+            output = result.output.decode(errors="replace").strip()
+            raise PublishError(
+                f"{os.path.basename(argv[0])} publish exited {result.status}: {output}"
+            )

@@ -1,0 +1,121 @@
+"""Records the shim persists in ``<bundle>/pyshim/`` so exits survive a shim restart.
+
+Every record is a msgspec Struct with a ``version`` field; a reader refuses a version
+it does not know instead of guessing. Writes are atomic and durable (tmp file, fsync,
+rename, fsync of the directory): an exit is on disk before anyone is told about it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import TypeVar
+
+import msgspec
+
+from shim.ids import validate_id
+
+__all__ = [
+    "EXIT_RECORD_VERSION",
+    "ExitRecord",
+    "RecordError",
+    "exit_record_path",
+    "read_record",
+    "state_dir",
+    "write_atomic",
+    "write_record",
+]
+
+EXIT_RECORD_VERSION = 1
+
+T = TypeVar("T", bound=msgspec.Struct)
+
+
+class ExitRecord(msgspec.Struct, kw_only=True):
+    version: int = EXIT_RECORD_VERSION
+    container_id: str
+    exec_id: str  # "" for the init process
+    pid: int
+    exit_status: int
+    exited_at_ns: int
+
+
+class RecordError(ValueError):
+    """A record file exists but cannot be used (corrupt, or a version we do not know)."""
+
+
+class _Versioned(msgspec.Struct):
+    version: int
+
+
+def state_dir(bundle: str) -> Path:
+    return Path(bundle) / "pyshim"
+
+
+def exit_record_path(bundle: str, process_id: str) -> Path:
+    """``<bundle>/pyshim/exits/<process_id>.json``; refuses ids that could escape it."""
+    validate_id("process id", process_id)
+    return state_dir(bundle) / "exits" / f"{process_id}.json"
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data`` so a reader sees the old or the new file, never half."""
+    directory = path.parent
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = directory / f".{path.name}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def write_record(path: Path, record: msgspec.Struct) -> None:
+    write_atomic(path, msgspec.json.encode(record) + b"\n")
+
+
+def _current_version(type_: type[msgspec.Struct]) -> int:
+    for field in msgspec.structs.fields(type_):
+        if field.name == "version" and isinstance(field.default, int):
+            return field.default
+    raise TypeError(f"{type_.__name__} has no default int 'version' field")
+
+
+def read_record(path: Path, type_: type[T]) -> T | None:
+    """The record at ``path``; None when there is none; ``RecordError`` when unusable."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    expected = _current_version(type_)
+    try:
+        version = msgspec.json.decode(data, type=_Versioned).version
+    except msgspec.DecodeError as exc:
+        raise RecordError(f"corrupt record {path}: {exc}") from exc
+    if version != expected:
+        raise RecordError(
+            f"record {path} has version {version}; this shim reads version {expected}"
+        )
+    try:
+        return msgspec.json.decode(data, type=type_)
+    except msgspec.DecodeError as exc:
+        raise RecordError(f"corrupt record {path}: {exc}") from exc

@@ -1,0 +1,151 @@
+"""The few raw Linux syscalls the shim needs that ``os`` does not offer, via ctypes.
+
+Every wrapper raises ``OSError`` with the real errno (libc is loaded with
+``use_errno=True``) so callers can branch on EINVAL/EBUSY/ENOENT like with ``os``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal as _signal
+
+__all__ = [
+    "MNT_DETACH",
+    "MS_BIND",
+    "MS_DIRSYNC",
+    "MS_MANDLOCK",
+    "MS_NOATIME",
+    "MS_NODEV",
+    "MS_NODIRATIME",
+    "MS_NOEXEC",
+    "MS_NOSUID",
+    "MS_RDONLY",
+    "MS_REC",
+    "MS_RELATIME",
+    "MS_REMOUNT",
+    "MS_STRICTATIME",
+    "MS_SYNCHRONOUS",
+    "PR_SET_CHILD_SUBREAPER",
+    "PR_SET_PDEATHSIG",
+    "eventfd",
+    "get_child_subreaper",
+    "load_libc",
+    "mount",
+    "prctl",
+    "set_child_subreaper",
+    "set_pdeathsig",
+    "umount2",
+]
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+PR_GET_CHILD_SUBREAPER = 37
+
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_SYNCHRONOUS = 0x10
+MS_REMOUNT = 0x20
+MS_MANDLOCK = 0x40
+MS_DIRSYNC = 0x80
+MS_NOATIME = 0x400
+MS_NODIRATIME = 0x800
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_RELATIME = 0x200000
+MS_STRICTATIME = 0x1000000
+
+MNT_DETACH = 0x2
+
+_libc: ctypes.CDLL | None = None
+
+
+def load_libc() -> None:
+    """Load libc now, e.g. before fork: dlopen in a forked child can deadlock."""
+    _lib()
+
+
+def _lib() -> ctypes.CDLL:
+    # Loaded on first use: processes that never make these calls pay nothing.
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        except OSError:
+            # Not glibc: ask the slower lookup (it imports subprocess, hence the order).
+            from ctypes.util import find_library
+
+            _libc = ctypes.CDLL(find_library("c"), use_errno=True)
+    return _libc
+
+
+def _check(result: int, what: str, path: str | None = None) -> int:
+    if result == -1:
+        err = ctypes.get_errno()
+        if path is None:
+            raise OSError(err, f"{what}: {os.strerror(err)}")
+        raise OSError(err, f"{what}: {os.strerror(err)}", path)
+    return result
+
+
+def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
+    fn = _lib().prctl
+    fn.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    fn.restype = ctypes.c_int
+    return _check(fn(option, arg2, arg3, arg4, arg5), "prctl")
+
+
+def set_child_subreaper(enabled: bool = True) -> None:
+    prctl(PR_SET_CHILD_SUBREAPER, 1 if enabled else 0)
+
+
+def get_child_subreaper() -> bool:
+    value = ctypes.c_int(0)
+    # The kernel takes the int pointer as an unsigned long argument.
+    prctl(PR_GET_CHILD_SUBREAPER, ctypes.addressof(value))
+    return value.value != 0
+
+
+def set_pdeathsig(sig: int = _signal.SIGKILL) -> None:
+    prctl(PR_SET_PDEATHSIG, int(sig))
+
+
+def mount(source: str, target: str, fstype: str, flags: int = 0, data: str | None = None) -> None:
+    fn = _lib().mount
+    fn.argtypes = [
+        ctypes.c_char_p,
+        ctypes.c_char_p,
+        ctypes.c_char_p,
+        ctypes.c_ulong,
+        ctypes.c_char_p,
+    ]
+    fn.restype = ctypes.c_int
+    result = fn(
+        os.fsencode(source),
+        os.fsencode(target),
+        os.fsencode(fstype),
+        flags,
+        None if data is None else data.encode(),
+    )
+    _check(result, f"mount {source!r} on {target!r} ({fstype})", target)
+
+
+def umount2(target: str, flags: int = 0) -> None:
+    fn = _lib().umount2
+    fn.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    _check(fn(os.fsencode(target), flags), "umount2", target)
+
+
+def eventfd(initval: int = 0, flags: int = 0) -> int:
+    """An eventfd (cgroup v1 OOM notification registers one); ``os.eventfd`` when present."""
+    native = getattr(os, "eventfd", None)
+    if native is not None:
+        fd: int = native(initval, flags)
+        return fd
+    fn = _lib().eventfd
+    fn.argtypes = [ctypes.c_uint, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return _check(fn(initval, flags), "eventfd")

@@ -1,0 +1,293 @@
+"""The task lifecycle driven by a real containerd 1.6 + ctr through pyshim and runc."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from protocol.proto import anyutil
+from protocol.proto.runc import options_pb2
+from protocol.proto.task.v2 import shim_pb2
+from protocol.ttrpc.client import Client
+from protocol.ttrpc.status import Code, TtrpcError
+from tests.support.containerd import Containerd
+from tests.support.images import write_oci_bundle
+
+pytestmark = pytest.mark.integration
+
+RUNTIME = "io.containerd.pyshim.v1"
+TASK = "containerd.task.v2.Task"
+SHIM_SOCKET_DIR = Path("/run/containerd/s")
+
+
+def run(ctrd: Containerd, image: str, cid: str, *args: str, detach: bool = False,
+        extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    flags = ["-d"] if detach else ["--rm"]
+    return ctrd.ctr("run", *flags, *extra, "--runtime", RUNTIME, image, cid, *args, check=False)
+
+
+def task_status(ctrd: Containerd, cid: str) -> str:
+    for line in ctrd.ctr("task", "ls").stdout.splitlines()[1:]:
+        fields = line.split()
+        if fields and fields[0] == cid:
+            return fields[-1]
+    return "<missing>"
+
+
+def wait_until(what: str, check: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _stopped(ctrd: Containerd, cid: str) -> Callable[[], bool]:
+    return lambda: task_status(ctrd, cid) == "STOPPED"
+
+
+def task_pid(ctrd: Containerd, cid: str) -> int:
+    for line in ctrd.ctr("task", "ls").stdout.splitlines()[1:]:
+        fields = line.split()
+        if fields and fields[0] == cid:
+            return int(fields[1])
+    raise AssertionError(f"task {cid} not listed")
+
+
+def shim_socket(ctrd: Containerd, cid: str) -> Path:
+    address = (ctrd.bundle(cid) / "address").read_text().strip()
+    assert address.startswith("unix://"), address
+    return Path(address.removeprefix("unix://"))
+
+
+def children(pid: int) -> list[tuple[int, str]]:
+    """(pid, state letter) of every process whose parent is ``pid``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid:
+            found.append((int(entry), fields[0]))
+    return found
+
+
+def cgroup_dirs(ctrd: Containerd, cid: str) -> list[Path]:
+    root = Path("/sys/fs/cgroup")
+    candidates = [root / ctrd.namespace / cid]
+    candidates += [p / ctrd.namespace / cid for p in root.iterdir() if p.is_dir()]
+    return [p for p in candidates if p.is_dir()]
+
+
+def mounts_containing(text: str) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f if text in line.split()[4]]
+
+
+def assert_nothing_left(ctrd: Containerd, cids: list[str], sockets: list[Path]) -> None:
+    wait_until("every shim to exit", lambda: ctrd.shim_pids() == [])
+    for sock in sockets:
+        assert not sock.exists(), f"shim socket {sock} left behind"
+    for cid in cids:
+        assert cgroup_dirs(ctrd, cid) == [], f"cgroup of {cid} left behind"
+        assert mounts_containing(f"/{ctrd.namespace}/{cid}/rootfs") == []
+        assert not (Path("/run/containerd/runc") / ctrd.namespace / cid).exists()
+
+
+@pytest.fixture
+def image(busybox_image: str) -> str:
+    return busybox_image
+
+
+def test_run_reports_exit_codes(containerd: Containerd, image: str) -> None:
+    sockets: list[Path] = []
+    res = run(containerd, image, "ok", "true")
+    assert (res.returncode, res.stderr) == (0, "")
+    res = run(containerd, image, "three", "sh", "-c", "echo out; echo err >&2; exit 3")
+    assert res.returncode == 3, res.stderr
+    assert "out" in res.stdout
+
+    # pid 1 of a pid namespace ignores even SIGKILL from inside: kill it from the host.
+    argv = ["ctr", "--address", containerd.address, "-n", containerd.namespace, "run", "--rm",
+            "--runtime", RUNTIME, image, "killed", "sleep", "1000"]  # fmt: skip
+    proc = subprocess.Popen(argv, env=containerd.env(), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        wait_until("task 'killed' to run", lambda: task_status(containerd, "killed") == "RUNNING")
+        sockets.append(shim_socket(containerd, "killed"))
+        containerd.ctr("task", "kill", "-s", "SIGKILL", "killed")
+        assert proc.wait(timeout=30) == 137
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert_nothing_left(containerd, ["ok", "three", "killed"], sockets)
+
+
+def test_detached_lifecycle_pause_resume_ps_exec(containerd: Containerd, image: str) -> None:
+    res = run(containerd, image, "c1", "sleep", "1000", detach=True)
+    assert res.returncode == 0, res.stderr
+    sock = shim_socket(containerd, "c1")
+    assert task_status(containerd, "c1") == "RUNNING"
+    pid = task_pid(containerd, "c1")
+
+    containerd.ctr("task", "pause", "c1")
+    assert task_status(containerd, "c1") == "PAUSED"
+    containerd.ctr("task", "resume", "c1")
+    assert task_status(containerd, "c1") == "RUNNING"
+
+    ps = containerd.ctr("task", "ps", "c1").stdout
+    assert str(pid) in ps.split()
+
+    res = containerd.ctr("task", "exec", "--exec-id", "e1", "c1", "sh", "-c", "exit 5", check=False)
+    assert res.returncode == 5, res.stderr
+
+    containerd.ctr("task", "kill", "-s", "SIGKILL", "c1")
+    wait_until("c1 to stop", lambda: task_status(containerd, "c1") == "STOPPED")
+    # ctr exits with the task's exit status on delete.
+    res = containerd.ctr("task", "delete", "c1", check=False)
+    assert res.returncode == 137, res.stderr
+    containerd.ctr("container", "rm", "c1")
+    assert_nothing_left(containerd, ["c1"], [sock])
+
+
+def test_containerd_killed_and_restarted(containerd: Containerd, image: str) -> None:
+    ids = ["r1", "r2", "r3"]
+    for cid in ids:
+        res = run(containerd, image, cid, "sleep", "1000", detach=True)
+        assert res.returncode == 0, res.stderr
+    sockets = [shim_socket(containerd, cid) for cid in ids]
+    shims = containerd.shim_pids()
+    victim = task_pid(containerd, "r2")
+
+    containerd.kill9(start_again=False)
+    os.kill(victim, signal.SIGKILL)  # exits while containerd is down
+    wait_until("r2's init to be reaped", lambda: not Path(f"/proc/{victim}").exists())
+    containerd.start()
+
+    assert sorted(containerd.shim_pids()) == sorted(shims)
+    assert task_status(containerd, "r1") == "RUNNING"
+    assert task_status(containerd, "r3") == "RUNNING"
+    wait_until("r2 to be STOPPED", lambda: task_status(containerd, "r2") == "STOPPED")
+    res = containerd.ctr("task", "delete", "r2", check=False)
+    assert res.returncode == 137, res.stderr
+    for cid in ("r1", "r3"):
+        containerd.ctr("task", "kill", "-s", "SIGKILL", cid)
+        wait_until(f"{cid} to stop", _stopped(containerd, cid))
+        assert containerd.ctr("task", "delete", cid, check=False).returncode == 137
+    for cid in ids:
+        containerd.ctr("container", "rm", cid)
+    assert_nothing_left(containerd, ids, sockets)
+
+
+def test_orphans_are_reaped_by_the_shim(containerd: Containerd, image: str) -> None:
+    # In the host pid namespace the double-forked child is re-parented to the shim
+    # (the subreaper), not to the container's init.
+    res = run(
+        containerd, image, "orph", "sh", "-c", "(sleep 0.3 &); (sleep 0.3 &); exec sleep 1000",
+        detach=True, extra=("--with-ns", "pid:/proc/1/ns/pid"),
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    sock = shim_socket(containerd, "orph")
+    [shim] = [p for p in containerd.shim_pids() if children(p)]
+    time.sleep(1.5)
+    zombies = [c for c in children(shim) if c[1] == "Z"]
+    assert zombies == []
+    assert task_status(containerd, "orph") == "RUNNING"
+    containerd.ctr("task", "kill", "-s", "SIGKILL", "orph")
+    wait_until("orph to stop", lambda: task_status(containerd, "orph") == "STOPPED")
+    assert containerd.ctr("task", "delete", "orph", check=False).returncode == 137
+    containerd.ctr("container", "rm", "orph")
+    assert_nothing_left(containerd, ["orph"], [sock])
+
+
+@pytest.fixture
+def live_shim(containerd: Containerd, image: str) -> Iterator[Path]:
+    """A shim serving container 'live', for requests ctr would refuse to send."""
+    res = run(containerd, image, "live", "sleep", "1000", detach=True)
+    assert res.returncode == 0, res.stderr
+    yield shim_socket(containerd, "live")
+
+
+def bad_bundle(ctrd: Containerd, name: str, *, config: bool = True) -> Path:
+    bundle = ctrd.tmp / "direct" / name
+    if config:
+        write_oci_bundle(bundle, ["true"])
+    else:
+        bundle.mkdir(parents=True)
+    return bundle
+
+
+def listing(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.iterdir())
+
+
+async def test_bad_requests_get_clear_errors_and_change_nothing(
+    containerd: Containerd, live_shim: Path
+) -> None:
+    shim_pids = containerd.shim_pids()
+    client = await Client.connect(str(live_shim), timeout=10)
+
+    async def call(method: str, req: object, resp: type, code: Code) -> str:
+        with pytest.raises(TtrpcError) as info:
+            await client.call(TASK, method, req, resp, timeout=30)  # type: ignore[arg-type]
+        assert info.value.code == code, info.value
+        return info.value.message
+
+    try:
+        good = bad_bundle(containerd, "good")
+        before = listing(good)
+        for bad_id in ("a/b", "..", "x" * 77):
+            req = shim_pb2.CreateTaskRequest(id=bad_id, bundle=str(good))
+            msg = await call("Create", req, shim_pb2.CreateTaskResponse, Code.INVALID_ARGUMENT)
+            assert "identifier" in msg
+        assert listing(good) == before
+
+        empty = bad_bundle(containerd, "empty", config=False)
+        req = shim_pb2.CreateTaskRequest(id="noconfig", bundle=str(empty))
+        msg = await call("Create", req, shim_pb2.CreateTaskResponse, Code.INVALID_ARGUMENT)
+        assert msg == f"bundle {empty} has no config.json"
+        assert listing(empty) == []
+
+        req = shim_pb2.CreateTaskRequest(id="live", bundle=str(good))
+        msg = await call("Create", req, shim_pb2.CreateTaskResponse, Code.ALREADY_EXISTS)
+        assert msg == "container live: already exists"
+        assert task_status(containerd, "live") == "RUNNING"
+
+        msg = await call("Start", shim_pb2.StartRequest(id="never"), shim_pb2.StartResponse,
+                         Code.NOT_FOUND)  # fmt: skip
+        assert msg == "container not created: not found"
+
+        failing = containerd.tmp / "failing-runc"
+        failing.write_text("#!/bin/sh\necho runc-is-broken\nexit 1\n")
+        failing.chmod(0o755)
+        options = anyutil.pack(options_pb2.Options(binary_name=str(failing)))
+        req = shim_pb2.CreateTaskRequest(id="broken", bundle=str(good), options=options)
+        msg = await call("Create", req, shim_pb2.CreateTaskResponse, Code.UNKNOWN)
+        assert msg.startswith("OCI runtime create failed: ") and "runc-is-broken" in msg, msg
+        left = set(listing(good)) - set(before) - {"log.json"}
+        assert left == set(), left
+        msg = await call("State", shim_pb2.StateRequest(id="broken"), shim_pb2.StateResponse,
+                         Code.NOT_FOUND)  # fmt: skip
+        # The live container is untouched and the shim still answers.
+        state = await client.call(TASK, "State", shim_pb2.StateRequest(id="live"),
+                                  shim_pb2.StateResponse, timeout=10)  # fmt: skip
+        assert state.status == 2  # RUNNING
+    finally:
+        client.close()
+    assert containerd.shim_pids() == shim_pids
+    containerd.ctr("task", "kill", "-s", "SIGKILL", "live")
+    wait_until("live to stop", lambda: task_status(containerd, "live") == "STOPPED")
+    containerd.ctr("task", "delete", "live", check=False)
+    containerd.ctr("container", "rm", "live")
+    assert_nothing_left(containerd, ["live", "broken"], [live_shim])

@@ -1,0 +1,293 @@
+"""pyshimd + pyshim CLI + the real shim + runc, end to end.
+
+Each test gets its own run/state dirs under a temp dir and its own pyshimd, stopped by
+PID; containers, shims and mounts are removed even when a test fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.images import build_busybox_oci_archive
+
+pytestmark = pytest.mark.integration
+
+BIN = Path(sys.executable).parent
+PYSHIM = str(BIN / "pyshim")
+PYSHIMD = str(BIN / "pyshimd")
+CMD_TIMEOUT = 60.0
+
+
+def _require_tools() -> None:
+    missing = [t for t in ("runc",) if shutil.which(t) is None]
+    if not (BIN / "containerd-shim-pyshim-v1").exists():
+        missing.append("containerd-shim-pyshim-v1")
+    if os.geteuid() != 0:
+        pytest.fail("manager integration tests need root")
+    if missing:
+        pytest.fail(f"missing for manager integration tests: {', '.join(missing)}")
+
+
+class Manager:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.run_dir = root / "run"
+        self.state_dir = root / "state"
+        self.env = dict(os.environ)
+        self.env["PYSHIM_RUN_DIR"] = str(self.run_dir)
+        self.env["PYSHIM_STATE_DIR"] = str(self.state_dir)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = root / "pyshimd.log"
+        self.shim_pids: set[int] = set()
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [PYSHIMD, "--log-level", "debug"], env=self.env, stdout=log, stderr=log
+        )
+        log.close()
+        sock = self.run_dir / "pyshimd.sock"
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            if self.proc.poll() is not None:
+                pytest.fail(f"pyshimd exited {self.proc.returncode}:\n{self.daemon_log()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"pyshimd did not start:\n{self.daemon_log()}")
+            time.sleep(0.05)
+
+    def daemon_log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        self.proc.wait(timeout=30)
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def cli(
+        self, *args: str, input: bytes | None = None, timeout: float = CMD_TIMEOUT
+    ) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run(
+            [PYSHIM, *args],
+            env=self.env,
+            input=input.decode() if input is not None else None,
+            stdin=None if input is not None else subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        self._note_shims()
+        return res
+
+    def ok(self, *args: str, input: bytes | None = None) -> str:
+        res = self.cli(*args, input=input)
+        assert res.returncode == 0, (res.returncode, res.stdout, res.stderr, self.daemon_log())
+        return res.stdout
+
+    def inspect(self, ref: str) -> dict[str, object]:
+        out: dict[str, object] = json.loads(self.ok("inspect", ref))
+        return out
+
+    def _note_shims(self) -> None:
+        """Remember every shim pid we ever saw, so cleanup can stop them by PID."""
+        cdir = self.state_dir / "containers"
+        if not cdir.is_dir():
+            return
+        for rec in cdir.glob("*/record.json"):
+            with contextlib.suppress(OSError, ValueError):
+                pid = int(json.loads(rec.read_text()).get("shim_pid", 0))
+                if pid:
+                    self.shim_pids.add(pid)
+
+    def cleanup(self) -> None:
+        self._note_shims()
+        if self.proc is None and (self.run_dir / "pyshimd.sock").exists() is False:
+            with contextlib.suppress(Exception):
+                self.start()
+        if self.proc is not None:
+            with contextlib.suppress(Exception):
+                listed = json.loads(self.cli("ps", "--all", "--json", timeout=30).stdout or "[]")
+                for c in listed:
+                    self.cli("rm", "-f", c["id"], timeout=30)
+        self._note_shims()
+        self.stop()
+        for pid in self.shim_pids:
+            with contextlib.suppress(OSError):
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                if b"containerd-shim-pyshim" in cmdline and str(self.run_dir).encode() in cmdline:
+                    os.kill(pid, signal.SIGKILL)
+        runc_root = self.run_dir / "runc"
+        if runc_root.is_dir():
+            for ns in runc_root.iterdir():
+                for cid in ns.iterdir() if ns.is_dir() else []:
+                    subprocess.run(
+                        ["runc", "--root", str(ns), "delete", "--force", cid.name],
+                        capture_output=True,
+                        timeout=30,
+                        check=False,
+                    )
+        with contextlib.suppress(OSError):
+            mounts = Path("/proc/self/mounts").read_text().splitlines()
+            for line in reversed(mounts):
+                target = line.split()[1]
+                if target.startswith(str(self.root)):
+                    subprocess.run(["umount", "-l", target], capture_output=True, check=False)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture
+def manager() -> Iterator[Manager]:
+    _require_tools()
+    # Short: the sockets under it must fit in sun_path.
+    root = Path(tempfile.mkdtemp(prefix="psm-", dir="/tmp"))
+    m = Manager(root)
+    try:
+        m.start()
+        yield m
+    finally:
+        m.cleanup()
+
+
+def _wait_for(cond: object, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            pytest.fail("condition not met in time")
+        time.sleep(0.1)
+
+
+def test_foreground_run_output_and_exit_codes(manager: Manager) -> None:
+    res = manager.cli("run", "--", "echo", "hello")
+    assert (res.returncode, res.stdout) == (0, "hello\n"), res.stderr + manager.daemon_log()
+    res = manager.cli("run", "--rm", "--", "sh", "-c", "echo out; echo err >&2; exit 3")
+    assert res.returncode == 3
+    assert sorted(res.stdout.splitlines()) == ["err", "out"]
+    # --rm removed the second one; the first is still listed as exited.
+    listed = json.loads(manager.ok("ps", "--all", "--json"))
+    assert [c["command"] for c in listed] == [["echo", "hello"]]
+    assert listed[0]["exited"] is True and listed[0]["exit_status"] == 0
+
+
+def test_stdin_with_interactive(manager: Manager) -> None:
+    res = manager.cli("run", "--rm", "-i", "--", "sh", "-c", "tr a-z A-Z; exit 5", input=b"abc\n")
+    assert (res.returncode, res.stdout) == (5, "ABC\n"), res.stderr + manager.daemon_log()
+
+
+def test_detached_logs_kill_wait_rm(manager: Manager) -> None:
+    cid = manager.ok(
+        "run", "-d", "--name", "sleeper", "--env", "GREETING=hi", "--", "sh", "-c",
+        'echo "$GREETING started"; exec sleep 1000',
+    ).strip()  # fmt: skip
+    assert len(cid) == 16
+    _wait_for(lambda: "hi started" in manager.ok("logs", "sleeper"))
+    ps = manager.ok("ps")
+    assert "sleeper" in ps and "running" in ps
+    dup = manager.cli("run", "-d", "--name", "sleeper", "--", "true")
+    assert dup.returncode == 125 and "already in use" in dup.stderr
+    busy = manager.cli("rm", "sleeper")
+    assert busy.returncode == 125 and "rm -f" in busy.stderr
+    manager.ok("kill", "-s", "TERM", "sleeper")
+    assert manager.ok("wait", "sleeper").strip() == "143"
+    info = manager.inspect("sleeper")
+    assert info["status"] == "stopped" and info["exit_status"] == 143
+    assert "hi started" in manager.ok("logs", "-f", "sleeper")  # returns: it exited
+    manager.ok("rm", "sleeper")
+    assert manager.ok("ps", "--all", "--json").strip() == "[]"
+    assert not (manager.state_dir / "containers" / cid).exists()
+    assert not (manager.run_dir / "bundles" / "pyshim" / cid).exists()
+
+
+def test_exec_and_force_remove(manager: Manager) -> None:
+    manager.ok("run", "-d", "--name", "box", "--", "sleep", "1000")
+    res = manager.cli("exec", "box", "--", "sh", "-c", "echo inside $$; exit 4")
+    assert res.returncode == 4 and res.stdout.startswith("inside "), res.stderr
+    res = manager.cli("exec", "-i", "box", "--", "cat", input=b"piped\n")
+    assert (res.returncode, res.stdout) == (0, "piped\n"), res.stderr
+    manager.ok("rm", "-f", "box")
+    assert manager.ok("ps", "--all", "--json").strip() == "[]"
+
+
+def test_clear_errors(manager: Manager) -> None:
+    for args in (["wait", "ghost"], ["logs", "ghost"], ["kill", "ghost"], ["inspect", "ghost"]):
+        res = manager.cli(*args)
+        assert res.returncode == 125 and "no such container: ghost" in res.stderr, res.stderr
+    res = manager.cli("run", "no-such-image:1", "--", "true")
+    assert res.returncode == 125 and "pyshim image import" in res.stderr
+    res = manager.cli("run", "--memory", "huge", "--", "true")
+    assert res.returncode == 2
+
+
+def test_restart_reconnects_and_learns_missed_exits(manager: Manager) -> None:
+    manager.ok("run", "-d", "--name", "long", "--", "sleep", "1000")
+    manager.ok("run", "-d", "--name", "short", "--", "sh", "-c", "sleep 2; exit 7")
+    manager.kill(signal.SIGKILL)
+    time.sleep(3.5)  # "short" exits while nobody is listening
+    manager.start()
+    listed = {c["name"]: c for c in json.loads(manager.ok("ps", "--all", "--json"))}
+    assert listed["long"]["status"] == "running", manager.daemon_log()
+    assert listed["short"]["exited"] is True and listed["short"]["exit_status"] == 7
+    t0 = time.monotonic()
+    assert manager.ok("wait", "short").strip() == "7"
+    assert time.monotonic() - t0 < 5
+    res = manager.cli("exec", "long", "--", "echo", "still here")
+    assert (res.returncode, res.stdout) == (0, "still here\n"), res.stderr
+    manager.ok("kill", "long")
+    assert manager.ok("wait", "long").strip() == "137"
+
+
+def test_killed_shim_is_noticed(manager: Manager) -> None:
+    manager.ok("run", "-d", "--name", "victim", "--", "sleep", "1000")
+    shim_pid = int(manager.inspect("victim")["shim_pid"])  # type: ignore[call-overload]
+    assert shim_pid > 0
+    os.kill(shim_pid, signal.SIGKILL)
+    res = manager.cli("wait", "victim")
+    assert res.returncode == 0
+    assert "shim exited unexpectedly" in res.stderr
+    info = manager.inspect("victim")
+    assert info["status"] == "stopped" and "shim" in str(info["exit_reason"])
+    # The container did not survive its shim's cleanup.
+    pid = int(info["pid"])  # type: ignore[call-overload]
+    assert (
+        not Path(f"/proc/{pid}").exists()
+        or b"sleep" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    )
+    manager.ok("rm", "victim")
+
+
+def test_image_import_run_and_remove(manager: Manager) -> None:
+    archive = build_busybox_oci_archive(manager.root / "bb.tar", ref="docker.io/library/bb:1")
+    out = manager.ok("image", "import", str(archive))
+    assert out.startswith("docker.io/library/bb:1 sha256:")
+    assert "docker.io/library/bb:1" in manager.ok("image", "ls")
+    res = manager.cli("run", "--name", "b1", "bb:1", "--", "sh", "-c", "echo img > /f; cat /f")
+    assert (res.returncode, res.stdout) == (0, "img\n"), res.stderr + manager.daemon_log()
+    # A second container from the same image sees the image, not b1's writes.
+    res = manager.cli("run", "--rm", "bb:1", "--", "sh", "-c", "test ! -e /f")
+    assert res.returncode == 0, res.stderr
+    busy = manager.cli("image", "rm", "bb:1")
+    assert busy.returncode == 125 and "used by a container" in busy.stderr
+    manager.ok("rm", "b1")
+    manager.ok("image", "rm", "bb:1")
+    assert "bb:1" not in manager.ok("image", "ls")

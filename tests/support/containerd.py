@@ -1,0 +1,393 @@
+"""A private containerd 1.6 for integration tests.
+
+Every instance owns a temp dir (root, state, sockets, config, log) and a unique
+namespace, so tests of several engineers can run side by side: containerd 1.6
+shims share /run/containerd/s and runc's default root /run/containerd/runc/<ns>,
+and only a unique namespace keeps those apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+CONTAINERD = "containerd"
+CTR = "ctr"
+RUNC_ROOT = Path("/run/containerd/runc")
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 15.0
+
+
+class ContainerdError(RuntimeError):
+    pass
+
+
+def _venv_bin() -> str:
+    # Not resolved: the venv's bin dir holds containerd-shim-pyshim-v1, the
+    # interpreter it points to does not.
+    return os.path.dirname(sys.executable)
+
+
+def _config(tmp: Path, *, cri: bool) -> str:
+    disabled = "[]" if cri else '["io.containerd.grpc.v1.cri"]'
+    return f"""version = 2
+root = "{tmp / "root"}"
+state = "{tmp / "state"}"
+disabled_plugins = {disabled}
+
+[grpc]
+  address = "{tmp / "containerd.sock"}"
+
+[ttrpc]
+  address = "{tmp / "containerd.sock.ttrpc"}"
+
+[debug]
+  address = "{tmp / "debug.sock"}"
+  level = "debug"
+
+[metrics]
+  address = ""
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{tmp / "opt"}"
+"""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # A zombie still answers kill(0); treat it as gone.
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0")[:-1]]
+    except OSError:
+        return []
+
+
+def _flag_value(argv: Sequence[str], name: str) -> str | None:
+    """Value of a Go-style flag (-name v, --name v, -name=v) in argv."""
+    for i, arg in enumerate(argv):
+        for prefix in (f"-{name}", f"--{name}"):
+            if arg == prefix and i + 1 < len(argv):
+                return argv[i + 1]
+            if arg.startswith(prefix + "="):
+                return arg[len(prefix) + 1 :]
+    return None
+
+
+def _unix_path(address: str) -> str | None:
+    if address.startswith("unix://"):
+        return address[len("unix://") :]
+    return None
+
+
+class Containerd:
+    """A containerd daemon started (and stopped, by PID) by this test process."""
+
+    def __init__(self, *, namespace: str | None = None, cri: bool = False) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix="pyshim-ctrd-", dir="/tmp"))
+        self.namespace = namespace or f"pyt-{secrets.token_hex(4)}"
+        self.root = self.tmp / "root"
+        self.state = self.tmp / "state"
+        self.address = str(self.tmp / "containerd.sock")
+        self.ttrpc_address = str(self.tmp / "containerd.sock.ttrpc")
+        self.config_path = self.tmp / "config.toml"
+        self.log_path = self.tmp / "containerd.log"
+        for d in (self.root, self.state, self.tmp / "opt"):
+            d.mkdir(mode=0o711)
+        self.config_path.write_text(_config(self.tmp, cri=cri))
+        self.proc: subprocess.Popen[bytes] | None = None
+        # Shim sockets live outside the temp dir (/run/containerd/s); remember
+        # every one we learn of so close() can remove them.
+        self._shim_sockets: set[str] = set()
+        self._closed = False
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- lifecycle ---------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PATH"] = _venv_bin() + os.pathsep + env.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        return env
+
+    def start(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            raise ContainerdError("containerd is already running")
+        with open(self.log_path, "ab") as log:
+            log.write(f"---- starting containerd at {time.time():.3f}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                [CONTAINERD, "--config", str(self.config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=self.env(),
+                cwd=self.tmp,
+                # Own session: a ^C to pytest must not hit containerd before
+                # close() has had a chance to clean up through it.
+                start_new_session=True,
+            )
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ContainerdError(
+                    f"containerd exited with {self.proc.returncode}\n{self.log_tail()}"
+                )
+            if os.path.exists(self.address) and os.path.exists(self.ttrpc_address):
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                    try:
+                        s.connect(self.address)
+                    except OSError:
+                        pass
+                    else:
+                        if self.ctr("version", check=False, timeout=10).returncode == 0:
+                            return
+            time.sleep(0.05)
+        raise ContainerdError(f"containerd not ready after {START_TIMEOUT}s\n{self.log_tail()}")
+
+    def _stop(self, sig: int) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, sig)
+            try:
+                self.proc.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=STOP_TIMEOUT)
+        self.proc = None
+
+    def stop(self) -> None:
+        """SIGTERM containerd (SIGKILL after a grace period); shims stay alive."""
+        self._stop(signal.SIGTERM)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def kill9(self, *, start_again: bool = True) -> None:
+        """SIGKILL containerd by PID, then (by default) start it on the same dirs."""
+        self._stop(signal.SIGKILL)
+        if start_again:
+            self.start()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    # -- helpers for tests -------------------------------------------------
+
+    def ctr(
+        self,
+        *args: str,
+        input: bytes | str | None = None,
+        check: bool = True,
+        timeout: float = 60.0,
+        namespace: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        argv = [CTR, "--address", self.address, "-n", namespace or self.namespace, *args]
+        data = input.decode() if isinstance(input, bytes) else input
+        res = subprocess.run(
+            argv,
+            input=data,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.env(),
+            stdin=None if data is not None else subprocess.DEVNULL,
+        )
+        if check and res.returncode != 0:
+            raise ContainerdError(
+                f"{' '.join(argv)} exited {res.returncode}\n"
+                f"stdout: {res.stdout}\nstderr: {res.stderr}"
+            )
+        return res
+
+    def bundle(self, container_id: str) -> Path:
+        return self.state / "io.containerd.runtime.v2.task" / self.namespace / container_id
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines: int = 80) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def shim_pids(self) -> list[int]:
+        """Processes started for this containerd: their -address is our socket."""
+        pids = []
+        me = os.getpid()
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == me:
+                continue
+            argv = _cmdline(int(entry))
+            # Every shim invocation (start, delete, daemon) carries -id and the
+            # -address of the containerd it serves; our socket path is unique.
+            if _flag_value(argv, "id") is None:
+                continue
+            if _flag_value(argv, "address") == self.address:
+                pids.append(int(entry))
+        return pids
+
+    # -- cleanup -----------------------------------------------------------
+
+    def _remember_shim_sockets(self) -> None:
+        task_dir = self.state / "io.containerd.runtime.v2.task"
+        if not task_dir.is_dir():
+            return
+        for addr_file in task_dir.glob("*/*/address"):
+            with contextlib.suppress(OSError):
+                path = _unix_path(addr_file.read_text().strip())
+                if path:
+                    self._shim_sockets.add(path)
+
+    def _namespaces(self) -> list[str]:
+        res = self.ctr("namespaces", "ls", "-q", check=False, timeout=20)
+        names = set(res.stdout.split()) if res.returncode == 0 else set()
+        names.add(self.namespace)
+        return sorted(names)
+
+    def _remove_all_through_containerd(self) -> None:
+        for ns in self._namespaces():
+            tasks = self.ctr("tasks", "ls", "-q", check=False, timeout=20, namespace=ns)
+            for tid in tasks.stdout.split() if tasks.returncode == 0 else []:
+                self.ctr("tasks", "kill", "-a", "-s", "SIGKILL", tid, check=False,
+                         timeout=20, namespace=ns)  # fmt: skip
+                self.ctr("tasks", "delete", "-f", tid, check=False, timeout=30, namespace=ns)
+            ctrs = self.ctr("containers", "ls", "-q", check=False, timeout=20, namespace=ns)
+            for cid in ctrs.stdout.split() if ctrs.returncode == 0 else []:
+                self.ctr("containers", "rm", cid, check=False, timeout=30, namespace=ns)
+
+    def _kill_shims(self) -> None:
+        for pid in self.shim_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(_pid_alive(p) for p in self.shim_pids()):
+            time.sleep(0.05)
+
+    def _runc_leftovers(self) -> None:
+        # The namespace is unique to this instance, so anything under its runc
+        # root is ours (container inits orphaned by a killed shim).
+        root = RUNC_ROOT / self.namespace
+        if not root.is_dir():
+            return
+        for entry in root.iterdir():
+            subprocess.run(["runc", "--root", str(root), "kill", entry.name, "KILL"],
+                           capture_output=True, timeout=20, check=False)  # fmt: skip
+            subprocess.run(["runc", "--root", str(root), "delete", "--force", entry.name],
+                           capture_output=True, timeout=20, check=False)  # fmt: skip
+        with contextlib.suppress(OSError):
+            shutil.rmtree(root)
+
+    def _cgroup_leftovers(self) -> None:
+        # ctr puts containers at /<namespace>/<id>; runc removes the leaf, the
+        # namespace level stays behind.
+        candidates = [CGROUP_ROOT / self.namespace]
+        if CGROUP_ROOT.is_dir():
+            candidates += [p / self.namespace for p in CGROUP_ROOT.iterdir() if p.is_dir()]
+        for cg in candidates:
+            if not cg.is_dir():
+                continue
+            for sub in sorted(cg.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+                if sub.is_dir():
+                    with contextlib.suppress(OSError):
+                        sub.rmdir()
+            with contextlib.suppress(OSError):
+                cg.rmdir()
+
+    def _mounts_under_tmp(self) -> list[str]:
+        prefix = str(self.tmp) + "/"
+        found = []
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                mp = line.split()[4].replace("\\040", " ")
+                if mp.startswith(prefix):
+                    found.append(mp)
+        return found
+
+    def _unmount_all(self) -> None:
+        for _ in range(10):
+            mounts = self._mounts_under_tmp()
+            if not mounts:
+                return
+            for mp in sorted(mounts, key=len, reverse=True):
+                subprocess.run(["umount", "-l", mp], capture_output=True, timeout=20, check=False)
+
+    def close(self) -> None:
+        """Remove everything this instance created; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        errors: list[str] = []
+        self._remember_shim_sockets()
+        if not self.running:
+            # Cleaning up through containerd is the clean way; it may have been
+            # stopped or killed by the test.
+            with contextlib.suppress(Exception):
+                self.start()
+        if self.running:
+            try:
+                self._remove_all_through_containerd()
+            except Exception as exc:  # keep cleaning whatever failed
+                errors.append(f"ctr cleanup: {exc!r}")
+        self._remember_shim_sockets()
+        self._stop(signal.SIGTERM)
+        self._kill_shims()
+        self._runc_leftovers()
+        self._cgroup_leftovers()
+        self._unmount_all()
+        for path in self._shim_sockets:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        if errors:
+            raise ContainerdError("; ".join(errors))
+
+    def __enter__(self) -> Containerd:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def private_containerd(*, namespace: str | None = None, cri: bool = False) -> Iterator[Containerd]:
+    c = Containerd(namespace=namespace, cri=cri)
+    try:
+        yield c
+    finally:
+        c.close()

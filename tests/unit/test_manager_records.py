@@ -1,0 +1,55 @@
+"""The durable per-container record store."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from manager.paths import Paths
+from manager.records import ContainerRecord, RecordError, RecordStore
+
+
+def _record(cid: str = "c1") -> ContainerRecord:
+    return ContainerRecord(id=cid, name="n", bundle="/b", created_at_ns=1, command=["echo", "hi"])
+
+
+def test_round_trip_and_atomic_write(tmp_path: Path) -> None:
+    paths = Paths(tmp_path / "run", tmp_path / "state")
+    store = RecordStore(paths)
+    rec = _record()
+    store.save(rec)
+    rec.exit_status = 3
+    rec.exited_at_ns = 42
+    rec.status = "stopped"
+    store.save(rec)
+    loaded = store.load("c1")
+    assert loaded == rec and loaded is not None and loaded.exited
+    # No temporary file is left beside the record.
+    assert os.listdir(paths.container_dir("c1")) == ["record.json"]
+    assert (paths.record("c1").stat().st_mode & 0o777) == 0o600
+
+
+def test_missing_is_none_and_corrupt_is_reported(tmp_path: Path) -> None:
+    paths = Paths(tmp_path / "run", tmp_path / "state")
+    store = RecordStore(paths)
+    assert store.load("nope") is None
+    store.save(_record("good"))
+    paths.container_dir("bad").mkdir(parents=True)
+    paths.record("bad").write_text("{not json")
+    with pytest.raises(RecordError):
+        store.load("bad")
+    records, problems = store.load_all()
+    assert [r.id for r in records] == ["good"]
+    assert len(problems) == 1 and "bad" in problems[0]
+
+
+def test_unknown_version_is_refused(tmp_path: Path) -> None:
+    paths = Paths(tmp_path / "run", tmp_path / "state")
+    store = RecordStore(paths)
+    rec = _record()
+    rec.version = 99
+    store.save(rec)
+    with pytest.raises(RecordError, match="version 99"):
+        store.load("c1")

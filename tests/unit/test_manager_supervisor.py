@@ -1,0 +1,60 @@
+"""Exit bookkeeping of the supervisor: first exit wins, persisted before anyone is told."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from manager.images import ImageStore
+from manager.launcher import ShimLauncher
+from manager.paths import Paths
+from manager.records import ContainerRecord, RecordStore
+from manager.supervisor import Container, Supervisor, valid_identifier
+
+
+def _supervisor(tmp_path: Path) -> Supervisor:
+    paths = Paths(tmp_path / "run", tmp_path / "state")
+    launcher = ShimLauncher(binary="/nonexistent", paths=paths, publish_binary="/nonexistent")
+    return Supervisor(paths, RecordStore(paths), launcher, ImageStore(paths.images_dir))
+
+
+def _add(sup: Supervisor, cid: str, name: str) -> Container:
+    rec = ContainerRecord(id=cid, name=name, bundle="/b", created_at_ns=1, command=["x"])
+    c = Container(rec)
+    sup.containers[cid] = c
+    return c
+
+
+async def test_first_exit_wins_and_is_persisted(tmp_path: Path) -> None:
+    sup = _supervisor(tmp_path)
+    c = _add(sup, "abc123", "web")
+    sup.on_task_exit("abc123", "some-exec", 9, 5)  # an exec's exit is not the container's
+    assert not c.exited.is_set()
+    sup.on_task_exit("abc123", "abc123", 3, 100)
+    assert c.exited.is_set()
+    sup.record_exit(c, 137, 200)
+    stored = sup.store.load("abc123")
+    assert stored is not None
+    assert (stored.exit_status, stored.exited_at_ns, stored.status) == (3, 100, "stopped")
+    assert await sup.wait("web", "") == (3, 100, "")
+
+
+async def test_lookup_by_id_name_and_unique_prefix(tmp_path: Path) -> None:
+    sup = _supervisor(tmp_path)
+    a = _add(sup, "aa11", "one")
+    b = _add(sup, "aa22", "two")
+    assert sup.lookup("aa11") is a
+    assert sup.lookup("two") is b
+    assert sup.lookup("aa2") is b
+    for ref in ("aa", "nope"):
+        try:
+            sup.lookup(ref)
+        except Exception as exc:
+            assert "no such container" in str(exc)
+        else:
+            raise AssertionError(f"{ref} should not resolve")
+
+
+def test_identifiers() -> None:
+    assert valid_identifier("web-1.a_b")
+    for bad in ("", "-a", "a/b", "a..b", "x" * 77, "a b"):
+        assert not valid_identifier(bad)
