@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import os
 import platform
@@ -78,9 +79,19 @@ def machine_info(env: PrivateContainerd) -> dict[str, Any]:
             "\n", " "
         ),
         "git": git + (" (shim/protocol modified)" if dirty else ""),
+        "pyshim_tree": _tree_digest([REPO / "shim", REPO / "protocol"]),
         "cgroup": "v2" if Path("/sys/fs/cgroup/cgroup.controllers").exists() else "v1",
         "namespace": env.namespace,
     }
+
+
+def _tree_digest(roots: list[Path]) -> str:
+    """Identifies the exact shim code measured, committed or not."""
+    digest = hashlib.sha256()
+    for root in roots:
+        for path in sorted(root.rglob("*.py")):
+            digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def preflight(ctx: Context) -> list[str]:

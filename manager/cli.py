@@ -29,7 +29,11 @@ _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 class UsageError(Exception):
-    pass
+    """Bad arguments: argparse's message and exit status 2."""
+
+
+class CommandError(Exception):
+    """The request was understood but cannot be done (exit status 125)."""
 
 
 def parse_memory(text: str) -> int:
@@ -255,6 +259,8 @@ async def cmd_run(mc: ManagerClient, args: argparse.Namespace) -> int:
         # Foreground --rm is done here, after the last output has been read.
         auto_remove=args.rm and args.detach,
     )
+    if args.tty:
+        cfg.tty_width, cfg.tty_height = terminal_size(sys.stdin.fileno())
     resp = await mc.call("Run", pb.RunRequest(config=cfg), pb.RunResponse)
     c = resp.container
     if args.detach:
@@ -291,6 +297,8 @@ async def cmd_exec(mc: ManagerClient, args: argparse.Namespace) -> int:
         terminal=args.tty,
         stdin=args.interactive,
     )
+    if args.tty:
+        req.tty_width, req.tty_height = terminal_size(sys.stdin.fileno())
     resp = await mc.call("Exec", req, pb.ExecResponse)
     res = await _interactive_session(
         mc,
@@ -307,7 +315,7 @@ async def cmd_exec(mc: ManagerClient, args: argparse.Namespace) -> int:
 async def cmd_attach(mc: ManagerClient, args: argparse.Namespace) -> int:
     c = (await mc.inspect(args.container)).container
     if c.exited:
-        raise UsageError(f"container {c.name} is not running (exit status {c.exit_status})")
+        raise CommandError(f"container {c.name} is not running (exit status {c.exit_status})")
     res = await _interactive_session(
         mc,
         container=c.id,
@@ -484,7 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_dispatch(paths, args))
     except UsageError as exc:
         parser.error(str(exc))
-    except ManagerNotRunning as exc:
+    except (ManagerNotRunning, CommandError) as exc:
         sys.stderr.write(f"pyshim: {exc}\n")
     except TtrpcError as exc:
         sys.stderr.write(f"pyshim: {exc.message}\n")

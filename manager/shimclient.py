@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import socket
-import struct
 from typing import TypeVar
 
 from google.protobuf import empty_pb2
@@ -23,7 +20,6 @@ SHUTDOWN_TIMEOUT = 3.0
 # Calls without a containerd bound still get one, so a wedged shim cannot hang the CLI.
 CALL_TIMEOUT = 30.0
 R = TypeVar("R", bound=Message)
-_PEERCRED = struct.Struct("3i")
 _METADATA = {"containerd-namespace-ttrpc": NAMESPACE}
 
 
@@ -98,19 +94,3 @@ class ShimClient:
     async def shutdown(self, container_id: str) -> None:
         req = shim_pb2.ShutdownRequest(id=container_id)
         await self._call("Shutdown", req, empty_pb2.Empty, SHUTDOWN_TIMEOUT)
-
-
-async def peer_pid(address: str) -> int:
-    """The pid serving ``address`` (SO_PEERCRED): known even when ttrpc itself fails, so a
-    shim that cannot be shut down politely can still be stopped."""
-    loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        sock.setblocking(False)
-        async with asyncio.timeout(CONNECT_TIMEOUT):
-            await loop.sock_connect(sock, dial_path(address))
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-        pid, _, _ = _PEERCRED.unpack(creds)
-        return int(pid)
-    finally:
-        sock.close()

@@ -49,6 +49,9 @@ class ProcessOptions:
     workdir: str = ""
     user: str = ""
     terminal: bool = False
+    # Columns and rows of the pty from its creation, so the first output is laid out
+    # right (a ResizePty after start would race the process).
+    console_size: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,7 @@ def resolve_process(opts: ProcessOptions, image: ImageDefaults | None) -> Proces
         workdir=opts.workdir or image.workdir or "/",
         user=opts.user or image.user,
         terminal=opts.terminal,
+        console_size=opts.console_size,
     )
 
 
@@ -124,7 +128,12 @@ def process_spec(opts: ProcessOptions) -> dict[str, Any]:
         raise SpecError(f"workdir {opts.workdir!r} must be an absolute path")
     user = parse_user(opts.user) if opts.user else User(0, 0)
     caps = list(DEFAULT_CAPS)
+    extra: dict[str, Any] = {}
+    if opts.terminal and opts.console_size and all(opts.console_size):
+        width, height = opts.console_size
+        extra["consoleSize"] = {"width": width, "height": height}
     return {
+        **extra,
         "terminal": opts.terminal,
         "user": {"uid": user.uid, "gid": user.gid},
         "args": list(opts.args),

@@ -28,7 +28,7 @@ from manager.images import ImageStore
 from manager.launcher import ShimLauncher, ShimLaunchError
 from manager.paths import Paths
 from manager.records import ContainerRecord, RecordStore
-from manager.shimclient import ShimClient, peer_pid
+from manager.shimclient import ShimClient
 from manager.shimlog import LogRelay, make_log_fifo
 from protocol.proto import anyutil, timeutil
 from protocol.proto.manager.v1 import manager_pb2
@@ -45,6 +45,8 @@ MAX_IDENT = 76
 PROCESS_SPEC_URL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
 # How long `rm -f` waits for the container to die after SIGKILL before tearing down.
 FORCE_KILL_WAIT = 10.0
+# After Shutdown the shim closes its socket as it exits; past this it is stopped by force.
+SHIM_EXIT_WAIT = 3.0
 MNT_DETACH = 2
 
 
@@ -279,6 +281,7 @@ class Supervisor:
                 workdir=cfg.workdir,
                 user=cfg.user,
                 terminal=cfg.terminal,
+                console_size=(cfg.tty_width, cfg.tty_height),
             ),
             image_defaults,
         )
@@ -312,8 +315,6 @@ class Supervisor:
         c.relay = LogRelay(cid, make_log_fifo(bundle))
         address = await self.launcher.start(cid, bundle)
         c.record.shim_address = address
-        with contextlib.suppress(OSError, TimeoutError):
-            c.record.shim_pid = await peer_pid(address)
         self.store.save(c.record)
         c.client = await ShimClient.dial(address)
         conn = await c.client.connect(cid)
@@ -333,6 +334,8 @@ class Supervisor:
         created = await c.client.create(req)
         c.record.pid = created.pid
         self.store.save(c.record)
+        if cfg.terminal and cfg.tty_width and cfg.tty_height:
+            await c.client.resize(cid, "", cfg.tty_width, cfg.tty_height)
         await c.client.start(cid)
         c.record.status = "running"
         self.store.save(c.record)
@@ -348,14 +351,7 @@ class Supervisor:
         client = c.client
         shim_done = c.record.shim_gone or not c.record.shim_address
         if client is not None and not client.closed:
-            try:
-                with contextlib.suppress(TtrpcError):
-                    await client.delete(c.id)
-                with contextlib.suppress(TtrpcError):
-                    await client.shutdown(c.id)
-                shim_done = True
-            except ConnectionClosedError:
-                pass
+            shim_done = await _stop_shim(client, c.id)
             client.close()
         c.client = None
         if not shim_done or Path(c.record.bundle, "address").exists():
@@ -365,7 +361,8 @@ class Supervisor:
                 await self.launcher.delete(c.id, Path(c.record.bundle))
             except ShimLaunchError as exc:
                 log.warning("container %s: shim delete: %s", c.id, exc)
-            _stop_shim_process(c.record.shim_pid, c.id)
+            if not shim_done:
+                _stop_shim_processes(c.id, str(self.paths.socket))
         if c.relay is not None:
             c.relay.close()
             c.relay = None
@@ -463,6 +460,7 @@ class Supervisor:
                     workdir=req.workdir or base.get("cwd", "/"),
                     user=req.user or _user_text(base.get("user", {})),
                     terminal=req.terminal,
+                    console_size=(req.tty_width, req.tty_height),
                 )
             )
         except ocispec.SpecError as exc:
@@ -588,19 +586,63 @@ class Supervisor:
             task.cancel()
 
 
-def _stop_shim_process(pid: int, container_id: str) -> None:
-    """SIGKILL a shim we could not shut down, after checking the pid is still that shim."""
-    if pid <= 0:
-        return
+async def _delete_task(client: ShimClient, cid: str) -> None:
+    """Delete the init; if the shim says it still runs (our record can be ahead of it,
+    e.g. an exit event that was not the process's), kill it and try once more."""
     try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
+        await client.delete(cid)
         return
-    if container_id.encode() not in argv or not any(b"containerd-shim-pyshim" in a for a in argv):
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, 9)
-        log.warning("container %s: killed its unresponsive shim %d", container_id, pid)
+    except ConnectionClosedError:
+        raise
+    except TtrpcError as exc:
+        if exc.code == Code.NOT_FOUND:
+            return
+    with contextlib.suppress(TtrpcError):
+        await client.kill(cid, 9, all=True)
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(FORCE_KILL_WAIT):
+            await client.wait(cid)
+    await client.delete(cid)
+
+
+async def _stop_shim(client: ShimClient, cid: str) -> bool:
+    """Delete + Shutdown as containerd does; True once the shim has gone away."""
+    try:
+        await _delete_task(client, cid)
+    except ConnectionClosedError:
+        return False
+    except TtrpcError as exc:
+        log.warning("container %s: Delete: %s", cid, exc)
+    with contextlib.suppress(TtrpcError):
+        await client.shutdown(cid)
+    try:
+        async with asyncio.timeout(SHIM_EXIT_WAIT):
+            await client.wait_closed()
+    except TimeoutError:
+        return False
+    return True
+
+
+def _stop_shim_processes(container_id: str, manager_address: str) -> None:
+    """SIGKILL the shim daemon we started for this container when it could not be shut
+    down over ttrpc (it may never have answered, so its pid may be unknown): found by its
+    argv, which names both the container and this manager's socket."""
+    want = {b"-id", container_id.encode(), b"-address", manager_address.encode()}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = Path(entry.path, "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if not any(b"containerd-shim-pyshim" in a for a in argv[:2]):
+            continue
+        # The long-lived daemon has no action word; start/delete finish on their own.
+        if not want.issubset(argv) or b"start" in argv or b"delete" in argv:
+            continue
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(entry.name), 9)
+            log.warning("container %s: killed its unresponsive shim %s", container_id, entry.name)
 
 
 def _user_text(user: dict[str, object]) -> str:

@@ -215,9 +215,16 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_delete(opts)
         if action == "":
+            import signal
+
+            # Importing the daemon takes a while; a SIGTERM meanwhile (containerd
+            # giving up on a slow start) must still end in a clean shutdown.
+            early: list[int] = []
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda signum, frame: early.append(signum))
             from shim.daemon import run_daemon
 
-            return run_daemon(opts)
+            return run_daemon(opts, early_signals=early)
     except Exception as exc:  # the contract is a message on stderr and exit 1
         return fail(str(exc) or type(exc).__name__)
     return fail(f"unknown action {action!r}")

@@ -18,11 +18,11 @@ import signal
 import socket
 import stat
 import sys
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from protocol.ttrpc.server import Server
+from shim import log as shimlog
 from shim import syscalls
 from shim.events import Publisher
 from shim.reaper import Reaper
@@ -37,11 +37,12 @@ _log = logging.getLogger("shim.daemon")
 LISTEN_FD = 3
 SERVER_SHUTDOWN_TIMEOUT = 2.0
 PUBLISHER_FLUSH_TIMEOUT = 5.0
-RUNTIME_NAME = "io.containerd.pyshim.v1"
 
 
 class Service(Protocol):
     def register(self, server: Server) -> None: ...
+
+    async def recover(self, bundle: str) -> bool: ...
 
 
 ServiceFactory = Callable[[str, Publisher, Reaper, Callable[[], None]], Service]
@@ -68,6 +69,7 @@ class DaemonConfig:
         ttrpc_address: str | None,
         debug: bool = False,
         socket_path: str | None = None,
+        bundle: str | None = None,
     ) -> None:
         self.namespace = namespace
         self.container_id = container_id
@@ -77,50 +79,13 @@ class DaemonConfig:
         self.debug = debug
         # The filesystem socket to remove at shutdown (from `address` or -socket).
         self.socket_path = socket_path
+        # The first container's bundle (our cwd at start-up), for recovery only.
+        self.bundle = bundle
 
 
 def peer_check(pid: int, uid: int, gid: int) -> bool:
     """Like the Go shim (same uid and gid as us), and root is always let in."""
     return uid == 0 or (uid == os.geteuid() and gid == os.getegid())
-
-
-# -- logging until shim/log.py takes over ------------------------------------------------
-
-
-_FORMATTER = logging.Formatter()
-
-
-class _FifoHandler(logging.Handler):
-    """logrus-style lines on fd 2 that never block: a full or unread fifo drops them."""
-
-    def __init__(self, fields: dict[str, str]) -> None:
-        super().__init__()
-        self._fields = "".join(f" {k}={v}" for k, v in fields.items())
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            nanos = int((record.created % 1) * 1e9)
-            msg = record.getMessage()
-            if record.exc_info:
-                msg += "\n" + _FORMATTER.formatException(record.exc_info)
-            # One record per line, quoted like logrus.
-            msg = msg.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-            level = record.levelname.lower().replace("critical", "fatal")
-            line = f'time="{ts}.{nanos:09d}Z" level={level} msg="{msg}"{self._fields}\n'
-            os.write(2, line.encode(errors="replace"))
-        except (BlockingIOError, BrokenPipeError):
-            pass
-        except OSError:
-            pass
-
-
-def _setup_logging(cfg: DaemonConfig) -> None:
-    root = logging.getLogger()
-    root.handlers[:] = [
-        _FifoHandler({"namespace": cfg.namespace, "pid": str(os.getpid()), "runtime": RUNTIME_NAME})
-    ]
-    root.setLevel(logging.DEBUG if cfg.debug else logging.INFO)
 
 
 def _open_log_fifo() -> None:
@@ -194,6 +159,7 @@ async def serve(
     listener: socket.socket,
     *,
     service_factory: ServiceFactory = _task_service,
+    early_signals: list[int] | None = None,
 ) -> None:
     """Serve until Shutdown or SIGTERM/SIGINT, then stop in the documented order."""
     loop = asyncio.get_running_loop()
@@ -202,6 +168,10 @@ async def serve(
         with contextlib.suppress(OSError):
             inode = os.stat(cfg.socket_path).st_ino
 
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, shimlog.FdHandler):
+            # Lines that would block the fifo wait for writability on the loop.
+            handler.attach_loop(loop)
     reaper = Reaper()
     reaper.install(loop)
     publisher = Publisher(
@@ -215,11 +185,22 @@ async def serve(
     server = Server(peer_check=peer_check)
     service = service_factory(cfg.namespace, publisher, reaper, stop.set)
     service.register(server)
+    if cfg.bundle:
+        # A shim restarted on a bundle an earlier shim served answers State/Wait
+        # from that shim's persisted records instead of forgetting the container.
+        try:
+            if await service.recover(cfg.bundle):
+                _log.info("recovered container from %s", cfg.bundle)
+        except Exception:
+            _log.exception("failed to recover container from %s", cfg.bundle)
 
     handled = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGUSR1, _dump_stacks)
+    if early_signals:
+        _log.info("signal %d before the loop started", early_signals[0])
+        stop.set()
     try:
         await server.serve_socket(listener)
         _log.info("starting signal loop")
@@ -235,7 +216,7 @@ async def serve(
         reaper.uninstall()
 
 
-def run_daemon(opts: Options) -> int:
+def run_daemon(opts: Options, early_signals: list[int] | None = None) -> int:
     cfg = DaemonConfig(
         namespace=opts.namespace,
         container_id=opts.id,
@@ -243,9 +224,10 @@ def run_daemon(opts: Options) -> int:
         publish_binary=opts.publish_binary,
         ttrpc_address=os.environ.get("TTRPC_ADDRESS") or None,
         debug=opts.debug,
+        bundle=os.getcwd(),
     )
     _open_log_fifo()
-    _setup_logging(cfg)
+    shimlog.setup(debug=cfg.debug, namespace=cfg.namespace)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     syscalls.set_child_subreaper(True)
     if opts.socket:
@@ -266,5 +248,5 @@ def run_daemon(opts: Options) -> int:
     import uvloop
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(serve(cfg, listener))
+        runner.run(serve(cfg, listener, early_signals=early_signals))
     return 0

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Final, Generic, Protocol, TypeVar
+from typing import Final, Generic, NamedTuple, Protocol, TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
@@ -86,8 +85,7 @@ def metadata_from_pairs(pairs: Iterable[tuple[str, str]]) -> dict[str, tuple[str
 # ---------------------------------------------------------------------------- server
 
 
-@dataclass(frozen=True, slots=True)
-class CallReceived(Generic[M]):
+class CallReceived(NamedTuple, Generic[M]):
     """A valid request for a registered method: run the handler, then ``finish_call``."""
 
     stream_id: int
@@ -99,8 +97,7 @@ class CallReceived(Generic[M]):
     metadata: Mapping[str, Sequence[str]]
 
 
-@dataclass(frozen=True, slots=True)
-class ErrorReply:
+class ErrorReply(NamedTuple):
     """The frame was refused; write ``data`` (a whole Response frame) to the peer."""
 
     stream_id: int
@@ -109,8 +106,7 @@ class ErrorReply:
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class FrameIgnored:
+class FrameIgnored(NamedTuple):
     """A frame that needs no answer (a non-Request type, kept for forward compatibility)."""
 
     stream_id: int
@@ -237,8 +233,11 @@ class ServerConnection(Generic[M]):
         data = encode_response(ResponseMessage(code=int(code), message=message))
         if len(data) > self.max_message_size:
             # Only a giant handler-provided message gets here; cut it rather than
-            # send a frame the peer must refuse.
-            message = message[: self.max_message_size // 2]
+            # send a frame the peer must refuse. Cut by UTF-8 bytes, not characters: a
+            # message of 3-byte characters cut to max/2 characters still overflowed
+            # (fuzz finding). The status envelope itself needs at most 23 bytes.
+            budget = max(0, self.max_message_size - 32)
+            message = message.encode("utf-8", "replace")[:budget].decode("utf-8", "ignore")
             data = encode_response(ResponseMessage(code=int(code), message=message))
         return encode_frame(stream_id, MessageType.RESPONSE, data)
 
@@ -290,30 +289,26 @@ class ServerConnection(Generic[M]):
 # ---------------------------------------------------------------------------- client
 
 
-@dataclass(frozen=True, slots=True)
-class CallCompleted:
+class CallCompleted(NamedTuple):
     """The call succeeded; ``payload`` is the serialized output message (maybe empty)."""
 
     stream_id: int
     payload: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class CallFailed:
+class CallFailed(NamedTuple):
     stream_id: int
     error: TtrpcError
 
 
-@dataclass(frozen=True, slots=True)
-class UnknownStream:
+class UnknownStream(NamedTuple):
     """A frame for a stream with no pending call; drop it (and log)."""
 
     stream_id: int
     type: int
 
 
-@dataclass(frozen=True, slots=True)
-class LateResponse:
+class LateResponse(NamedTuple):
     """The answer to a call that already timed out or was cancelled locally; drop it."""
 
     stream_id: int

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 __all__ = [
     "HEADER_SIZE",
@@ -81,8 +80,7 @@ def oversize_message(length: int, limit: int = MAX_MESSAGE_SIZE) -> str:
     return f"message length {length} exceed maximum message size of {limit}"
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
+class Frame(NamedTuple):
     """One complete frame. ``type`` is a plain int: unknown types must survive decoding
     so the connection layer can ignore them (forward compatibility)."""
 
@@ -92,8 +90,7 @@ class Frame:
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class OversizedFrame:
+class OversizedFrame(NamedTuple):
     """A frame whose declared length exceeded the limit. Its data has been read and
     thrown away (the stream stays in sync); the receiver should answer status 8."""
 

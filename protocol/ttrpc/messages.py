@@ -7,7 +7,7 @@ protobuf classes, so the wire encoding has a single seam.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from google.protobuf.message import DecodeError, EncodeError
 
@@ -29,19 +29,17 @@ class MessageDecodeError(ValueError):
     """The bytes are not a valid encoding of the envelope; ``str()`` is the detail."""
 
 
-@dataclass(frozen=True, slots=True)
-class RequestMessage:
+class RequestMessage(NamedTuple):
     service: str
     method: str
     payload: bytes = b""
     # 0 = no deadline; negative = a deadline that had already passed when sent.
     timeout_nano: int = 0
     # (key, value) pairs in wire order; a key may repeat.
-    metadata: tuple[tuple[str, str], ...] = field(default=())
+    metadata: tuple[tuple[str, str], ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class ResponseMessage:
+class ResponseMessage(NamedTuple):
     # 0 = success (whether the status field was absent or present with code 0).
     code: int = 0
     message: str = ""

@@ -12,8 +12,7 @@ import os
 import socket
 import struct
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Final, Generic, TypeVar, cast
+from typing import Any, Final, Generic, NamedTuple, TypeVar, cast
 
 from google.protobuf.message import Message
 
@@ -63,8 +62,7 @@ def same_user_peer_check(pid: int, uid: int, gid: int) -> bool:
     return uid == os.geteuid() and gid == os.getegid()
 
 
-@dataclass(frozen=True, slots=True)
-class RequestContext:
+class RequestContext(NamedTuple):
     service: str
     method: str
     # Lowercased keys; every value of a repeated key, in wire order.
@@ -74,8 +72,7 @@ class RequestContext:
     stream_id: int
 
 
-@dataclass(frozen=True, slots=True)
-class Method(Generic[Req, Resp]):
+class Method(NamedTuple, Generic[Req, Resp]):
     request_type: type[Req]
     handler: Callable[[RequestContext, Req], Awaitable[Resp]]
 
@@ -114,6 +111,9 @@ class Server:
         self._services: dict[str, dict[str, Method[Any, Any]]] = {}
         self._listeners: list[asyncio.AbstractServer] = []
         self._conns: set[_ServerProtocol] = set()
+        # Every running handler, including those whose connection is already gone,
+        # so close() can cancel them all.
+        self._tasks: set[asyncio.Task[None]] = set()
         self._shutting_down = False
         self._closed = False
         self._idle: asyncio.Event | None = None
@@ -197,6 +197,8 @@ class Server:
         self._stop_listening()
         for conn in list(self._conns):
             conn.abort()
+        for task in list(self._tasks):
+            task.cancel()
         if self._done is not None:
             self._done.set()
 
@@ -392,6 +394,7 @@ class _ServerProtocol(asyncio.Protocol):
         )
         task = loop.create_task(self._run(call, ctx))
         self._tasks.add(task)
+        self._server._tasks.add(task)
         task.add_done_callback(self._call_done)
 
     async def _run(self, call: CallReceived[Method[Any, Any]], ctx: RequestContext) -> None:
@@ -426,6 +429,7 @@ class _ServerProtocol(asyncio.Protocol):
 
     def _call_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
+        self._server._tasks.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("ttrpc: call task failed", exc_info=exc)
         if "calls" in self._pause:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -17,7 +19,7 @@ from protocol.proto.task.v2 import shim_pb2
 from protocol.ttrpc.client import Client
 from protocol.ttrpc.status import Code, TtrpcError
 from tests.support.containerd import Containerd
-from tests.support.images import write_oci_bundle
+from tests.support.images import build_busybox_rootfs, oci_config, write_oci_bundle
 
 pytestmark = pytest.mark.integration
 
@@ -46,6 +48,13 @@ def wait_until(what: str, check: Callable[[], bool], timeout: float = 15.0) -> N
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+def delete_task(ctrd: Containerd, cid: str) -> int:
+    """``ctr task delete``; the exit status it reports (ctr only warns when non-zero)."""
+    res = ctrd.ctr("task", "delete", cid)
+    found = re.search(r"exit with non-zero exit code (\d+)", res.stderr)
+    return int(found.group(1)) if found else 0
 
 
 def _stopped(ctrd: Containerd, cid: str) -> Callable[[], bool]:
@@ -154,9 +163,7 @@ def test_detached_lifecycle_pause_resume_ps_exec(containerd: Containerd, image: 
 
     containerd.ctr("task", "kill", "-s", "SIGKILL", "c1")
     wait_until("c1 to stop", lambda: task_status(containerd, "c1") == "STOPPED")
-    # ctr exits with the task's exit status on delete.
-    res = containerd.ctr("task", "delete", "c1", check=False)
-    assert res.returncode == 137, res.stderr
+    assert delete_task(containerd, "c1") == 137
     containerd.ctr("container", "rm", "c1")
     assert_nothing_left(containerd, ["c1"], [sock])
 
@@ -179,34 +186,37 @@ def test_containerd_killed_and_restarted(containerd: Containerd, image: str) -> 
     assert task_status(containerd, "r1") == "RUNNING"
     assert task_status(containerd, "r3") == "RUNNING"
     wait_until("r2 to be STOPPED", lambda: task_status(containerd, "r2") == "STOPPED")
-    res = containerd.ctr("task", "delete", "r2", check=False)
-    assert res.returncode == 137, res.stderr
+    assert delete_task(containerd, "r2") == 137
     for cid in ("r1", "r3"):
         containerd.ctr("task", "kill", "-s", "SIGKILL", cid)
         wait_until(f"{cid} to stop", _stopped(containerd, cid))
-        assert containerd.ctr("task", "delete", cid, check=False).returncode == 137
+        assert delete_task(containerd, cid) == 137
     for cid in ids:
         containerd.ctr("container", "rm", cid)
     assert_nothing_left(containerd, ids, sockets)
 
 
-def test_orphans_are_reaped_by_the_shim(containerd: Containerd, image: str) -> None:
-    # In the host pid namespace the double-forked child is re-parented to the shim
-    # (the subreaper), not to the container's init.
-    res = run(
-        containerd, image, "orph", "sh", "-c", "(sleep 0.3 &); (sleep 0.3 &); exec sleep 1000",
-        detach=True, extra=("--with-ns", "pid:/proc/1/ns/pid"),
-    )  # fmt: skip
+def test_orphans_are_reaped_by_the_shim(containerd: Containerd) -> None:
+    # Without a pid namespace of its own the container's double-forked children are
+    # re-parented to the nearest subreaper: the shim. (ctr --with-ns pid:/proc/1/ns/pid
+    # fails in runc on this host for the Go shim too, so the spec comes from --config.)
+    rootfs = build_busybox_rootfs(containerd.tmp / "orph-rootfs")
+    script = "for i in 1 2 3; do (sleep 1 &); done; exec sleep 1000"
+    config = oci_config(["sh", "-c", script], pid_namespace=False, root_path=str(rootfs))
+    config_path = containerd.tmp / "orph.json"
+    config_path.write_text(json.dumps(config))
+    res = containerd.ctr("run", "-d", "--runtime", RUNTIME, "--config", str(config_path), "orph",
+                         check=False)  # fmt: skip
     assert res.returncode == 0, res.stderr
     sock = shim_socket(containerd, "orph")
-    [shim] = [p for p in containerd.shim_pids() if children(p)]
-    time.sleep(1.5)
-    zombies = [c for c in children(shim) if c[1] == "Z"]
-    assert zombies == []
+    init = task_pid(containerd, "orph")
+    [shim] = [p for p in containerd.shim_pids() if init in dict(children(p))]
+    wait_until("the orphans to reach the shim", lambda: len(children(shim)) >= 4, timeout=5)
+    wait_until("the orphans to be reaped", lambda: [p for p, _ in children(shim)] == [init])
     assert task_status(containerd, "orph") == "RUNNING"
     containerd.ctr("task", "kill", "-s", "SIGKILL", "orph")
     wait_until("orph to stop", lambda: task_status(containerd, "orph") == "STOPPED")
-    assert containerd.ctr("task", "delete", "orph", check=False).returncode == 137
+    assert delete_task(containerd, "orph") == 137
     containerd.ctr("container", "rm", "orph")
     assert_nothing_left(containerd, ["orph"], [sock])
 
@@ -269,12 +279,17 @@ async def test_bad_requests_get_clear_errors_and_change_nothing(
         assert msg == "container not created: not found"
 
         failing = containerd.tmp / "failing-runc"
-        failing.write_text("#!/bin/sh\necho runc-is-broken\nexit 1\n")
+        failing.write_text(
+            "#!/bin/sh\n"
+            'while [ $# -gt 0 ]; do [ "$1" = --log ] && log=$2; shift; done\n'
+            """echo '{"level":"error","msg":"runc-is-broken","time":"x"}' >> "$log"\n"""
+            "exit 1\n"
+        )
         failing.chmod(0o755)
         options = anyutil.pack(options_pb2.Options(binary_name=str(failing)))
         req = shim_pb2.CreateTaskRequest(id="broken", bundle=str(good), options=options)
         msg = await call("Create", req, shim_pb2.CreateTaskResponse, Code.UNKNOWN)
-        assert msg.startswith("OCI runtime create failed: ") and "runc-is-broken" in msg, msg
+        assert msg == "OCI runtime create failed: runc-is-broken"
         left = set(listing(good)) - set(before) - {"log.json"}
         assert left == set(), left
         msg = await call("State", shim_pb2.StateRequest(id="broken"), shim_pb2.StateResponse,

@@ -58,9 +58,10 @@ class Manager:
             [PYSHIMD, "--log-level", "debug"], env=self.env, stdout=log, stderr=log
         )
         log.close()
-        sock = self.run_dir / "pyshimd.sock"
+        # Written once serving; a SIGKILLed predecessor leaves its socket file behind.
+        pid_file = self.run_dir / "pyshimd.pid"
         deadline = time.monotonic() + 30
-        while not sock.exists():
+        while not (pid_file.exists() and pid_file.read_text().strip() == str(self.proc.pid)):
             if self.proc.poll() is not None:
                 pytest.fail(f"pyshimd exited {self.proc.returncode}:\n{self.daemon_log()}")
             if time.monotonic() > deadline:
@@ -123,8 +124,8 @@ class Manager:
 
     def cleanup(self) -> None:
         self._note_shims()
-        if self.proc is None and (self.run_dir / "pyshimd.sock").exists() is False:
-            with contextlib.suppress(Exception):
+        if self.proc is None:
+            with contextlib.suppress(BaseException):
                 self.start()
         if self.proc is not None:
             with contextlib.suppress(Exception):
@@ -198,7 +199,8 @@ def test_stdin_with_interactive(manager: Manager) -> None:
 def test_detached_logs_kill_wait_rm(manager: Manager) -> None:
     cid = manager.ok(
         "run", "-d", "--name", "sleeper", "--env", "GREETING=hi", "--", "sh", "-c",
-        'echo "$GREETING started"; exec sleep 1000',
+        # pid 1 of a pid namespace ignores SIGTERM unless it handles it.
+        "trap 'exit 43' TERM; echo \"$GREETING started\"; sleep 1000 & wait",
     ).strip()  # fmt: skip
     assert len(cid) == 16
     _wait_for(lambda: "hi started" in manager.ok("logs", "sleeper"))
@@ -209,9 +211,9 @@ def test_detached_logs_kill_wait_rm(manager: Manager) -> None:
     busy = manager.cli("rm", "sleeper")
     assert busy.returncode == 125 and "rm -f" in busy.stderr
     manager.ok("kill", "-s", "TERM", "sleeper")
-    assert manager.ok("wait", "sleeper").strip() == "143"
+    assert manager.ok("wait", "sleeper").strip() == "43"
     info = manager.inspect("sleeper")
-    assert info["status"] == "stopped" and info["exit_status"] == 143
+    assert info["status"] == "stopped" and info["exit_status"] == 43
     assert "hi started" in manager.ok("logs", "-f", "sleeper")  # returns: it exited
     manager.ok("rm", "sleeper")
     assert manager.ok("ps", "--all", "--json").strip() == "[]"
@@ -242,12 +244,18 @@ def test_clear_errors(manager: Manager) -> None:
 def test_restart_reconnects_and_learns_missed_exits(manager: Manager) -> None:
     manager.ok("run", "-d", "--name", "long", "--", "sleep", "1000")
     manager.ok("run", "-d", "--name", "short", "--", "sh", "-c", "sleep 2; exit 7")
+    manager.ok("run", "-d", "--name", "doomed", "--", "sleep", "1000")
+    doomed_shim = int(manager.inspect("doomed")["shim_pid"])  # type: ignore[call-overload]
     manager.kill(signal.SIGKILL)
+    os.kill(doomed_shim, signal.SIGKILL)  # its shim dies while nobody is listening
     time.sleep(3.5)  # "short" exits while nobody is listening
     manager.start()
     listed = {c["name"]: c for c in json.loads(manager.ok("ps", "--all", "--json"))}
     assert listed["long"]["status"] == "running", manager.daemon_log()
     assert listed["short"]["exited"] is True and listed["short"]["exit_status"] == 7
+    assert listed["short"]["exit_reason"] == ""
+    assert listed["doomed"]["exited"] is True
+    assert "shim is gone" in listed["doomed"]["exit_reason"]
     t0 = time.monotonic()
     assert manager.ok("wait", "short").strip() == "7"
     assert time.monotonic() - t0 < 5
@@ -291,3 +299,79 @@ def test_image_import_run_and_remove(manager: Manager) -> None:
     manager.ok("rm", "b1")
     manager.ok("image", "rm", "bb:1")
     assert "bb:1" not in manager.ok("image", "ls")
+
+
+def _pty_session(manager: Manager, argv: list[str], rows: int, cols: int) -> tuple[str, int]:
+    from ptyprocess import PtyProcess
+
+    proc = PtyProcess.spawn([PYSHIM, *argv], env=manager.env, dimensions=(rows, cols))
+    out = b""
+    deadline = time.monotonic() + CMD_TIMEOUT
+    try:
+        while time.monotonic() < deadline:
+            try:
+                out += proc.read(4096)
+            except EOFError:
+                break
+        proc.wait()
+    finally:
+        if proc.isalive():
+            proc.kill(signal.SIGKILL)
+    return out.decode(errors="replace"), int(proc.exitstatus or 0)
+
+
+def test_tty_gets_the_terminal_size(manager: Manager) -> None:
+    out, status = _pty_session(
+        manager, ["run", "--rm", "-t", "-i", "--", "sh", "-c", "tty; stty size; exit 6"], 33, 101
+    )
+    assert status == 6, out + manager.daemon_log()
+    assert "/dev/pts/" in out and "33 101" in out
+    manager.ok("run", "-d", "--name", "t", "-t", "--", "sleep", "1000")
+    out, status = _pty_session(manager, ["exec", "-t", "t", "--", "stty", "size"], 20, 70)
+    assert (status, out.strip()) == (0, "20 70"), out
+
+
+def test_attach_forwards_stdin_and_returns_the_exit_code(manager: Manager) -> None:
+    manager.ok("run", "-d", "-i", "--name", "a", "--", "sh", "-c", "read x; echo got $x; exit 2")
+    res = manager.cli("attach", "a", input=b"hello\n")
+    assert (res.returncode, res.stdout) == (2, "got hello\n"), res.stderr
+    res = manager.cli("attach", "a")
+    assert res.returncode == 125 and "not running" in res.stderr
+
+
+def test_detached_rm_and_limits(manager: Manager) -> None:
+    manager.ok("run", "-d", "--rm", "--", "true")
+    _wait_for(lambda: manager.ok("ps", "--all", "--json").strip() == "[]")
+    cid = manager.ok("run", "-d", "--memory", "64m", "--cpus", "0.5", "--", "sleep", "1000").strip()
+    res = manager.cli("exec", cid, "--", "cat", "/proc/self/cgroup")
+    assert res.returncode == 0, res.stderr
+    memory_line = next(line for line in res.stdout.splitlines() if ":memory:" in line)
+    assert memory_line.endswith(f"/pyshim/{cid}")
+    spec = manager.inspect(cid)["spec"]
+    assert spec["linux"]["resources"]["memory"] == {"limit": 64 << 20}  # type: ignore[index]
+
+
+def test_exit_events_are_recorded_once(manager: Manager) -> None:
+    """An exit forwarded through the events socket (here via the publish fallback the
+    shim may use) is recorded; a later, different exit for the same process is not."""
+    from protocol.proto import anyutil, timeutil
+    from protocol.proto.events import task_pb2
+
+    cid = manager.ok("run", "-d", "--name", "ev", "--", "sleep", "1000").strip()
+    event = task_pb2.TaskExit(container_id=cid, id=cid, pid=1, exit_status=42)
+    event.exited_at.CopyFrom(timeutil.timestamp_now())
+    res = subprocess.run(
+        [PYSHIMD, "--address", str(manager.run_dir / "pyshimd.sock"), "publish",
+         "--topic", "/tasks/exit", "--namespace", "pyshim"],
+        input=anyutil.pack(event).SerializeToString(),
+        capture_output=True,
+        timeout=CMD_TIMEOUT,
+        check=False,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert manager.ok("wait", "ev").strip() == "42"
+    shim_pid = int(manager.inspect("ev")["shim_pid"])  # type: ignore[call-overload]
+    manager.ok("rm", "-f", "ev")  # the real exit (137) now arrives and is dropped
+    assert "ignoring a second exit 137 (already recorded 42)" in manager.daemon_log()
+    # rm stopped the container pyshimd believed exited, and its shim with it.
+    _wait_for(lambda: not Path(f"/proc/{shim_pid}").exists())

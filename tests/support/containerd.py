@@ -21,6 +21,8 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from shim.start import socket_address
+
 CONTAINERD = "containerd"
 CTR = "ctr"
 RUNC_ROOT = Path("/run/containerd/runc")
@@ -265,10 +267,13 @@ class Containerd:
     # -- cleanup -----------------------------------------------------------
 
     def _remember_shim_sockets(self) -> None:
-        task_dir = self.state / "io.containerd.runtime.v2.task"
-        if not task_dir.is_dir():
-            return
-        for addr_file in task_dir.glob("*/*/address"):
+        # Bundles under state/, bundles tests made elsewhere in tmp, and the cwd
+        # (first bundle) of every live shim of ours.
+        addr_files = list(self.tmp.rglob("address")) if self.tmp.is_dir() else []
+        for pid in self.shim_pids():
+            with contextlib.suppress(OSError):
+                addr_files.append(Path(os.readlink(f"/proc/{pid}/cwd")) / "address")
+        for addr_file in addr_files:
             with contextlib.suppress(OSError):
                 path = _unix_path(addr_file.read_text().strip())
                 if path:
@@ -289,6 +294,11 @@ class Containerd:
                 self.ctr("tasks", "delete", "-f", tid, check=False, timeout=30, namespace=ns)
             ctrs = self.ctr("containers", "ls", "-q", check=False, timeout=20, namespace=ns)
             for cid in ctrs.stdout.split() if ctrs.returncode == 0 else []:
+                # A shim killed by the test leaves its socket and containerd has
+                # removed the bundle naming it; ungrouped, the address is derivable.
+                path = _unix_path(socket_address(self.address, ns, cid))
+                if path:
+                    self._shim_sockets.add(path)
                 self.ctr("containers", "rm", cid, check=False, timeout=30, namespace=ns)
 
     def _kill_shims(self) -> None:
@@ -366,6 +376,7 @@ class Containerd:
                 errors.append(f"ctr cleanup: {exc!r}")
         self._remember_shim_sockets()
         self._stop(signal.SIGTERM)
+        self._remember_shim_sockets()
         self._kill_shims()
         self._runc_leftovers()
         self._cgroup_leftovers()

@@ -369,3 +369,22 @@ def test_delete_default_runc_root_and_failure_is_only_logged(
     argv = (tmp_path / "runc-argv").read_text().split("\n")[:-1]
     assert argv[:2] == ["--root", "/run/containerd/runc/n2"]
     assert b"exited with status 3" in captured.err
+
+
+def test_delete_reports_the_persisted_exit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfdbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    from shim.state import ExitRecord, exit_record_path, write_record
+
+    fake = _fake_runc(tmp_path)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    bundle = tmp_path / "c3"
+    bundle.mkdir()
+    when = 1_750_000_000_123_456_789
+    record = ExitRecord(container_id="c3", exec_id="", pid=777, exit_status=3, exited_at_ns=when)
+    write_record(exit_record_path(str(bundle), "c3"), record)
+    argv = ["shim", "-namespace", "ns", "-id", "c3", "-bundle", str(bundle), "delete"]
+    assert cli.main(argv) == 0
+    resp = shim_pb2.DeleteResponse.FromString(capfdbinary.readouterr().out)
+    assert (resp.pid, resp.exit_status) == (777, 3)
+    assert resp.exited_at.seconds * 10**9 + resp.exited_at.nanos == when

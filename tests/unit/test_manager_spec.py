@@ -90,3 +90,12 @@ def test_limits_and_user_land_in_the_spec() -> None:
 def test_relative_workdir_is_rejected() -> None:
     with pytest.raises(spec.SpecError):
         spec.process_spec(spec.ProcessOptions(args=["x"], workdir="rel"))
+
+
+def test_console_size_only_with_a_terminal() -> None:
+    opts = spec.ProcessOptions(args=["sh"], workdir="/", terminal=True, console_size=(101, 33))
+    assert spec.process_spec(opts)["consoleSize"] == {"width": 101, "height": 33}
+    no_tty = spec.ProcessOptions(args=["sh"], workdir="/", console_size=(101, 33))
+    assert "consoleSize" not in spec.process_spec(no_tty)
+    unknown = spec.ProcessOptions(args=["sh"], workdir="/", terminal=True, console_size=(0, 0))
+    assert "consoleSize" not in spec.process_spec(unknown)

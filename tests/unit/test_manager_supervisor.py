@@ -58,3 +58,25 @@ def test_identifiers() -> None:
     assert valid_identifier("web-1.a_b")
     for bad in ("", "-a", "a/b", "a..b", "x" * 77, "a b"):
         assert not valid_identifier(bad)
+
+
+def test_unresponsive_shim_is_found_by_argv_and_only_it(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from manager.supervisor import _stop_shim_processes
+
+    fake = tmp_path / "containerd-shim-pyshim-v1"
+    fake.write_text("import time\ntime.sleep(60)\n")
+    base = [sys.executable, str(fake), "-namespace", "pyshim"]
+    ours = subprocess.Popen([*base, "-id", "c1", "-address", "/m.sock"])
+    other_mgr = subprocess.Popen([*base, "-id", "c1", "-address", "/other.sock"])
+    starting = subprocess.Popen([*base, "-id", "c1", "-address", "/m.sock", "start"])
+    try:
+        _stop_shim_processes("c1", "/m.sock")
+        assert ours.wait(timeout=10) == -9
+        assert other_mgr.poll() is None and starting.poll() is None
+    finally:
+        for p in (ours, other_mgr, starting):
+            p.kill()
+            p.wait()

@@ -198,4 +198,3 @@ def test_random_bytes_only_raise_documented_errors(chunks: list[bytes], limit: i
         assert consumed < total
     else:
         assert consumed == total
-

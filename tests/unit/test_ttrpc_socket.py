@@ -50,6 +50,7 @@ class Handlers:
         self.gate = asyncio.Event()
         self.started: list[str] = []
         self.finished: list[str] = []
+        self.cancelled: list[str] = []
         self.contexts: list[RequestContext] = []
 
     async def echo(self, ctx: RequestContext, req: KeyValue) -> KeyValue:
@@ -59,7 +60,11 @@ class Handlers:
     async def block(self, ctx: RequestContext, req: KeyValue) -> KeyValue:
         self.contexts.append(ctx)
         self.started.append(req.key)
-        await self.gate.wait()
+        try:
+            await self.gate.wait()
+        except asyncio.CancelledError:
+            self.cancelled.append(req.key)
+            raise
         self.finished.append(req.key)
         return KeyValue(key=req.key)
 
@@ -120,6 +125,14 @@ async def echo(client: Client, key: str, **kw: Any) -> str:
     return resp.key
 
 
+async def open_raw(path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    # uvloop cannot dial abstract names itself; connect first, then wrap.
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, path)
+    return await asyncio.open_unix_connection(sock=sock)
+
+
 async def read_frame(reader: asyncio.StreamReader) -> tuple[int, int, bytes]:
     length, sid, type_, _flags = struct.unpack(">IIBB", await reader.readexactly(10))
     return sid, type_, await reader.readexactly(length)
@@ -136,9 +149,7 @@ def raw_request(sid: int, method: str, payload: bytes = b"", timeout_nano: int =
 def test_concurrent_calls_complete_out_of_order(run: Run[None]) -> None:
     async def main() -> None:
         async with serving() as (_, h, path), await Client.connect(path) as client:
-            slow = asyncio.create_task(
-                client.call(SVC, "Block", KeyValue(key="slow"), KeyValue)
-            )
+            slow = asyncio.create_task(client.call(SVC, "Block", KeyValue(key="slow"), KeyValue))
             while not h.started:
                 await asyncio.sleep(0)
             assert await echo(client, "fast") == "fast"
@@ -181,12 +192,15 @@ def test_metadata_and_deadline_reach_the_handler(run: Run[None]) -> None:
 def test_server_deadline_answers_4(run: Run[None]) -> None:
     async def main() -> None:
         async with serving() as (_, h, path):
-            reader, writer = await asyncio.open_unix_connection(path)
+            reader, writer = await open_raw(path)
             writer.write(raw_request(1, "Block", KeyValue(key="a").SerializeToString(), 50_000_000))
             sid, type_, data = await read_frame(reader)
             assert (sid, type_) == (1, MessageType.RESPONSE)
             resp = decode_response(data)
-            assert (resp.code, resp.message) == (Code.DEADLINE_EXCEEDED, "context deadline exceeded")
+            assert (resp.code, resp.message) == (
+                Code.DEADLINE_EXCEEDED,
+                "context deadline exceeded",
+            )
             assert h.finished == []
             writer.close()
 
@@ -266,7 +280,7 @@ def test_handler_exception_mapping(
 def test_empty_result(run: Run[None]) -> None:
     async def main() -> None:
         async with serving() as (_, _h, path):
-            reader, writer = await asyncio.open_unix_connection(path)
+            reader, writer = await open_raw(path)
             writer.write(raw_request(5, "Empty"))
             header = await reader.readexactly(10)
             assert header == bytes.fromhex("00000000000000050200")
@@ -281,7 +295,7 @@ def test_empty_result(run: Run[None]) -> None:
 def test_oversized_frame_answered_and_connection_kept(run: Run[None]) -> None:
     async def main() -> None:
         async with serving() as (_, _h, path):
-            reader, writer = await asyncio.open_unix_connection(path)
+            reader, writer = await open_raw(path)
             n = MAX_MESSAGE_SIZE + 1
             writer.write(encode_header(n, 7, MessageType.REQUEST) + bytes(n))
             writer.write(raw_request(9, "Echo", KeyValue(key="k").SerializeToString()))
@@ -316,7 +330,7 @@ def test_truncated_header_then_close_does_not_hurt_the_server(run: Run[None]) ->
     async def main() -> None:
         async with serving() as (server, _h, path):
             for junk in (b"\x00\x00\x00", encode_header(100, 1, 1) + b"abc"):
-                _, writer = await asyncio.open_unix_connection(path)
+                _, writer = await open_raw(path)
                 writer.write(junk)
                 await writer.drain()
                 writer.close()
@@ -376,14 +390,14 @@ def test_max_in_flight_pauses_reading(run: Run[None]) -> None:
 
 def test_max_connections_refuses_extra(run: Run[None]) -> None:
     async def main() -> None:
-        async with serving(max_connections=1) as (_, _h, path):
-            async with await Client.connect(path) as first:
-                assert await echo(first, "1") == "1"
-                second = await Client.connect(path)
-                with pytest.raises(ConnectionClosedError):
-                    await echo(second, "2")
-                second.close()
-                assert await echo(first, "again") == "again"
+        limited = serving(max_connections=1)
+        async with limited as (_, _h, path), await Client.connect(path) as first:
+            assert await echo(first, "1") == "1"
+            second = await Client.connect(path)
+            with pytest.raises(ConnectionClosedError):
+                await echo(second, "2")
+            second.close()
+            assert await echo(first, "again") == "again"
 
     run(main())
 
@@ -393,12 +407,9 @@ def test_peer_that_never_reads_does_not_block_others(run: Run[None]) -> None:
     requests = 200
 
     async def main() -> None:
-        async with serving(max_in_flight=4, write_buffer_high=64 << 10, write_buffer_low=16 << 10) as (
-            _,
-            h,
-            path,
-        ):
-            _, hog = await asyncio.open_unix_connection(path)
+        limits = serving(max_in_flight=4, write_buffer_high=64 << 10, write_buffer_low=16 << 10)
+        async with limits as (_, h, path):
+            _, hog = await open_raw(path)
             payload = KeyValue(key=str(reply)).SerializeToString()
             hog.write(b"".join(raw_request(2 * i + 1, "Big", payload) for i in range(requests)))
             async with await Client.connect(path) as client:
@@ -421,7 +432,10 @@ async def fake_server(
     behaviour: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, None]],
 ) -> AsyncIterator[str]:
     path = abstract_name()
-    srv = await asyncio.start_unix_server(behaviour, path=path)
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lsock.bind(path)
+    lsock.listen()
+    srv = await asyncio.start_unix_server(behaviour, sock=lsock)
     try:
         yield path
     finally:
@@ -548,6 +562,25 @@ def test_shutdown_timeout_forces_close(run: Run[None]) -> None:
     run(main())
 
 
+def test_close_cancels_handlers_of_departed_peers(run: Run[None]) -> None:
+    async def main() -> None:
+        async with serving() as (server, h, path):
+            client = await Client.connect(path)
+            task = asyncio.create_task(client.call(SVC, "Block", KeyValue(key="d"), KeyValue))
+            while not h.started:
+                await asyncio.sleep(0)
+            client.close()
+            with pytest.raises(ConnectionClosedError):
+                await task
+            while server.connection_count:
+                await asyncio.sleep(0.001)
+            server.close()
+            await asyncio.sleep(0)
+            assert h.cancelled == ["d"]
+
+    run(main())
+
+
 def test_peer_check(run: Run[None]) -> None:
     seen: list[tuple[int, int, int]] = []
 
@@ -563,9 +596,9 @@ def test_peer_check(run: Run[None]) -> None:
             assert h.contexts == []
         from protocol.ttrpc.server import same_user_peer_check
 
-        async with serving(peer_check=same_user_peer_check) as (_, _h, path):
-            async with await Client.connect(path) as client:
-                assert await echo(client, "ok") == "ok"
+        same_user = serving(peer_check=same_user_peer_check)
+        async with same_user as (_, _h, path), await Client.connect(path) as client:
+            assert await echo(client, "ok") == "ok"
 
     run(main())
     assert seen == [(os.getpid(), os.geteuid(), os.getegid())]

@@ -26,7 +26,7 @@ from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'protocol/proto/manager/v1/manager.proto\x12\x11pyshim.manager.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd2\x01\n\x0f\x43ontainerConfig\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x02 \x03(\t\x12\x0b\n\x03\x65nv\x18\x03 \x03(\t\x12\x0f\n\x07workdir\x18\x04 \x01(\t\x12\x0c\n\x04user\x18\x05 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x06 \x01(\x03\x12\x0c\n\x04\x63pus\x18\x07 \x01(\x01\x12\r\n\x05image\x18\x08 \x01(\t\x12\x0e\n\x06rootfs\x18\t \x01(\t\x12\x10\n\x08terminal\x18\n \x01(\x08\x12\r\n\x05stdin\x18\x0b \x01(\x08\x12\x13\n\x0b\x61uto_remove\x18\x0c \x01(\x08\"\x80\x03\n\tContainer\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\r\x12\x0e\n\x06\x65xited\x18\x05 \x01(\x08\x12\x13\n\x0b\x65xit_status\x18\x06 \x01(\r\x12-\n\texited_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x63ommand\x18\t \x03(\t\x12\r\n\x05image\x18\n \x01(\t\x12\x0e\n\x06\x62undle\x18\x0b \x01(\t\x12\x14\n\x0cshim_address\x18\x0c \x01(\t\x12\x10\n\x08log_path\x18\r \x01(\t\x12\x12\n\nstdin_path\x18\x0e \x01(\t\x12\x10\n\x08terminal\x18\x0f \x01(\x08\x12\x13\n\x0b\x65xit_reason\x18\x10 \x01(\t\x12\x13\n\x0b\x61uto_remove\x18\x11 \x01(\x08\x12\x10\n\x08shim_pid\x18\x12 \x01(\r\"@\n\nRunRequest\x12\x32\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\".pyshim.manager.v1.ContainerConfig\">\n\x0bRunResponse\x12/\n\tcontainer\x18\x01 \x01(\x0b\x32\x1c.pyshim.manager.v1.Container\"{\n\x0b\x45xecRequest\x12\x11\n\tcontainer\x18\x01 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x02 \x03(\t\x12\x0b\n\x03\x65nv\x18\x03 \x03(\t\x12\x0f\n\x07workdir\x18\x04 \x01(\t\x12\x0c\n\x04user\x18\x05 \x01(\t\x12\x10\n\x08terminal\x18\x06 \x01(\x08\x12\r\n\x05stdin\x18\x07 \x01(\x08\"h\n\x0c\x45xecResponse\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\r\x12\x10\n\x08log_path\x18\x04 \x01(\t\x12\x12\n\nstdin_path\x18\x05 \x01(\t\"N\n\x0bKillRequest\x12\x11\n\tcontainer\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0e\n\x06signal\x18\x03 \x01(\r\x12\x0b\n\x03\x61ll\x18\x04 \x01(\x08\"1\n\x0bWaitRequest\x12\x11\n\tcontainer\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\"g\n\x0cWaitResponse\x12\x13\n\x0b\x65xit_status\x18\x01 \x01(\r\x12-\n\texited_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x65xit_reason\x18\x03 \x01(\t\"1\n\rRemoveRequest\x12\x11\n\tcontainer\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"\x1a\n\x0bListRequest\x12\x0b\n\x03\x61ll\x18\x01 \x01(\x08\"@\n\x0cListResponse\x12\x30\n\ncontainers\x18\x01 \x03(\x0b\x32\x1c.pyshim.manager.v1.Container\"#\n\x0eInspectRequest\x12\x11\n\tcontainer\x18\x01 \x01(\t\"U\n\x0fInspectResponse\x12/\n\tcontainer\x18\x01 \x01(\x0b\x32\x1c.pyshim.manager.v1.Container\x12\x11\n\tspec_json\x18\x02 \x01(\t\"R\n\rResizeRequest\x12\x11\n\tcontainer\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\"4\n\x0e\x43loseIORequest\x12\x11\n\tcontainer\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\"W\n\x05Image\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x0e\n\x06layers\x18\x03 \x03(\t\x12\x0c\n\x04size\x18\x04 \x01(\x03\x12\x13\n\x0b\x63onfig_json\x18\x05 \x01(\t\"7\n\x12ImageImportRequest\x12\x14\n\x0c\x61rchive_path\x18\x01 \x01(\t\x12\x0b\n\x03ref\x18\x02 \x01(\t\"?\n\x13ImageImportResponse\x12(\n\x06images\x18\x01 \x03(\x0b\x32\x18.pyshim.manager.v1.Image\"\x12\n\x10ImageListRequest\"=\n\x11ImageListResponse\x12(\n\x06images\x18\x01 \x03(\x0b\x32\x18.pyshim.manager.v1.Image\"!\n\x12ImageRemoveRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t2\x8e\x07\n\x07Manager\x12\x44\n\x03Run\x12\x1d.pyshim.manager.v1.RunRequest\x1a\x1e.pyshim.manager.v1.RunResponse\x12G\n\x04\x45xec\x12\x1e.pyshim.manager.v1.ExecRequest\x1a\x1f.pyshim.manager.v1.ExecResponse\x12>\n\x04Kill\x12\x1e.pyshim.manager.v1.KillRequest\x1a\x16.google.protobuf.Empty\x12G\n\x04Wait\x12\x1e.pyshim.manager.v1.WaitRequest\x1a\x1f.pyshim.manager.v1.WaitResponse\x12\x42\n\x06Remove\x12 .pyshim.manager.v1.RemoveRequest\x1a\x16.google.protobuf.Empty\x12G\n\x04List\x12\x1e.pyshim.manager.v1.ListRequest\x1a\x1f.pyshim.manager.v1.ListResponse\x12P\n\x07Inspect\x12!.pyshim.manager.v1.InspectRequest\x1a\".pyshim.manager.v1.InspectResponse\x12\x42\n\x06Resize\x12 .pyshim.manager.v1.ResizeRequest\x1a\x16.google.protobuf.Empty\x12\x44\n\x07\x43loseIO\x12!.pyshim.manager.v1.CloseIORequest\x1a\x16.google.protobuf.Empty\x12\\\n\x0bImageImport\x12%.pyshim.manager.v1.ImageImportRequest\x1a&.pyshim.manager.v1.ImageImportResponse\x12V\n\tImageList\x12#.pyshim.manager.v1.ImageListRequest\x1a$.pyshim.manager.v1.ImageListResponse\x12L\n\x0bImageRemove\x12%.pyshim.manager.v1.ImageRemoveRequest\x1a\x16.google.protobuf.Emptyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'protocol/proto/manager/v1/manager.proto\x12\x11pyshim.manager.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf9\x01\n\x0f\x43ontainerConfig\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x02 \x03(\t\x12\x0b\n\x03\x65nv\x18\x03 \x03(\t\x12\x0f\n\x07workdir\x18\x04 \x01(\t\x12\x0c\n\x04user\x18\x05 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x06 \x01(\x03\x12\x0c\n\x04\x63pus\x18\x07 \x01(\x01\x12\r\n\x05image\x18\x08 \x01(\t\x12\x0e\n\x06rootfs\x18\t \x01(\t\x12\x10\n\x08terminal\x18\n \x01(\x08\x12\r\n\x05stdin\x18\x0b \x01(\x08\x12\x13\n\x0b\x61uto_remove\x18\x0c \x01(\x08\x12\x11\n\ttty_width\x18\r \x01(\r\x12\x12\n\ntty_height\x18\x0e \x01(\r\"\x80\x03\n\tContainer\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\r\x12\x0e\n\x06\x65xited\x18\x05 \x01(\x08\x12\x13\n\x0b\x65xit_status\x18\x06 \x01(\r\x12-\n\texited_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x63ommand\x18\t \x03(\t\x12\r\n\x05image\x18\n \x01(\t\x12\x0e\n\x06\x62undle\x18\x0b \x01(\t\x12\x14\n\x0cshim_address\x18\x0c \x01(\t\x12\x10\n\x08log_path\x18\r \x01(\t\x12\x12\n\nstdin_path\x18\x0e \x01(\t\x12\x10\n\x08terminal\x18\x0f \x01(\x08\x12\x13\n\x0b\x65xit_reason\x18\x10 \x01(\t\x12\x13\n\x0b\x61uto_remove\x18\x11 \x01(\x08\x12\x10\n\x08shim_pid\x18\x12 \x01(\r\"@\n\nRunRequest\x12\x32\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\".pyshim.manager.v1.ContainerConfig\">\n\x0bRunResponse\x12/\n\tcontainer\x18\x01 \x01(\x0b\x32\x1c.pyshim.manager.v1.Container\"\xa2\x01\n\x0b\x45xecRequest\x12\x11\n\tcontainer\x18\x01 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x02 \x03(\t\x12\x0b\n\x03\x65nv\x18\x03 \x03(\t\x12\x0f\n\x07workdir\x18\x04 \x01(\t\x12\x0c\n\x04user\x18\x05 \x01(\t\x12\x10\n\x08terminal\x18\x06 \x01(\x08\x12\r\n\x05stdin\x18\x07 \x01(\x08\x12\x11\n\ttty_width\x18\x08 \x01(\r\x12\x12\n\ntty_height\x18\t \x01(\r\"h\n\x0c\x45xecResponse\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\r\x12\x10\n\x08log_path\x18\x04 \x01(\t\x12\x12\n\nstdin_path\x18\x05 \x01(\t\"N\n\x0bKillRequest\x12\x11\n\tcontainer\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0e\n\x06signal\x18\x03 \x01(\r\x12\x0b\n\x03\x61ll\x18\x04 \x01(\x08\"1\n\x0bWaitRequest\x12\x11\n\tcontainer\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\"g\n\x0cWaitResponse\x12\x13\n\x0b\x65xit_status\x18\x01 \x01(\r\x12-\n\texited_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x65xit_reason\x18\x03 \x01(\t\"1\n\rRemoveRequest\x12\x11\n\tcontainer\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"\x1a\n\x0bListRequest\x12\x0b\n\x03\x61ll\x18\x01 \x01(\x08\"@\n\x0cListResponse\x12\x30\n\ncontainers\x18\x01 \x03(\x0b\x32\x1c.pyshim.manager.v1.Container\"#\n\x0eInspectRequest\x12\x11\n\tcontainer\x18\x01 \x01(\t\"U\n\x0fInspectResponse\x12/\n\tcontainer\x18\x01 \x01(\x0b\x32\x1c.pyshim.manager.v1.Container\x12\x11\n\tspec_json\x18\x02 \x01(\t\"R\n\rResizeRequest\x12\x11\n\tcontainer\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\"4\n\x0e\x43loseIORequest\x12\x11\n\tcontainer\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\"W\n\x05Image\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x0e\n\x06layers\x18\x03 \x03(\t\x12\x0c\n\x04size\x18\x04 \x01(\x03\x12\x13\n\x0b\x63onfig_json\x18\x05 \x01(\t\"7\n\x12ImageImportRequest\x12\x14\n\x0c\x61rchive_path\x18\x01 \x01(\t\x12\x0b\n\x03ref\x18\x02 \x01(\t\"?\n\x13ImageImportResponse\x12(\n\x06images\x18\x01 \x03(\x0b\x32\x18.pyshim.manager.v1.Image\"\x12\n\x10ImageListRequest\"=\n\x11ImageListResponse\x12(\n\x06images\x18\x01 \x03(\x0b\x32\x18.pyshim.manager.v1.Image\"!\n\x12ImageRemoveRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t2\x8e\x07\n\x07Manager\x12\x44\n\x03Run\x12\x1d.pyshim.manager.v1.RunRequest\x1a\x1e.pyshim.manager.v1.RunResponse\x12G\n\x04\x45xec\x12\x1e.pyshim.manager.v1.ExecRequest\x1a\x1f.pyshim.manager.v1.ExecResponse\x12>\n\x04Kill\x12\x1e.pyshim.manager.v1.KillRequest\x1a\x16.google.protobuf.Empty\x12G\n\x04Wait\x12\x1e.pyshim.manager.v1.WaitRequest\x1a\x1f.pyshim.manager.v1.WaitResponse\x12\x42\n\x06Remove\x12 .pyshim.manager.v1.RemoveRequest\x1a\x16.google.protobuf.Empty\x12G\n\x04List\x12\x1e.pyshim.manager.v1.ListRequest\x1a\x1f.pyshim.manager.v1.ListResponse\x12P\n\x07Inspect\x12!.pyshim.manager.v1.InspectRequest\x1a\".pyshim.manager.v1.InspectResponse\x12\x42\n\x06Resize\x12 .pyshim.manager.v1.ResizeRequest\x1a\x16.google.protobuf.Empty\x12\x44\n\x07\x43loseIO\x12!.pyshim.manager.v1.CloseIORequest\x1a\x16.google.protobuf.Empty\x12\\\n\x0bImageImport\x12%.pyshim.manager.v1.ImageImportRequest\x1a&.pyshim.manager.v1.ImageImportResponse\x12V\n\tImageList\x12#.pyshim.manager.v1.ImageListRequest\x1a$.pyshim.manager.v1.ImageListResponse\x12L\n\x0bImageRemove\x12%.pyshim.manager.v1.ImageRemoveRequest\x1a\x16.google.protobuf.Emptyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,49 +34,49 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protocol.proto.manager.v1.m
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CONTAINERCONFIG']._serialized_start=125
-  _globals['_CONTAINERCONFIG']._serialized_end=335
-  _globals['_CONTAINER']._serialized_start=338
-  _globals['_CONTAINER']._serialized_end=722
-  _globals['_RUNREQUEST']._serialized_start=724
-  _globals['_RUNREQUEST']._serialized_end=788
-  _globals['_RUNRESPONSE']._serialized_start=790
-  _globals['_RUNRESPONSE']._serialized_end=852
-  _globals['_EXECREQUEST']._serialized_start=854
-  _globals['_EXECREQUEST']._serialized_end=977
-  _globals['_EXECRESPONSE']._serialized_start=979
-  _globals['_EXECRESPONSE']._serialized_end=1083
-  _globals['_KILLREQUEST']._serialized_start=1085
-  _globals['_KILLREQUEST']._serialized_end=1163
-  _globals['_WAITREQUEST']._serialized_start=1165
-  _globals['_WAITREQUEST']._serialized_end=1214
-  _globals['_WAITRESPONSE']._serialized_start=1216
-  _globals['_WAITRESPONSE']._serialized_end=1319
-  _globals['_REMOVEREQUEST']._serialized_start=1321
-  _globals['_REMOVEREQUEST']._serialized_end=1370
-  _globals['_LISTREQUEST']._serialized_start=1372
-  _globals['_LISTREQUEST']._serialized_end=1398
-  _globals['_LISTRESPONSE']._serialized_start=1400
-  _globals['_LISTRESPONSE']._serialized_end=1464
-  _globals['_INSPECTREQUEST']._serialized_start=1466
-  _globals['_INSPECTREQUEST']._serialized_end=1501
-  _globals['_INSPECTRESPONSE']._serialized_start=1503
-  _globals['_INSPECTRESPONSE']._serialized_end=1588
-  _globals['_RESIZEREQUEST']._serialized_start=1590
-  _globals['_RESIZEREQUEST']._serialized_end=1672
-  _globals['_CLOSEIOREQUEST']._serialized_start=1674
-  _globals['_CLOSEIOREQUEST']._serialized_end=1726
-  _globals['_IMAGE']._serialized_start=1728
-  _globals['_IMAGE']._serialized_end=1815
-  _globals['_IMAGEIMPORTREQUEST']._serialized_start=1817
-  _globals['_IMAGEIMPORTREQUEST']._serialized_end=1872
-  _globals['_IMAGEIMPORTRESPONSE']._serialized_start=1874
-  _globals['_IMAGEIMPORTRESPONSE']._serialized_end=1937
-  _globals['_IMAGELISTREQUEST']._serialized_start=1939
-  _globals['_IMAGELISTREQUEST']._serialized_end=1957
-  _globals['_IMAGELISTRESPONSE']._serialized_start=1959
-  _globals['_IMAGELISTRESPONSE']._serialized_end=2020
-  _globals['_IMAGEREMOVEREQUEST']._serialized_start=2022
-  _globals['_IMAGEREMOVEREQUEST']._serialized_end=2055
-  _globals['_MANAGER']._serialized_start=2058
-  _globals['_MANAGER']._serialized_end=2968
+  _globals['_CONTAINERCONFIG']._serialized_end=374
+  _globals['_CONTAINER']._serialized_start=377
+  _globals['_CONTAINER']._serialized_end=761
+  _globals['_RUNREQUEST']._serialized_start=763
+  _globals['_RUNREQUEST']._serialized_end=827
+  _globals['_RUNRESPONSE']._serialized_start=829
+  _globals['_RUNRESPONSE']._serialized_end=891
+  _globals['_EXECREQUEST']._serialized_start=894
+  _globals['_EXECREQUEST']._serialized_end=1056
+  _globals['_EXECRESPONSE']._serialized_start=1058
+  _globals['_EXECRESPONSE']._serialized_end=1162
+  _globals['_KILLREQUEST']._serialized_start=1164
+  _globals['_KILLREQUEST']._serialized_end=1242
+  _globals['_WAITREQUEST']._serialized_start=1244
+  _globals['_WAITREQUEST']._serialized_end=1293
+  _globals['_WAITRESPONSE']._serialized_start=1295
+  _globals['_WAITRESPONSE']._serialized_end=1398
+  _globals['_REMOVEREQUEST']._serialized_start=1400
+  _globals['_REMOVEREQUEST']._serialized_end=1449
+  _globals['_LISTREQUEST']._serialized_start=1451
+  _globals['_LISTREQUEST']._serialized_end=1477
+  _globals['_LISTRESPONSE']._serialized_start=1479
+  _globals['_LISTRESPONSE']._serialized_end=1543
+  _globals['_INSPECTREQUEST']._serialized_start=1545
+  _globals['_INSPECTREQUEST']._serialized_end=1580
+  _globals['_INSPECTRESPONSE']._serialized_start=1582
+  _globals['_INSPECTRESPONSE']._serialized_end=1667
+  _globals['_RESIZEREQUEST']._serialized_start=1669
+  _globals['_RESIZEREQUEST']._serialized_end=1751
+  _globals['_CLOSEIOREQUEST']._serialized_start=1753
+  _globals['_CLOSEIOREQUEST']._serialized_end=1805
+  _globals['_IMAGE']._serialized_start=1807
+  _globals['_IMAGE']._serialized_end=1894
+  _globals['_IMAGEIMPORTREQUEST']._serialized_start=1896
+  _globals['_IMAGEIMPORTREQUEST']._serialized_end=1951
+  _globals['_IMAGEIMPORTRESPONSE']._serialized_start=1953
+  _globals['_IMAGEIMPORTRESPONSE']._serialized_end=2016
+  _globals['_IMAGELISTREQUEST']._serialized_start=2018
+  _globals['_IMAGELISTREQUEST']._serialized_end=2036
+  _globals['_IMAGELISTRESPONSE']._serialized_start=2038
+  _globals['_IMAGELISTRESPONSE']._serialized_end=2099
+  _globals['_IMAGEREMOVEREQUEST']._serialized_start=2101
+  _globals['_IMAGEREMOVEREQUEST']._serialized_end=2134
+  _globals['_MANAGER']._serialized_start=2137
+  _globals['_MANAGER']._serialized_end=3047
 # @@protoc_insertion_point(module_scope)

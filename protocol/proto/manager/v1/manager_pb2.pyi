@@ -11,7 +11,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ContainerConfig(_message.Message):
-    __slots__ = ("name", "args", "env", "workdir", "user", "memory_bytes", "cpus", "image", "rootfs", "terminal", "stdin", "auto_remove")
+    __slots__ = ("name", "args", "env", "workdir", "user", "memory_bytes", "cpus", "image", "rootfs", "terminal", "stdin", "auto_remove", "tty_width", "tty_height")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ARGS_FIELD_NUMBER: _ClassVar[int]
     ENV_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,8 @@ class ContainerConfig(_message.Message):
     TERMINAL_FIELD_NUMBER: _ClassVar[int]
     STDIN_FIELD_NUMBER: _ClassVar[int]
     AUTO_REMOVE_FIELD_NUMBER: _ClassVar[int]
+    TTY_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    TTY_HEIGHT_FIELD_NUMBER: _ClassVar[int]
     name: str
     args: _containers.RepeatedScalarFieldContainer[str]
     env: _containers.RepeatedScalarFieldContainer[str]
@@ -36,7 +38,9 @@ class ContainerConfig(_message.Message):
     terminal: bool
     stdin: bool
     auto_remove: bool
-    def __init__(self, name: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., env: _Optional[_Iterable[str]] = ..., workdir: _Optional[str] = ..., user: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., cpus: _Optional[float] = ..., image: _Optional[str] = ..., rootfs: _Optional[str] = ..., terminal: _Optional[bool] = ..., stdin: _Optional[bool] = ..., auto_remove: _Optional[bool] = ...) -> None: ...
+    tty_width: int
+    tty_height: int
+    def __init__(self, name: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., env: _Optional[_Iterable[str]] = ..., workdir: _Optional[str] = ..., user: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., cpus: _Optional[float] = ..., image: _Optional[str] = ..., rootfs: _Optional[str] = ..., terminal: _Optional[bool] = ..., stdin: _Optional[bool] = ..., auto_remove: _Optional[bool] = ..., tty_width: _Optional[int] = ..., tty_height: _Optional[int] = ...) -> None: ...
 
 class Container(_message.Message):
     __slots__ = ("id", "name", "status", "pid", "exited", "exit_status", "exited_at", "created_at", "command", "image", "bundle", "shim_address", "log_path", "stdin_path", "terminal", "exit_reason", "auto_remove", "shim_pid")
@@ -91,7 +95,7 @@ class RunResponse(_message.Message):
     def __init__(self, container: _Optional[_Union[Container, _Mapping]] = ...) -> None: ...
 
 class ExecRequest(_message.Message):
-    __slots__ = ("container", "args", "env", "workdir", "user", "terminal", "stdin")
+    __slots__ = ("container", "args", "env", "workdir", "user", "terminal", "stdin", "tty_width", "tty_height")
     CONTAINER_FIELD_NUMBER: _ClassVar[int]
     ARGS_FIELD_NUMBER: _ClassVar[int]
     ENV_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +103,8 @@ class ExecRequest(_message.Message):
     USER_FIELD_NUMBER: _ClassVar[int]
     TERMINAL_FIELD_NUMBER: _ClassVar[int]
     STDIN_FIELD_NUMBER: _ClassVar[int]
+    TTY_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    TTY_HEIGHT_FIELD_NUMBER: _ClassVar[int]
     container: str
     args: _containers.RepeatedScalarFieldContainer[str]
     env: _containers.RepeatedScalarFieldContainer[str]
@@ -106,7 +112,9 @@ class ExecRequest(_message.Message):
     user: str
     terminal: bool
     stdin: bool
-    def __init__(self, container: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., env: _Optional[_Iterable[str]] = ..., workdir: _Optional[str] = ..., user: _Optional[str] = ..., terminal: _Optional[bool] = ..., stdin: _Optional[bool] = ...) -> None: ...
+    tty_width: int
+    tty_height: int
+    def __init__(self, container: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., env: _Optional[_Iterable[str]] = ..., workdir: _Optional[str] = ..., user: _Optional[str] = ..., terminal: _Optional[bool] = ..., stdin: _Optional[bool] = ..., tty_width: _Optional[int] = ..., tty_height: _Optional[int] = ...) -> None: ...
 
 class ExecResponse(_message.Message):
     __slots__ = ("container_id", "exec_id", "pid", "log_path", "stdin_path")
