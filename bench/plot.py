@@ -78,12 +78,14 @@ def _idle_memory(ax: Axes, report: dict[str, Any]) -> bool:
             ax.bar(xs, heights, width, color=COLORS[key], label=LABELS[key])
             for x, h in zip(xs, heights, strict=True):
                 ax.annotate(f"{h:.1f}", (x, h), ha="center", va="bottom", fontsize=7)
+    if not drawn:
+        return False
     ax.set_xticks(range(len(metrics)), [label for _, label in metrics])
     ax.set_title("memory per idle shim (median)", fontsize=9)
     ax.set_ylabel("MB", fontsize=8)
     ax.tick_params(labelsize=8)
     ax.legend(fontsize=7)
-    return drawn
+    return True
 
 
 def _scale_memory(ax: Axes, report: dict[str, Any]) -> bool:
@@ -111,18 +113,21 @@ def _scale_memory(ax: Axes, report: dict[str, Any]) -> bool:
             alpha=0.6,
             label=f"{LABELS[key]} RSS",
         )
+    if not drawn:
+        return False
+    top = max(p["rss_kb"] / p["containers"] / 1024 for points in series.values() for p in points)
+    ax.set_ylim(0, top * 1.45)  # headroom for the legend above the lines
     ax.set_xscale("log")
     ticks = sorted({p["containers"] for points in series.values() for p in points})
     ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.minorticks_off()
     ax.set_xlabel("running containers", fontsize=8)
     ax.set_ylabel("shim MB per container", fontsize=8)
-    ax.set_ylim(bottom=0)
     ax.set_title("shim memory per container vs count", fontsize=9)
     ax.tick_params(labelsize=8)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return drawn
+    ax.legend(fontsize=7, loc="upper center", ncol=2)
+    return True
 
 
 def plot_results(report: dict[str, Any], out: Path) -> None:
@@ -140,14 +145,11 @@ def plot_results(report: dict[str, Any], out: Path) -> None:
         assert m is not None
         _distribution(ax, m, title)
     used = len(panels)
-    if _idle_memory(flat[used], report):
-        used += 1
-    else:
-        flat[used].remove()
-    if _scale_memory(flat[used], report):
-        used += 1
-    else:
-        flat[used].remove()
+    for draw in (_idle_memory, _scale_memory):
+        if draw(flat[used], report):
+            used += 1
+        else:
+            flat[used].clear()  # reused by the next panel, or removed below
     for ax in flat[used:]:
         ax.remove()
     meta = report.get("meta", {})

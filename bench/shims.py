@@ -196,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
             for name in scenarios:
                 _log(f"{name} ({', '.join(RUNTIMES[k] for k in cfg.runtimes)})")
                 t0 = time.perf_counter()
+                # The machine is shared: keep the load next to each scenario's figures.
+                ctx.scenario(name)["loadavg_start"] = os.getloadavg()
                 try:
                     run_scenario(ctx, name, _log)
                 except Exception as exc:

@@ -171,7 +171,9 @@ def run(calls: int, concurrency: int, size: int, loop: str) -> dict[str, Any]:
                 if client_kind == "go":
                     stats = go_client(go_binary, sock, calls, concurrency, size)
                 else:
-                    stats = asyncio.run(python_client(sock, calls, concurrency, size))
+                    stats = asyncio.run(
+                        asyncio.wait_for(python_client(sock, calls, concurrency, size), 600)
+                    )
             rows.append({"client": client_kind, "server": server_kind, **stats})
     base = rows[0]
     for row in rows:
@@ -194,7 +196,7 @@ def run(calls: int, concurrency: int, size: int, loop: str) -> dict[str, Any]:
 def table(report: dict[str, Any]) -> str:
     lines = [
         f"{'client -> server':<18} {'median µs':>10} {'p99 µs':>10} {'calls/s':>10}"
-        f" {'median×':>8} {'p99×':>8} {'tput×':>8}",
+        f" {'median x':>8} {'p99 x':>8} {'tput x':>8}",
     ]
     for r in report["results"]:
         lines.append(

@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 from google.protobuf import any_pb2
@@ -43,10 +44,14 @@ from shim.process import (
 from shim.runtime import RuncOptions, Runtime, RuntimeFailure
 from shim.state import ExitRecord, RecordError, exit_record_path, read_record, write_record
 
+if TYPE_CHECKING:
+    from shim.stats import Cgroup
+
 __all__ = [
     "Container",
     "ContainerRecord",
     "CreateOptions",
+    "OomWatch",
     "Toolkit",
     "container_record_path",
     "decode_options",
@@ -94,6 +99,18 @@ class CreateOptions:
     binary_name: str = ""
 
 
+class OomWatch(Protocol):
+    """shim.oom.OomWatcher as containers use it."""
+
+    def watch(self, container_id: str, cgroup: Cgroup) -> None: ...
+    def flush(self, container_id: str) -> None: ...
+    def unwatch(self, container_id: str) -> None: ...
+
+
+def _no_cgroup(pid: int) -> Cgroup | None:
+    return None
+
+
 @dataclass(frozen=True)
 class Toolkit:
     """The shim's collaborators, injectable so the task logic is tested without runc."""
@@ -106,6 +123,9 @@ class Toolkit:
     open_io: Callable[[StdioStrings, str, CreateOptions], Awaitable[ProcessIOLike]]
     mount: Callable[[Sequence[mount_pb2.Mount], str], None]
     unmount: Callable[[str], None]
+    # The default knows no cgroups: fake runtimes' pids are not real processes.
+    find_cgroup: Callable[[int], Cgroup | None] = _no_cgroup
+    oom: OomWatch | None = None
 
 
 def decode_options(value: any_pb2.Any | None) -> CreateOptions:
@@ -192,6 +212,9 @@ class Container:
         self.rootfs_mounted = rootfs_mounted
         self.kill_all_on_exit = kill_all_on_exit
         self._toolkit = toolkit
+        # Found once from the init's /proc entry: it outlives the init's exit, and
+        # Stats must keep answering about the same cgroup.
+        self.cgroup: Cgroup | None = None
         self.execs: dict[str, ExecProcess] = {}
         self.init = InitProcess(
             container_id=id,
@@ -268,6 +291,7 @@ class Container:
                 await io.started()
                 pid = read_pid_file(pid_file)
                 container.init.created(pid, io)
+                container.cgroup = toolkit.find_cgroup(pid)
                 undo.callback(_unlink, container_record_path(req.bundle))
                 write_record(container_record_path(req.bundle), container.record())
                 toolkit.events.publish(
@@ -381,6 +405,9 @@ class Container:
             self.init.restore_exit(exit)
             return
         self.init.restore(pid, status)
+        self.cgroup = self._toolkit.find_cgroup(pid)
+        if status != "created":
+            self.watch_oom()
         self._toolkit.router.register(pid, self.init, None)
 
     # -- execs ------------------------------------------------------------------------
@@ -444,6 +471,29 @@ class Container:
 
     async def _wait_execs(self) -> None:
         await asyncio.gather(*(e.settled() for e in list(self.execs.values())))
+        # Runs before the init's exit is published: an OOM kill that caused the exit
+        # must reach containerd first (CRI derives the OOMKilled reason from it).
+        if self._toolkit.oom is not None:
+            self._toolkit.oom.flush(self.id)
+
+    # -- cgroup -----------------------------------------------------------------------
+
+    def watch_oom(self) -> None:
+        """After the init started (the reference watches from Start on)."""
+        if self.cgroup is not None and self._toolkit.oom is not None:
+            self._toolkit.oom.watch(self.id, self.cgroup)
+
+    def stats(self) -> any_pb2.Any:
+        if self.cgroup is None:
+            raise not_found("cgroup does not exist")
+        from shim.stats import CgroupGoneError, collect
+
+        try:
+            return collect(self.cgroup)
+        except CgroupGoneError:
+            raise not_found("cgroup does not exist") from None
+        except (OSError, ValueError) as exc:
+            raise unknown(f"failed to read cgroup stats: {exc}") from exc
 
     async def pids(self) -> list[tuple[int, str]]:
         """(pid, exec id or "") for every process runc reports in the container."""
@@ -459,6 +509,8 @@ class Container:
     async def delete(self) -> None:
         """Delete the init (created or stopped) and everything the container holds."""
         await self.init.delete()
+        if self._toolkit.oom is not None:
+            self._toolkit.oom.unwatch(self.id)
         for exec_ in list(self.execs.values()):
             with contextlib.suppress(TtrpcError):
                 await exec_.delete()

@@ -21,7 +21,7 @@ from protocol.proto.task.v2 import shim_pb2
 from protocol.proto.types import mount_pb2
 from protocol.proto.types import task_pb2 as types_pb2
 from protocol.ttrpc.status import Code, TtrpcError
-from shim.container import Container, CreateOptions, Toolkit, validate_bundle
+from shim.container import Container, CreateOptions, OomWatch, Toolkit, validate_bundle
 from shim.exits import ExitRouter
 from shim.ids import validate_id
 from shim.process import EventSink, ExecProcess, InitProcess, ProcessIOLike, StdioStrings
@@ -29,7 +29,9 @@ from shim.runtime import RuncOptions, Runtime
 
 if TYPE_CHECKING:
     from protocol.ttrpc.server import Method, RequestContext, Server
+    from shim.oom import OomWatcher
     from shim.reaper import Reaper
+    from shim.stats import Cgroup
 
 __all__ = ["SERVICE_NAMES", "TaskService"]
 
@@ -38,6 +40,13 @@ log = logging.getLogger(__name__)
 SERVICE_NAMES = ("containerd.task.v2.Task", "containerd.task.v3.Task")
 
 Empty = empty_pb2.Empty
+
+# runc checkpoints through CRIU; none is installed here and CRIU 3.17 cannot dump on
+# this kernel (its vDSO handling fails), so a dump could only ever fail half-way.
+CHECKPOINT_UNAVAILABLE = (
+    "checkpoint is not supported by pyshim: it needs CRIU, which is not installed "
+    "and (3.17) cannot dump on this kernel (vDSO error)"
+)
 
 
 class TaskService:
@@ -53,11 +62,17 @@ class TaskService:
         | None = None,
         mount: Callable[[Sequence[mount_pb2.Mount], str], None] | None = None,
         unmount: Callable[[str], None] | None = None,
+        find_cgroup: Callable[[int], Cgroup | None] | None = None,
+        oom: OomWatch | None = None,
     ) -> None:
         self._namespace = namespace
         self._request_shutdown = request_shutdown
         self._router = ExitRouter()
         self._unsubscribe = reaper.subscribe(self._router.on_reaped)
+        real_runtime = make_runtime is None
+        if oom is None and real_runtime:
+            oom = _LazyOomWatcher(publisher)
+        self._oom = oom
         self._toolkit = Toolkit(
             namespace=namespace,
             events=publisher,
@@ -66,6 +81,9 @@ class TaskService:
             open_io=open_io or _stdio_opener(reaper, namespace),
             mount=mount or _mount_all,
             unmount=unmount or _unmount_all,
+            # Only real runc's pids are processes whose cgroup means anything.
+            find_cgroup=find_cgroup or (_find_cgroup if real_runtime else _no_cgroup),
+            oom=oom,
         )
         self._containers: dict[str, Container] = {}
         # Ids whose Create is in flight: a second Create must see them as taken.
@@ -104,6 +122,8 @@ class TaskService:
 
     def close(self) -> None:
         self._unsubscribe()
+        if isinstance(self._oom, _LazyOomWatcher):
+            self._oom.close()
 
     @property
     def container_ids(self) -> list[str]:
@@ -146,7 +166,10 @@ class TaskService:
         return shim_pb2.CreateTaskResponse(pid=container.init.pid)
 
     async def start(self, req: shim_pb2.StartRequest) -> shim_pb2.StartResponse:
-        pid = await self._process(req.id, req.exec_id).start()
+        container = self._container(req.id)
+        pid = await container.process(req.exec_id).start()
+        if not req.exec_id:
+            container.watch_oom()
         return shim_pb2.StartResponse(pid=pid)
 
     async def state(self, req: shim_pb2.StateRequest) -> shim_pb2.StateResponse:
@@ -210,11 +233,10 @@ class TaskService:
 
     async def checkpoint(self, req: shim_pb2.CheckpointTaskRequest) -> Empty:
         self._container(req.id)
-        raise TtrpcError(Code.UNIMPLEMENTED, "checkpoint: not implemented by pyshim yet")
+        raise TtrpcError(Code.UNIMPLEMENTED, CHECKPOINT_UNAVAILABLE)
 
     async def stats(self, req: shim_pb2.StatsRequest) -> shim_pb2.StatsResponse:
-        self._container(req.id)
-        raise TtrpcError(Code.UNIMPLEMENTED, "stats: not implemented by pyshim yet")
+        return shim_pb2.StatsResponse(stats=self._container(req.id).stats())
 
     async def exec(self, req: shim_pb2.ExecProcessRequest) -> Empty:
         self._container(req.id).add_exec(req)
@@ -302,3 +324,41 @@ def _unmount_all(target: str) -> None:
     from shim.mount import unmount_all
 
     unmount_all(target)
+
+
+def _find_cgroup(pid: int) -> Cgroup | None:
+    from shim.stats import find_cgroup
+
+    return find_cgroup(pid)
+
+
+def _no_cgroup(pid: int) -> Cgroup | None:
+    return None
+
+
+class _LazyOomWatcher:
+    """Creates the real watcher (and imports it) on the first container started."""
+
+    def __init__(self, events: EventSink) -> None:
+        self._events = events
+        self._watcher: OomWatcher | None = None
+
+    def watch(self, container_id: str, cgroup: Cgroup) -> None:
+        if self._watcher is None:
+            from shim.oom import OomWatcher
+
+            self._watcher = OomWatcher(self._events)
+        self._watcher.watch(container_id, cgroup)
+
+    def flush(self, container_id: str) -> None:
+        if self._watcher is not None:
+            self._watcher.flush(container_id)
+
+    def unwatch(self, container_id: str) -> None:
+        if self._watcher is not None:
+            self._watcher.unwatch(container_id)
+
+    def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.close()
+            self._watcher = None

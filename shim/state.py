@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from pathlib import Path
 from typing import TypeVar
 
@@ -20,6 +21,7 @@ __all__ = [
     "EXIT_RECORD_VERSION",
     "ExitRecord",
     "RecordError",
+    "UnsafePathError",
     "exit_record_path",
     "read_record",
     "state_dir",
@@ -28,6 +30,7 @@ __all__ = [
 ]
 
 EXIT_RECORD_VERSION = 1
+STATE_DIR_NAME = "pyshim"
 
 T = TypeVar("T", bound=msgspec.Struct)
 
@@ -45,12 +48,16 @@ class RecordError(ValueError):
     """A record file exists but cannot be used (corrupt, or a version we do not know)."""
 
 
+class UnsafePathError(OSError):
+    """A state path leads through something other than a real directory."""
+
+
 class _Versioned(msgspec.Struct):
     version: int
 
 
 def state_dir(bundle: str) -> Path:
-    return Path(bundle) / "pyshim"
+    return Path(bundle) / STATE_DIR_NAME
 
 
 def exit_record_path(bundle: str, process_id: str) -> Path:
@@ -67,12 +74,40 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _make_private_dirs(directory: Path) -> None:
+    """Create ``directory`` like ``mkdir -p``, refusing symlinks inside the state dir.
+
+    Every component from the nearest ``pyshim`` ancestor down (or just ``directory``
+    when there is none) must be a real directory: a symlink planted there would send
+    our root-owned writes anywhere. Components above it (the bundle path) may be
+    symlinks; hosts do link /var/lib/containerd elsewhere.
+    """
+    parts = list(directory.parts)
+    try:
+        top = len(parts) - 1 - parts[::-1].index(STATE_DIR_NAME)
+    except ValueError:
+        top = len(parts) - 1
+    Path(*parts[:top]).mkdir(mode=0o700, parents=True, exist_ok=True)
+    for i in range(top, len(parts)):
+        current = Path(*parts[: i + 1])
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(current, 0o700)
+        st = os.lstat(current)
+        if not stat.S_ISDIR(st.st_mode):
+            raise UnsafePathError(f"refusing to write state through {current}: not a directory")
+
+
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Replace ``path`` with ``data`` so a reader sees the old or the new file, never half."""
     directory = path.parent
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _make_private_dirs(directory)
     tmp = directory / f".{path.name}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    # A leftover (or planted) tmp name is removed, never followed: O_EXCL + O_NOFOLLOW
+    # make the open fail rather than truncate whatever a symlink there points to.
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp, flags, mode)
     try:
         try:
             view = memoryview(data)

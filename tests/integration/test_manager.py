@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -171,9 +171,9 @@ def manager() -> Iterator[Manager]:
         m.cleanup()
 
 
-def _wait_for(cond: object, timeout: float = 20.0) -> None:
+def _wait_for(cond: Callable[[], bool], timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
-    while not cond():  # type: ignore[operator]
+    while not cond():
         if time.monotonic() > deadline:
             pytest.fail("condition not met in time")
         time.sleep(0.1)

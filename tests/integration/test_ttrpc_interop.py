@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uvloop
 from google.protobuf import empty_pb2, wrappers_pb2
 
 from protocol.ttrpc.client import Client
@@ -159,6 +160,43 @@ async def test_py_client_deadline_exceeded(go_socket: Path) -> None:
         assert resp.value == b"after"
 
 
+async def py_client_mixed(sock: Path) -> None:
+    """Several of the above at once on one connection."""
+    async with await Client.connect(str(sock), timeout=5) as client:
+        echo = client.call(
+            SERVICE, "Echo", wrappers_pb2.BytesValue(value=big_payload()), wrappers_pb2.BytesValue
+        )
+        slow = client.call(
+            SERVICE, "Sleep", wrappers_pb2.Int64Value(value=300), wrappers_pb2.Int64Value
+        )
+        fail = client.call(
+            SERVICE, "Fail", wrappers_pb2.StringValue(value="6 exists"), empty_pb2.Empty
+        )
+        bogus = client.call(SERVICE, "Bogus", empty_pb2.Empty(), empty_pb2.Empty)
+        md = client.call(
+            SERVICE, "Metadata", empty_pb2.Empty(), wrappers_pb2.StringValue, metadata={"k": "v"}
+        )
+        results = await asyncio.gather(echo, slow, fail, bogus, md, return_exceptions=True)
+    assert isinstance(results[0], wrappers_pb2.BytesValue)
+    assert results[0].value == big_payload()
+    assert isinstance(results[1], wrappers_pb2.Int64Value)
+    assert results[1].value == 300
+    assert isinstance(results[2], TtrpcError)
+    assert (results[2].code, results[2].message) == (6, "exists")
+    assert isinstance(results[3], TtrpcError)
+    assert (results[3].code, results[3].message) == (12, "method Bogus")
+    assert isinstance(results[4], wrappers_pb2.StringValue)
+    assert json.loads(results[4].value) == {"k": ["v"]}
+
+
+async def test_py_client_mixed(go_socket: Path) -> None:
+    await py_client_mixed(go_socket)
+
+
+def test_py_client_mixed_on_uvloop(go_socket: Path) -> None:
+    uvloop.run(py_client_mixed(go_socket))
+
+
 # ---------------------------------------------------------------- Go client -> Python server
 
 
@@ -181,6 +219,15 @@ async def run_go_client(binary: Path, sock: Path) -> dict[str, list[dict[str, An
 
 
 async def test_go_client_against_python_server(peer_binary: Path, tmp_path: Path) -> None:
+    await go_client_scenario(peer_binary, tmp_path)
+
+
+def test_go_client_against_python_server_on_uvloop(peer_binary: Path, tmp_path: Path) -> None:
+    # The shim serves on uvloop, whose transports are not asyncio.Transport subclasses.
+    uvloop.run(go_client_scenario(peer_binary, tmp_path))
+
+
+async def go_client_scenario(peer_binary: Path, tmp_path: Path) -> None:
     service = EchoService()
     server = Server()
     server.register(SERVICE, service.methods())

@@ -379,22 +379,26 @@ async def test_io_failure_before_runc_leaves_nothing(h: Harness) -> None:
     assert sorted(p.name for p in Path(bundle).iterdir()) == ["config.json"]
 
 
-async def test_checkpoint_create_and_stats_are_unimplemented(h: Harness) -> None:
+async def test_checkpoint_is_unimplemented_and_stats_need_a_cgroup(h: Harness) -> None:
+    from shim.service import CHECKPOINT_UNAVAILABLE
+
     bundle = h.bundle()
     with pytest.raises(TtrpcError) as info:
         await h.create(bundle=bundle, checkpoint="/cp")
     assert info.value.code == Code.UNIMPLEMENTED
     await h.create(bundle=bundle)
+    # The fake runtime's pids are no processes: no cgroup is known for c1.
     await expect_error(
         h.service.stats(shim_pb2.StatsRequest(id="c1")),
-        Code.UNIMPLEMENTED,
-        "stats: not implemented by pyshim yet",
+        Code.NOT_FOUND,
+        "cgroup does not exist: not found",
     )
     await expect_error(
         h.service.checkpoint(shim_pb2.CheckpointTaskRequest(id="c1", path="/x")),
         Code.UNIMPLEMENTED,
-        "checkpoint: not implemented by pyshim yet",
+        CHECKPOINT_UNAVAILABLE,
     )
+    assert "CRIU" in CHECKPOINT_UNAVAILABLE
 
 
 async def test_unknown_ids_are_not_found(h: Harness) -> None:

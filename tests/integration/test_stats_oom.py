@@ -1,0 +1,279 @@
+"""Stats, OOM, Update, Pause/Resume, Pids and Checkpoint through containerd 1.6 + ctr."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.containerd import Containerd
+
+pytestmark = pytest.mark.integration
+
+PYSHIM = "io.containerd.pyshim.v1"
+GO_SHIM = "io.containerd.runc.v2"
+MEMORY_CGROUP = Path("/sys/fs/cgroup/memory")
+
+
+class Events:
+    """`ctr events` in the background (it gives no readiness signal: see ``ready``)."""
+
+    def __init__(self, ctrd: Containerd) -> None:
+        self.proc = subprocess.Popen(
+            ["ctr", "--address", ctrd.address, "events"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def topics(self, container_id: str) -> list[str]:
+        """Topics of the task events of one container, in arrival order."""
+        needle = f'"container_id":"{container_id}"'
+        return [ln.split()[5] for ln in list(self.lines) if "/tasks/" in ln and needle in ln]
+
+    def wait_topic(self, container_id: str, topic: str, timeout: float = 20.0) -> None:
+        wait_until(f"{topic} for {container_id}", lambda: topic in self.topics(container_id),
+                   timeout)  # fmt: skip
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+        self._reader.join(timeout=5)
+
+
+@pytest.fixture
+def events(containerd: Containerd) -> Iterator[Events]:
+    ev = Events(containerd)
+    try:
+        # Subscribed once a namespace event it could only see live shows up.
+        probe = f"probe-{time.monotonic_ns()}"
+        deadline = time.monotonic() + 15
+        while not any(probe in ln for ln in ev.lines):
+            if time.monotonic() > deadline:
+                pytest.fail("ctr events never showed the probe namespace")
+            containerd.ctr("namespaces", "create", probe, check=False)
+            containerd.ctr("namespaces", "rm", probe, check=False)
+            time.sleep(0.1)
+        yield ev
+    finally:
+        ev.close()
+
+
+def wait_until(what: str, check: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def task_status(ctrd: Containerd, cid: str) -> str:
+    for line in ctrd.ctr("task", "ls").stdout.splitlines()[1:]:
+        fields = line.split()
+        if fields and fields[0] == cid:
+            return fields[-1]
+    return "<missing>"
+
+
+def metrics_table(ctrd: Containerd, cid: str) -> dict[str, str]:
+    out = ctrd.ctr("task", "metrics", cid).stdout
+    rows = {}
+    for line in out.split("METRIC", 1)[1].splitlines()[1:]:
+        name, _, value = line.strip().partition(" ")
+        if name:
+            rows[name] = value.strip()
+    return rows
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for key, value in obj.items():
+            out.update(flatten(value, f"{prefix}.{key}" if prefix else key))
+        return out
+    return {prefix: obj}
+
+
+def metrics_json(ctrd: Containerd, cid: str) -> dict[str, Any]:
+    raw = json.loads(ctrd.ctr("task", "metrics", "--format", "json", cid).stdout)
+    return flatten(raw)
+
+
+def memory_cgroup(ctrd: Containerd, cid: str) -> Path:
+    # ctr puts a container at /<namespace>/<id> in every v1 hierarchy.
+    return MEMORY_CGROUP / ctrd.namespace / cid
+
+
+MiB = 1 << 20
+
+
+def update_memory(ctrd: Containerd, cid: str, limit: int) -> None:
+    """containerd's Tasks.Update over gRPC: what `ctr task update` (not in ctr 1.6) does."""
+    import grpc
+
+    from protocol.proto.task.v2 import shim_pb2
+
+    # containerd.services.tasks.v1.UpdateTaskRequest is wire-identical to the shim's
+    # (1 container_id, 2 resources Any, 3 annotations).
+    request = shim_pb2.UpdateTaskRequest(id=cid)
+    request.resources.type_url = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
+    request.resources.value = json.dumps({"memory": {"limit": limit}}).encode()
+    with grpc.insecure_channel(f"unix://{ctrd.address}") as channel:
+        update = channel.unary_unary(
+            "/containerd.services.tasks.v1.Tasks/Update",
+            request_serializer=shim_pb2.UpdateTaskRequest.SerializeToString,
+            response_deserializer=lambda data: data,
+        )
+        update(request, metadata=[("containerd-namespace", ctrd.namespace)], timeout=30)
+
+
+def test_metrics_are_real_and_shaped_like_the_go_shims(
+    containerd: Containerd, busybox_image: str
+) -> None:
+    for runtime, cid in ((PYSHIM, "py"), (GO_SHIM, "go")):
+        containerd.ctr("run", "-d", "--memory-limit", str(64 * MiB), "--runtime", runtime,
+                       busybox_image, cid, "sleep", "300")  # fmt: skip
+    wait_until("both running", lambda: all(task_status(containerd, c) == "RUNNING"
+                                          for c in ("py", "go")))  # fmt: skip
+
+    table = metrics_table(containerd, "py")
+    assert int(table["memory.usage_in_bytes"]) > 0, table
+    assert int(table["memory.limit_in_bytes"]) == 64 * MiB, table
+    assert int(table["cpuacct.usage"]) > 0, table
+    assert table["pids.current"] == "1", table
+    usage_file = memory_cgroup(containerd, "py") / "memory.limit_in_bytes"
+    assert int(usage_file.read_text()) == 64 * MiB
+
+    py, go = metrics_json(containerd, "py"), metrics_json(containerd, "go")
+    # Fields the Go shim fills for any live container (zero-valued ones are omitted by
+    # ctr's JSON output, so only ever-non-zero figures are compared by presence).
+    always = [
+        "memory.usage.usage",
+        "memory.usage.limit",
+        "memory.usage.max",
+        "memory.kernel.usage",
+        "memory.kernel.limit",
+        "memory.swap.limit",
+        "memory.hierarchical_memory_limit",
+        "memory.pg_fault",
+        "memory.total_pg_fault",
+        "cpu.usage.total",
+        "cpu.usage.per_cpu",
+        "pids.current",
+    ]
+    for key in always:
+        assert key in go, (key, sorted(go))
+        assert key in py, (key, sorted(py))
+    for key in ("memory.usage.limit", "memory.hierarchical_memory_limit", "pids.current"):
+        assert py[key] == go[key], key
+    assert len(py["cpu.usage.per_cpu"]) == len(go["cpu.usage.per_cpu"])
+    # Nothing outside what the Go shim can send shows up (memory_oom_control aside,
+    # which is all zeros without an OOM and so is omitted).
+    sections = {k.split(".")[0] for k in py}
+    assert sections <= {"memory", "cpu", "pids", "blkio", "hugetlb", "memory_oom_control"}
+
+
+def test_oom_kill_publishes_oom_before_exit_137(
+    containerd: Containerd, busybox_image: str, events: Events
+) -> None:
+    argv = ["run", "--rm", "--memory-limit", str(16 * MiB), "--runtime", PYSHIM,
+            busybox_image, "oom1", "tail", "/dev/zero"]  # fmt: skip
+    res = containerd.ctr(*argv, check=False, timeout=120)
+    assert res.returncode == 137, (res.returncode, res.stdout, res.stderr)
+    events.wait_topic("oom1", "/tasks/delete")
+    topics = events.topics("oom1")
+    assert "/tasks/oom" in topics, topics
+    assert topics.index("/tasks/oom") < topics.index("/tasks/exit"), topics
+    exit_line = next(ln for ln in events.lines if "/tasks/exit" in ln and '"oom1"' in ln)
+    assert '"exit_status":137' in exit_line, exit_line
+
+
+def test_no_oom_event_for_a_plain_kill(
+    containerd: Containerd, busybox_image: str, events: Events
+) -> None:
+    containerd.ctr("run", "-d", "--memory-limit", str(16 * MiB), "--runtime", PYSHIM,
+                   busybox_image, "k1", "sleep", "300")  # fmt: skip
+    containerd.ctr("task", "kill", "-s", "SIGKILL", "k1")
+    events.wait_topic("k1", "/tasks/exit")
+    containerd.ctr("task", "delete", "k1")
+    events.wait_topic("k1", "/tasks/delete")
+    assert "/tasks/oom" not in events.topics("k1"), events.topics("k1")
+
+
+def test_update_pause_resume_ps_checkpoint(
+    containerd: Containerd, busybox_image: str, events: Events
+) -> None:
+    ctr = containerd.ctr
+    ctr("run", "-d", "--memory-limit", str(64 * MiB), "--runtime", PYSHIM,
+        busybox_image, "c1", "sleep", "300")  # fmt: skip
+    wait_until("c1 running", lambda: task_status(containerd, "c1") == "RUNNING")
+
+    # Update reaches the cgroup and Stats reports the new limit.
+    update_memory(containerd, "c1", 48 * MiB)
+    assert int((memory_cgroup(containerd, "c1") / "memory.limit_in_bytes").read_text()) == (
+        48 * MiB
+    )
+    assert int(metrics_table(containerd, "c1")["memory.limit_in_bytes"]) == 48 * MiB
+
+    # Pids: the init plain, an exec with its ProcessDetails.
+    ctr("task", "exec", "-d", "--exec-id", "e1", "c1", "sleep", "300")
+    ps = ctr("task", "ps", "c1").stdout
+    rows = [ln.split(None, 1) for ln in ps.splitlines()[1:] if ln.strip()]
+    assert len(rows) == 2, ps
+    init_pid = int(ctr("task", "ls").stdout.split("c1", 1)[1].split()[0])
+    by_pid = {int(r[0]): (r[1] if len(r) > 1 else "") for r in rows}
+    assert init_pid in by_pid and "e1" not in by_pid[init_pid], ps
+    (exec_info,) = [info for pid, info in by_pid.items() if pid != init_pid]
+    assert re.search(r"\be1\b", exec_info), ps
+
+    # Pause freezes every process of the container; resume thaws them.
+    ctr("task", "pause", "c1")
+    assert task_status(containerd, "c1") == "PAUSED"
+    for pid in by_pid:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        assert state in ("D", "S"), (pid, state)
+    freezer = Path("/sys/fs/cgroup/freezer") / containerd.namespace / "c1" / "freezer.state"
+    assert freezer.read_text().strip() == "FROZEN"
+    again = ctr("task", "pause", "c1", check=False)
+    assert again.returncode != 0 and "cannot pause a paused container" in again.stderr
+    ctr("task", "resume", "c1")
+    assert task_status(containerd, "c1") == "RUNNING"
+    assert freezer.read_text().strip() == "THAWED"
+    events.wait_topic("c1", "/tasks/resumed")
+    topics = events.topics("c1")
+    assert topics.index("/tasks/paused") < topics.index("/tasks/resumed"), topics
+
+    # Checkpoint is refused with the reason, and the container keeps running.
+    cp = ctr("task", "checkpoint", "c1", check=False)
+    assert cp.returncode != 0
+    assert "not implemented" in cp.stderr and "CRIU" in cp.stderr, cp.stderr
+    assert task_status(containerd, "c1") == "RUNNING"
+
+    ctr("task", "kill", "-s", "SIGKILL", "c1")
+    wait_until("c1 stopped", lambda: task_status(containerd, "c1") == "STOPPED")
+    # Update of a stopped container is refused as the reference does.
+    import grpc
+
+    with pytest.raises(grpc.RpcError) as refused:
+        update_memory(containerd, "c1", 32 * MiB)
+    assert "cannot update a stopped container" in str(refused.value.details())
+    ctr("task", "delete", "c1")
+    # The cgroup is gone with the container; so is the task.
+    assert not memory_cgroup(containerd, "c1").exists()
