@@ -24,7 +24,7 @@ if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
 fi
 .venv/bin/pip install -q --upgrade pip >/dev/null
-.venv/bin/pip install -q -e ".[test]"
+.venv/bin/pip install -q -e ".[test,bench]"
 
 for cmd in containerd-shim-pyshim-v1 pyshimd pyshim; do
     ln -sf "$PWD/.venv/bin/$cmd" "/usr/local/bin/$cmd"

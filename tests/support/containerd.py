@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from shim.start import socket_address
@@ -41,7 +41,7 @@ def _venv_bin() -> str:
     return os.path.dirname(sys.executable)
 
 
-def _config(tmp: Path, *, cri: bool) -> str:
+def _config(tmp: Path, *, cri: bool, extra: str = "") -> str:
     disabled = "[]" if cri else '["io.containerd.grpc.v1.cri"]'
     return f"""version = 2
 root = "{tmp / "root"}"
@@ -63,7 +63,7 @@ disabled_plugins = {disabled}
 
 [plugins."io.containerd.internal.v1.opt"]
   path = "{tmp / "opt"}"
-"""
+{extra}"""
 
 
 def _pid_alive(pid: int) -> bool:
@@ -103,7 +103,14 @@ def _unix_path(address: str) -> str | None:
 class Containerd:
     """A containerd daemon started (and stopped, by PID) by this test process."""
 
-    def __init__(self, *, namespace: str | None = None, cri: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        namespace: str | None = None,
+        cri: bool = False,
+        extra_config: Callable[[Path], str] | None = None,
+    ) -> None:
+        """``extra_config(tmp)`` returns TOML appended to the config (e.g. the CRI plugin's)."""
         self.tmp = Path(tempfile.mkdtemp(prefix="pyshim-ctrd-", dir="/tmp"))
         self.namespace = namespace or f"pyt-{secrets.token_hex(4)}"
         self.root = self.tmp / "root"
@@ -114,7 +121,8 @@ class Containerd:
         self.log_path = self.tmp / "containerd.log"
         for d in (self.root, self.state, self.tmp / "opt"):
             d.mkdir(mode=0o711)
-        self.config_path.write_text(_config(self.tmp, cri=cri))
+        extra = extra_config(self.tmp) if extra_config is not None else ""
+        self.config_path.write_text(_config(self.tmp, cri=cri, extra=extra))
         self.proc: subprocess.Popen[bytes] | None = None
         # Shim sockets live outside the temp dir (/run/containerd/s); remember
         # every one we learn of so close() can remove them.
