@@ -38,7 +38,9 @@ def manager_demo(tmp: Path) -> None:
     env = dict(os.environ, PYSHIM_RUN_DIR=str(tmp / "run"), PYSHIM_STATE_DIR=str(tmp / "state"))
     env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
     _say("pyshimd + pyshim run -- echo (host's /usr, /bin, /lib read-only)")
-    daemon = subprocess.Popen([str(BIN / "pyshimd"), "--log-level", "warning"], env=env, stdin=subprocess.DEVNULL)
+    daemon = subprocess.Popen(
+        [str(BIN / "pyshimd"), "--log-level", "warning"], env=env, stdin=subprocess.DEVNULL
+    )
     try:
         sock = tmp / "run" / "pyshimd.sock"
         deadline = time.monotonic() + 20
@@ -46,7 +48,15 @@ def manager_demo(tmp: Path) -> None:
             if daemon.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit("pyshimd did not come up")
             time.sleep(0.05)
-        cmd = [str(BIN / "pyshim"), "run", "--rm", "--", "sh", "-c", "echo hello from pyshim; exit 3"]
+        cmd = [
+            str(BIN / "pyshim"),
+            "run",
+            "--rm",
+            "--",
+            "sh",
+            "-c",
+            "echo hello from pyshim; exit 3",
+        ]
         code = subprocess.run(cmd, env=env, check=False).returncode
         print(f"exit code: {code}")
         if code != 3:
