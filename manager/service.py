@@ -10,7 +10,8 @@ import json
 import logging
 from pathlib import Path
 
-from google.protobuf import empty_pb2
+from google.protobuf import empty_pb2, json_format
+from google.protobuf.message import Message
 
 from manager.images import ImageEntry, ImageError, ImageNotFound, ImageStore
 from manager.supervisor import Supervisor, container_message
@@ -141,6 +142,32 @@ class ManagerService:
         )
 
 
+_EVENT_TYPES: dict[str, type[Message]] = {
+    "/tasks/create": events_pb2.TaskCreate,
+    "/tasks/start": events_pb2.TaskStart,
+    "/tasks/exit": events_pb2.TaskExit,
+    "/tasks/delete": events_pb2.TaskDelete,
+    "/tasks/exec-added": events_pb2.TaskExecAdded,
+    "/tasks/exec-started": events_pb2.TaskExecStarted,
+    "/tasks/paused": events_pb2.TaskPaused,
+    "/tasks/resumed": events_pb2.TaskResumed,
+    "/tasks/oom": events_pb2.TaskOOM,
+}
+
+
+def _event_json(env: forward_pb2.Envelope) -> str:
+    """One line per event, as `ctr events` shows them (field names as in the proto)."""
+    kind = _EVENT_TYPES.get(env.topic)
+    if kind is None:
+        return "{}"
+    try:
+        msg = anyutil.unpack(env.event, kind)
+    except Exception:
+        return "{}"
+    data = json_format.MessageToDict(msg, preserving_proto_field_name=True)
+    return json.dumps(data, separators=(",", ":"))
+
+
 class EventsService:
     """Where shims forward their events ($TTRPC_ADDRESS)."""
 
@@ -151,6 +178,8 @@ class EventsService:
         self, ctx: RequestContext, req: forward_pb2.ForwardRequest
     ) -> empty_pb2.Empty:
         env = req.envelope
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("forwarded event %s %s", env.topic, _event_json(env))
         if env.topic == "/tasks/exit":
             try:
                 ev = anyutil.unpack(env.event, events_pb2.TaskExit)

@@ -29,7 +29,7 @@ from protocol.proto.runtimeoptions.v1 import api_pb2 as runtimeoptions_pb2
 from protocol.proto.task.v2 import shim_pb2
 from protocol.proto.types import mount_pb2
 from protocol.ttrpc.status import Code, TtrpcError
-from shim.exits import ExitRouter
+from shim.exits import Exit, ExitRouter
 from shim.ids import validate_id
 from shim.process import (
     EventSink,
@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from shim.stats import Cgroup
 
 __all__ = [
+    "MAX_EXECS_PER_CONTAINER",
     "Container",
     "ContainerRecord",
     "CreateOptions",
@@ -60,6 +61,13 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 RECORD_VERSION = 1
+# Each exec is kept (memory, and once started its pipes and fds) until containerd
+# deletes it, even after it exited; a client that never calls Delete would otherwise
+# grow the shim until it runs out of fds and can serve no container. containerd's own
+# workloads (probes, `ctr exec`) keep a handful alive at once, far below this.
+MAX_EXECS_PER_CONTAINER = 1024
+# The exit status of an init whose real status died with an earlier shim.
+UNKNOWN_EXIT_STATUS = 255
 
 
 class ContainerRecord(msgspec.Struct, kw_only=True):
@@ -111,6 +119,10 @@ def _no_cgroup(pid: int) -> Cgroup | None:
     return None
 
 
+def _no_pidfd(pid: int) -> int | None:
+    return None
+
+
 @dataclass(frozen=True)
 class Toolkit:
     """The shim's collaborators, injectable so the task logic is tested without runc."""
@@ -126,6 +138,8 @@ class Toolkit:
     # The default knows no cgroups: fake runtimes' pids are not real processes.
     find_cgroup: Callable[[int], Cgroup | None] = _no_cgroup
     oom: OomWatch | None = None
+    # A pidfd for a live pid, None when it is gone (or not a real process, for fakes).
+    pidfd_open: Callable[[int], int | None] = _no_pidfd
 
 
 def decode_options(value: any_pb2.Any | None) -> CreateOptions:
@@ -215,6 +229,7 @@ class Container:
         # Found once from the init's /proc entry: it outlives the init's exit, and
         # Stats must keep answering about the same cgroup.
         self.cgroup: Cgroup | None = None
+        self._orphan_pidfd: int | None = None
         self.execs: dict[str, ExecProcess] = {}
         self.init = InitProcess(
             container_id=id,
@@ -387,10 +402,15 @@ class Container:
         return container
 
     async def _recover_live_init(self, pid: int) -> None:
+        # Opened before asking runc: if runc then says the container runs, this fd is
+        # that process, not a later one that reused the pid.
+        pidfd = self._toolkit.pidfd_open(pid)
         try:
             status = str((await self.runtime.state(self.id)).get("status", "stopped"))
         except RuntimeFailure:
             status = "stopped"
+        if status == "stopped" and pidfd is not None:
+            os.close(pidfd)
         if status == "stopped":
             # The exit happened while no shim could reap it: its status is lost. Record
             # a made-up one once so every later answer agrees.
@@ -398,7 +418,7 @@ class Container:
                 container_id=self.id,
                 exec_id="",
                 pid=pid,
-                exit_status=255,
+                exit_status=UNKNOWN_EXIT_STATUS,
                 exited_at_ns=time.time_ns(),
             )
             write_record(exit_record_path(self.bundle, self.id), exit)
@@ -409,6 +429,31 @@ class Container:
         if status != "created":
             self.watch_oom()
         self._toolkit.router.register(pid, self.init, None)
+        if pidfd is not None:
+            self._watch_orphan(pid, pidfd)
+
+    def _watch_orphan(self, pid: int, pidfd: int) -> None:
+        """Notice the death of an init that is no longer our child.
+
+        The earlier shim was its parent; when it died the init was re-parented to the
+        nearest subreaper above it, so our reaper never sees this exit and its status
+        is lost. Without this, State would say RUNNING and Wait would block forever
+        after the container died. A pidfd becomes readable when the process exits.
+        """
+        self._orphan_pidfd = pidfd
+
+        def exited() -> None:
+            self._unwatch_orphan()
+            self._toolkit.router.unregister(pid, self.init)
+            self.init.reaped(Exit(pid, UNKNOWN_EXIT_STATUS, time.time_ns()))
+
+        asyncio.get_running_loop().add_reader(pidfd, exited)
+
+    def _unwatch_orphan(self) -> None:
+        pidfd, self._orphan_pidfd = self._orphan_pidfd, None
+        if pidfd is not None:
+            asyncio.get_running_loop().remove_reader(pidfd)
+            os.close(pidfd)
 
     # -- execs ------------------------------------------------------------------------
 
@@ -424,6 +469,12 @@ class Container:
         if req.exec_id in self.execs:
             raise TtrpcError(Code.ALREADY_EXISTS, f"id {req.exec_id}: already exists")
         validate_id("exec id", req.exec_id)
+        if len(self.execs) >= MAX_EXECS_PER_CONTAINER:
+            raise TtrpcError(
+                Code.RESOURCE_EXHAUSTED,
+                f"container {self.id}: too many execs ({len(self.execs)}, at most "
+                f"{MAX_EXECS_PER_CONTAINER}); delete finished execs first",
+            )
         if not req.HasField("spec") or not req.spec.value:
             raise TtrpcError(Code.INVALID_ARGUMENT, "exec process spec is required")
         try:
@@ -509,6 +560,7 @@ class Container:
     async def delete(self) -> None:
         """Delete the init (created or stopped) and everything the container holds."""
         await self.init.delete()
+        self._unwatch_orphan()
         if self._toolkit.oom is not None:
             self._toolkit.oom.unwatch(self.id)
         for exec_ in list(self.execs.values()):

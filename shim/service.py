@@ -84,6 +84,7 @@ class TaskService:
             # Only real runc's pids are processes whose cgroup means anything.
             find_cgroup=find_cgroup or (_find_cgroup if real_runtime else _no_cgroup),
             oom=oom,
+            pidfd_open=_pidfd_open if real_runtime else _no_pidfd,
         )
         self._containers: dict[str, Container] = {}
         # Ids whose Create is in flight: a second Create must see them as taken.
@@ -333,6 +334,17 @@ def _find_cgroup(pid: int) -> Cgroup | None:
 
 
 def _no_cgroup(pid: int) -> Cgroup | None:
+    return None
+
+
+def _pidfd_open(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+
+
+def _no_pidfd(pid: int) -> int | None:
     return None
 
 

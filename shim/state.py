@@ -8,6 +8,7 @@ rename, fsync of the directory): an exit is on disk before anyone is told about 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 from pathlib import Path
@@ -136,11 +137,27 @@ def _current_version(type_: type[msgspec.Struct]) -> int:
 
 
 def read_record(path: Path, type_: type[T]) -> T | None:
-    """The record at ``path``; None when there is none; ``RecordError`` when unusable."""
+    """The record at ``path``; None when there is none; ``RecordError`` when unusable.
+
+    A symlink or non-regular file at ``path`` is refused, never followed: the writer
+    never makes one, so it was planted, and following it would hand us (as root) any
+    file's contents, or a fifo that blocks the read forever.
+    """
     try:
-        data = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise RecordError(f"refusing record {path}: it is a symlink") from exc
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise RecordError(f"refusing record {path}: not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read()
+    finally:
+        os.close(fd)
     expected = _current_version(type_)
     try:
         version = msgspec.json.decode(data, type=_Versioned).version

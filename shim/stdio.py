@@ -17,15 +17,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from protocol.ttrpc.status import Code, TtrpcError
 from shim.console import ConsoleError, ConsoleSocket, set_winsize
 from shim.copy import Copier, open_fifo_writer, set_nonblocking, wait_readable
 
 __all__ = [
+    "InvalidStdioError",
     "ProcessIO",
     "StdioError",
     "StdioSpec",
     "UnknownSchemeError",
     "open_process_io",
+    "validate_spec",
 ]
 
 _log = logging.getLogger(__name__)
@@ -47,6 +50,14 @@ class UnknownSchemeError(StdioError):
     def __init__(self, scheme: str) -> None:
         super().__init__(f"unknown STDIO scheme {scheme}")
         self.scheme = scheme
+
+
+class InvalidStdioError(StdioError, TtrpcError):
+    """A stdio string no retry can make work: InvalidArgument (3) for the caller,
+    where a path that merely failed to open stays Unknown (2) like the reference."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(Code.INVALID_ARGUMENT, message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +126,60 @@ def logger_argv(uri: str) -> list[str]:
             seen.add(key)
             argv += [key, value]
     return argv
+
+
+def validate_spec(spec: StdioSpec) -> None:
+    """Refuse, before anything is opened, stdio strings that name no usable path.
+
+    Paths must be absolute: the shim's cwd is the bundle, so a relative path would
+    quietly open (or, for file://, create) something inside it. A NUL byte cannot be
+    in a path at all (os.open would raise ValueError, which reads as an internal
+    failure). Only the strings the chosen kind actually uses are checked: ctr passes
+    the same file:// or binary:// URI as stdout and stderr.
+    """
+    for name, value in (("stdin", spec.stdin), ("stdout", spec.stdout), ("stderr", spec.stderr)):
+        if "\0" in value:
+            raise InvalidStdioError(f"{name} {value!r}: contains a NUL byte")
+    if spec.is_null:
+        return
+    scheme = url_scheme(spec.stdout)
+    if scheme not in ("", "fifo", "file", "binary"):
+        raise UnknownSchemeError(scheme)
+    plain: list[tuple[str, str]] = []
+    if spec.stdin and (scheme != "binary" or spec.terminal):
+        plain.append(("stdin", spec.stdin))
+    if scheme in ("file", "binary"):
+        _check_uri_path(spec.stdout, scheme)
+    else:
+        plain.append(("stdout", spec.stdout))
+        if not spec.terminal:
+            plain.append(("stderr", spec.stderr))
+    for name, path in plain:
+        if path and not path.startswith("/"):
+            raise InvalidStdioError(f"{name} {path!r}: must be an absolute path")
+
+
+def _check_uri_path(uri: str, scheme: str) -> None:
+    from urllib.parse import urlsplit
+
+    what = "log file" if scheme == "file" else "logging binary"
+    try:
+        host = urlsplit(uri).netloc
+    except ValueError as exc:  # e.g. an unclosed "[" taken for an IPv6 host
+        raise InvalidStdioError(f"stdout {uri!r}: {exc}") from exc
+    if host:
+        # Go's url.Parse takes "file://var/log/x" as host "var" + path "/log/x"; the
+        # reference drops the host and writes elsewhere than the caller meant.
+        raise InvalidStdioError(
+            f"stdout {uri!r}: {scheme}:// needs an absolute {what} path "
+            f"({scheme}:///abs/path), not host {host!r}"
+        )
+    # The percent-decoded path and logger arguments, where "%00" becomes a NUL.
+    decoded = logger_argv(uri) if scheme == "binary" else [_url_path(uri)]
+    if any("\0" in part for part in decoded):
+        raise InvalidStdioError(f"stdout {uri!r}: contains an encoded NUL byte")
+    if not decoded[0].startswith("/"):
+        raise InvalidStdioError(f"stdout {uri!r}: the {what} path must be absolute")
 
 
 @dataclass(slots=True)
@@ -493,6 +558,7 @@ async def open_process_io(
     io_gid: int | None = None,
 ) -> ProcessIO:
     """Open everything `spec` names; on failure nothing stays open."""
+    validate_spec(spec)
     pio = ProcessIO(process_id=process_id, terminal=spec.terminal)
     try:
         await pio._setup(

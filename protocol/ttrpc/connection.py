@@ -145,11 +145,20 @@ class ServerConnection(Generic[M]):
         self._in_flight: dict[int, int] = {}
         self._in_flight_total = 0
         self.peer_closed = False
+        # Every complete frame, oversized ones included: lets the server tell a new
+        # partial frame from the one it was already timing.
+        self.frames_received = 0
 
     @property
     def in_flight(self) -> int:
         """Calls handed out by ``next_event`` and not yet finished."""
         return self._in_flight_total
+
+    @property
+    def mid_frame(self) -> bool:
+        """Received bytes not yet turned into events; once ``next_event`` returned None,
+        that is the start of a frame still incomplete (or an oversized one being skipped)."""
+        return not self._decoder.at_boundary
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         if self.peer_closed:
@@ -170,6 +179,7 @@ class ServerConnection(Generic[M]):
             ev = self._decoder.next_event()
             if ev is None:
                 return None
+            self.frames_received += 1
             out = self._handle(ev)
             if out is not None:
                 return out

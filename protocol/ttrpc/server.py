@@ -23,6 +23,7 @@ from protocol.ttrpc.status import Code, TtrpcError
 __all__ = [
     "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_MAX_IN_FLIGHT",
+    "DEFAULT_PARTIAL_FRAME_TIMEOUT",
     "DEFAULT_WRITE_BUFFER_HIGH",
     "DEFAULT_WRITE_BUFFER_LOW",
     "Method",
@@ -47,6 +48,13 @@ DEFAULT_MAX_IN_FLIGHT: Final = 1024
 # than HIGH plus the answers of calls already running; reading resumes below LOW.
 DEFAULT_WRITE_BUFFER_HIGH: Final = 1 << 20
 DEFAULT_WRITE_BUFFER_LOW: Final = 256 << 10
+# Seconds a connection may hold part of a frame while we wait for nothing else (no call
+# in flight, reading not paused by us) before it is closed: otherwise peers that stall
+# mid-frame keep their connection slots forever and, 128 of them, lock containerd out.
+# Counted from the frame's first byte, not reset by further bytes of the same frame, so
+# trickling one byte at a time does not extend it. Real peers write a frame in one go;
+# even a 4 MiB frame over a unix socket takes milliseconds.
+DEFAULT_PARTIAL_FRAME_TIMEOUT: Final = 30.0
 
 _PEERCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
@@ -96,9 +104,12 @@ class Server:
         write_buffer_high: int = DEFAULT_WRITE_BUFFER_HIGH,
         write_buffer_low: int = DEFAULT_WRITE_BUFFER_LOW,
         max_message_size: int = MAX_MESSAGE_SIZE,
+        partial_frame_timeout: float | None = DEFAULT_PARTIAL_FRAME_TIMEOUT,
     ) -> None:
         if max_in_flight is not None and max_in_flight < 1:
             raise ValueError("max_in_flight must be >= 1")
+        if partial_frame_timeout is not None and partial_frame_timeout <= 0:
+            raise ValueError("partial_frame_timeout must be > 0 (or None for no bound)")
         if not 0 <= write_buffer_low <= write_buffer_high:
             raise ValueError("need 0 <= write_buffer_low <= write_buffer_high")
         self.peer_check = peer_check
@@ -108,6 +119,7 @@ class Server:
         self.write_buffer_high = write_buffer_high
         self.write_buffer_low = write_buffer_low
         self.max_message_size = max_message_size
+        self.partial_frame_timeout = partial_frame_timeout
         self._services: dict[str, dict[str, Method[Any, Any]]] = {}
         self._listeners: list[asyncio.AbstractServer] = []
         self._conns: set[_ServerProtocol] = set()
@@ -280,6 +292,10 @@ class _ServerProtocol(asyncio.Protocol):
         self._closing = False
         self._closing_when_idle = False
         self._lost = False
+        # Armed only while a partial frame waits on the peer alone, so an idle
+        # connection costs no wake-ups; _stall_frame is the frame count it was armed at.
+        self._stall_timer: asyncio.TimerHandle | None = None
+        self._stall_frame = 0
 
     # ---------------------------------------------------------------- transport events
 
@@ -300,6 +316,7 @@ class _ServerProtocol(asyncio.Protocol):
             return
         self._sm.receive_data(data)
         self._pump()
+        self._watch_stall()
 
     def eof_received(self) -> bool | None:
         if not self._sm.receive_eof():
@@ -311,6 +328,7 @@ class _ServerProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
         self._closing = True
+        self._cancel_stall()
         self._sm.receive_eof()
         self._server._forget(self)
 
@@ -329,6 +347,7 @@ class _ServerProtocol(asyncio.Protocol):
 
     def abort(self) -> None:
         self._closing = True
+        self._cancel_stall()
         for task in list(self._tasks):
             task.cancel()
         if self._transport is not None:
@@ -355,6 +374,45 @@ class _ServerProtocol(asyncio.Protocol):
             self._transport.resume_reading()
             # Complete frames may already sit in the decoder from the last read.
             self._pump()
+        self._watch_stall()
+
+    def _watch_stall(self) -> None:
+        timeout = self._server.partial_frame_timeout
+        sm = self._sm
+        waiting_on_peer = (
+            timeout is not None
+            and not self._closing
+            and not self._pause
+            and sm.in_flight == 0
+            and sm.mid_frame
+        )
+        if not waiting_on_peer:
+            self._cancel_stall()
+            return
+        if self._stall_timer is not None and self._stall_frame == sm.frames_received:
+            return  # the same frame is still incomplete: its deadline stands
+        assert timeout is not None
+        self._cancel_stall()
+        self._stall_frame = sm.frames_received
+        self._stall_timer = asyncio.get_running_loop().call_later(timeout, self._stalled)
+
+    def _cancel_stall(self) -> None:
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+
+    def _stalled(self) -> None:
+        self._stall_timer = None
+        if self._closing or self._transport is None:
+            return
+        log.warning(
+            "ttrpc: closing connection: peer stalled inside a frame for %gs with no call in flight",
+            self._server.partial_frame_timeout,
+        )
+        self._closing = True
+        # abort, not close: a peer that stopped writing may not read either, and close()
+        # would wait on it to flush our queued answers.
+        self._transport.abort()
 
     def _pump(self) -> None:
         limit = self._server.max_in_flight
@@ -435,3 +493,4 @@ class _ServerProtocol(asyncio.Protocol):
         if "calls" in self._pause:
             self._set_pause("calls", False)
         self._maybe_close_idle()
+        self._watch_stall()

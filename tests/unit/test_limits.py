@@ -6,16 +6,20 @@ docs/reliability.md lists the same limits; a change to one of them must show her
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import struct
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+from google.protobuf import any_pb2
 
+from protocol.proto.task.v2 import shim_pb2
 from protocol.proto.ttrpc_pb2 import KeyValue
 from protocol.ttrpc import Client, Method, RequestContext, Server
 from protocol.ttrpc.frame import MAX_MESSAGE_SIZE, MessageType, encode_frame, encode_header
@@ -23,19 +27,25 @@ from protocol.ttrpc.messages import RequestMessage, decode_response, encode_requ
 from protocol.ttrpc.server import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_PARTIAL_FRAME_TIMEOUT,
     DEFAULT_WRITE_BUFFER_HIGH,
 )
 from protocol.ttrpc.status import Code, TtrpcError
 from shim import daemon
+from shim.container import MAX_EXECS_PER_CONTAINER
 from shim.ids import MAX_LENGTH, InvalidIdentifierError, validate_id
+from shim.service import SERVICE_NAMES, TaskService
 from shim.state import (
     ExitRecord,
+    RecordError,
     UnsafePathError,
     exit_record_path,
     read_record,
     write_atomic,
     write_record,
 )
+from shim.stdio import InvalidStdioError, StdioSpec, open_process_io
+from tests.unit.test_service import FakeReaper, FakeRuntime, Harness, Shared, make_harness
 
 SVC = "limits.Svc"
 GO_OVERSIZE = "message length {} exceed maximum message size of 4194304"
@@ -373,3 +383,310 @@ def test_write_atomic_refuses_a_file_where_a_state_dir_belongs(tmp_path: Path) -
     (tmp_path / "pyshim").write_text("not a dir")
     with pytest.raises(OSError):
         write_atomic(tmp_path / "pyshim" / "container.json", b"{}")
+
+
+def test_read_record_refuses_a_planted_symlink(tmp_path: Path) -> None:
+    secret = tmp_path / "secret.json"
+    write_record(secret, _record())  # a valid record: following the link would "work"
+    path = exit_record_path(str(tmp_path / "bundle"), "c1")
+    path.parent.mkdir(parents=True)
+    path.symlink_to(secret)
+    with pytest.raises(RecordError, match=r"refusing record .*c1\.json: it is a symlink"):
+        read_record(path, ExitRecord)
+    path.unlink()
+    path.symlink_to(tmp_path / "dangling")
+    with pytest.raises(RecordError, match="it is a symlink"):
+        read_record(path, ExitRecord)
+
+
+def test_read_record_refuses_a_fifo_without_blocking(tmp_path: Path) -> None:
+    path = exit_record_path(str(tmp_path), "c1")
+    path.parent.mkdir(parents=True)
+    os.mkfifo(path)
+    with pytest.raises(RecordError, match="not a regular file"):
+        read_record(path, ExitRecord)
+
+
+# ------------------------------------------------------------------ execs per container
+
+
+def _exec_request(exec_id: str) -> shim_pb2.ExecProcessRequest:
+    spec = any_pb2.Any(type_url="p", value=json.dumps({"args": ["true"], "cwd": "/"}).encode())
+    return shim_pb2.ExecProcessRequest(id="c1", exec_id=exec_id, spec=spec)
+
+
+async def test_execs_per_container_are_capped(tmp_path: Path) -> None:
+    assert MAX_EXECS_PER_CONTAINER == 1024
+    h: Harness = make_harness(tmp_path)
+    await h.create()
+    for i in range(MAX_EXECS_PER_CONTAINER):
+        await h.service.exec(_exec_request(f"e{i}"))
+    published = len(h.publisher.events)
+    with pytest.raises(TtrpcError) as err:
+        await h.service.exec(_exec_request("extra"))
+    assert err.value.code == Code.RESOURCE_EXHAUSTED
+    assert err.value.message == (
+        "container c1: too many execs (1024, at most 1024); delete finished execs first"
+    )
+    # Refused means refused: nothing registered, nothing published.
+    assert len(h.publisher.events) == published
+    with pytest.raises(TtrpcError) as missing:
+        await h.state(exec_id="extra")
+    assert missing.value.code == Code.NOT_FOUND
+    # A deleted exec frees its slot.
+    await h.service.delete(shim_pb2.DeleteRequest(id="c1", exec_id="e0"))
+    await h.service.exec(_exec_request("extra"))
+    assert (await h.state(exec_id="extra")).exec_id == "extra"
+
+
+# ------------------------------------------------------------------ stdio strings
+
+# (stdin, stdout, stderr, terminal) -> the InvalidArgument message
+BAD_STDIO: dict[tuple[str, str, str, bool], str] = {
+    ("", "out", "", False): "stdout 'out': must be an absolute path",
+    ("", "/o", "err", False): "stderr 'err': must be an absolute path",
+    ("in", "/o", "", False): "stdin 'in': must be an absolute path",
+    ("in", "", "", True): "stdin 'in': must be an absolute path",
+    ("", "./o", "", True): "stdout './o': must be an absolute path",
+    ("", "fifo:///o", "", False): "stdout 'fifo:///o': must be an absolute path",
+    ("", "file:log", "", False): "stdout 'file:log': the log file path must be absolute",
+    ("", "file://", "", False): "stdout 'file://': the log file path must be absolute",
+    ("", "file://var/x", "", False): (
+        "stdout 'file://var/x': file:// needs an absolute log file path (file:///abs/path),"
+        " not host 'var'"
+    ),
+    ("", "binary://log?a", "", False): (
+        "stdout 'binary://log?a': binary:// needs an absolute logging binary path"
+        " (binary:///abs/path), not host 'log'"
+    ),
+    ("", "binary:log", "", False): "stdout 'binary:log': the logging binary path must be absolute",
+    ("", "/o\0x", "", False): "stdout '/o\\x00x': contains a NUL byte",
+    ("/i\0", "/o", "", False): "stdin '/i\\x00': contains a NUL byte",
+    # stderr is unused with file://, but a NUL is refused anywhere
+    ("", "file:///o", "/e\0", False): "stderr '/e\\x00': contains a NUL byte",
+    ("", "file:///o\0", "", False): "stdout 'file:///o\\x00': contains a NUL byte",
+    ("", "file:///o%00", "", False): "stdout 'file:///o%00': contains an encoded NUL byte",
+    ("", "binary:///l?k=%00", "", False): (
+        "stdout 'binary:///l?k=%00': contains an encoded NUL byte"
+    ),
+    ("", "file://[x/o", "", False): "stdout 'file://[x/o': Invalid IPv6 URL",
+}
+
+
+@pytest.mark.parametrize(("strings", "message"), BAD_STDIO.items(), ids=repr)
+async def test_unusable_stdio_strings_are_invalid_argument_and_open_nothing(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    strings: tuple[str, str, str, bool],
+    message: str,
+) -> None:
+    spec = StdioSpec(*strings)
+    monkeypatch.chdir(tmp_path)  # where a relative path would land
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(InvalidStdioError) as err:
+        await open_process_io(spec, process_id="p1", namespace="ns", reaper=None)  # type: ignore[arg-type]
+    assert (err.value.code, err.value.message) == (Code.INVALID_ARGUMENT, message)
+    assert len(os.listdir("/proc/self/fd")) == fds
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        # ctr's --log-uri puts the same URI in stdout and stderr.
+        StdioSpec("", "binary:///bin/true", "binary:///bin/true", False),
+        # binary:// without a terminal never uses stdin.
+        StdioSpec("unused", "binary:///bin/true", "", False),
+        # with a terminal, stderr is never used.
+        StdioSpec("", "/dev/null", "unused", True),
+    ],
+)
+def test_stdio_strings_a_kind_does_not_use_are_not_path_checked(spec: StdioSpec) -> None:
+    from shim.stdio import validate_spec
+
+    validate_spec(spec)
+
+
+async def test_stdio_refusals_reach_containerd_as_status_3(tmp_path: Path) -> None:
+    # Through the real stdio opener and a real ttrpc server: the code on the wire.
+    shared = Shared()
+    service = TaskService(
+        namespace="ns",
+        publisher=(publisher := _Events()),
+        reaper=FakeReaper(),  # type: ignore[arg-type]
+        request_shutdown=lambda: None,
+        make_runtime=lambda options, bundle: FakeRuntime(shared, bundle),
+        mount=lambda mounts, target: None,
+        unmount=lambda target: None,
+    )
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    (bundle / "config.json").write_text("{}")
+    server = Server()
+    service.register(server)
+    path = "\0pyshim-limits-" + uuid.uuid4().hex
+    await server.serve_path(path)
+    try:
+        async with await Client.connect(path) as client:
+            task = SERVICE_NAMES[0]
+            create = shim_pb2.CreateTaskRequest(id="c1", bundle=str(bundle), stdout="rel/out")
+            with pytest.raises(TtrpcError) as err:
+                await client.call(task, "Create", create, shim_pb2.CreateTaskResponse, timeout=5)
+            assert err.value.code == Code.INVALID_ARGUMENT
+            assert err.value.message == "stdout 'rel/out': must be an absolute path"
+            assert shared.names() == [] and publisher.events == []
+            assert sorted(p.name for p in bundle.iterdir()) == ["config.json"]
+
+            create = shim_pb2.CreateTaskRequest(id="c1", bundle=str(bundle))
+            await client.call(task, "Create", create, shim_pb2.CreateTaskResponse, timeout=5)
+            exec_ = _exec_request("e1")
+            exec_.stdout = "/dev/null\0"
+            await client.call(task, "Exec", exec_, shim_pb2.CreateTaskResponse, timeout=5)
+            start = shim_pb2.StartRequest(id="c1", exec_id="e1")
+            with pytest.raises(TtrpcError) as err:
+                await client.call(task, "Start", start, shim_pb2.StartResponse, timeout=5)
+            assert err.value.code == Code.INVALID_ARGUMENT
+            assert "contains a NUL byte" in err.value.message
+            assert "exec" not in shared.names()
+            state = shim_pb2.StateRequest(id="c1", exec_id="e1")
+            st = await client.call(task, "State", state, shim_pb2.StateResponse, timeout=5)
+            assert st.pid == 0  # still created
+    finally:
+        server.close()
+        service.close()
+
+
+class _Events:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, object]] = []
+
+    def publish(self, topic: str, event: object) -> None:
+        self.events.append((topic, event))
+
+
+# ------------------------------------------------------------------ stalled partial frames
+
+
+def _stall_timers(server: Server) -> list[asyncio.TimerHandle]:
+    return [c._stall_timer for c in server._conns if c._stall_timer is not None]
+
+
+async def _until_no_connections(server: Server) -> None:
+    async with asyncio.timeout(5):
+        while server.connection_count:
+            await asyncio.sleep(0.01)
+
+
+def test_partial_frame_timeout_default() -> None:
+    assert DEFAULT_PARTIAL_FRAME_TIMEOUT == 30.0
+    assert Server().partial_frame_timeout == 30.0
+    with pytest.raises(ValueError):
+        Server(partial_frame_timeout=0)
+
+
+@pytest.mark.parametrize("sent", ["half a header", "all but 2 bytes", "oversized header"])
+async def test_a_partial_frame_that_stalls_is_closed_after_the_bound(
+    sent: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    frame = request(1, "Size", KeyValue(value="x" * 100))
+    part = {
+        "half a header": frame[:5],
+        "all but 2 bytes": frame[:-2],
+        # Being skipped (never buffered) still counts as inside a frame.
+        "oversized header": encode_header(5 << 20, 1, MessageType.REQUEST) + b"x" * 1000,
+    }[sent]
+    async with serving(partial_frame_timeout=0.3) as (server, _svc, path):
+        raw = await Raw.open(path)
+        try:
+            start = time.monotonic()
+            await raw.send(part)
+            await _until_no_connections(server)
+            assert 0.25 < time.monotonic() - start < 3
+            assert await raw.closed_with_nothing_sent()
+            assert "peer stalled inside a frame for 0.3s" in caplog.text
+        finally:
+            raw.close()
+
+
+async def test_the_bound_runs_from_the_first_byte_of_the_frame() -> None:
+    # One byte every 50 ms keeps arriving, but the frame is not done within the bound.
+    frame = request(1, "Size", KeyValue(value="x" * 100))
+    async with serving(partial_frame_timeout=0.4) as (server, _svc, path):
+        raw = await Raw.open(path)
+        try:
+            start = time.monotonic()
+            for byte in frame[:-1]:
+                if not server.connection_count:
+                    break
+                raw.writer.write(bytes([byte]))
+                await asyncio.sleep(0.05)
+            await _until_no_connections(server)
+            # Had each byte restarted the clock it would have taken the whole ~6 s.
+            assert 0.35 < time.monotonic() - start < 1.5
+        finally:
+            raw.close()
+
+
+async def test_a_slow_frame_completed_within_the_bound_is_answered() -> None:
+    frame = request(1, "Size", KeyValue(value="v" * (1 << 20)))
+    async with serving(partial_frame_timeout=2.0) as (server, _svc, path):
+        raw = await Raw.open(path)
+        try:
+            for i in range(0, len(frame), 64 << 10):
+                await raw.send(frame[i : i + (64 << 10)])
+                await asyncio.sleep(0.02)
+            sid, _, data = await raw.read_frame()
+            assert (sid, KeyValue.FromString(decode_response(data).payload).key) == (1, "1048576")
+            assert _stall_timers(server) == []
+            # Frames that each complete reset it: the bound is per frame, not per connection.
+            for sid in (3, 5, 7):
+                one = request(sid, "Size", KeyValue(value="ab"))
+                await raw.send(one[:7])
+                await asyncio.sleep(0.9)
+                await raw.send(one[7:])
+                assert (await raw.read_frame())[0] == sid
+            assert server.connection_count == 1
+        finally:
+            raw.close()
+
+
+async def test_an_idle_connection_arms_no_timer_and_stays_open() -> None:
+    frame = request(3, "Size", KeyValue(value="ab"))
+    async with serving(partial_frame_timeout=0.2) as (server, _svc, path):
+        raw = await Raw.open(path)
+        try:
+            assert _stall_timers(server) == []
+            await raw.send(request(1, "Size", KeyValue(value="a")))
+            assert (await raw.read_frame())[0] == 1
+            assert _stall_timers(server) == []
+            await asyncio.sleep(0.5)
+            assert server.connection_count == 1
+            await raw.send(frame[:5])
+            await asyncio.sleep(0.05)
+            assert len(_stall_timers(server)) == 1
+            await raw.send(frame[5:])
+            assert (await raw.read_frame())[0] == 3
+            assert _stall_timers(server) == []
+        finally:
+            raw.close()
+
+
+async def test_a_partial_frame_behind_a_call_in_flight_is_not_timed() -> None:
+    # The peer may be waiting on us; the bound starts once nothing of ours is pending.
+    async with serving(partial_frame_timeout=0.2) as (server, svc, path):
+        raw = await Raw.open(path)
+        try:
+            await raw.send(request(1, "Block", KeyValue(key="b")))
+            async with asyncio.timeout(5):
+                while not svc.started:
+                    await asyncio.sleep(0.005)
+            await raw.send(request(3, "Size", KeyValue(value="x"))[:5])
+            await asyncio.sleep(0.5)
+            assert (server.connection_count, _stall_timers(server)) == (1, [])
+            svc.gate.set()
+            assert (await raw.read_frame())[0] == 1
+            start = time.monotonic()
+            await _until_no_connections(server)
+            assert 0.15 < time.monotonic() - start < 3
+        finally:
+            raw.close()
