@@ -571,10 +571,18 @@ def _stall_timers(server: Server) -> list[asyncio.TimerHandle]:
     return [c._stall_timer for c in server._conns if c._stall_timer is not None]
 
 
-async def _until_no_connections(server: Server) -> None:
+async def _until_connections(server: Server, n: int) -> None:
     async with asyncio.timeout(5):
-        while server.connection_count:
+        while server.connection_count != n:
             await asyncio.sleep(0.01)
+
+
+async def _open_admitted(server: Server, path: str) -> Raw:
+    # The client's connect returns before the server has accepted.
+    before = server.connection_count
+    raw = await Raw.open(path)
+    await _until_connections(server, before + 1)
+    return raw
 
 
 def test_partial_frame_timeout_default() -> None:
@@ -596,11 +604,11 @@ async def test_a_partial_frame_that_stalls_is_closed_after_the_bound(
         "oversized header": encode_header(5 << 20, 1, MessageType.REQUEST) + b"x" * 1000,
     }[sent]
     async with serving(partial_frame_timeout=0.3) as (server, _svc, path):
-        raw = await Raw.open(path)
+        raw = await _open_admitted(server, path)
         try:
             start = time.monotonic()
             await raw.send(part)
-            await _until_no_connections(server)
+            await _until_connections(server, 0)
             assert 0.25 < time.monotonic() - start < 3
             assert await raw.closed_with_nothing_sent()
             assert "peer stalled inside a frame for 0.3s" in caplog.text
@@ -612,7 +620,7 @@ async def test_the_bound_runs_from_the_first_byte_of_the_frame() -> None:
     # One byte every 50 ms keeps arriving, but the frame is not done within the bound.
     frame = request(1, "Size", KeyValue(value="x" * 100))
     async with serving(partial_frame_timeout=0.4) as (server, _svc, path):
-        raw = await Raw.open(path)
+        raw = await _open_admitted(server, path)
         try:
             start = time.monotonic()
             for byte in frame[:-1]:
@@ -620,7 +628,7 @@ async def test_the_bound_runs_from_the_first_byte_of_the_frame() -> None:
                     break
                 raw.writer.write(bytes([byte]))
                 await asyncio.sleep(0.05)
-            await _until_no_connections(server)
+            await _until_connections(server, 0)
             # Had each byte restarted the clock it would have taken the whole ~6 s.
             assert 0.35 < time.monotonic() - start < 1.5
         finally:
@@ -630,7 +638,7 @@ async def test_the_bound_runs_from_the_first_byte_of_the_frame() -> None:
 async def test_a_slow_frame_completed_within_the_bound_is_answered() -> None:
     frame = request(1, "Size", KeyValue(value="v" * (1 << 20)))
     async with serving(partial_frame_timeout=2.0) as (server, _svc, path):
-        raw = await Raw.open(path)
+        raw = await _open_admitted(server, path)
         try:
             for i in range(0, len(frame), 64 << 10):
                 await raw.send(frame[i : i + (64 << 10)])
@@ -653,7 +661,7 @@ async def test_a_slow_frame_completed_within_the_bound_is_answered() -> None:
 async def test_an_idle_connection_arms_no_timer_and_stays_open() -> None:
     frame = request(3, "Size", KeyValue(value="ab"))
     async with serving(partial_frame_timeout=0.2) as (server, _svc, path):
-        raw = await Raw.open(path)
+        raw = await _open_admitted(server, path)
         try:
             assert _stall_timers(server) == []
             await raw.send(request(1, "Size", KeyValue(value="a")))
@@ -674,7 +682,7 @@ async def test_an_idle_connection_arms_no_timer_and_stays_open() -> None:
 async def test_a_partial_frame_behind_a_call_in_flight_is_not_timed() -> None:
     # The peer may be waiting on us; the bound starts once nothing of ours is pending.
     async with serving(partial_frame_timeout=0.2) as (server, svc, path):
-        raw = await Raw.open(path)
+        raw = await _open_admitted(server, path)
         try:
             await raw.send(request(1, "Block", KeyValue(key="b")))
             async with asyncio.timeout(5):
@@ -686,7 +694,7 @@ async def test_a_partial_frame_behind_a_call_in_flight_is_not_timed() -> None:
             svc.gate.set()
             assert (await raw.read_frame())[0] == 1
             start = time.monotonic()
-            await _until_no_connections(server)
+            await _until_connections(server, 0)
             assert 0.15 < time.monotonic() - start < 3
         finally:
             raw.close()

@@ -1,0 +1,451 @@
+"""Executes a plan through a driver, injects its faults, checks the invariants.
+
+What is acceptable for an exit status (the rules the report applies):
+
+* The workload decides the status: `exit N` -> N, a signal S -> 128+S (the init of a
+  long-running container traps HUP/INT/USR1/TERM and exits 128+S, because pid 1 of a
+  pid namespace ignores signals it does not handle; SIGKILL is real), and a delete of
+  a container nobody told to die kills it with SIGKILL -> 137.
+* A container whose shim was SIGKILLed before its exit was observed may instead be
+  reported as 137: the shim's `delete` kills what is left and, without a record of
+  the real exit, containerd's convention is 137. Its execs may be reported as 137 too.
+* When the operation that would decide the status failed (its client was killed, the
+  daemon died, the disk was full), either outcome is acceptable (it may or may not
+  have reached the container); a run that failed may leave no container at all.
+* Whatever the value, every source (CLI rc, status queries, wait, delete, every exit
+  event) must report the same one: a second, different value is a violation even when
+  both are individually acceptable.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from tests.crash import procs
+from tests.crash.drivers import Driver, Event, Observation, OpOutcome
+from tests.crash.plan import Fault, Op, Plan, Step
+
+ZOMBIE_CHECK_EVERY = 25
+
+
+@dataclass
+class Violation:
+    kind: str
+    step: int
+    detail: str
+
+    def describe(self, seed: int) -> str:
+        where = f"step {self.step}" if self.step >= 0 else "end of run"
+        return f"[{self.kind}] seed={seed} {where}: {self.detail}"
+
+
+@dataclass
+class ProcState:
+    """One process (init or exec) and what we know about its exit."""
+
+    acceptable: set[int] = field(default_factory=set)
+    observations: list[tuple[int, str, int]] = field(default_factory=list)  # status, source, step
+    started: bool = True
+    # Anything may be acceptable (the deciding op failed); only consistency is checked.
+    uncertain: bool = False
+
+
+@dataclass
+class Container:
+    name: str
+    mode: str
+    init: ProcState
+    execs: dict[str, ProcState] = field(default_factory=dict)
+    paused: bool = False
+    told_to_die: bool = False
+    shim_killed: bool = False
+    deleted: bool = False
+    created_step: int = 0
+
+
+@dataclass
+class Report:
+    driver: str
+    runtime: str
+    seed: int
+    steps: int = 0
+    ops: dict[str, int] = field(default_factory=dict)
+    op_errors: int = 0
+    unsupported: int = 0
+    faults: dict[str, int] = field(default_factory=dict)
+    faults_skipped: int = 0
+    daemon_restarts: int = 0
+    commands: int = 0
+    events: int = 0
+    containers: int = 0
+    exits_checked: int = 0
+    violations: list[Violation] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        ops = sum(self.ops.values())
+        faults = sum(self.faults.values())
+        verdict = "OK" if not self.violations else f"{len(self.violations)} VIOLATIONS"
+        return (
+            f"{verdict}: driver={self.driver} runtime={self.runtime} seed={self.seed} "
+            f"ops={ops} faults={faults} containers={self.containers} "
+            f"exits-checked={self.exits_checked} events={self.events} "
+            f"daemon-restarts={self.daemon_restarts} op-errors={self.op_errors} "
+            f"time={self.seconds:.0f}s"
+        )
+
+    def render(self, verbose: bool = False) -> str:
+        lines = [f"crash harness: {self.driver} / {self.runtime}, seed {self.seed}"]
+        lines.append(f"  steps {self.steps}, client commands {self.commands}, {self.seconds:.1f}s")
+        lines.append("  operations: " + ", ".join(f"{k}={v}" for k, v in sorted(self.ops.items())))
+        lines.append(
+            "  faults:     "
+            + (", ".join(f"{k}={v}" for k, v in sorted(self.faults.items())) or "none")
+        )
+        lines.append(f"  faults with nothing to hit (no live shim): {self.faults_skipped}")
+        lines.append(
+            f"  failed operations (expected under faults): {self.op_errors}"
+            f"; unsupported by this driver: {self.unsupported}"
+        )
+        if verbose and self.errors:
+            lines += ["  operation errors:"] + [f"    {e}" for e in self.errors]
+        lines.append(f"  violations: {len(self.violations)}")
+        lines += [f"    {v.describe(self.seed)}" for v in self.violations]
+        lines.append(self.summary())
+        return "\n".join(lines)
+
+
+def init_script(op: Op) -> str:
+    if op.mode == "exit":
+        pause = f"sleep {op.delay}; " if op.delay else ""
+        return f"{pause}exit {op.code}"
+    traps = " ".join(
+        f"trap 'exit {128 + int(s)}' {s.name[3:]};"
+        for s in (signal.SIGHUP, signal.SIGINT, signal.SIGUSR1, signal.SIGTERM)
+    )
+    # `wait` returns when a trapped signal arrives; the trap then exits 128+S.
+    return f"{traps} sleep 100000 & wait"
+
+
+def exec_script(op: Op) -> str:
+    pause = f"sleep {op.delay}; " if op.delay else ""
+    if op.signal:
+        return f"{pause}kill -{signal.Signals(op.signal).name[3:]} $$"
+    return f"{pause}exit {op.code}"
+
+
+class Runner:
+    def __init__(self, driver: Driver, plan: Plan, *, log: Callable[[str], None] | None = None):
+        self.d = driver
+        self.plan = plan
+        self.log = log or (lambda _m: None)
+        self.containers: dict[str, Container] = {}
+        self.report = Report(driver.name, driver.runtime, plan.seed)
+        self._disk_full_until = -1
+        self._slow_until = -1
+        self._step = 0
+
+    # -- bookkeeping ------------------------------------------------------------------
+
+    def violation(self, kind: str, step: int, detail: str) -> None:
+        v = Violation(kind, step, detail)
+        self.report.violations.append(v)
+        self.log("VIOLATION " + v.describe(self.plan.seed))
+
+    def _observe(self, c: Container, obs: Observation, step: int) -> None:
+        ps = c.init if not obs.process else c.execs.setdefault(obs.process, ProcState())
+        ps.observations.append((obs.status, obs.source, step))
+
+    # -- main loop --------------------------------------------------------------------
+
+    def run(self) -> Report:
+        t0 = time.monotonic()
+        try:
+            for step in self.plan.steps:
+                self._step = step.index
+                self._do_step(step)
+                if step.index % ZOMBIE_CHECK_EVERY == ZOMBIE_CHECK_EVERY - 1:
+                    self._check_zombies(step.index)
+            self._end_faults()
+            self._finish()
+        finally:
+            self.d.set_slow_runc(0)
+            self.d.free_disk()
+            self.report.seconds = time.monotonic() - t0
+            self.report.commands = self.d.cmds.count
+        return self.report
+
+    def _do_step(self, step: Step) -> None:
+        if step.index > self._disk_full_until >= 0:
+            self.d.free_disk()
+            self._disk_full_until = -1
+        if step.index > self._slow_until >= 0:
+            self.d.set_slow_runc(0)
+            self._slow_until = -1
+        op = step.op
+        self.report.steps += 1
+        self.report.ops[op.kind] = self.report.ops.get(op.kind, 0) + 1
+        self.log(step.describe())
+        fault_thread: threading.Thread | None = None
+        restart = False
+        if step.fault is not None:
+            fault_thread, restart = self._arm(step, step.fault)
+        try:
+            outcome = self._do_op(step)
+        finally:
+            if fault_thread is not None:
+                fault_thread.join()
+            self.d.cmds.cancel_pending_kill()
+        if outcome is not None:
+            if outcome.unsupported:
+                self.report.unsupported += 1
+            elif outcome.errors:
+                self.report.op_errors += 1
+                self.report.errors += [f"#{step.index} {e}" for e in outcome.errors]
+                self.log("  errors: " + "; ".join(outcome.errors))
+        if restart:
+            self._restart_daemon(step.index)
+
+    # -- operations -------------------------------------------------------------------
+
+    def _do_op(self, step: Step) -> OpOutcome | None:
+        op, i = step.op, step.index
+        if op.kind == "run":
+            c = Container(
+                op.slot, op.mode, ProcState(acceptable=_known(op.expected())), created_step=i
+            )
+            self.containers[op.slot] = c
+            self.report.containers += 1
+            out = self.d.run(op.slot, init_script(op))
+            if not out.ok:
+                # It may or may not exist, and may or may not have started.
+                c.init.uncertain = True
+            return out
+        found = self.containers.get(op.slot)
+        if found is None or found.deleted:
+            return None
+        c = found
+        if op.kind == "exec":
+            ps = c.execs.setdefault(op.exec_id, ProcState(acceptable={op.expected() or 0}))
+            out = self.d.exec(op.slot, op.exec_id, exec_script(op))
+            if not out.ok:
+                ps.uncertain = True
+            for obs in out.observations:
+                self._observe(c, obs, i)
+            return out
+        if op.kind == "kill":
+            out = self.d.kill(op.slot, op.signal)
+            c.told_to_die = True
+            c.init.acceptable.add(128 + op.signal)
+            if not out.ok and c.mode == "serve":
+                # Delivered or not: the delete's SIGKILL decides otherwise.
+                c.init.acceptable.add(137)
+            return out
+        if op.kind in ("pause", "resume"):
+            out = self.d.pause(op.slot, resume=op.kind == "resume")
+            if not out.unsupported:
+                # A pause that failed may still have frozen it: resume on delete anyway.
+                c.paused = op.kind == "pause" or (c.paused and not out.ok)
+            return out
+        if op.kind == "status":
+            out = self.d.status(op.slot)
+            for obs in out.observations:
+                self._observe(c, obs, i)
+            return out
+        if op.kind == "delete":
+            kill_first = c.mode == "serve" and not c.told_to_die
+            if kill_first or c.init.uncertain:
+                c.init.acceptable.add(137)
+            out = self.d.delete(
+                op.slot, kill_first=kill_first or c.init.uncertain, resume_first=c.paused
+            )
+            for obs in out.observations:
+                self._observe(c, obs, i)
+            c.deleted = True
+            return out
+        raise ValueError(op.kind)
+
+    # -- faults -----------------------------------------------------------------------
+
+    def _arm(self, step: Step, fault: Fault) -> tuple[threading.Thread | None, bool]:
+        kind = fault.kind
+        self.report.faults[kind] = self.report.faults.get(kind, 0) + 1
+        if kind == "slow-runc":
+            self.d.set_slow_runc(fault.duration)
+            self._slow_until = step.index + fault.steps - 1
+            return None, False
+        if kind == "disk-full":
+            target: Callable[[], object] = self._fill_disk
+            self._disk_full_until = step.index + fault.steps - 1
+        elif kind == "client-kill":
+            target = self.d.cmds.kill_current
+        elif kind == "daemon-kill":
+            target = self._kill_daemon
+        elif kind in ("shim-kill", "shim-stop"):
+            pid = self.d.shim_of(fault.slot)
+            c = self.containers.get(fault.slot)
+            if pid is None or c is None:
+                self.report.faults_skipped += 1
+                return None, False
+            if kind == "shim-kill":
+                # From here on, an exit not yet observed may honestly be 137.
+                c.shim_killed = True
+                c.init.acceptable.add(137)
+                for ps in c.execs.values():
+                    ps.acceptable.add(137)
+                target = lambda: procs.kill_pid(pid)  # noqa: E731
+            else:
+                target = lambda: self._stop_shim(pid, fault.duration)  # noqa: E731
+        else:
+            raise ValueError(kind)
+
+        def fire() -> None:
+            time.sleep(fault.at)
+            target()
+
+        t = threading.Thread(target=fire, name=f"fault-{kind}", daemon=True)
+        t.start()
+        return t, kind == "daemon-kill"
+
+    def _fill_disk(self) -> None:
+        self.d.fill_disk()
+
+    def _kill_daemon(self) -> None:
+        self.d.kill_daemon()
+
+    @staticmethod
+    def _stop_shim(pid: int, seconds: float) -> None:
+        if not procs.kill_pid(pid, signal.SIGSTOP):
+            return
+        try:
+            time.sleep(seconds)
+        finally:
+            procs.kill_pid(pid, signal.SIGCONT)
+
+    def _restart_daemon(self, step: int) -> None:
+        self.report.daemon_restarts += 1
+        live = {name: pid for name in self.containers if (pid := self.d.shim_of(name)) is not None}
+        self.d.start_daemon()
+        for problem in self.d.reconnect_problems(live):
+            self.violation("reconnect", step, problem)
+
+    def _end_faults(self) -> None:
+        self.d.set_slow_runc(0)
+        self.d.free_disk()
+
+    # -- invariants -------------------------------------------------------------------
+
+    def _check_zombies(self, step: int) -> None:
+        parents = set(self.d.shim_pids().values())
+        dpid = self.d.daemon_pid()
+        if dpid:
+            parents.add(dpid)
+        first = procs.zombies_of(parents)
+        if not first:
+            return
+        # A zombie is normal for an instant; one still there a second later is not reaped.
+        time.sleep(1.0)
+        for pid, ppid in first & procs.zombies_of(parents):
+            self.violation("zombie", step, f"zombie {pid} of {ppid} not reaped for 1s")
+
+    def _finish(self) -> None:
+        end = -1
+        # Containers the plan deleted while a fault made the delete fail are deleted
+        # again, through the daemon, so what remains is what deletion leaves behind.
+        self.d.cleanup_all()
+        time.sleep(0.5)
+        self._check_zombies(end)
+        events = self.d.events()
+        self.report.events = len(events)
+        by_id = {self.d.ids.get(n, n): c for n, c in self.containers.items()}
+        for ev in events:
+            c = by_id.get(ev.container_id)
+            if c is None or ev.status is None:
+                continue
+            source = "event " + ev.topic
+            self._observe(c, Observation(ev.process, ev.status, source), end)
+        self._check_order(events, by_id)
+        for c in self.containers.values():
+            self._check_exits(c)
+        for leftover in self.d.leftovers():
+            self.violation("leak", end, leftover)
+
+    def _check_exits(self, c: Container) -> None:
+        procs_ = [("init", c.init)] + [(f"exec {k}", v) for k, v in c.execs.items()]
+        for what, ps in procs_:
+            values = {s for s, _src, _st in ps.observations}
+            sources = ", ".join(f"{src}@{st}={s}" for s, src, st in ps.observations)
+            where = ps.observations[0][2] if ps.observations else c.created_step
+            if not values:
+                # An exec whose client failed and whose events we may have missed, or a
+                # run that never happened, leaves nothing to check.
+                if ps.uncertain or what != "init":
+                    continue
+                self.violation(
+                    "exit-unknown",
+                    c.created_step,
+                    f"{c.name} {what}: no exit status was ever reported",
+                )
+                continue
+            self.report.exits_checked += 1
+            if len(values) > 1:
+                self.violation(
+                    "exit-twice", where, f"{c.name} {what}: different statuses: {sources}"
+                )
+            if ps.uncertain or not ps.acceptable:
+                continue
+            wrong = values - ps.acceptable
+            if wrong:
+                self.violation(
+                    "exit-wrong",
+                    where,
+                    f"{c.name} {what}: expected {sorted(ps.acceptable)}, got "
+                    f"{sorted(wrong)} ({sources})",
+                )
+
+    def _check_order(self, events: list[Event], by_id: dict[str, Container]) -> None:
+        seen: dict[tuple[str, str], list[str]] = {}
+        for ev in events:
+            if ev.container_id not in by_id:
+                continue
+            proc = ev.process if ev.topic != "/tasks/delete" else ""
+            seen.setdefault((ev.container_id, proc), []).append(ev.topic)
+            if ev.topic in ("/tasks/exec-added", "/tasks/exec-started"):
+                continue
+        rules = {
+            # event: events that, when both were seen, must come first
+            "/tasks/start": ("/tasks/create",),
+            "/tasks/delete": ("/tasks/exit",),
+            "/tasks/exec-started": ("/tasks/exec-added",),
+        }
+        for (cid, proc), topics in seen.items():
+            name = by_id[cid].name
+            for i, topic in enumerate(topics):
+                for before in rules.get(topic, ()):
+                    if before in topics[i + 1 :] and before not in topics[:i]:
+                        self.violation(
+                            "order",
+                            -1,
+                            f"{name} {proc or 'init'}: {topic} before {before} "
+                            f"({' '.join(topics)})",
+                        )
+            if "/tasks/exit" in topics and proc:
+                i = topics.index("/tasks/exit")
+                if "/tasks/exec-started" in topics[i + 1 :]:
+                    self.violation("order", -1, f"{name} {proc}: exit before exec-started")
+            if (
+                not proc
+                and "/tasks/exit" in topics
+                and "/tasks/start" in topics
+                and topics.index("/tasks/exit") < topics.index("/tasks/start")
+            ):
+                self.violation("order", -1, f"{name}: init exit before start")
+
+
+def _known(value: int | None) -> set[int]:
+    return set() if value is None else {value}
