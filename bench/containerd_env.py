@@ -24,7 +24,7 @@ from typing import Any
 
 import psutil
 
-from bench.procfs import find_shims
+from bench.procfs import find_shims, find_templates
 
 __all__ = ["CtrError", "Event", "EventWatcher", "PrivateContainerd"]
 
@@ -87,7 +87,14 @@ class PrivateContainerd:
         self.container_ids: set[str] = set()
         self._log_file: Any = None
         path = [str(p) for p in path_prefix] + [os.environ.get("PATH", "/usr/bin:/bin")]
-        self.env = {**os.environ, "PATH": ":".join(path)}
+        # pyshim's fork template (shim/template.py) lives beside this containerd, so
+        # the run measures (and close() stops) its own.
+        self.template_dir = workdir / "template"
+        self.env = {
+            **os.environ,
+            "PATH": ":".join(path),
+            "PYSHIM_TEMPLATE_DIR": str(self.template_dir),
+        }
         for d in (self.root, self.state, self.fifo_dir, workdir / "opt"):
             d.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(
@@ -209,6 +216,15 @@ class PrivateContainerd:
     def shims(self) -> list[Any]:
         return find_shims(self.grpc_address)
 
+    def template_pids(self) -> list[int]:
+        """pyshim templates serving from our template dir (none for the Go shim)."""
+        return find_templates(self.template_dir)
+
+    def _stop_templates(self) -> None:
+        for pid in self.template_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
     # -- cleanup -----------------------------------------------------------
 
     def close(self) -> None:
@@ -227,6 +243,7 @@ class PrivateContainerd:
         sockets = self._shim_socket_paths()
         attempt("stop containerd", self.stop)
         attempt("kill leftover shims", self._kill_leftover_shims)
+        attempt("stop templates", self._stop_templates)
         attempt("delete runc state", self._delete_runc_state)
         attempt("unmount", self._unmount_all)
         for path in sockets:

@@ -114,6 +114,10 @@ class Context:
     def shims_of(self, key: str) -> list[int]:
         return [s.pid for s in self.env.shims() if s.runtime == RUNTIMES[key]]
 
+    def helpers_of(self, key: str) -> list[int]:
+        """Processes a runtime keeps beside its shims (pyshim's fork template)."""
+        return self.env.template_pids() if RUNTIMES[key] == "io.containerd.pyshim.v1" else []
+
 
 # -- latency scenarios ------------------------------------------------------
 
@@ -402,6 +406,10 @@ def run_idle(ctx: Context, log: Callable[[str], None]) -> None:
                 ctx.record(name, "rss_per_shim", key, mem.rss_kb / 1024, "MB")
                 ctx.record(name, "pss_per_shim", key, mem.pss_kb / 1024, "MB")
                 ctx.record(name, "private_per_shim", key, mem.private_kb / 1024, "MB")
+            # The template's share is paid once per node, not per shim: its own row.
+            helpers = _total_memory(ctx.helpers_of(key))
+            if helpers.rss_kb:
+                ctx.record(name, "template_pss", key, helpers.pss_kb / 1024, "MB")
         before = {pid: read_wakeups(pid) for shim_pids in pids.values() for pid in shim_pids}
         t0 = time.perf_counter()
         time.sleep(ctx.cfg.idle_window_s)
@@ -445,7 +453,8 @@ def run_scale(ctx: Context, log: Callable[[str], None]) -> None:
                 ms = ctx.start_idle(key, cid)
                 ctx.record(name, "start_each", key, ms, "ms")
                 if i in marks:
-                    total = _total_memory(ctx.shims_of(key))
+                    # Including the template's PSS: per-container figures must carry it.
+                    total = _total_memory(ctx.shims_of(key) + ctx.helpers_of(key))
                     points.append(
                         {
                             "containers": i,

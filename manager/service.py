@@ -6,6 +6,7 @@ Thin: each handler maps a request onto the Supervisor or the ImageStore.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 from pathlib import Path
@@ -26,6 +27,7 @@ log = logging.getLogger("pyshimd")
 
 MANAGER_SERVICE = "pyshim.manager.v1.Manager"
 EVENTS_SERVICE = "containerd.services.events.ttrpc.v1.Events"
+SEEN_EXITS_MAX = 4096
 
 
 def _image_message(entry: ImageEntry) -> pb.Image:
@@ -173,6 +175,29 @@ class EventsService:
 
     def __init__(self, supervisor: Supervisor) -> None:
         self.sup = supervisor
+        # Shims replay their outbox after a reconnect, so an exit whose acknowledgement
+        # was lost arrives again; remembered by its full identity, oldest forgotten.
+        self._seen_exits: collections.OrderedDict[tuple[str, str, int, int, int], None] = (
+            collections.OrderedDict()
+        )
+        self.duplicates = 0
+
+    def _duplicate_exit(self, ev: events_pb2.TaskExit) -> bool:
+        key = (
+            ev.container_id,
+            ev.id,
+            ev.pid,
+            ev.exit_status,
+            timeutil.ns_from_timestamp(ev.exited_at),
+        )
+        if key in self._seen_exits:
+            self._seen_exits.move_to_end(key)
+            self.duplicates += 1
+            return True
+        self._seen_exits[key] = None
+        if len(self._seen_exits) > SEEN_EXITS_MAX:
+            self._seen_exits.popitem(last=False)
+        return False
 
     async def forward(
         self, ctx: RequestContext, req: forward_pb2.ForwardRequest
@@ -185,6 +210,9 @@ class EventsService:
                 ev = anyutil.unpack(env.event, events_pb2.TaskExit)
             except Exception as exc:
                 raise TtrpcError(Code.INVALID_ARGUMENT, f"bad /tasks/exit event: {exc}") from exc
+            if self._duplicate_exit(ev):
+                log.debug("duplicate exit of %s/%s ignored", ev.container_id, ev.id)
+                return empty_pb2.Empty()
             self.sup.on_task_exit(
                 ev.container_id, ev.id, ev.exit_status, timeutil.ns_from_timestamp(ev.exited_at)
             )

@@ -198,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if opts.info:
         return run_info()
+    if opts.action == "template" and not opts.namespace:
+        # Not a containerd action: the fork server `start` spawns (shim/template.py).
+        from shim.template import run_template
+
+        return run_template()
     if not opts.namespace:
         return fail("shim namespace cannot be empty")
 

@@ -95,6 +95,41 @@ def _unmount_rootfs(bundle: str) -> None:
         _warn(f"failed to cleanup rootfs mount: {exc}")
 
 
+def remove_dead_socket(bundle: str) -> None:
+    """Unlink the shim socket named in ``<bundle>/address`` when nobody listens on it.
+
+    A shim that was SIGKILLed leaves its socket file behind (the Go shim's too). One
+    that still answers (grouped with other containers, or merely stopped: the kernel
+    still queues connections) keeps it.
+    """
+    if not bundle:
+        return
+    try:
+        with open(os.path.join(bundle, "address")) as f:
+            address = f.read().strip()
+    except OSError:
+        return
+    if not address.startswith("unix://"):
+        return  # abstract sockets vanish with their owner
+    path = address[len("unix://") :]
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(path)
+            return
+        except ConnectionRefusedError:
+            pass
+        except OSError:
+            return  # missing, or not ours to judge
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        _warn(f"failed to remove dead shim socket {path}: {exc}")
+
+
 def _init_pid(bundle: str) -> int:
     if not bundle:
         return 0
@@ -135,6 +170,7 @@ def run_delete(opts: Options) -> int:
     bundle = _bundle_path(opts)
     runc_delete(bundle, opts.namespace, opts.id)
     _unmount_rootfs(bundle)
+    remove_dead_socket(bundle)
     pid = _init_pid(bundle)
     recorded = _recorded_exit(bundle, opts.id)
     if recorded is not None:

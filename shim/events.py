@@ -8,6 +8,15 @@ information containerd cannot get back through State/Wait/Delete.
 
 Nothing runs while the queue is empty: the sender task exits and no timer is
 armed, so an idle shim never wakes up.
+
+Durable outbox: once a container is attached (its bundle known), each of its events is
+written to ``<bundle>/pyshim/outbox/<time>-<seq>.pb`` (the serialized Envelope) before
+it is queued and removed once the Forward was acknowledged. Such an event is never
+dropped for a transient failure (containerd or pyshimd down for longer than the
+reference's ~20 s of retries): it is retried with a capped backoff for as long as the
+shim lives. A later shim attaching the same bundle queues what is left there, in
+order. Receivers see an event twice if the acknowledgement was lost; pyshimd dedupes
+exits, containerd does not (its consumers tolerate duplicate exits).
 """
 
 from __future__ import annotations
@@ -15,8 +24,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import logging
 import os
+import time
+from pathlib import Path
 
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
@@ -27,6 +39,7 @@ from protocol.ttrpc.address import parse_ttrpc_address
 from protocol.ttrpc.client import Client
 from protocol.ttrpc.status import Code, ConnectionClosedError, TtrpcError
 from shim.reaper import Reaper
+from shim.state import write_atomic
 
 __all__ = ["EVENTS_SERVICE", "NAMESPACE_METADATA_KEY", "PublishError", "Publisher"]
 
@@ -55,13 +68,25 @@ class PublishError(Exception):
         self.permanent = permanent
 
 
-class _Pending:
-    __slots__ = ("attempts", "envelope", "topic")
+OUTBOX_DIR = "outbox"
+OUTBOX_SUFFIX = ".pb"
 
-    def __init__(self, topic: str, envelope: forward_pb2.Envelope) -> None:
+
+class _Pending:
+    __slots__ = ("attempts", "envelope", "path", "topic")
+
+    def __init__(
+        self, topic: str, envelope: forward_pb2.Envelope, path: Path | None = None
+    ) -> None:
         self.topic = topic
         self.envelope = envelope
         self.attempts = 0
+        # The outbox file holding this event until it is acknowledged, if any.
+        self.path = path
+
+
+def outbox_dir(bundle: str) -> Path:
+    return Path(bundle) / "pyshim" / OUTBOX_DIR
 
 
 class Publisher:
@@ -95,6 +120,8 @@ class Publisher:
         self._closed = False
         self.dropped = 0
         self.sent = 0
+        self._outboxes: dict[str, Path] = {}
+        self._seq = itertools.count()
         if self._ttrpc_path is None and not (self._publish_binary and self._containerd_address):
             _log.warning("no TTRPC_ADDRESS and no publish binary: events will be dropped")
 
@@ -102,8 +129,41 @@ class Publisher:
     def pending(self) -> int:
         return len(self._queue)
 
+    def attach(self, container_id: str, bundle: str) -> int:
+        """Persist ``container_id``'s events in its bundle's outbox from now on, and queue
+        (in their original order) any an earlier shim left undelivered there."""
+        outbox = outbox_dir(bundle)
+        self._outboxes[container_id] = outbox
+        try:
+            names = sorted(n for n in os.listdir(outbox) if n.endswith(OUTBOX_SUFFIX))
+        except FileNotFoundError:
+            return 0
+        except OSError as exc:
+            _log.warning("cannot read event outbox %s: %s", outbox, exc)
+            return 0
+        replayed = 0
+        for name in names:
+            path = outbox / name
+            try:
+                envelope = forward_pb2.Envelope.FromString(path.read_bytes())
+            except Exception as exc:
+                _log.error("discarding unreadable outbox event %s: %s", path, exc)
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                continue
+            self._enqueue(_Pending(envelope.topic, envelope, path))
+            replayed += 1
+        if replayed:
+            _log.info("replaying %d undelivered events from %s", replayed, outbox)
+        return replayed
+
+    def detach(self, container_id: str) -> None:
+        """Stop persisting new events of ``container_id``; queued ones still complete."""
+        self._outboxes.pop(container_id, None)
+
     def publish(self, topic: str, event: Message) -> None:
-        """Queue ``event`` under ``topic``; stamped with the current time. Never blocks."""
+        """Queue ``event`` under ``topic``; stamped with the current time. Never blocks
+        (beyond writing the outbox file for an attached container)."""
         if self._closed:
             _log.warning("publisher closed, dropping event topic=%s", topic)
             self.dropped += 1
@@ -118,7 +178,29 @@ class Publisher:
             topic=topic,
             event=anyutil.pack(event),
         )
-        self._queue.append(_Pending(topic, envelope))
+        path = self._persist(str(getattr(event, "container_id", "")), envelope)
+        self._enqueue(_Pending(topic, envelope, path))
+
+    def _persist(self, container_id: str, envelope: forward_pb2.Envelope) -> Path | None:
+        outbox = self._outboxes.get(container_id)
+        if outbox is None:
+            return None
+        # Time first: a later shim's names sort after ours; the counter orders our own.
+        path = outbox / f"{time.time_ns():020d}-{next(self._seq):08d}{OUTBOX_SUFFIX}"
+        try:
+            with contextlib.suppress(FileExistsError):
+                # Never create the bundle itself: containerd may have removed it.
+                outbox.parent.mkdir(mode=0o700, exist_ok=True)
+                outbox.mkdir(mode=0o700)
+            write_atomic(path, envelope.SerializeToString())
+        except OSError as exc:
+            # A full disk must not cost the event: it stays queued in memory only.
+            _log.warning("cannot persist event topic=%s in %s: %s", envelope.topic, outbox, exc)
+            return None
+        return path
+
+    def _enqueue(self, item: _Pending) -> None:
+        self._queue.append(item)
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(
                 self._drain(), name="event-publisher"
@@ -136,7 +218,12 @@ class Publisher:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         if self._queue:
-            _log.warning("dropping %d unpublished events at shutdown", len(self._queue))
+            kept = sum(1 for item in self._queue if item.path is not None)
+            _log.warning(
+                "%d unpublished events at shutdown (%d stay in their outbox)",
+                len(self._queue),
+                kept,
+            )
             self.dropped += len(self._queue)
             self._queue.clear()
         self._disconnect()
@@ -153,8 +240,11 @@ class Publisher:
             except Exception as exc:
                 item.attempts += 1
                 permanent = isinstance(exc, PublishError) and exc.permanent
-                if permanent or item.attempts >= self._max_attempts:
+                # A persisted event waits for the receiver however long it takes.
+                gives_up = item.path is None and item.attempts >= self._max_attempts
+                if permanent or gives_up:
                     self._queue.popleft()
+                    self._forget(item)
                     self.dropped += 1
                     _log.error(
                         "dropping event topic=%s after %d attempts: %s",
@@ -174,7 +264,18 @@ class Publisher:
                 await asyncio.sleep(delay)
                 continue
             self._queue.popleft()
+            self._forget(item)
             self.sent += 1
+
+    @staticmethod
+    def _forget(item: _Pending) -> None:
+        if item.path is not None:
+            try:
+                item.path.unlink()
+            except FileNotFoundError:
+                pass  # the bundle was removed already
+            except OSError as exc:
+                _log.warning("cannot remove delivered event %s: %s", item.path, exc)
 
     async def _send(self, envelope: forward_pb2.Envelope) -> None:
         if self._ttrpc_path is not None:

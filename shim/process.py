@@ -15,7 +15,7 @@ import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Protocol
+from typing import ClassVar, Protocol, runtime_checkable
 
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import Message
@@ -30,6 +30,7 @@ from shim.state import ExitRecord, exit_record_path, write_record
 
 __all__ = [
     "DRAIN_TIMEOUT",
+    "DurableEventSink",
     "EventSink",
     "ExecProcess",
     "InitProcess",
@@ -47,6 +48,14 @@ DRAIN_TIMEOUT = 2.0
 
 class EventSink(Protocol):
     def publish(self, topic: str, event: Message) -> None: ...
+
+
+@runtime_checkable
+class DurableEventSink(EventSink, Protocol):
+    """A sink that keeps a container's undelivered events in its bundle (shim.events)."""
+
+    def attach(self, container_id: str, bundle: str) -> int: ...
+    def detach(self, container_id: str) -> None: ...
 
 
 class ProcessIOLike(Protocol):

@@ -7,6 +7,8 @@ only ttrpc-aware part), so every method is tested by calling it directly.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
@@ -24,7 +26,14 @@ from protocol.ttrpc.status import Code, TtrpcError
 from shim.container import Container, CreateOptions, OomWatch, Toolkit, validate_bundle
 from shim.exits import ExitRouter
 from shim.ids import validate_id
-from shim.process import EventSink, ExecProcess, InitProcess, ProcessIOLike, StdioStrings
+from shim.process import (
+    DurableEventSink,
+    EventSink,
+    ExecProcess,
+    InitProcess,
+    ProcessIOLike,
+    StdioStrings,
+)
 from shim.runtime import RuncOptions, Runtime
 
 if TYPE_CHECKING:
@@ -49,6 +58,12 @@ CHECKPOINT_UNAVAILABLE = (
 )
 
 
+# After the last container is deleted, how long to wait for Shutdown before leaving.
+EMPTY_SHUTDOWN_GRACE = 5.0
+# After start-up, how long to wait for a first Create (or a recovered container).
+START_SHUTDOWN_GRACE = 10.0
+
+
 class TaskService:
     def __init__(
         self,
@@ -64,9 +79,14 @@ class TaskService:
         unmount: Callable[[str], None] | None = None,
         find_cgroup: Callable[[int], Cgroup | None] | None = None,
         oom: OomWatch | None = None,
+        empty_grace: float = EMPTY_SHUTDOWN_GRACE,
+        start_grace: float = START_SHUTDOWN_GRACE,
     ) -> None:
         self._namespace = namespace
         self._request_shutdown = request_shutdown
+        self._durable = publisher if isinstance(publisher, DurableEventSink) else None
+        self._empty_grace = empty_grace
+        self._empty_timer: asyncio.TimerHandle | None = None
         self._router = ExitRouter()
         self._unsubscribe = reaper.subscribe(self._router.on_reaped)
         real_runtime = make_runtime is None
@@ -89,6 +109,11 @@ class TaskService:
         self._containers: dict[str, Container] = {}
         # Ids whose Create is in flight: a second Create must see them as taken.
         self._creating: set[str] = set()
+        self._create_done: dict[str, asyncio.Event] = {}
+        # A shim whose daemon died between `start` and Create is never sent Create (nor
+        # Shutdown) by a restarted containerd 1.6, which reconnects and forgets it.
+        with contextlib.suppress(RuntimeError):  # no running loop: nobody to time us
+            self._arm_empty_timer(start_grace)
 
     def register(self, server: Server) -> None:
         from protocol.ttrpc.server import Method
@@ -149,6 +174,8 @@ class TaskService:
         if container is None or container.id in self._containers:
             return False
         self._containers[container.id] = container
+        if self._durable is not None:
+            self._durable.attach(container.id, container.bundle)
         return True
 
     # -- RPCs -------------------------------------------------------------------------
@@ -159,11 +186,22 @@ class TaskService:
             raise TtrpcError(Code.ALREADY_EXISTS, f"container {req.id}: already exists")
         validate_bundle(req.bundle)
         self._creating.add(req.id)
+        created = self._create_done[req.id] = asyncio.Event()
+        self._cancel_empty_timer()
+        # Before Create: its /tasks/create event already goes through the outbox.
+        if self._durable is not None:
+            self._durable.attach(req.id, req.bundle)
         try:
             container = await Container.create(req, self._toolkit)
             self._containers[req.id] = container
+        except BaseException:
+            if self._durable is not None:
+                self._durable.detach(req.id)
+            raise
         finally:
             self._creating.discard(req.id)
+            del self._create_done[req.id]
+            created.set()
         return shim_pb2.CreateTaskResponse(pid=container.init.pid)
 
     async def start(self, req: shim_pb2.StartRequest) -> shim_pb2.StartResponse:
@@ -204,12 +242,21 @@ class TaskService:
         return Empty()
 
     async def delete(self, req: shim_pb2.DeleteRequest) -> shim_pb2.DeleteResponse:
+        creating = self._create_done.get(req.id)
+        if creating is not None and not req.exec_id:
+            # containerd gave up on a Create still in flight (its client went away) and
+            # cleans up: answering NotFound now would leave the container it is about
+            # to get behind, in a shim nobody will ever talk to again.
+            await creating.wait()
         container = self._container(req.id)
         if req.exec_id:
             p: InitProcess | ExecProcess = await container.delete_exec(req.exec_id)
         else:
             await container.delete()
             self._containers.pop(req.id, None)
+            if self._durable is not None:
+                self._durable.detach(req.id)
+            self._arm_empty_timer()
             p = container.init
         return shim_pb2.DeleteResponse(
             pid=p.pid, exit_status=p.exit_status, exited_at=p.exited_at()
@@ -269,6 +316,30 @@ class TaskService:
         if not self._containers and not self._creating:
             self._request_shutdown()
         return Empty()
+
+    # -- a shim nobody shuts down -------------------------------------------------------
+
+    def _arm_empty_timer(self, grace: float | None = None) -> None:
+        # containerd sends Shutdown right after the last Delete; if it died in between,
+        # containerd 1.6 reconnects to us on restart but never asks again, and the
+        # manager does the same. An empty shim that stays empty is of no use to anyone.
+        grace = self._empty_grace if grace is None else grace
+        if self._containers or self._creating or grace <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        self._cancel_empty_timer()
+        self._empty_timer = loop.call_later(grace, self._empty_timeout)
+
+    def _cancel_empty_timer(self) -> None:
+        if self._empty_timer is not None:
+            self._empty_timer.cancel()
+            self._empty_timer = None
+
+    def _empty_timeout(self) -> None:
+        self._empty_timer = None
+        if not self._containers and not self._creating:
+            log.warning("no container and no Shutdown: exiting")
+            self._request_shutdown()
 
 
 def _adapt(

@@ -23,6 +23,7 @@ TYPE_CHECKING = False  # typing costs ~3 ms at start-up; mypy honours this name
 
 if TYPE_CHECKING:
     from shim.cli import Options
+    from shim.template import Forked
 
 SOCKET_DIR = "/run/containerd/s"
 GROUP_ANNOTATION = "io.containerd.pyshim.v1.group"
@@ -213,6 +214,21 @@ def spawn_daemon(argv: list[str], listener: socket.socket) -> int:
         os.set_inheritable(fd, False)
 
 
+def fork_from_template(argv: list[str], listener: socket.socket) -> Forked | None:
+    """The daemon forked by the template (shim/template.py), or None to re-execute.
+
+    SCHED_CORE wants a cookie for the daemon's process group, made before it
+    exists; that stays with the re-exec path.
+    """
+    if os.environ.get("SCHED_CORE"):
+        return None
+    from shim import template
+
+    if not template.enabled():
+        return None
+    return template.fork_daemon(argv, listener)
+
+
 def sched_core_create() -> None:
     """A core-scheduling cookie for our process group, inherited by the daemon."""
     import ctypes
@@ -308,16 +324,28 @@ def run_start(opts: Options) -> int:
         return 0
 
     pid = 0
+    forked: Forked | None = None
     try:
         write_address(bundle, address)
-        if os.environ.get("SCHED_CORE"):
-            sched_core_create()
-        pid = spawn_daemon(daemon_argv(opts), listener)
+        argv = daemon_argv(opts)
+        forked = fork_from_template(argv, listener)
+        if forked is not None:
+            pid = forked.pid
+        else:
+            if os.environ.get("SCHED_CORE"):
+                sched_core_create()
+            pid = spawn_daemon(argv, listener)
         if stdin.shim_cgroup:
             move_to_cgroup(pid, stdin.shim_cgroup)
         raise_oom_score(pid)
+        if forked is not None:
+            # Only now may it serve: cgroup and oom score are in place, and no
+            # fallback daemon can exist beside it.
+            forked.go()
     except BaseException:
-        if pid:
+        if forked is not None:
+            forked.abort()  # it exits on its own, having served nothing
+        elif pid:
             _kill(pid)
         with contextlib.suppress(OSError):
             os.unlink(path)

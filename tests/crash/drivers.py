@@ -207,16 +207,18 @@ class Driver:
     def events(self) -> list[Event]:
         raise NotImplementedError
 
-    def reconnect_problems(self, live: Mapping[str, int]) -> list[str]:
-        """After a daemon restart: every container whose shim is alive must be known."""
+    def reconnect_problems(self, live: Mapping[str, int]) -> list[tuple[str, str]]:
+        """After a daemon restart: every container whose shim is alive must be known.
+        Returns (name, problem) pairs; name "" for a problem with the daemon itself."""
         raise NotImplementedError
 
     def leftovers(self) -> list[str]:
         """After everything was deleted: anything of ours still there."""
         raise NotImplementedError
 
-    def cleanup_all(self) -> None:
-        """Best effort, through the daemon, so the leak check sees what deletion leaves."""
+    def cleanup_all(self) -> list[tuple[str, Observation]]:
+        """Best effort, through the daemon, so the leak check sees what deletion leaves;
+        returns the exits learned on the way (name, observation)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -416,10 +418,10 @@ class ContainerdDriver(Driver):
                 found.append(_event(m.group(1), data))
         return found
 
-    def reconnect_problems(self, live: Mapping[str, int]) -> list[str]:
+    def reconnect_problems(self, live: Mapping[str, int]) -> list[tuple[str, str]]:
         res = self._ctr("task", "ls")
         if not res.ok:
-            return [f"ctr task ls after restart: {res.brief()}"]
+            return [("", f"ctr task ls after restart: {res.brief()}")]
         status = {}
         for line in res.out.splitlines()[1:]:
             fields = line.split()
@@ -429,16 +431,26 @@ class ContainerdDriver(Driver):
         for name, pid in live.items():
             st = status.get(self.ids.get(name, name))
             if procs.alive(pid) and st not in ("RUNNING", "PAUSED", "STOPPED", "PAUSING"):
-                problems.append(f"{name}: shim {pid} alive but containerd says {st}")
+                problems.append((name, f"{name}: shim {pid} alive but containerd says {st}"))
         return problems
 
-    def cleanup_all(self) -> None:
-        tasks = self._ctr("task", "ls", "-q")
-        for tid in tasks.out.split():
-            self._ctr("task", "kill", "-s", "SIGKILL", tid)
-            self._ctr("task", "delete", "-f", tid)
+    def cleanup_all(self) -> list[tuple[str, Observation]]:
+        found = []
+        for line in self._ctr("task", "ls").out.splitlines()[1:]:
+            fields = line.split()
+            if not fields:
+                continue
+            tid = fields[0]
+            if fields[-1] != "STOPPED":
+                self._ctr("task", "kill", "-s", "SIGKILL", tid)
+            res = self._ctr("task", "delete", "-f", tid)
+            m = _EXIT_CODE.search(res.err)
+            if fields[-1] == "STOPPED" and (res.ok or m):
+                code = int(m.group(1)) if m else 0
+                found.append((tid, Observation("", code, "ctr task delete (cleanup)")))
         for cid in self._ctr("containers", "ls", "-q").out.split():
             self._ctr("containers", "rm", cid)
+        return found
 
     def leftovers(self) -> list[str]:
         found = []
@@ -633,6 +645,8 @@ class ManagerDriver(Driver):
             out.observations.append(Observation("", int(res.out.strip()), "pyshim wait"))
         else:
             out.errors.append(res.brief())
+            # The record still knows, whatever happened to our client.
+            out.observations += self.status(name).observations
         res = self._pyshim("rm", "-f", name)
         if not res.ok and "no such container" not in res.err:
             out.ok = False
@@ -660,10 +674,10 @@ class ManagerDriver(Driver):
             return None
         return listed
 
-    def reconnect_problems(self, live: Mapping[str, int]) -> list[str]:
+    def reconnect_problems(self, live: Mapping[str, int]) -> list[tuple[str, str]]:
         listed = self._list()
         if listed is None:
-            return ["pyshim ps after restart failed"]
+            return [("", "pyshim ps after restart failed")]
         by_name = {str(c["name"]): c for c in listed}
         problems = []
         for name, pid in live.items():
@@ -671,16 +685,23 @@ class ManagerDriver(Driver):
             if not procs.alive(pid):
                 continue
             if c is None:
-                problems.append(f"{name}: shim {pid} alive but pyshimd does not list it")
+                problems.append((name, f"{name}: shim {pid} alive but pyshimd does not list it"))
             elif "gone" in str(c.get("exit_reason", "")) or "unexpectedly" in str(
                 c.get("exit_reason", "")
             ):
-                problems.append(f"{name}: shim {pid} alive but pyshimd says {c['exit_reason']!r}")
+                problems.append(
+                    (name, f"{name}: shim {pid} alive, pyshimd says {c['exit_reason']!r}")
+                )
         return problems
 
-    def cleanup_all(self) -> None:
+    def cleanup_all(self) -> list[tuple[str, Observation]]:
+        found = []
         for c in self._list() or []:
+            if c.get("exited"):
+                status = int(str(c.get("exit_status", 0)))
+                found.append((str(c["name"]), Observation("", status, "pyshim ps (cleanup)")))
             self._pyshim("rm", "-f", str(c["id"]))
+        return found
 
     def leftovers(self) -> list[str]:
         found = []

@@ -30,6 +30,12 @@ from tests.crash.drivers import Driver, Event, Observation, OpOutcome
 from tests.crash.plan import Fault, Op, Plan, Step
 
 ZOMBIE_CHECK_EVERY = 25
+# How long the daemon gets to notice a dead shim and clean up after it.
+ORPHAN_WAIT = 10.0
+# Shims left without containers (their daemon died between Delete and Shutdown) leave
+# on their own after a grace period (shim.service.EMPTY_SHUTDOWN_GRACE).
+LEAK_WAIT = 15.0
+EMPTY_SHIM_WAIT = 15.0
 
 
 @dataclass
@@ -149,6 +155,7 @@ class Runner:
         self._disk_full_until = -1
         self._slow_until = -1
         self._step = 0
+        self._fired: set[int] = set()
 
     # -- bookkeeping ------------------------------------------------------------------
 
@@ -210,6 +217,8 @@ class Runner:
                 self.log("  errors: " + "; ".join(outcome.errors))
         if restart:
             self._restart_daemon(step.index)
+        if step.fault is not None and step.fault.kind == "shim-kill" and step.index in self._fired:
+            self._check_orphans(step)
 
     # -- operations -------------------------------------------------------------------
 
@@ -287,20 +296,29 @@ class Runner:
         elif kind == "daemon-kill":
             target = self._kill_daemon
         elif kind in ("shim-kill", "shim-stop"):
-            pid = self.d.shim_of(fault.slot)
             c = self.containers.get(fault.slot)
-            if pid is None or c is None:
+            creating = step.op.kind == "run" and step.op.slot == fault.slot
+            if c is None and not creating:
                 self.report.faults_skipped += 1
                 return None, False
-            if kind == "shim-kill":
+
+            def target() -> None:
+                pid = self._find_shim(fault.slot, creating)
+                if pid is None:
+                    self.report.faults_skipped += 1
+                    return
+                self._fired.add(step.index)
+                if kind == "shim-stop":
+                    self._stop_shim(pid, fault.duration)
+                    return
                 # From here on, an exit not yet observed may honestly be 137.
-                c.shim_killed = True
-                c.init.acceptable.add(137)
-                for ps in c.execs.values():
+                victim = self.containers[fault.slot]
+                victim.shim_killed = True
+                victim.init.acceptable.add(137)
+                for ps in victim.execs.values():
                     ps.acceptable.add(137)
-                target = lambda: procs.kill_pid(pid)  # noqa: E731
-            else:
-                target = lambda: self._stop_shim(pid, fault.duration)  # noqa: E731
+                procs.kill_pid(pid)
+
         else:
             raise ValueError(kind)
 
@@ -311,6 +329,21 @@ class Runner:
         t = threading.Thread(target=fire, name=f"fault-{kind}", daemon=True)
         t.start()
         return t, kind == "daemon-kill"
+
+    def _find_shim(self, name: str, creating: bool) -> int | None:
+        """The shim of ``name``; while it is being created, the one no one knows yet
+        (the manager picks the id, so a new shim is recognised by being new)."""
+        pid = self.d.shim_of(name)
+        if pid is not None or not creating:
+            return pid
+        known = {i for n, i in self.d.ids.items() if n != name}
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            fresh = [p for cid, p in self.d.shim_pids().items() if cid not in known]
+            if fresh:
+                return fresh[0]
+            time.sleep(0.01)
+        return None
 
     def _fill_disk(self) -> None:
         self.d.fill_disk()
@@ -331,8 +364,35 @@ class Runner:
         self.report.daemon_restarts += 1
         live = {name: pid for name in self.containers if (pid := self.d.shim_of(name)) is not None}
         self.d.start_daemon()
-        for problem in self.d.reconnect_problems(live):
+        problems = self.d.reconnect_problems(live)
+        if problems:
+            # A shim the daemon died with between Delete and Shutdown holds nothing any
+            # more and is rightly not listed; it must leave by itself, though.
+            for name, _ in problems:
+                if name in live:
+                    procs.wait_gone(live[name], EMPTY_SHIM_WAIT)
+            problems = self.d.reconnect_problems(live)
+        for _, problem in problems:
             self.violation("reconnect", step, problem)
+
+    def _check_orphans(self, step: Step) -> None:
+        """The daemon must notice the dead shim and kill what it left running."""
+        assert step.fault is not None
+        cid = self.d.ids.get(step.fault.slot, "")
+        if not cid:
+            return
+        deadline = time.monotonic() + ORPHAN_WAIT
+        left = procs.in_cgroup_of([cid])
+        while left and time.monotonic() < deadline:
+            time.sleep(0.2)
+            left = procs.in_cgroup_of([cid])
+        for p in left:
+            self.violation(
+                "orphan",
+                step.index,
+                f"{step.fault.slot}: process {p.pid} ({' '.join(p.argv)[:60]}) "
+                f"still running {ORPHAN_WAIT:.0f}s after its shim was SIGKILLed",
+            )
 
     def _end_faults(self) -> None:
         self.d.set_slow_runc(0)
@@ -357,7 +417,9 @@ class Runner:
         end = -1
         # Containers the plan deleted while a fault made the delete fail are deleted
         # again, through the daemon, so what remains is what deletion leaves behind.
-        self.d.cleanup_all()
+        for name, obs in self.d.cleanup_all():
+            if name in self.containers:
+                self._observe(self.containers[name], obs, end)
         time.sleep(0.5)
         self._check_zombies(end)
         events = self.d.events()
@@ -372,7 +434,12 @@ class Runner:
         self._check_order(events, by_id)
         for c in self.containers.values():
             self._check_exits(c)
-        for leftover in self.d.leftovers():
+        deadline = time.monotonic() + LEAK_WAIT
+        leftovers = self.d.leftovers()
+        while leftovers and time.monotonic() < deadline:
+            time.sleep(0.5)
+            leftovers = self.d.leftovers()
+        for leftover in leftovers:
             self.violation("leak", end, leftover)
 
     def _check_exits(self, c: Container) -> None:

@@ -116,9 +116,12 @@ def test_run_tty_shell_resize_and_exit_code(containerd: Containerd, busybox_imag
         term.send(b"echo hel''lo-from-tty\r")
         term.expect(b"hello-from-tty")
         term.proc.setwinsize(33, 101)  # ctr forwards SIGWINCH as ResizePty
-        time.sleep(0.5)
-        term.send(b"stty size\r")
-        term.expect(b"33 101")
+        # ctr forwards the resize asynchronously: wait for it inside rather than
+        # guessing how long it takes on a loaded machine.
+        term.send(
+            b'until [ "$(stty size)" = "33 101" ]; do sleep 0.05; done; echo "size-$(stty size)"\r'
+        )
+        term.expect(b"size-33 101")
         term.send(b"exit 5\r")
         assert term.wait() == 5
     finally:

@@ -37,8 +37,10 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
+from google.protobuf.message import Message
 from ptyprocess import PtyProcess
 
 from protocol.proto.task.v2 import shim_pb2
@@ -47,6 +49,11 @@ from protocol.ttrpc.client import Client
 from tests.support.containerd import CTR, Containerd
 
 pytestmark = pytest.mark.integration
+
+M = TypeVar("M", bound=Message)
+R = TypeVar("R", bound=Message)
+T = TypeVar("T")
+TASK = "containerd.task.v2.Task"
 
 RUNTIME = "io.containerd.pyshim.v1"
 TIMEOUT = 30.0
@@ -67,7 +74,7 @@ def _ctr_argv(ctrd: Containerd, *args: str) -> list[str]:
     return [CTR, "--address", ctrd.address, "-n", ctrd.namespace, *args]
 
 
-def _wait(what: str, check: Callable[[], object], timeout: float = TIMEOUT) -> object:
+def _wait(what: str, check: Callable[[], T], timeout: float = TIMEOUT) -> T:
     deadline = time.monotonic() + timeout
     while not (result := check()):
         if time.monotonic() > deadline:
@@ -86,12 +93,17 @@ def _task(ctrd: Containerd, cid: str) -> tuple[int, str]:
 
 def _counter(pid: int) -> int:
     """The container's own count of lines it has written (a file in its rootfs)."""
-    try:
-        text = Path(f"/proc/{pid}/root/tmp/count").read_text().strip()
-    except FileNotFoundError:
-        return 0
-    # The container may be between truncating and writing the file.
-    return int(text) if text else 0
+    path = Path(f"/proc/{pid}/root/tmp/count")
+    for _ in range(100):
+        try:
+            text = path.read_text().strip()
+        except FileNotFoundError:
+            return 0
+        if text:
+            return int(text)
+        # Caught between the shell truncating the file and writing the number.
+        time.sleep(0.005)
+    raise AssertionError(f"{path} stays empty")
 
 
 def _alive(pid: int) -> bool:
@@ -102,27 +114,27 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _shim_daemons(ctrd: Containerd) -> list[int]:
-    pids = []
-    for pid in ctrd.shim_pids():
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
-        if argv and argv[-1] not in (b"start", b"delete"):
-            pids.append(pid)
-    return pids
-
-
-def _shim_state(ctrd: Containerd, cid: str) -> shim_pb2.StateResponse:
+def _shim_call(ctrd: Containerd, cid: str, method: str, req: M, resp_type: type[R]) -> R:
     """Ask the shim directly (containerd may be down), bounded: it must not be blocked."""
     path = (ctrd.bundle(cid) / "address").read_text().strip().removeprefix("unix://")
 
-    async def call() -> shim_pb2.StateResponse:
+    async def call() -> R:
         async with await Client.connect(path, timeout=5) as client:
-            return await client.call(
-                "containerd.task.v2.Task", "State", shim_pb2.StateRequest(id=cid),
-                shim_pb2.StateResponse, timeout=2,
-            )  # fmt: skip
+            return await client.call(TASK, method, req, resp_type, timeout=2)
 
     return asyncio.run(call())
+
+
+def _shim_state(ctrd: Containerd, cid: str) -> shim_pb2.StateResponse:
+    return _shim_call(ctrd, cid, "State", shim_pb2.StateRequest(id=cid), shim_pb2.StateResponse)
+
+
+def _shim_pid(ctrd: Containerd, cid: str) -> int:
+    # Asked rather than looked up by argv: a daemon forked from a template has none.
+    req = shim_pb2.ConnectRequest(id=cid)
+    pid = _shim_call(ctrd, cid, "Connect", req, shim_pb2.ConnectResponse).shim_pid
+    assert _alive(pid)
+    return pid
 
 
 @dataclass
@@ -149,7 +161,7 @@ def _start(ctrd: Containerd, cid: str, *, tty: bool, pad: int = 0) -> Run:
     pid, status = _task(ctrd, cid)
     assert status == "RUNNING"
     _wait("the container to print", lambda: _counter(pid) >= 5)
-    (shim,) = _shim_daemons(ctrd)
+    shim = _shim_pid(ctrd, cid)
     return Run(cid, pid, shim)
 
 
@@ -263,7 +275,7 @@ def test_containerd_killed_while_a_container_prints(
 
     containerd.start()
     assert _task(containerd, run.cid) == (run.pid, "RUNNING")
-    assert _shim_daemons(containerd) == [run.shim]
+    assert _shim_pid(containerd, run.cid) == run.shim
     at_restart = _counter(run.pid)
     with attached(containerd, run.cid, tty=tty) as a:
         lines = a.read_until(lambda ls: bool(ls) and ls[-1][0] > at_restart + 5)
@@ -289,7 +301,7 @@ def test_full_fifo_while_containerd_is_down_holds_output_back_then_resumes(
         time.sleep(1.0)  # 20 lines' worth
         return first if first and _counter(run.pid) == first else 0
 
-    held = int(_wait("the full fifo to hold the container back", stalled))
+    held = _wait("the full fifo to hold the container back", stalled)
     # Waiting for room, not dropping: roughly what the pipe, one shim read and the
     # fifo hold (3 x 64 KiB), and certainly not the 20+ lines a second it would write.
     assert held * (BIG_PAD + 12) < 8 * 65536, held
@@ -301,7 +313,7 @@ def test_full_fifo_while_containerd_is_down_holds_output_back_then_resumes(
 
     containerd.start()
     assert _task(containerd, run.cid) == (run.pid, "RUNNING")
-    assert _shim_daemons(containerd) == [run.shim]
+    assert _shim_pid(containerd, run.cid) == run.shim
     with attached(containerd, run.cid, tty=False) as a:
         lines = a.read_until(lambda ls: bool(ls) and ls[-1][0] > held + 20)
     assert lines[0][0] <= before, "output from before the outage was dropped"

@@ -83,6 +83,19 @@ def _cmdline(pid: int) -> list[str]:
         return []
 
 
+def _environ_value(pid: int, name: str) -> str | None:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            entries = f.read().split(b"\0")
+    except OSError:
+        return None
+    prefix = f"{name}=".encode()
+    for entry in entries:
+        if entry.startswith(prefix):
+            return entry[len(prefix) :].decode(errors="replace")
+    return None
+
+
 def _flag_value(argv: Sequence[str], name: str) -> str | None:
     """Value of a Go-style flag (-name v, --name v, -name=v) in argv."""
     for i, arg in enumerate(argv):
@@ -140,10 +153,33 @@ class Containerd:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None
 
+    @property
+    def template_dir(self) -> Path:
+        # Our own shim template (shim/template.py), so close() can stop it.
+        return self.tmp / "template"
+
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
         env["PATH"] = _venv_bin() + os.pathsep + env.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        env.setdefault("PYSHIM_TEMPLATE_DIR", str(self.template_dir))
         return env
+
+    def template_pids(self) -> list[int]:
+        """Live shim templates serving from our template dir."""
+        pids = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                argv = _cmdline(int(entry))
+                if argv[-1:] == ["template"] and _environ_value(
+                    int(entry), "PYSHIM_TEMPLATE_DIR"
+                ) == str(self.template_dir):
+                    pids.append(int(entry))
+        return pids
+
+    def _stop_templates(self) -> None:
+        for pid in self.template_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     def start(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -277,7 +313,10 @@ class Containerd:
     def _remember_shim_sockets(self) -> None:
         # Bundles under state/, bundles tests made elsewhere in tmp, and the cwd
         # (first bundle) of every live shim of ours.
-        addr_files = list(self.tmp.rglob("address")) if self.tmp.is_dir() else []
+        addr_files: list[Path] = []
+        # containerd may be removing snapshot dirs while we walk the tree.
+        with contextlib.suppress(OSError):
+            addr_files.extend(self.tmp.rglob("address"))
         for pid in self.shim_pids():
             with contextlib.suppress(OSError):
                 addr_files.append(Path(os.readlink(f"/proc/{pid}/cwd")) / "address")
@@ -386,6 +425,7 @@ class Containerd:
         self._stop(signal.SIGTERM)
         self._remember_shim_sockets()
         self._kill_shims()
+        self._stop_templates()
         self._runc_leftovers()
         self._cgroup_leftovers()
         self._unmount_all()

@@ -263,6 +263,8 @@ def start_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
     monkeypatch.setattr(start, "_read_stdin", lambda: b"")
     monkeypatch.setenv("PROBE_OUT", str(tmp_path / "probe.json"))
     monkeypatch.delenv("SCHED_CORE", raising=False)
+    # The re-exec path; the template path has its own tests (test_template.py).
+    monkeypatch.setenv("PYSHIM_TEMPLATE", "0")
     monkeypatch.setattr(start, "daemon_argv", lambda opts: [sys.executable, "-c", PROBE, opts.id])
     spawned: list[int] = []
     real_spawn = start.spawn_daemon

@@ -1,0 +1,310 @@
+"""Regression tests for what the crash harness found (shim and pyshimd fixes), and for
+the harness's own plan and checks. No root or containerd needed."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.message import Message
+
+from manager.service import EventsService
+from protocol.proto import anyutil, timeutil
+from protocol.proto.events import forward_pb2
+from protocol.proto.events import task_pb2 as events_pb2
+from protocol.proto.task.v2 import shim_pb2
+from protocol.ttrpc.server import RequestContext
+from shim.delete import remove_dead_socket
+from shim.events import Publisher, outbox_dir
+from shim.process import DurableEventSink
+from shim.reaper import Reaper
+from tests.crash.plan import generate
+from tests.crash.runner import Container, ProcState, Runner
+from tests.unit.test_events import FakeContainerd
+from tests.unit.test_service import make_harness
+
+
+def _publisher(path: str, **kw: Any) -> Publisher:
+    return Publisher(
+        namespace="ns1",
+        ttrpc_address=path,
+        publish_binary=None,
+        containerd_address=None,
+        reaper=Reaper(),
+        backoff_step=kw.get("backoff_step", 0.01),
+        backoff_max=kw.get("backoff_max", 0.02),
+        max_attempts=kw.get("max_attempts", 2),
+    )
+
+
+def _exit(cid: str, status: int) -> events_pb2.TaskExit:
+    return events_pb2.TaskExit(container_id=cid, id=cid, pid=42, exit_status=status)
+
+
+def _outbox(bundle: Path) -> list[str]:
+    d = outbox_dir(str(bundle))
+    return sorted(os.listdir(d)) if d.is_dir() else []
+
+
+async def test_exit_is_in_the_outbox_until_acknowledged(tmp_path: Path) -> None:
+    ctrd = FakeContainerd(str(tmp_path / "ttrpc.sock"))  # not started: the daemon is down
+    bundle = tmp_path / "b1"
+    bundle.mkdir()
+    pub = _publisher(ctrd.path)
+    pub.attach("c1", str(bundle))
+    pub.publish("/tasks/exit", _exit("c1", 3))
+    assert len(_outbox(bundle)) == 1
+    # Far more failures than max_attempts: a persisted exit is never given up on.
+    await asyncio.sleep(0.3)
+    assert pub.dropped == 0 and pub.pending == 1
+    await ctrd.start()
+    try:
+        await ctrd.wait_for(1)
+        await pub.close()
+    finally:
+        await ctrd.stop()
+    assert anyutil.unpack(ctrd.received[0].event, events_pb2.TaskExit).exit_status == 3
+    assert _outbox(bundle) == []
+
+
+async def test_a_later_publisher_replays_the_outbox_in_order(tmp_path: Path) -> None:
+    ctrd = FakeContainerd(str(tmp_path / "ttrpc.sock"))
+    bundle = tmp_path / "b1"
+    bundle.mkdir()
+    first = _publisher(ctrd.path)
+    first.attach("c1", str(bundle))
+    for topic, ev in (
+        ("/tasks/create", events_pb2.TaskCreate(container_id="c1")),
+        ("/tasks/start", events_pb2.TaskStart(container_id="c1", pid=42)),
+        ("/tasks/exit", _exit("c1", 7)),
+    ):
+        first.publish(topic, ev)
+    await first.close(timeout=0.05)  # the shim goes away with nothing delivered
+    assert len(_outbox(bundle)) == 3
+    await ctrd.start()
+    try:
+        second = _publisher(ctrd.path)
+        assert second.attach("c1", str(bundle)) == 3
+        second.publish("/tasks/delete", events_pb2.TaskDelete(container_id="c1", exit_status=7))
+        await ctrd.wait_for(4)
+        await second.close()
+    finally:
+        await ctrd.stop()
+    assert ctrd.topics() == ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"]
+    assert _outbox(bundle) == []
+
+
+async def test_unwritable_outbox_still_publishes(tmp_path: Path) -> None:
+    ctrd = FakeContainerd(str(tmp_path / "ttrpc.sock"))
+    await ctrd.start()
+    try:
+        pub = _publisher(ctrd.path)
+        pub.attach("c1", str(tmp_path / "removed-bundle"))  # never created: no outbox
+        pub.publish("/tasks/exit", _exit("c1", 1))
+        await ctrd.wait_for(1)
+        await pub.close()
+    finally:
+        await ctrd.stop()
+    assert not (tmp_path / "removed-bundle").exists()
+
+
+class _Sup:
+    def __init__(self) -> None:
+        self.exits: list[tuple[str, str, int, int]] = []
+
+    def on_task_exit(self, cid: str, pid_name: str, status: int, at_ns: int) -> None:
+        self.exits.append((cid, pid_name, status, at_ns))
+
+
+def _forward(ev: Message, topic: str = "/tasks/exit") -> forward_pb2.ForwardRequest:
+    env = forward_pb2.Envelope(
+        timestamp=timeutil.timestamp_now(), namespace="pyshim", topic=topic, event=anyutil.pack(ev)
+    )
+    return forward_pb2.ForwardRequest(envelope=env)
+
+
+async def test_pyshimd_ignores_a_replayed_exit() -> None:
+    sup = _Sup()
+    svc = EventsService(sup)  # type: ignore[arg-type]
+    ctx = RequestContext(service="s", method="Forward", metadata={}, deadline=None, stream_id=1)
+    ev = _exit("c1", 3)
+    ev.exited_at.CopyFrom(timeutil.timestamp_from_ns(1_700_000_000_000_000_000))
+    await svc.forward(ctx, _forward(ev))
+    await svc.forward(ctx, _forward(ev))  # the same exit, replayed from the outbox
+    later = _exit("c1", 3)
+    later.exited_at.CopyFrom(timeutil.timestamp_from_ns(1_700_000_001_000_000_000))
+    await svc.forward(ctx, _forward(later))  # a different exit (another run): passed on
+    assert [e[3] for e in sup.exits] == [1_700_000_000_000_000_000, 1_700_000_001_000_000_000]
+    assert svc.duplicates == 1
+
+
+def test_delete_removes_the_socket_of_a_dead_shim(tmp_path: Path) -> None:
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    dead = str(tmp_path / "dead.sock")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(dead)
+    s.close()  # what SIGKILL leaves: the file, nobody listening
+    (bundle / "address").write_text(f"unix://{dead}")
+    remove_dead_socket(str(bundle))
+    assert not os.path.exists(dead)
+
+
+def test_delete_keeps_the_socket_of_a_live_shim(tmp_path: Path) -> None:
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    live = str(tmp_path / "live.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.bind(live)
+        s.listen()
+        (bundle / "address").write_text(f"unix://{live}")
+        remove_dead_socket(str(bundle))
+        assert os.path.exists(live)
+
+
+async def test_an_empty_shim_nobody_shuts_down_leaves(tmp_path: Path) -> None:
+    h = make_harness(tmp_path)
+    h.service._empty_grace = 0.05
+    pid = await h.run()
+    h.reaper.exit(pid, 0)
+    await h.service.wait(shim_pb2.WaitRequest(id="c1"))
+    await h.service.delete(shim_pb2.DeleteRequest(id="c1"))
+    assert h.shutdowns == []
+    await asyncio.sleep(0.2)  # no Shutdown came (containerd died after Delete)
+    assert h.shutdowns == [True]
+
+
+async def test_a_new_create_keeps_an_emptied_shim(tmp_path: Path) -> None:
+    h = make_harness(tmp_path)
+    h.service._empty_grace = 0.05
+    pid = await h.run()
+    h.reaper.exit(pid, 0)
+    await h.service.wait(shim_pb2.WaitRequest(id="c1"))
+    await h.service.delete(shim_pb2.DeleteRequest(id="c1"))
+    await h.create("c2", h.bundle("b2"))
+    await asyncio.sleep(0.2)
+    assert h.shutdowns == []
+
+
+class _DurableSink:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def publish(self, topic: str, event: Message) -> None:
+        self.calls.append(topic)
+
+    def attach(self, container_id: str, bundle: str) -> int:
+        self.calls.append(f"attach {container_id}")
+        return 0
+
+    def detach(self, container_id: str) -> None:
+        self.calls.append(f"detach {container_id}")
+
+
+async def test_service_attaches_before_create_and_detaches_after_delete(tmp_path: Path) -> None:
+    sink = _DurableSink()
+    assert isinstance(sink, DurableEventSink)
+    h = make_harness(tmp_path)
+    h.service._durable = sink
+    h.service._toolkit = dataclasses.replace(h.service._toolkit, events=sink)
+    pid = await h.run()
+    h.reaper.exit(pid, 0)
+    await h.service.wait(shim_pb2.WaitRequest(id="c1"))
+    await h.service.delete(shim_pb2.DeleteRequest(id="c1"))
+    assert sink.calls[0] == "attach c1"
+    assert sink.calls.index("/tasks/create") > 0
+    assert sink.calls[-1] == "detach c1"
+    assert sink.calls.index("/tasks/delete") < len(sink.calls) - 1
+
+
+# -- the harness itself -----------------------------------------------------------------
+
+
+def test_plan_is_a_pure_function_of_the_seed() -> None:
+    assert generate(5, 80, 20).dump() == generate(5, 80, 20).dump()
+    assert generate(5, 80, 20).dump() != generate(6, 80, 20).dump()
+    plan = generate(5, 80, 20)
+    assert sum(1 for s in plan.steps if s.fault) == 20
+    # Every container the plan runs, it also deletes.
+    runs = {s.op.slot for s in plan.steps if s.op.kind == "run"}
+    assert runs == {s.op.slot for s in plan.steps if s.op.kind == "delete"}
+
+
+def _checker() -> Runner:
+    r = Runner.__new__(Runner)
+    r.plan = generate(1, 0, 0)
+    r.log = lambda _m: None
+    from tests.crash.runner import Report
+
+    r.report = Report("fake", "fake", 1)
+    return r
+
+
+def test_checker_flags_two_different_exits_and_a_wrong_one() -> None:
+    r = _checker()
+    c = Container("c0", "exit", ProcState(acceptable={3}))
+    c.init.observations = [(3, "ctr task delete", 5), (137, "event /tasks/exit", -1)]
+    r._check_exits(c)
+    kinds = sorted(v.kind for v in r.report.violations)
+    assert kinds == ["exit-twice", "exit-wrong"]
+
+
+def test_checker_accepts_137_only_after_the_shim_was_killed() -> None:
+    r = _checker()
+    c = Container("c0", "exit", ProcState(acceptable={3}))
+    c.init.observations = [(137, "ctr task delete", 5)]
+    r._check_exits(c)
+    assert [v.kind for v in r.report.violations] == ["exit-wrong"]
+    r = _checker()
+    c.init.acceptable.add(137)  # what the runner does when it SIGKILLs the shim
+    r._check_exits(c)
+    assert r.report.violations == []
+
+
+def test_checker_flags_a_lost_exit() -> None:
+    r = _checker()
+    r._check_exits(Container("c0", "serve", ProcState(acceptable={137})))
+    assert [v.kind for v in r.report.violations] == ["exit-unknown"]
+
+
+async def test_a_shim_never_sent_create_leaves(tmp_path: Path) -> None:
+    from shim.service import TaskService
+    from tests.unit.test_service import FakePublisher, FakeReaper
+
+    shutdowns: list[bool] = []
+    TaskService(
+        namespace="ns",
+        publisher=FakePublisher(),
+        reaper=FakeReaper(),  # type: ignore[arg-type]
+        request_shutdown=lambda: shutdowns.append(True),
+        make_runtime=lambda options, bundle: None,  # type: ignore[arg-type,return-value]
+        start_grace=0.05,
+    )
+    await asyncio.sleep(0.2)  # containerd died between `start` and Create
+    assert shutdowns == [True]
+
+
+async def test_delete_during_an_inflight_create_waits_and_deletes(tmp_path: Path) -> None:
+    h = make_harness(tmp_path)
+    release = asyncio.Event()
+
+    async def slow_runc() -> None:
+        await release.wait()
+
+    h.shared.hooks["create"] = slow_runc
+    creating = asyncio.create_task(h.create())
+    await asyncio.sleep(0.05)
+    # containerd's client went away mid-Create; containerd cleans up with Delete.
+    deleting = asyncio.create_task(h.service.delete(shim_pb2.DeleteRequest(id="c1")))
+    await asyncio.sleep(0.05)
+    assert not deleting.done()
+    release.set()
+    await creating
+    await deleting
+    assert "delete" in h.shared.names()
+    await h.service.shutdown(shim_pb2.ShutdownRequest(id="c1"))
+    assert h.shutdowns == [True]

@@ -1,0 +1,449 @@
+"""The shim template (shim/template.py): fork protocol, the forked daemon's process
+state, fallbacks, and start's use of it. Real forks and sockets; the daemon's main is
+replaced by a probe that reports what it sees."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import shim.cli
+from shim import start, template
+from shim.cli import parse_flags
+
+KEY = "k" * 24
+
+
+def _probe_main(argv: list[str] | None = None) -> int:
+    """Stands in for shim.cli.main in the forked daemon: record the process state."""
+    assert argv is not None
+    fd3 = os.fstat(3)
+    with open(f"/proc/{os.getpid()}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    with open("/proc/self/status") as f:
+        status = dict(line.split(":\t", 1) for line in f if ":\t" in line)
+    umask = os.umask(0)
+    info = {
+        "pid": os.getpid(),
+        "ppid": int(fields[1]),
+        "pgid": os.getpgrp(),
+        "sid": os.getsid(0),
+        "cwd": os.getcwd(),
+        "argv": argv,
+        "sys_argv": sys.argv,
+        "env": dict(os.environ),
+        "umask": umask,
+        "fd3_ino": fd3.st_ino,
+        "fd3_cloexec": not os.get_inheritable(3),
+        "fds": [fd for fd in range(256) if _is_open(fd)],
+        "cmdline": Path("/proc/self/cmdline").read_text().split("\0")[:-1],
+        "environ_has": f"PROBE_MARK={os.environ.get('PROBE_MARK')}".encode()
+        in Path("/proc/self/environ").read_bytes().split(b"\0"),
+        "comm": Path("/proc/self/comm").read_text().strip(),
+        "sigblk": status["SigBlk"].strip(),
+        "sigint": signal.getsignal(signal.SIGINT) is signal.default_int_handler,
+        "sigterm_default": signal.getsignal(signal.SIGTERM) == signal.SIG_DFL,
+        "sigpipe_ignored": signal.getsignal(signal.SIGPIPE) == signal.SIG_IGN,
+        "sigchld_default": signal.getsignal(signal.SIGCHLD) == signal.SIG_DFL,
+    }
+    out = os.environ["PROBE_OUT"]
+    with open(out + ".tmp", "w") as f:
+        json.dump(info, f)
+    os.rename(out + ".tmp", out)
+    return 0
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def _wait_for(path: Path, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{path} never appeared")
+        time.sleep(0.01)
+
+
+class Running:
+    def __init__(self, pid: int, directory: Path, key: str) -> None:
+        self.pid = pid
+        self.directory = directory
+        self.key = key
+
+    @property
+    def socket(self) -> Path:
+        return Path(template.socket_path(str(self.directory), self.key))
+
+    def exited(self, timeout: float = 5.0) -> int | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                return status
+            time.sleep(0.01)
+        return None
+
+
+@pytest.fixture
+def tdir() -> Iterator[Path]:
+    # Short: unix socket paths are limited to 108 bytes.
+    d = Path(tempfile.mkdtemp(prefix="pyshim-t-", dir="/tmp"))
+    os.chmod(d, 0o700)
+    yield d
+    import shutil
+
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def serve(tdir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Running]:
+    """A template serving tdir: a fork of this test process with a probe for main."""
+    monkeypatch.setattr(template, "preload", lambda: None)
+    monkeypatch.setattr(shim.cli, "main", _probe_main)
+    monkeypatch.setenv("PROBE_OUT", str(tmp_path / "probe.json"))
+    started: list[Running] = []
+
+    def launch(key: str = KEY) -> Running:
+        # Computed keys must agree with the one we serve under.
+        monkeypatch.setattr(template, "code_key", lambda: key)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = template.serve(str(tdir), key)
+            finally:
+                os._exit(code)
+        running = Running(pid, tdir, key)
+        started.append(running)
+        _wait_for(running.socket)
+        return running
+
+    first = launch()
+    first.launch = launch  # type: ignore[attr-defined]
+    yield first
+    for running in started:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(running.pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(running.pid, 0)
+
+
+@pytest.fixture
+def listener(tdir: Path) -> Iterator[socket.socket]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(tdir / "shim.sock"))
+    sock.listen()
+    yield sock
+    sock.close()
+
+
+def test_forked_daemon_looks_like_a_reexec(
+    serve: Running,
+    listener: socket.socket,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    monkeypatch.chdir(bundle)
+    monkeypatch.setenv("PROBE_MARK", "m1")
+    argv = ["/x/containerd-shim-pyshim-v1", "-namespace", "ns", "-id", "c1", "-address", "/a"]
+    old = os.umask(0o027)
+    try:
+        forked = template.fork_daemon(argv, listener, directory=str(serve.directory), key=KEY)
+    finally:
+        os.umask(old)
+    assert forked is not None
+    probe = tmp_path / "probe.json"
+    time.sleep(0.1)
+    assert not probe.exists(), "the daemon must wait for go()"
+    forked.go()
+    _wait_for(probe)
+    info = json.loads(probe.read_text())
+    assert info["pid"] == forked.pid
+    # Double fork: neither the template nor its intermediate child is the parent.
+    assert info["ppid"] not in (serve.pid, os.getpid())
+    assert info["pgid"] == info["pid"]
+    assert info["sid"] not in (info["pid"], os.getsid(0), os.getsid(serve.pid))
+    assert info["cwd"] == str(bundle)
+    assert info["argv"] == argv
+    assert info["sys_argv"] == argv
+    assert info["env"]["PROBE_MARK"] == "m1"
+    assert info["env"] == {**os.environ}
+    assert info["umask"] == 0o027
+    assert info["fd3_ino"] == os.fstat(listener.fileno()).st_ino
+    assert info["fds"] == [0, 1, 2, 3]
+    assert info["cmdline"] == argv
+    assert info["environ_has"]
+    assert info["comm"] == "containerd-shim"
+    assert int(info["sigblk"], 16) == 0
+    assert info["sigint"] and info["sigterm_default"] and info["sigpipe_ignored"]
+    assert info["sigchld_default"]
+    # The template keeps serving.
+    assert serve.exited(timeout=0.05) is None
+
+
+def test_forked_daemon_survives_template_death(
+    serve: Running, listener: socket.socket, tmp_path: Path
+) -> None:
+    forked = template.fork_daemon(["x"], listener, directory=str(serve.directory), key=KEY)
+    assert forked is not None
+    os.kill(serve.pid, signal.SIGKILL)
+    assert serve.exited() is not None
+    forked.go()
+    _wait_for(tmp_path / "probe.json")
+
+
+def test_abort_means_the_daemon_never_runs(
+    serve: Running, listener: socket.socket, tmp_path: Path
+) -> None:
+    forked = template.fork_daemon(["x"], listener, directory=str(serve.directory), key=KEY)
+    assert forked is not None
+    forked.abort()
+    deadline = time.monotonic() + 5
+    while os.path.exists(f"/proc/{forked.pid}") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not (tmp_path / "probe.json").exists()
+
+
+def test_wrong_key_is_refused(serve: Running, listener: socket.socket, tdir: Path) -> None:
+    # A request naming other code must not be served by this template.
+    os.link(serve.socket, tdir / ("o" * 24 + ".sock"))
+    assert template.fork_daemon(["x"], listener, directory=str(tdir), key="o" * 24) is None
+    assert serve.exited(timeout=0.05) is None
+
+
+def test_new_template_retires_stale_one(serve: Running) -> None:
+    newer = serve.launch("n" * 24)  # type: ignore[attr-defined]
+    assert serve.exited() is not None
+    assert not serve.socket.exists()
+    assert newer.socket.exists()
+    assert template.stop_templates(str(serve.directory)) == [newer.pid]
+    assert newer.exited() is not None
+    assert not newer.socket.exists()
+
+
+def test_second_template_for_same_key_exits(serve: Running, tdir: Path) -> None:
+    assert template.serve(str(tdir), KEY) == 0  # the lock is held: returns at once
+    assert serve.exited(timeout=0.05) is None
+
+
+def test_wedged_template_is_replaced(tdir: Path, listener: socket.socket) -> None:
+    """Accepts but never answers: start gives up after the timeout and kills it."""
+    path = template.socket_path(str(tdir), KEY)
+    fake = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import socket, sys, time\n"
+            "s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n"
+            f"s.bind({path!r}); s.listen()\n"
+            "print('ready', flush=True)\n"
+            "c = s.accept()\n"
+            "time.sleep(60)\n",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert fake.stdout is not None
+        assert fake.stdout.readline() == b"ready\n"
+        t0 = time.monotonic()
+        got = template.fork_daemon(["x"], listener, directory=str(tdir), key=KEY, timeout=0.3)
+        assert got is None
+        assert time.monotonic() - t0 < 2
+        assert fake.wait(timeout=5) == -signal.SIGKILL
+        assert not os.path.exists(path)
+    finally:
+        fake.kill()
+        fake.wait()
+
+
+def test_missing_template_is_spawned_and_start_falls_back(
+    tdir: Path, listener: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spawned: list[tuple[str, str]] = []
+
+    def spawn(d: str, k: str) -> int:
+        spawned.append((d, k))
+        return 0
+
+    monkeypatch.setattr(template, "spawn_template", spawn)
+    assert template.fork_daemon(["x"], listener, directory=str(tdir), key=KEY) is None
+    assert spawned == [(str(tdir), KEY)]
+    # A directory that is not there yet: same.
+    assert template.fork_daemon(["x"], listener, directory=str(tdir / "new"), key=KEY) is None
+    assert spawned[-1] == (str(tdir / "new"), KEY)
+
+
+def test_dead_template_socket_means_spawn(
+    tdir: Path, listener: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    stale.bind(template.socket_path(str(tdir), KEY))
+    stale.close()  # the file stays, nobody listens: ECONNREFUSED
+    spawned: list[str] = []
+
+    def spawn(d: str, k: str) -> int:
+        spawned.append(k)
+        return 0
+
+    monkeypatch.setattr(template, "spawn_template", spawn)
+    assert template.fork_daemon(["x"], listener, directory=str(tdir), key=KEY) is None
+    assert spawned == [KEY]
+
+
+def test_directory_others_can_write_is_not_used(
+    tdir: Path, listener: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    os.chmod(tdir, 0o733)
+    spawned: list[str] = []
+
+    def spawn(d: str, k: str) -> int:
+        spawned.append(k)
+        return 0
+
+    monkeypatch.setattr(template, "spawn_template", spawn)
+    assert template.fork_daemon(["x"], listener, directory=str(tdir), key=KEY) is None
+    assert spawned == []
+
+
+def test_spawn_template_skips_while_one_is_starting(tdir: Path) -> None:
+    import fcntl
+
+    fd = os.open(template.lock_path(str(tdir), KEY), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert template.spawn_template(str(tdir), KEY) == 0
+    finally:
+        os.close(fd)
+
+
+def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYSHIM_TEMPLATE", "0")
+    assert not template.enabled()
+    assert template.spawn_template("/nonexistent/x", KEY) == 0
+    monkeypatch.delenv("PYSHIM_TEMPLATE")
+    assert template.enabled()
+
+
+def test_code_key_follows_the_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for pkg in ("shim", "protocol/ttrpc"):
+        (tmp_path / pkg).mkdir(parents=True)
+        (tmp_path / pkg / "__init__.py").write_text("")
+    (tmp_path / "shim" / "__pycache__").mkdir()
+    monkeypatch.setattr(template, "package_root", lambda: str(tmp_path))
+    key = template.code_key()
+    assert key == template.code_key() and len(key) == 24
+    (tmp_path / "shim" / "__pycache__" / "x.cpython-311.pyc").write_text("compiled")
+    (tmp_path / "shim" / "notes.txt").write_text("not code")
+    assert template.code_key() == key
+    (tmp_path / "protocol" / "ttrpc" / "__init__.py").write_text("# changed\n")
+    assert template.code_key() != key
+
+
+def test_real_code_key_is_cheap() -> None:
+    t0 = time.perf_counter()
+    for _ in range(10):
+        template.code_key()
+    assert (time.perf_counter() - t0) / 10 < 0.02
+
+
+# -- start's use of the template ---------------------------------------------------
+
+
+class FakeForked:
+    def __init__(self, pid: int, log: list[str]) -> None:
+        self.pid = pid
+        self.log = log
+
+    def go(self) -> None:
+        self.log.append("go")
+
+    def abort(self) -> None:
+        self.log.append("abort")
+
+
+@pytest.fixture
+def start_bundle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "config.json").write_text("{}")
+    monkeypatch.chdir(bundle)
+    sdir = tempfile.mkdtemp(prefix="pyshim-s-", dir="/tmp")
+    monkeypatch.setattr(start, "SOCKET_DIR", sdir)
+    monkeypatch.setattr(start, "_read_stdin", lambda: b"")
+    monkeypatch.delenv("SCHED_CORE", raising=False)
+    yield bundle
+    import shutil
+
+    shutil.rmtree(sdir, ignore_errors=True)
+
+
+def test_start_uses_the_template_and_says_go_last(
+    start_bundle: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    log: list[str] = []
+    monkeypatch.setattr(template, "fork_daemon", lambda argv, sock: FakeForked(4242, log))
+    monkeypatch.setattr(start, "raise_oom_score", lambda pid: log.append(f"oom {pid}"))
+    monkeypatch.setattr(start, "spawn_daemon", lambda argv, sock: pytest.fail("re-exec"))
+    opts = parse_flags(["-namespace", "ns", "-address", "/a.sock", "-id", "c1", "start"])
+    assert start.run_start(opts) == 0
+    assert log == ["oom 4242", "go"]
+    assert capfd.readouterr().out.startswith("unix://")
+
+
+def test_start_aborts_the_forked_daemon_on_failure(
+    start_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log: list[str] = []
+    monkeypatch.setattr(template, "fork_daemon", lambda argv, sock: FakeForked(4242, log))
+
+    def boom(pid: int) -> None:
+        raise OSError("oom_score_adj exploded")
+
+    monkeypatch.setattr(start, "raise_oom_score", boom)
+    monkeypatch.setattr(start, "_kill", lambda pid: log.append(f"kill {pid}"))
+    opts = parse_flags(["-namespace", "ns", "-address", "/a.sock", "-id", "c1", "start"])
+    with pytest.raises(OSError, match="exploded"):
+        start.run_start(opts)
+    assert log == ["abort"]
+
+
+def test_start_falls_back_to_reexec(start_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log: list[str] = []
+    monkeypatch.setattr(template, "fork_daemon", lambda argv, sock: None)
+
+    def spawn(argv: list[str], sock: socket.socket) -> int:
+        log.append("spawn")
+        return 777
+
+    monkeypatch.setattr(start, "spawn_daemon", spawn)
+    monkeypatch.setattr(start, "raise_oom_score", lambda pid: log.append(f"oom {pid}"))
+    opts = parse_flags(["-namespace", "ns", "-address", "/a.sock", "-id", "c1", "start"])
+    assert start.run_start(opts) == 0
+    assert log == ["spawn", "oom 777"]
+
+
+@pytest.mark.parametrize("env", [{"PYSHIM_TEMPLATE": "0"}, {"SCHED_CORE": "1"}])
+def test_start_skips_the_template(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(template, "fork_daemon", lambda argv, sock: pytest.fail("template used"))
+    with socket.socket(socket.AF_UNIX) as sock:
+        assert start.fork_from_template(["x"], sock) is None
