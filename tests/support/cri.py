@@ -455,13 +455,21 @@ class CriNode:
         )
 
     def shim_binaries(self) -> dict[int, str]:
-        """pid -> executable name of every shim process serving this containerd."""
+        """pid -> the shim binary of every shim process serving this containerd.
+
+        The binary is the first argv word named `containerd-shim-*`: pyshim's daemon
+        may run as `python -IS <binary> …` (re-exec through its launcher).
+        """
         assert self.containerd is not None
         found = {}
         for pid in self.containerd.shim_pids():
             with contextlib.suppress(OSError):
                 argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-                found[pid] = " ".join(a.decode(errors="replace") for a in argv[:2])
+                words = [a.decode(errors="replace") for a in argv]
+                found[pid] = next(
+                    (w for w in words if os.path.basename(w).startswith("containerd-shim-")),
+                    " ".join(words[:2]),
+                )
         return found
 
     def bridge_exists(self) -> bool:
