@@ -24,7 +24,8 @@ from typing import Any
 
 import psutil
 
-from bench.procfs import find_shims, find_templates
+from bench.procfs import find_shims
+from tests.support.template import stop_templates, template_pids
 
 __all__ = ["CtrError", "Event", "EventWatcher", "PrivateContainerd"]
 
@@ -218,12 +219,10 @@ class PrivateContainerd:
 
     def template_pids(self) -> list[int]:
         """pyshim templates serving from our template dir (none for the Go shim)."""
-        return find_templates(self.template_dir)
+        return template_pids(self.template_dir)
 
     def _stop_templates(self) -> None:
-        for pid in self.template_pids():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        stop_templates(self.template_dir)
 
     # -- cleanup -----------------------------------------------------------
 

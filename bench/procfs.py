@@ -161,23 +161,6 @@ def find_shims(address: str) -> list[ShimProcess]:
     return sorted(found, key=lambda s: s.pid)
 
 
-def find_templates(template_dir: Path) -> list[int]:
-    """pyshim fork templates (`containerd-shim-pyshim-v1 template`) serving template_dir."""
-    found: list[int] = []
-    want = f"PYSHIM_TEMPLATE_DIR={template_dir}".encode()
-    for pid in _pids():
-        try:
-            raw = (PROC / str(pid) / "cmdline").read_bytes()
-            if not raw.endswith(b"\0template\0"):
-                continue
-            if want not in (PROC / str(pid) / "environ").read_bytes().split(b"\0"):
-                continue
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
-        found.append(pid)
-    return sorted(found)
-
-
 def read_memory(pid: int) -> MemoryUsage:
     return parse_smaps_rollup((PROC / str(pid) / "smaps_rollup").read_text())
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.images import build_busybox_oci_archive
+from tests.support.template import stop_templates
 
 pytestmark = pytest.mark.integration
 
@@ -48,6 +49,9 @@ class Manager:
         self.env = dict(os.environ)
         self.env["PYSHIM_RUN_DIR"] = str(self.run_dir)
         self.env["PYSHIM_STATE_DIR"] = str(self.state_dir)
+        # Our own shim fork template, so cleanup() can stop it.
+        self.template_dir = root / "template"
+        self.env["PYSHIM_TEMPLATE_DIR"] = str(self.template_dir)
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = root / "pyshimd.log"
         self.shim_pids: set[int] = set()
@@ -134,6 +138,7 @@ class Manager:
                     self.cli("rm", "-f", c["id"], timeout=30)
         self._note_shims()
         self.stop()
+        stop_templates(self.template_dir)
         for pid in self.shim_pids:
             with contextlib.suppress(OSError):
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from shim.start import socket_address
+from tests.support.template import stop_templates, template_pids
 
 CONTAINERD = "containerd"
 CTR = "ctr"
@@ -166,20 +167,7 @@ class Containerd:
 
     def template_pids(self) -> list[int]:
         """Live shim templates serving from our template dir."""
-        pids = []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                argv = _cmdline(int(entry))
-                if argv[-1:] == ["template"] and _environ_value(
-                    int(entry), "PYSHIM_TEMPLATE_DIR"
-                ) == str(self.template_dir):
-                    pids.append(int(entry))
-        return pids
-
-    def _stop_templates(self) -> None:
-        for pid in self.template_pids():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        return template_pids(self.template_dir)
 
     def start(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -425,7 +413,7 @@ class Containerd:
         self._stop(signal.SIGTERM)
         self._remember_shim_sockets()
         self._kill_shims()
-        self._stop_templates()
+        stop_templates(self.template_dir)
         self._runc_leftovers()
         self._cgroup_leftovers()
         self._unmount_all()
