@@ -7,12 +7,12 @@ stdout carries only the raw DeleteResponse; anything worth saying goes to stderr
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 
 from shim import _wire
+from shim import minijson as json
 
 TYPE_CHECKING = False  # typing costs ~3 ms at start-up; mypy honours this name
 
@@ -62,6 +62,14 @@ def _read_runc_settings(bundle: str) -> tuple[str, str]:
 
 def runc_delete(bundle: str, namespace: str, container_id: str) -> None:
     binary, root = _read_runc_settings(bundle)
+    try:
+        os.lstat(os.path.join(root, namespace, container_id))
+    except FileNotFoundError:
+        # What `runc delete --force` does then: RemoveAll of that missing directory,
+        # exit 0. The usual case: the shim's Delete already ran runc delete.
+        return
+    except OSError:
+        pass
     argv = [binary, "--root", os.path.join(root, namespace)]
     # runc refuses to run when it cannot open its --log file.
     if bundle and os.path.isdir(bundle):
@@ -83,9 +91,42 @@ def runc_delete(bundle: str, namespace: str, container_id: str) -> None:
         _warn(f"failed to remove runc container: {binary} exited with status {code}")
 
 
+def _mountinfo_unescape(field: str) -> str:
+    # The kernel escapes space, tab, newline and backslash as \ooo.
+    if "\\" not in field:
+        return field
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def is_mount_point(path: str, mountinfo: str = "/proc/self/mountinfo") -> bool | None:
+    """Whether ``path`` is a mount point in our mount namespace; None when unknown."""
+    target = os.path.realpath(path)
+    try:
+        with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                fields = line.split(" ", 5)
+                if len(fields) > 4 and _mountinfo_unescape(fields[4]) == target:
+                    return True
+    except OSError:
+        return None
+    return False
+
+
 def _unmount_rootfs(bundle: str) -> None:
     rootfs = os.path.join(bundle, "rootfs")
     if not bundle or not os.path.isdir(rootfs):
+        return
+    if is_mount_point(rootfs) is False:
+        # Nothing to unmount (the shim's Delete did it): spare the import of
+        # shim.mount (ctypes, ~8 ms).
         return
     try:
         from shim.mount import unmount_all
@@ -93,6 +134,77 @@ def _unmount_rootfs(bundle: str) -> None:
         unmount_all(rootfs)
     except Exception as exc:  # best effort: containerd unmounts the bundle again
         _warn(f"failed to cleanup rootfs mount: {exc}")
+
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+def _cgroups_path(bundle: str) -> str:
+    """linux.cgroupsPath of the bundle's config.json, if it is a cgroupfs path."""
+    try:
+        with open(os.path.join(bundle, "config.json"), "rb") as f:
+            spec = json.load(f)
+        path = str(spec.get("linux", {}).get("cgroupsPath") or "")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    # systemd's "slice:prefix:name" is systemd's to clean up.
+    if not path.startswith("/") or ":" in path:
+        return ""
+    return path
+
+
+def _cgroup_dirs(root: str, path: str) -> list[str]:
+    rel = os.path.normpath(path).lstrip("/")
+    if not rel or rel.startswith(".."):
+        return []
+    if os.path.exists(os.path.join(root, "cgroup.controllers")):
+        candidates = [os.path.join(root, rel)]  # unified hierarchy
+    else:
+        try:
+            hierarchies = sorted(
+                e.path for e in os.scandir(root) if e.is_dir(follow_symlinks=False)
+            )
+        except OSError:
+            return []
+        candidates = [os.path.join(h, rel) for h in hierarchies]
+    return [c for c in candidates if os.path.isdir(c)]
+
+
+def remove_cgroup(bundle: str, root: str = CGROUP_ROOT) -> None:
+    """Kill whatever is still in the container's cgroup and remove it.
+
+    `runc delete --force` knows nothing of a container whose `runc create` died half
+    way (its shim was SIGKILLed and took runc with it): the cgroups runc had already
+    made stay behind, in some hierarchies only, possibly with a `runc init` in them.
+    """
+    if not bundle:
+        return
+    path = _cgroups_path(bundle)
+    if not path:
+        return
+    for cg in _cgroup_dirs(root, path):
+        for _ in range(20):
+            try:
+                with open(os.path.join(cg, "cgroup.procs")) as f:
+                    pids = [int(p) for p in f.read().split()]
+            except (OSError, ValueError):
+                pids = []
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, 9)
+                except ProcessLookupError:
+                    continue
+            time.sleep(0.05)
+        # Children first; a cgroup directory is removed with rmdir, never its files.
+        for dirpath, _dirs, _files in sorted(os.walk(cg), key=lambda w: -len(w[0])):
+            try:
+                os.rmdir(dirpath)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                _warn(f"failed to remove cgroup {dirpath}: {exc}")
 
 
 def remove_dead_socket(bundle: str) -> None:
@@ -112,6 +224,8 @@ def remove_dead_socket(bundle: str) -> None:
     if not address.startswith("unix://"):
         return  # abstract sockets vanish with their owner
     path = address[len("unix://") :]
+    if not os.path.lexists(path):
+        return  # removed by the shim at shutdown; spares importing socket
     import socket
 
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -145,15 +259,52 @@ def _recorded_exit(bundle: str, container_id: str) -> tuple[int, int, int] | Non
     if not bundle or not os.path.isdir(os.path.join(bundle, "pyshim")):
         return None
     try:
-        from shim.state import ExitRecord, exit_record_path, read_record
-
-        record = read_record(exit_record_path(bundle, container_id), ExitRecord)
+        return read_exit_record(os.path.join(bundle, "pyshim", "exits", f"{container_id}.json"))
     except Exception as exc:
         _warn(f"failed to read exit record: {exc}")
         return None
-    if record is None:
+
+
+EXIT_RECORD_VERSION = 1  # shim.state.EXIT_RECORD_VERSION (msgspec costs ~25 ms to import)
+
+
+def read_exit_record(path: str) -> tuple[int, int, int] | None:
+    """(pid, exit_status, exited_at_ns) of shim.state.ExitRecord at ``path``, or None.
+
+    Reads what shim.state.read_record(path, ExitRecord) would, with its refusals:
+    no symlink, no non-regular file, only the version it knows, typed fields.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
         return None
-    return record.pid, record.exit_status, record.exited_at_ns
+    try:
+        import stat
+
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"refusing record {path}: not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read()
+    finally:
+        os.close(fd)
+    try:
+        record = json.loads(data)
+    except ValueError as exc:
+        raise ValueError(f"corrupt record {path}: {exc}") from None
+    if not isinstance(record, dict) or "version" not in record:
+        raise ValueError(f"corrupt record {path}: no version")
+    if record["version"] != EXIT_RECORD_VERSION:
+        raise ValueError(
+            f"record {path} has version {record['version']}; "
+            f"this shim reads version {EXIT_RECORD_VERSION}"
+        )
+    fields = (record.get("pid"), record.get("exit_status"), record.get("exited_at_ns"))
+    names = (record.get("container_id"), record.get("exec_id"))
+    if not all(type(v) is int for v in fields) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"corrupt record {path}")
+    pid, status, exited_at_ns = fields
+    assert isinstance(pid, int) and isinstance(status, int) and isinstance(exited_at_ns, int)
+    return pid, status, exited_at_ns
 
 
 def delete_response(pid: int, exit_status: int, exited_at_ns: int) -> bytes:
@@ -170,6 +321,7 @@ def run_delete(opts: Options) -> int:
     bundle = _bundle_path(opts)
     runc_delete(bundle, opts.namespace, opts.id)
     _unmount_rootfs(bundle)
+    remove_cgroup(bundle)
     remove_dead_socket(bundle)
     pid = _init_pid(bundle)
     recorded = _recorded_exit(bundle, opts.id)

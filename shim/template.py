@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import signal
 import socket
 import stat
 import struct
 import sys
+
+from shim import minijson
 
 TYPE_CHECKING = False  # typing costs ~3 ms at start-up; mypy honours this name
 
@@ -232,13 +233,13 @@ def fork_daemon(
             "cwd": os.getcwd(),
             "umask": umask,
         }
-        socket.send_fds(conn, [json.dumps(request).encode()], [listener.fileno()])
+        socket.send_fds(conn, [minijson.dumps(request).encode()], [listener.fileno()])
         try:
             data = conn.recv(4096)
         except TimeoutError:
             _retire_wedged(path, pid)
             raise
-        reply = json.loads(data) if data else {"error": "template closed the connection"}
+        reply = minijson.loads(data) if data else {"error": "template closed the connection"}
         if not isinstance(reply, dict) or not isinstance(reply.get("pid"), int):
             raise TemplateError(str(reply.get("error") if isinstance(reply, dict) else reply))
         return Forked(conn, reply["pid"])
@@ -321,7 +322,7 @@ def _send_quit(path: str, timeout: float) -> int:
             pid, uid, _ = _peer(conn)
             if not _trusted(uid):
                 return 0
-            conn.send(json.dumps({"op": "quit"}).encode())
+            conn.send(minijson.dumps({"op": "quit"}).encode())
             conn.recv(16)  # EOF once it has stopped listening
         except OSError:
             return 0
@@ -467,7 +468,7 @@ def _become_daemon(conn: socket.socket, listen_fd: int, request: Mapping[str, An
     _set_proc_strings(argv, env)
 
     conn.settimeout(GO_TIMEOUT)
-    conn.send(json.dumps({"pid": os.getpid()}).encode())
+    conn.send(minijson.dumps({"pid": os.getpid()}).encode())
     try:
         answer = conn.recv(16)
     except OSError:
@@ -501,7 +502,7 @@ def _fork(conn: socket.socket, listen_fd: int, request: Mapping[str, Any]) -> No
     os.close(listen_fd)
     _, status = os.waitpid(pid, 0)
     if status != 0:
-        conn.send(json.dumps({"error": f"fork failed (status {status})"}).encode())
+        conn.send(minijson.dumps({"error": f"fork failed (status {status})"}).encode())
 
 
 def _handle(conn: socket.socket, key: str) -> bool:
@@ -513,7 +514,7 @@ def _handle(conn: socket.socket, key: str) -> bool:
     try:
         if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
             raise TemplateError("truncated request")
-        request = json.loads(data)
+        request = minijson.loads(data)
         if not isinstance(request, dict):
             raise TemplateError("bad request")
         if request.get("op") == "quit":
@@ -525,7 +526,7 @@ def _handle(conn: socket.socket, key: str) -> bool:
         listen_fd = fds.pop()
         _fork(conn, listen_fd, request)
     except (TemplateError, ValueError, KeyError, TypeError) as exc:
-        conn.send(json.dumps({"error": str(exc)}).encode())
+        conn.send(minijson.dumps({"error": str(exc)}).encode())
     finally:
         for fd in fds:
             os.close(fd)

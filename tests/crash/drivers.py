@@ -430,7 +430,13 @@ class ContainerdDriver(Driver):
         problems = []
         for name, pid in live.items():
             st = status.get(self.ids.get(name, name))
-            if procs.alive(pid) and st not in ("RUNNING", "PAUSED", "STOPPED", "PAUSING"):
+            if procs.alive(pid) and st not in (
+                "CREATED",
+                "RUNNING",
+                "PAUSED",
+                "STOPPED",
+                "PAUSING",
+            ):
                 problems.append((name, f"{name}: shim {pid} alive but containerd says {st}"))
         return problems
 

@@ -156,6 +156,7 @@ class Runner:
         self._slow_until = -1
         self._step = 0
         self._fired: set[int] = set()
+        self._reconnect_reported: set[str] = set()
 
     # -- bookkeeping ------------------------------------------------------------------
 
@@ -368,11 +369,18 @@ class Runner:
         if problems:
             # A shim the daemon died with between Delete and Shutdown holds nothing any
             # more and is rightly not listed; it must leave by itself, though.
-            for name, _ in problems:
-                if name in live:
-                    procs.wait_gone(live[name], EMPTY_SHIM_WAIT)
+            waiting = [
+                live[n] for n, _ in problems if n in live and n not in self._reconnect_reported
+            ]
+            deadline = time.monotonic() + EMPTY_SHIM_WAIT
+            while any(procs.alive(p) for p in waiting) and time.monotonic() < deadline:
+                time.sleep(0.2)
             problems = self.d.reconnect_problems(live)
-        for _, problem in problems:
+        for name, problem in problems:
+            # A shim left behind stays so: report it once, not at every restart.
+            if name and name in self._reconnect_reported:
+                continue
+            self._reconnect_reported.add(name)
             self.violation("reconnect", step, problem)
 
     def _check_orphans(self, step: Step) -> None:

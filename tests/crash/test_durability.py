@@ -308,3 +308,43 @@ async def test_delete_during_an_inflight_create_waits_and_deletes(tmp_path: Path
     assert "delete" in h.shared.names()
     await h.service.shutdown(shim_pb2.ShutdownRequest(id="c1"))
     assert h.shutdowns == [True]
+
+
+def _fake_v1_root(tmp: Path) -> Path:
+    root = tmp / "cgroup"
+    for controller in ("cpuset", "memory"):
+        (root / controller).mkdir(parents=True)
+    (root / "cpu").symlink_to(root / "memory")  # like cpu -> cpu,cpuacct
+    return root
+
+
+def _bundle_with_cgroup(tmp: Path, cgroups_path: str) -> Path:
+    bundle = tmp / "bundle"
+    bundle.mkdir()
+    (bundle / "config.json").write_text(
+        '{"linux": {"cgroupsPath": "%s"}}' % cgroups_path  # noqa: UP031
+    )
+    return bundle
+
+
+def test_delete_removes_the_cgroup_a_dying_runc_create_left(tmp_path: Path) -> None:
+    from shim.delete import remove_cgroup
+
+    root = _fake_v1_root(tmp_path)
+    # runc got as far as cpuset (and an empty child) before it died with the shim.
+    (root / "cpuset" / "ns" / "c1" / "sub").mkdir(parents=True)
+    (root / "cpuset" / "ns" / "other").mkdir(parents=True)
+    bundle = _bundle_with_cgroup(tmp_path, "/ns/c1")
+    remove_cgroup(str(bundle), root=str(root))
+    assert not (root / "cpuset" / "ns" / "c1").exists()
+    assert (root / "cpuset" / "ns" / "other").is_dir()  # someone else's: untouched
+
+
+def test_delete_leaves_systemd_cgroups_alone(tmp_path: Path) -> None:
+    from shim.delete import remove_cgroup
+
+    root = _fake_v1_root(tmp_path)
+    (root / "cpuset" / "system.slice").mkdir()
+    bundle = _bundle_with_cgroup(tmp_path, "system.slice:pyshim:c1")
+    remove_cgroup(str(bundle), root=str(root))
+    assert (root / "cpuset" / "system.slice").is_dir()

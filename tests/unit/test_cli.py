@@ -328,9 +328,9 @@ def test_delete_runs_runc_with_options_and_reads_init_pid(
     bundle = tmp_path / "ns" / "c1"
     bundle.mkdir(parents=True)
     (bundle / "init.pid").write_text("4242")
-    (bundle / "options.json").write_text(
-        json.dumps({"binary_name": str(fake), "root": "/run/myroot"})
-    )
+    root = tmp_path / "myroot"
+    (root / "ns" / "c1").mkdir(parents=True)  # runc's state: the shim died before Delete
+    (bundle / "options.json").write_text(json.dumps({"binary_name": str(fake), "root": str(root)}))
     monkeypatch.chdir(bundle)
     # Without -bundle the bundle is dirname(cwd)/<id>, as containerd 1.6 relies on.
     rc = cli.main(["shim", "-namespace", "ns", "-id", "c1", "delete"])
@@ -341,7 +341,7 @@ def test_delete_runs_runc_with_options_and_reads_init_pid(
     argv = (tmp_path / "runc-argv").read_text().split("\n")[:-1]
     assert argv == [
         "--root",
-        "/run/myroot/ns",
+        f"{root}/ns",
         "--log",
         f"{bundle}/log.json",
         "--log-format",
@@ -357,8 +357,13 @@ def test_delete_runs_runc_with_options_and_reads_init_pid(
 def test_delete_default_runc_root_and_failure_is_only_logged(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfdbinary: pytest.CaptureFixture[bytes]
 ) -> None:
+    from shim import delete
+
     fake = _fake_runc(tmp_path, exit_code=3)
     monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    default_root = tmp_path / "default-root"
+    (default_root / "n2" / "c2").mkdir(parents=True)
+    monkeypatch.setattr(delete, "DEFAULT_RUNC_ROOT", str(default_root))
     bundle = tmp_path / "c2"
     bundle.mkdir()
     monkeypatch.chdir(bundle)
@@ -367,7 +372,7 @@ def test_delete_default_runc_root_and_failure_is_only_logged(
     assert rc == 0
     assert shim_pb2.DeleteResponse.FromString(captured.out).exit_status == 137
     argv = (tmp_path / "runc-argv").read_text().split("\n")[:-1]
-    assert argv[:2] == ["--root", "/run/containerd/runc/n2"]
+    assert argv[:2] == ["--root", f"{default_root}/n2"]
     assert b"exited with status 3" in captured.err
 
 

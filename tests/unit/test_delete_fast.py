@@ -1,0 +1,243 @@
+"""The `delete` action's fast paths: what it may skip, and what it must not."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from protocol.proto.task.v2 import shim_pb2
+from shim import cli, delete, minijson
+from shim.state import ExitRecord, RecordError, exit_record_path, read_record, write_record
+
+
+def _fake_runc(tmp_path: Path) -> Path:
+    bindir = tmp_path / "bin"
+    bindir.mkdir(exist_ok=True)
+    script = bindir / "runc"
+    script.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path}/runc-argv\nexit 0\n')
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    return script
+
+
+def _bundle(tmp_path: Path, cid: str, root: Path, fake: Path) -> Path:
+    bundle = tmp_path / cid
+    bundle.mkdir()
+    (bundle / "options.json").write_text(json.dumps({"binary_name": str(fake), "root": str(root)}))
+    return bundle
+
+
+def test_runc_delete_skipped_when_runc_has_no_state(
+    tmp_path: Path, capfdbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    fake = _fake_runc(tmp_path)
+    root = tmp_path / "root"
+    (root / "ns").mkdir(parents=True)
+    bundle = _bundle(tmp_path, "c1", root, fake)
+    argv = ["shim", "-namespace", "ns", "-id", "c1", "-bundle", str(bundle), "delete"]
+    assert cli.main(argv) == 0
+    resp = shim_pb2.DeleteResponse.FromString(capfdbinary.readouterr().out)
+    assert resp.exit_status == 137
+    assert not (tmp_path / "runc-argv").exists()
+
+
+@pytest.mark.parametrize("leftover", ["dir", "empty-dir-no-state-json", "file"])
+def test_runc_delete_runs_when_runc_state_is_there(
+    tmp_path: Path, capfdbinary: pytest.CaptureFixture[bytes], leftover: str
+) -> None:
+    # A shim that died mid-create leaves runc's directory without state.json; only
+    # `runc delete --force` knows how to clean that up.
+    fake = _fake_runc(tmp_path)
+    root = tmp_path / "root"
+    (root / "ns").mkdir(parents=True)
+    if leftover == "file":
+        (root / "ns" / "c1").write_text("")
+    else:
+        (root / "ns" / "c1").mkdir()
+        if leftover == "dir":
+            (root / "ns" / "c1" / "state.json").write_text("{}")
+    bundle = _bundle(tmp_path, "c1", root, fake)
+    argv = ["shim", "-namespace", "ns", "-id", "c1", "-bundle", str(bundle), "delete"]
+    assert cli.main(argv) == 0
+    capfdbinary.readouterr()
+    assert (tmp_path / "runc-argv").read_text().split("\n")[-3:-1] == ["--force", "c1"]
+
+
+def test_exit_record_reader_agrees_with_state(tmp_path: Path) -> None:
+    when = 1_750_000_000_123_456_789
+    record = ExitRecord(container_id="c1", exec_id="", pid=77, exit_status=143, exited_at_ns=when)
+    path = exit_record_path(str(tmp_path), "c1")
+    write_record(path, record)
+    expected = read_record(path, ExitRecord)
+    assert expected is not None
+    assert delete.read_exit_record(str(path)) == (
+        expected.pid,
+        expected.exit_status,
+        expected.exited_at_ns,
+    )
+    assert delete.read_exit_record(str(tmp_path / "missing.json")) is None
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b"{",
+        b"[]",
+        b'{"version":2,"container_id":"c1","exec_id":"","pid":1,"exit_status":0,"exited_at_ns":1}',
+        b'{"version":1,"container_id":"c1","exec_id":"","pid":"1","exit_status":0,"exited_at_ns":1}',
+        b'{"version":1,"container_id":"c1","exec_id":"","pid":true,"exit_status":0,"exited_at_ns":1}',
+        b'{"version":1,"exec_id":"","pid":1,"exit_status":0,"exited_at_ns":1}',
+    ],
+)
+def test_exit_record_reader_refuses_what_state_refuses(tmp_path: Path, content: bytes) -> None:
+    path = exit_record_path(str(tmp_path), "c1")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content)
+    with pytest.raises((RecordError, ValueError)):
+        read_record(path, ExitRecord)
+    with pytest.raises(ValueError):
+        delete.read_exit_record(str(path))
+
+
+def test_exit_record_reader_refuses_symlinks_and_fifos(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere.json"
+    target.write_text(
+        '{"version":1,"container_id":"c1","exec_id":"","pid":1,"exit_status":0,"exited_at_ns":1}'
+    )
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    with pytest.raises(OSError):
+        delete.read_exit_record(str(link))
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="not a regular file"):
+        delete.read_exit_record(str(fifo))
+
+
+def test_corrupt_exit_record_falls_back_to_unknown_status(
+    tmp_path: Path, capfdbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    bundle = tmp_path / "c1"
+    path = exit_record_path(str(bundle), "c1")
+    path.parent.mkdir(parents=True)
+    path.write_text("{not json")
+    argv = ["shim", "-namespace", "ns", "-id", "c1", "-bundle", str(bundle), "delete"]
+    assert cli.main(argv) == 0
+    captured = capfdbinary.readouterr()
+    assert shim_pb2.DeleteResponse.FromString(captured.out).exit_status == 137
+    assert b"failed to read exit record" in captured.err
+
+
+def test_is_mount_point_reads_mountinfo(tmp_path: Path) -> None:
+    spaced = tmp_path / "a b\\c"
+    spaced.mkdir()
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    escaped = str(spaced).replace("\\", "\\134").replace(" ", "\\040")
+    info = tmp_path / "mountinfo"
+    info.write_text(
+        "22 1 0:21 / / rw,relatime shared:1 - ext4 /dev/vda rw\n"
+        f"90 22 0:50 / {escaped} rw,relatime - overlay overlay rw,lowerdir=/x\n"
+    )
+    assert delete.is_mount_point(str(spaced), str(info)) is True
+    assert delete.is_mount_point(str(plain), str(info)) is False
+    assert delete.is_mount_point(str(plain), str(tmp_path / "nope")) is None
+    # Through a symlinked bundle path too: the kernel lists resolved paths.
+    link = tmp_path / "link"
+    link.symlink_to(spaced)
+    assert delete.is_mount_point(str(link), str(info)) is True
+
+
+def test_is_mount_point_on_this_host(tmp_path: Path) -> None:
+    assert delete.is_mount_point("/") is True
+    assert delete.is_mount_point(str(tmp_path)) is False
+
+
+def test_unmount_runs_when_rootfs_is_mounted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shim.mount
+
+    (tmp_path / "rootfs").mkdir()
+    calls: list[str] = []
+    monkeypatch.setattr(shim.mount, "unmount_all", calls.append)
+    for answer, expected in ((True, 1), (None, 2), (False, 2)):
+        monkeypatch.setattr(delete, "is_mount_point", lambda _p, a=answer: a)
+        delete._unmount_rootfs(str(tmp_path))
+        assert len(calls) == expected
+
+
+def test_dead_socket_check_without_socket_file(tmp_path: Path) -> None:
+    (tmp_path / "address").write_text(f"unix://{tmp_path}/gone.sock")
+    delete.remove_dead_socket(str(tmp_path))  # nothing to do, nothing raised
+
+
+DOCS = [
+    '{"a": [1, -2.5e3, true, false, null, "x\\u00e9\\n"], "b": {}, "c": []}',
+    '  \n\t{"ociVersion": "1.0.2", "annotations": {"k": "v"}}\r\n ',
+    '"just a string"',
+    "12345678901234567890",
+    '{"nested": [[[{"deep": "é"}]]]}',
+    '{"dup": 1, "dup": 2}',
+    "[NaN, Infinity, -Infinity]",
+]
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_minijson_loads_like_json(doc: str) -> None:
+    expected = json.loads(doc)
+    for data in (doc, doc.encode()):
+        got = minijson.loads(data)
+        if doc.startswith("[NaN"):
+            assert math.isnan(got[0]) and got[1:] == expected[1:]
+        else:
+            assert got == expected
+
+
+@pytest.mark.parametrize(
+    "doc", ["", "{", '{"a" 1}', "[1,]", "{} x", '"\x01"', b"\xff\xfe{}", b"\xef\xbb\xbf{}"]
+)
+def test_minijson_errors_like_json(doc: str | bytes) -> None:
+    try:
+        expected: object = json.loads(doc)
+    except ValueError as exc:
+        with pytest.raises(ValueError) as info:
+            minijson.loads(doc)
+        assert type(info.value) is type(exc)
+    else:
+        assert minijson.loads(doc) == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"op": "fork", "argv": ["/bin/x", "-id", "é"], "env": {"A": 'b\n"c"'}, "umask": 18},
+        [None, True, False, 1.5, -3, "", {}],
+    ],
+)
+def test_minijson_dumps_round_trips(value: object) -> None:
+    assert json.loads(minijson.dumps(value)) == value
+    assert minijson.loads(minijson.dumps(value)) == value
+
+
+def test_minijson_dumps_refuses_what_it_cannot_encode() -> None:
+    with pytest.raises(TypeError):
+        minijson.dumps({1: "x"})
+    with pytest.raises(TypeError):
+        minijson.dumps(object())
+    with pytest.raises(ValueError):
+        minijson.dumps(float("nan"))
+
+
+def test_exit_record_reader_names_an_unknown_version(tmp_path: Path) -> None:
+    path = tmp_path / "c1.json"
+    path.write_text(
+        '{"version":99,"container_id":"c1","exec_id":"","pid":1,"exit_status":0,"exited_at_ns":1}'
+    )
+    with pytest.raises(ValueError, match="has version 99; this shim reads version 1"):
+        delete.read_exit_record(str(path))
