@@ -190,7 +190,7 @@ class KillToExit(LatencyScenario):
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
-                env=ctx.env.env,
+                env=ctx.env.env(),
             )
             try:
                 ev = ctx.events.wait_for(
@@ -241,7 +241,7 @@ class TtyFirstOutput(LatencyScenario):
         argv = ctx.env.ctr_argv("run", "-t", "--rm", *ctx.run_args(key), ctx.cfg.image, cid)
         argv += ["echo", "ready"]
         t0 = time.perf_counter()
-        proc = PtyProcess.spawn(argv, env=ctx.env.env, dimensions=(24, 80))
+        proc = PtyProcess.spawn(argv, env=ctx.env.env(), dimensions=(24, 80))
         try:
             first = _pty_read_first(proc, timeout=30)
             t_first = time.perf_counter()
@@ -299,7 +299,7 @@ class StdoutThroughput(LatencyScenario):
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            env=ctx.env.env,
+            env=ctx.env.env(),
         )
         assert proc.stdout is not None
         received = 0
@@ -497,7 +497,7 @@ def run_restart(ctx: Context, log: Callable[[str], None]) -> None:
                 for cid in ids:
                     ctx.start_idle(key, cid)
                 ctx.events.stop()
-                ctx.env.kill()
+                ctx.env.kill9(start_again=False)
                 t0 = time.perf_counter()
                 ready = ctx.env.start()
                 deadline = t0 + 60

@@ -221,6 +221,10 @@ def remove_dead_socket(bundle: str) -> None:
             address = f.read().strip()
     except OSError:
         return
+    _remove_if_dead(address)
+
+
+def _remove_if_dead(address: str) -> None:
     if not address.startswith("unix://"):
         return  # abstract sockets vanish with their owner
     path = address[len("unix://") :]
@@ -323,6 +327,12 @@ def run_delete(opts: Options) -> int:
     _unmount_rootfs(bundle)
     remove_cgroup(bundle)
     remove_dead_socket(bundle)
+    if opts.address:
+        # A `start` killed before it wrote `address` leaves the socket it bound;
+        # ungrouped, its name follows from our flags.
+        from shim.start import socket_address
+
+        _remove_if_dead(socket_address(opts.address, opts.namespace, opts.id))
     pid = _init_pid(bundle)
     recorded = _recorded_exit(bundle, opts.id)
     if recorded is not None:

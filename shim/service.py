@@ -202,6 +202,9 @@ class TaskService:
             self._creating.discard(req.id)
             del self._create_done[req.id]
             created.set()
+            # A failed Create (its caller may be gone too) must not leave us waiting
+            # for a Shutdown that never comes.
+            self._arm_empty_timer()
         return shim_pb2.CreateTaskResponse(pid=container.init.pid)
 
     async def start(self, req: shim_pb2.StartRequest) -> shim_pb2.StartResponse:

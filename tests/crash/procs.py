@@ -100,7 +100,20 @@ def in_cgroup_of(ids: Iterable[str], procs: Iterable[Proc] | None = None) -> lis
 
 
 def cgroup_dirs_named(ids: set[str], depth: int = 3) -> list[str]:
+    """Cgroup directories for ``ids``: a key with a slash ("ns/id") is looked up at
+    the top of every hierarchy; a bare (unique) id is searched ``depth`` levels deep."""
     found: list[str] = []
+    paths = {i for i in ids if "/" in i}
+    ids = ids - paths
+    tops = [CGROUP_ROOT] + [
+        Path(e.path) for e in os.scandir(CGROUP_ROOT) if e.is_dir(follow_symlinks=False)
+    ]
+    for top in tops:
+        for key in paths:
+            if (top / key).is_dir():
+                found.append(str(top / key))
+    if not ids:
+        return found
 
     def walk(d: Path, level: int) -> None:
         try:

@@ -10,6 +10,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import pytest
 from google.protobuf.message import Message
 
 from manager.service import EventsService
@@ -18,6 +19,7 @@ from protocol.proto.events import forward_pb2
 from protocol.proto.events import task_pb2 as events_pb2
 from protocol.proto.task.v2 import shim_pb2
 from protocol.ttrpc.server import RequestContext
+from protocol.ttrpc.status import TtrpcError
 from shim.delete import remove_dead_socket
 from shim.events import Publisher, outbox_dir
 from shim.process import DurableEventSink
@@ -348,3 +350,13 @@ def test_delete_leaves_systemd_cgroups_alone(tmp_path: Path) -> None:
     bundle = _bundle_with_cgroup(tmp_path, "system.slice:pyshim:c1")
     remove_cgroup(str(bundle), root=str(root))
     assert (root / "cpuset" / "system.slice").is_dir()
+
+
+async def test_a_shim_whose_create_failed_leaves(tmp_path: Path) -> None:
+    h = make_harness(tmp_path)
+    h.service._empty_grace = 0.05
+    h.shared.failures["create"] = "runc create failed"  # e.g. containerd died mid-Create
+    with pytest.raises(TtrpcError):
+        await h.create()
+    await asyncio.sleep(0.2)
+    assert h.shutdowns == [True]

@@ -20,6 +20,7 @@ from protocol.ttrpc.client import Client
 from protocol.ttrpc.status import Code, TtrpcError
 from tests.support.containerd import Containerd
 from tests.support.images import build_busybox_rootfs, oci_config, write_oci_bundle
+from tests.support.proc import children
 
 pytestmark = pytest.mark.integration
 
@@ -73,22 +74,6 @@ def shim_socket(ctrd: Containerd, cid: str) -> Path:
     address = (ctrd.bundle(cid) / "address").read_text().strip()
     assert address.startswith("unix://"), address
     return Path(address.removeprefix("unix://"))
-
-
-def children(pid: int) -> list[tuple[int, str]]:
-    """(pid, state letter) of every process whose parent is ``pid``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == pid:
-            found.append((int(entry), fields[0]))
-    return found
 
 
 def cgroup_dirs(ctrd: Containerd, cid: str) -> list[Path]:

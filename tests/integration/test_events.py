@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-import subprocess
-import threading
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -15,46 +13,10 @@ from protocol.proto.events import task_pb2
 from shim.events import Publisher
 from shim.reaper import Reaper
 from tests.support.containerd import Containerd
+from tests.support.ctr_events import CtrEvents
+from tests.support.reaper import installed_reaper
 
 pytestmark = pytest.mark.integration
-
-
-class CtrEvents:
-    """`ctr events` in the background; lines collected by a reader thread."""
-
-    def __init__(self, ctrd: Containerd) -> None:
-        self.proc = subprocess.Popen(
-            ["ctr", "--address", ctrd.address, "events"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            text=True,
-        )
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
-
-    def matching(self, *needles: str) -> list[str]:
-        return [ln for ln in list(self.lines) if all(n in ln for n in needles)]
-
-    async def wait_for(self, *needles: str, timeout: float = 15.0) -> str:
-        async with asyncio.timeout(timeout):
-            while True:
-                found = self.matching(*needles)
-                if found:
-                    return found[0]
-                await asyncio.sleep(0.05)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=10)
-        self._reader.join(timeout=5)
 
 
 @pytest.fixture
@@ -68,12 +30,8 @@ def ctr_events(containerd: Containerd) -> Iterator[CtrEvents]:
 
 @pytest.fixture
 async def reaper() -> AsyncIterator[Reaper]:
-    r = Reaper()
-    r.install(asyncio.get_running_loop())
-    try:
+    async with installed_reaper() as r:
         yield r
-    finally:
-        r.uninstall()
 
 
 async def _subscribed(ev: CtrEvents, pub: Publisher) -> None:

@@ -24,6 +24,7 @@ from shim import syscalls
 from shim.reaper import Reaper
 from shim.runtime import Runc, RuncOptions, RuntimeFailure
 from shim.stdio import ProcessIO, StdioSpec, open_process_io
+from tests.support.exits import ExitRecorder
 from tests.support.images import oci_config, write_oci_bundle
 
 pytestmark = pytest.mark.integration
@@ -33,29 +34,15 @@ TIMEOUT = 20.0
 _CGROUP_PARENT = f"pyshim-io-{os.getpid()}"
 
 
-class Harness:
+class Harness(ExitRecorder):
     def __init__(self, tmp: Path, reaper: Reaper) -> None:
+        super().__init__()
         self.tmp = tmp
         self.reaper = reaper
         self.root = tmp / "runc-root"
-        self.exits: dict[int, int] = {}
-        self.exited = asyncio.Event()
         self.containers: list[tuple[Runc, str]] = []
         self.ios: list[ProcessIO] = []
         self.fds: list[int] = []
-
-    def on_exit(self, pid: int, status: int) -> None:
-        self.exits[pid] = status
-        self.exited.set()
-
-    async def exit_of(self, pid: int) -> int:
-        async def wait() -> int:
-            while pid not in self.exits:
-                self.exited.clear()
-                await self.exited.wait()
-            return self.exits[pid]
-
-        return await asyncio.wait_for(wait(), TIMEOUT)
 
     def bundle(self, cid: str, args: list[str], *, terminal: bool = False) -> Runc:
         bundle = self.tmp / cid

@@ -23,6 +23,7 @@ from shim import syscalls
 from shim.mount import mount_all, unmount_all
 from shim.reaper import Reaper
 from shim.runtime import Runc, RuncOptions, RuntimeFailure
+from tests.support.exits import ExitRecorder
 from tests.support.images import build_busybox_rootfs, write_oci_bundle
 
 pytestmark = pytest.mark.integration
@@ -33,27 +34,12 @@ _CGROUP_PARENT = f"pyshim-it-{os.getpid()}"
 
 
 @dataclass
-class Harness:
+class Harness(ExitRecorder):
     reaper: Reaper
     root: Path
     tmp: Path
-    exits: dict[int, int] = field(default_factory=dict)
-    exited: asyncio.Event = field(default_factory=asyncio.Event)
     containers: list[tuple[Runc, str]] = field(default_factory=list)
     mounts: list[Path] = field(default_factory=list)
-
-    def on_exit(self, pid: int, status: int) -> None:
-        self.exits[pid] = status
-        self.exited.set()
-
-    async def exit_of(self, pid: int) -> int:
-        async def wait() -> int:
-            while pid not in self.exits:
-                self.exited.clear()
-                await self.exited.wait()
-            return self.exits[pid]
-
-        return await asyncio.wait_for(wait(), TIMEOUT)
 
     def bundle(self, cid: str, args: list[str], *, rootfs: Path | None = None) -> Runc:
         bundle = self.tmp / cid

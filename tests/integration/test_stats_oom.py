@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,6 +12,7 @@ from typing import Any
 import pytest
 
 from tests.support.containerd import Containerd
+from tests.support.ctr_events import CtrEvents
 
 pytestmark = pytest.mark.integration
 
@@ -22,40 +21,12 @@ GO_SHIM = "io.containerd.runc.v2"
 MEMORY_CGROUP = Path("/sys/fs/cgroup/memory")
 
 
-class Events:
-    """`ctr events` in the background (it gives no readiness signal: see ``ready``)."""
-
-    def __init__(self, ctrd: Containerd) -> None:
-        self.proc = subprocess.Popen(
-            ["ctr", "--address", ctrd.address, "events"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            text=True,
-        )
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
-
-    def topics(self, container_id: str) -> list[str]:
-        """Topics of the task events of one container, in arrival order."""
-        needle = f'"container_id":"{container_id}"'
-        return [ln.split()[5] for ln in list(self.lines) if "/tasks/" in ln and needle in ln]
+class Events(CtrEvents):
+    """`ctr events` in the background (it gives no readiness signal: see ``events``)."""
 
     def wait_topic(self, container_id: str, topic: str, timeout: float = 20.0) -> None:
         wait_until(f"{topic} for {container_id}", lambda: topic in self.topics(container_id),
                    timeout)  # fmt: skip
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=10)
-        self._reader.join(timeout=5)
 
 
 @pytest.fixture

@@ -42,7 +42,7 @@ def _venv_bin() -> str:
     return os.path.dirname(sys.executable)
 
 
-def _config(tmp: Path, *, cri: bool, extra: str = "") -> str:
+def _config(tmp: Path, *, cri: bool, log_level: str, extra: str = "") -> str:
     disabled = "[]" if cri else '["io.containerd.grpc.v1.cri"]'
     return f"""version = 2
 root = "{tmp / "root"}"
@@ -57,7 +57,7 @@ disabled_plugins = {disabled}
 
 [debug]
   address = "{tmp / "debug.sock"}"
-  level = "debug"
+  level = "{log_level}"
 
 [metrics]
   address = ""
@@ -108,6 +108,15 @@ def _flag_value(argv: Sequence[str], name: str) -> str | None:
     return None
 
 
+def socket_accepts(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(path)
+        except OSError:
+            return False
+        return True
+
+
 def _unix_path(address: str) -> str | None:
     if address.startswith("unix://"):
         return address[len("unix://") :]
@@ -117,15 +126,27 @@ def _unix_path(address: str) -> str | None:
 class Containerd:
     """A containerd daemon started (and stopped, by PID) by this test process."""
 
+    # Seconds between readiness checks (_ready) while containerd starts.
+    ready_poll_interval = 0.05
+
     def __init__(
         self,
         *,
         namespace: str | None = None,
         cri: bool = False,
         extra_config: Callable[[Path], str] | None = None,
+        tmp: Path | None = None,
+        log_level: str = "debug",
+        start: bool = True,
     ) -> None:
-        """``extra_config(tmp)`` returns TOML appended to the config (e.g. the CRI plugin's)."""
-        self.tmp = Path(tempfile.mkdtemp(prefix="pyshim-ctrd-", dir="/tmp"))
+        """``extra_config(tmp)`` returns TOML appended to the config (e.g. the CRI plugin's).
+
+        ``tmp``: an empty directory to own instead of a new one under /tmp;
+        ``start=False`` leaves starting to the caller.
+        """
+        self.tmp = (
+            tmp if tmp is not None else Path(tempfile.mkdtemp(prefix="pyshim-ctrd-", dir="/tmp"))
+        )
         self.namespace = namespace or f"pyt-{secrets.token_hex(4)}"
         self.root = self.tmp / "root"
         self.state = self.tmp / "state"
@@ -136,17 +157,18 @@ class Containerd:
         for d in (self.root, self.state, self.tmp / "opt"):
             d.mkdir(mode=0o711)
         extra = extra_config(self.tmp) if extra_config is not None else ""
-        self.config_path.write_text(_config(self.tmp, cri=cri, extra=extra))
+        self.config_path.write_text(_config(self.tmp, cri=cri, log_level=log_level, extra=extra))
         self.proc: subprocess.Popen[bytes] | None = None
         # Shim sockets live outside the temp dir (/run/containerd/s); remember
         # every one we learn of so close() can remove them.
         self._shim_sockets: set[str] = set()
         self._closed = False
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
+        if start:
+            try:
+                self.start()
+            except BaseException:
+                self.close()
+                raise
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -169,12 +191,14 @@ class Containerd:
         """Live shim templates serving from our template dir."""
         return template_pids(self.template_dir)
 
-    def start(self) -> None:
+    def start(self) -> float:
+        """Start containerd; returns the seconds until it was ready (see _ready)."""
         if self.proc is not None and self.proc.poll() is None:
             raise ContainerdError("containerd is already running")
         with open(self.log_path, "ab") as log:
             log.write(f"---- starting containerd at {time.time():.3f}\n".encode())
             log.flush()
+            t0 = time.perf_counter()
             self.proc = subprocess.Popen(
                 [CONTAINERD, "--config", str(self.config_path)],
                 stdin=subprocess.DEVNULL,
@@ -187,6 +211,15 @@ class Containerd:
                 start_new_session=True,
             )
         self._wait_ready()
+        return time.perf_counter() - t0
+
+    def _ready(self) -> bool:
+        """Both sockets exist, the gRPC one accepts, and ``ctr version`` answers."""
+        if not (os.path.exists(self.address) and os.path.exists(self.ttrpc_address)):
+            return False
+        if not socket_accepts(self.address):
+            return False
+        return self.ctr("version", check=False, timeout=10).returncode == 0
 
     def _wait_ready(self) -> None:
         assert self.proc is not None
@@ -196,16 +229,9 @@ class Containerd:
                 raise ContainerdError(
                     f"containerd exited with {self.proc.returncode}\n{self.log_tail()}"
                 )
-            if os.path.exists(self.address) and os.path.exists(self.ttrpc_address):
-                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                    try:
-                        s.connect(self.address)
-                    except OSError:
-                        pass
-                    else:
-                        if self.ctr("version", check=False, timeout=10).returncode == 0:
-                            return
-            time.sleep(0.05)
+            if self._ready():
+                return
+            time.sleep(self.ready_poll_interval)
         raise ContainerdError(f"containerd not ready after {START_TIMEOUT}s\n{self.log_tail()}")
 
     def _stop(self, sig: int) -> None:
@@ -242,6 +268,9 @@ class Containerd:
 
     # -- helpers for tests -------------------------------------------------
 
+    def ctr_argv(self, *args: str, namespace: str | None = None) -> list[str]:
+        return [CTR, "--address", self.address, "-n", namespace or self.namespace, *args]
+
     def ctr(
         self,
         *args: str,
@@ -250,7 +279,7 @@ class Containerd:
         timeout: float = 60.0,
         namespace: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        argv = [CTR, "--address", self.address, "-n", namespace or self.namespace, *args]
+        argv = self.ctr_argv(*args, namespace=namespace)
         data = input.decode() if isinstance(input, bytes) else input
         res = subprocess.run(
             argv,
@@ -392,6 +421,9 @@ class Containerd:
             for mp in sorted(mounts, key=len, reverse=True):
                 subprocess.run(["umount", "-l", mp], capture_output=True, timeout=20, check=False)
 
+    def _may_unlink_shim_socket(self, path: str) -> bool:
+        return True
+
     def close(self) -> None:
         """Remove everything this instance created; safe to call twice."""
         if self._closed:
@@ -419,7 +451,8 @@ class Containerd:
         self._unmount_all()
         for path in self._shim_sockets:
             with contextlib.suppress(OSError):
-                os.unlink(path)
+                if self._may_unlink_shim_socket(path):
+                    os.unlink(path)
         shutil.rmtree(self.tmp, ignore_errors=True)
         if errors:
             raise ContainerdError("; ".join(errors))

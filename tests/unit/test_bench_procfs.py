@@ -132,12 +132,12 @@ def test_private_containerd_config_stays_in_its_workdir(tmp_path: Path) -> None:
     assert f'address = "{tmp_path}/containerd.sock.ttrpc"' in config
     assert "/var/lib/containerd" not in config
     assert "/run/containerd" not in config
-    assert env.env["PATH"].split(":")[0].endswith(".venv/bin")
+    assert env.env()["PATH"].split(":")[0].endswith(".venv/bin")
 
 
 def test_shim_socket_path_matches_the_spec_example(tmp_path: Path) -> None:
     env = PrivateContainerd(tmp_path, namespace="specns")
-    env.grpc_address = "/tmp/spec-ctrd/containerd.sock"
+    env.address = "/tmp/spec-ctrd/containerd.sock"
     assert env.shim_socket_path("c1") == Path(
         "/run/containerd/s/1edd1a9a40eab4863a4065f09a93cf7db08f16c567337ba3e5937b4636ae16dd"
     )

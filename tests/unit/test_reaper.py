@@ -15,40 +15,28 @@ from pathlib import Path
 import pytest
 
 from shim.reaper import Reaper, exit_status
+from tests.support.proc import children
+from tests.support.reaper import installed_reaper
 
 SH = "/bin/sh"
 
 
 @pytest.fixture
 async def reaper() -> AsyncIterator[Reaper]:
-    r = Reaper()
-    r.install(asyncio.get_running_loop())
-    try:
-        yield r
-    finally:
-        # Any child a failing test left behind: kill it and let the reaper collect it.
-        for pid in list(r._owned):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(r.wait(pid), 5)
-        r.uninstall()
+    async with installed_reaper() as r:
+        try:
+            yield r
+        finally:
+            # Any child a failing test left behind: kill it and let the reaper collect it.
+            for pid in list(r._owned):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(r.wait(pid), 5)
 
 
 def _zombie_children() -> list[int]:
-    me = os.getpid()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == me and fields[0] == "Z":
-            found.append(int(entry))
-    return found
+    return [pid for pid, state in children(os.getpid()) if state == "Z"]
 
 
 def test_exit_status_mapping() -> None:

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import stat
@@ -12,6 +11,7 @@ import pytest
 
 from shim.reaper import Reaper
 from shim.runtime import Runc, RuncOptions, RuntimeFailure
+from tests.support.reaper import installed_reaper
 
 # A stand-in runtime binary: records what it was given, then behaves as FAKE_* says.
 _FAKE = """#!/bin/sh
@@ -34,12 +34,8 @@ exit "${{FAKE_STATUS:-0}}"
 
 @pytest.fixture
 async def reaper() -> AsyncIterator[Reaper]:
-    r = Reaper()
-    r.install(asyncio.get_running_loop())
-    try:
+    async with installed_reaper() as r:
         yield r
-    finally:
-        r.uninstall()
 
 
 @pytest.fixture
