@@ -38,6 +38,7 @@ from protocol.proto.types import task_pb2 as types_pb2
 from protocol.ttrpc.client import Client
 from protocol.ttrpc.server import Method, RequestContext, Server
 from protocol.ttrpc.status import Code, TtrpcError
+from shim.events import outbox_dir
 from tests.support.images import build_busybox_rootfs, write_oci_bundle
 
 pytestmark = pytest.mark.integration
@@ -366,6 +367,15 @@ async def test_exit_is_persisted_first_and_survives_a_shim_restart() -> None:
         # The sink read the file the moment the event arrived: it was already there.
         assert rig.events.record_at_exit["rec1"] == record
         assert rig.events.topics() == ["/tasks/create", "/tasks/start", "/tasks/exit"]
+        # Events are delivered at least once: one acknowledged but still in the outbox
+        # when the shim dies is replayed by its successor (pyshimd dedupes). Kill only
+        # once the first shim has retired every delivered event, so a second exit
+        # below would be a real double report.
+        outbox = outbox_dir(str(rig.bundle))
+        deadline = time.monotonic() + TIMEOUT
+        while outbox.is_dir() and any(outbox.iterdir()):
+            assert time.monotonic() < deadline, f"outbox never drained: {list(outbox.iterdir())}"
+            await asyncio.sleep(0.02)
 
         rig.kill_daemon(first)
         second = await rig.start_daemon()
