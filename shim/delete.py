@@ -60,10 +60,99 @@ def _read_runc_settings(bundle: str) -> tuple[str, str]:
     return binary or "runc", root or DEFAULT_RUNC_ROOT
 
 
+def _runc_creates(runc_root: str, container_id: str, proc: str = "/proc") -> list[int]:
+    """Pids of `runc --root <runc_root> ... create ... <id>` processes still running.
+
+    Matched on what runc keys its state on (root and id), however runc was started
+    (directly, or through a wrapper script whose argv carries the same arguments).
+    """
+    found: list[int] = []
+    try:
+        entries = os.listdir(proc)
+    except OSError:
+        return found
+    me = os.getpid()
+    for entry in entries:
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"{proc}/{entry}/cmdline", "rb") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        argv = raw.split(b"\0")[:-1]
+        if len(argv) < 4 or argv[-1].decode(errors="replace") != container_id:
+            continue
+        if b"create" not in argv or b"--root" not in argv:
+            continue
+        i = argv.index(b"--root")
+        if i + 1 < len(argv) and argv[i + 1].decode(errors="replace") == runc_root:
+            found.append(int(entry))
+    return found
+
+
+def _gone(pid: int, proc: str = "/proc") -> bool:
+    try:
+        with open(f"{proc}/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def kill_runc_creates(runc_root: str, container_id: str, timeout: float = 2.0) -> None:
+    """SIGKILL a `runc create` of this container that outlived its shim, and wait.
+
+    The shim spawns runc with PDEATHSIG, yet a SIGKILLed shim's `runc create` was
+    seen still running after containerd had started this `delete`: creating the
+    state directory after the check below found none, and leaving it (empty).
+    Nothing else may run `runc create` for this id while containerd deletes it.
+    """
+    pids = _runc_creates(runc_root, container_id)
+    for pid in pids:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            continue
+    deadline = time.monotonic() + timeout
+    while pids and time.monotonic() < deadline:
+        pids = [p for p in pids if not _gone(p)]
+        if pids:
+            time.sleep(0.01)
+    if pids:
+        _warn(f"runc create {pids} of {container_id} still running")
+
+
+def _remove_stateless_dir(state_dir: str) -> None:
+    """Remove a runc state dir without state.json (runc knows no such container)."""
+    try:
+        entries = os.listdir(state_dir)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    except OSError as exc:
+        _warn(f"failed to read runc state dir {state_dir}: {exc}")
+        return
+    if "state.json" in entries:
+        return  # a container runc knows: only runc may remove it
+    try:
+        for name in entries:
+            os.unlink(os.path.join(state_dir, name))  # exec.fifo: runc makes no subdirs
+        os.rmdir(state_dir)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        _warn(f"failed to remove runc state dir {state_dir}: {exc}")
+
+
 def runc_delete(bundle: str, namespace: str, container_id: str) -> None:
     binary, root = _read_runc_settings(bundle)
+    state_dir = os.path.join(root, namespace, container_id)
+    if not bundle or not os.path.exists(os.path.join(bundle, "init.pid")):
+        # runc writes init.pid after state.json, as create's last step: without it a
+        # `runc create` of ours may still be running and about to make state_dir.
+        # It must be gone before state_dir is looked at.
+        kill_runc_creates(os.path.join(root, namespace), container_id)
     try:
-        os.lstat(os.path.join(root, namespace, container_id))
+        os.lstat(state_dir)
     except FileNotFoundError:
         # What `runc delete --force` does then: RemoveAll of that missing directory,
         # exit 0. The usual case: the shim's Delete already ran runc delete.
@@ -89,6 +178,9 @@ def runc_delete(bundle: str, namespace: str, container_id: str) -> None:
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         _warn(f"failed to remove runc container: {binary} exited with status {code}")
+    # `runc delete --force` removes a state dir without state.json itself; one that
+    # is still there (a runc that refused, or failed) and that runc cannot know goes.
+    _remove_stateless_dir(state_dir)
 
 
 def _mountinfo_unescape(field: str) -> str:

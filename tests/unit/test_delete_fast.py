@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -241,3 +245,116 @@ def test_exit_record_reader_names_an_unknown_version(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="has version 99; this shim reads version 1"):
         delete.read_exit_record(str(path))
+
+
+def test_a_runc_create_that_outlived_its_shim_is_killed_before_the_state_check(
+    tmp_path: Path, capfdbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    # Seen in the crash harness (containerd, seed 20261128, step 46): the shim was
+    # SIGKILLed 7 ms into `runc create`; the `runc create` was still running when
+    # containerd's `delete` found no runc state dir (and skipped `runc delete`), then
+    # made that dir, which stayed. No init.pid: runc create never finished.
+    fake = _fake_runc(tmp_path)
+    root = tmp_path / "root"
+    (root / "ns").mkdir(parents=True)
+    bundle = _bundle(tmp_path, "c1", root, fake)
+    state_dir = root / "ns" / "c1"
+    ready = tmp_path / "ready"
+    code = (
+        "import os, sys, time\n"
+        f"open({str(ready)!r}, 'w').close()\n"
+        "time.sleep(1.0)\n"
+        f"os.mkdir({str(state_dir)!r})\n"
+    )
+    straggler = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "--root",
+            str(root / "ns"),
+            "--log",
+            str(bundle / "log.json"),
+            "--log-format",
+            "json",
+            "create",
+            "--bundle",
+            str(bundle),
+            "c1",
+        ]
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ready.exists()
+        argv = ["shim", "-namespace", "ns", "-id", "c1", "-bundle", str(bundle), "delete"]
+        assert cli.main(argv) == 0
+        capfdbinary.readouterr()
+        # Killed by the delete: it never gets to make the directory.
+        assert straggler.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        if straggler.poll() is None:
+            straggler.kill()
+            straggler.wait()
+    assert not state_dir.exists()
+
+
+def test_a_runc_create_of_another_root_or_id_is_left_alone(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    others = [
+        [sys.executable, "-c", "import time; time.sleep(30)", "--root", str(root / "other"),
+         "create", "c1"],
+        [sys.executable, "-c", "import time; time.sleep(30)", "--root", str(root / "ns"),
+         "create", "c10"],
+        [sys.executable, "-c", "import time; time.sleep(30)", "--root", str(root / "ns"),
+         "delete", "c1"],
+    ]  # fmt: skip
+    procs = [subprocess.Popen(a) for a in others]
+    mine = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; time.sleep(30)",
+            "--root",
+            str(root / "ns"),
+            "create",
+            "--bundle",
+            "b",
+            "c1",
+        ]
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and mine.pid not in delete._runc_creates(
+            str(root / "ns"), "c1"
+        ):
+            time.sleep(0.01)
+        assert delete._runc_creates(str(root / "ns"), "c1") == [mine.pid]
+        delete.kill_runc_creates(str(root / "ns"), "c1")
+        assert mine.wait(timeout=10) == -signal.SIGKILL
+        assert all(p.poll() is None for p in procs)
+    finally:
+        for p in [*procs, mine]:
+            p.kill()
+            p.wait()
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+def test_a_stateless_runc_dir_left_by_runc_delete_is_removed(
+    tmp_path: Path, capfdbinary: pytest.CaptureFixture[bytes], with_state: bool
+) -> None:
+    fake = _fake_runc(tmp_path)  # exits 0 and removes nothing
+    root = tmp_path / "root"
+    state_dir = root / "ns" / "c1"
+    state_dir.mkdir(parents=True)
+    os.mkfifo(state_dir / "exec.fifo")
+    if with_state:
+        (state_dir / "state.json").write_text("{}")
+    bundle = _bundle(tmp_path, "c1", root, fake)
+    (bundle / "init.pid").write_text("4242")
+    argv = ["shim", "-namespace", "ns", "-id", "c1", "-bundle", str(bundle), "delete"]
+    assert cli.main(argv) == 0
+    capfdbinary.readouterr()
+    # Only runc may remove a container it knows (state.json); the rest is debris.
+    assert state_dir.exists() == with_state
