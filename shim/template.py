@@ -232,6 +232,7 @@ def fork_daemon(
             "env": dict(os.environ),
             "cwd": os.getcwd(),
             "umask": umask,
+            **_socket_file(listener),
         }
         socket.send_fds(conn, [minijson.dumps(request).encode()], [listener.fileno()])
         try:
@@ -469,17 +470,42 @@ def _become_daemon(conn: socket.socket, listen_fd: int, request: Mapping[str, An
 
     conn.settimeout(GO_TIMEOUT)
     conn.send(minijson.dumps({"pid": os.getpid()}).encode())
+    answer: bytes | None
     try:
         answer = conn.recv(16)
     except OSError:
-        answer = b""
+        answer = None
     conn.close()
     if answer != GO:
+        if answer == b"":
+            # `start` is gone without a word (containerd killed it): nobody will
+            # serve or remove the socket file it bound for us, so we do.
+            _remove_socket_file(request)
         return 0
 
     from shim.cli import main
 
     return main(argv)
+
+
+def _socket_file(listener: socket.socket) -> dict[str, Any]:
+    """The listener's socket file and its inode, so a daemon `start` abandoned can
+    remove exactly that file (and never one a later `start` bound in its place)."""
+    with contextlib.suppress(OSError):
+        path = listener.getsockname()
+        if isinstance(path, str) and path.startswith("/"):
+            return {"socket": path, "socket_ino": os.stat(path).st_ino}
+    return {}
+
+
+def _remove_socket_file(request: Mapping[str, Any]) -> None:
+    path, ino = request.get("socket"), request.get("socket_ino")
+    if not isinstance(path, str) or not isinstance(ino, int):
+        return
+    with contextlib.suppress(OSError):
+        st = os.stat(path)
+        if stat.S_ISSOCK(st.st_mode) and st.st_ino == ino:
+            os.unlink(path)
 
 
 def _fork(conn: socket.socket, listen_fd: int, request: Mapping[str, Any]) -> None:

@@ -72,6 +72,14 @@ def _is_open(fd: int) -> bool:
     return True
 
 
+def _exited(pid: int) -> bool:
+    """Gone, or a zombie its (new) parent has not reaped yet."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 def _wait_for(path: Path, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
@@ -220,6 +228,43 @@ def test_abort_means_the_daemon_never_runs(
     while os.path.exists(f"/proc/{forked.pid}") and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not (tmp_path / "probe.json").exists()
+
+
+def test_daemon_abandoned_by_a_dead_start_removes_the_socket_file(
+    serve: Running, listener: socket.socket, tmp_path: Path
+) -> None:
+    path = Path(listener.getsockname())
+    forked = template.fork_daemon(["x"], listener, directory=str(serve.directory), key=KEY)
+    assert forked is not None
+    # What a SIGKILLed `start` leaves: the hand-over connection closes with no "go",
+    # and no `start` is left to unlink what it bound.
+    forked.abort()
+    deadline = time.monotonic() + 5
+    while os.path.exists(f"/proc/{forked.pid}") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not (tmp_path / "probe.json").exists()
+    assert not path.exists()
+
+
+def test_abandoned_daemon_leaves_a_socket_file_bound_after_it_alone(
+    serve: Running, listener: socket.socket, tmp_path: Path
+) -> None:
+    path = Path(listener.getsockname())
+    forked = template.fork_daemon(["x"], listener, directory=str(serve.directory), key=KEY)
+    assert forked is not None
+    # A later `start` re-bound the same path: that file is not ours to remove.
+    path.unlink()
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    other.bind(str(path))
+    try:
+        forked.abort()
+        deadline = time.monotonic() + 5
+        while not _exited(forked.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _exited(forked.pid)
+        assert path.exists()
+    finally:
+        other.close()
 
 
 def test_wrong_key_is_refused(serve: Running, listener: socket.socket, tdir: Path) -> None:
