@@ -26,6 +26,7 @@ from tests.crash import procs
 from tests.crash.commands import Commands, Result
 from tests.support.containerd import Containerd
 from tests.support.images import build_busybox_oci_archive
+from tests.support.template import stop_templates
 
 IMAGE_REF = "docker.io/library/busybox:latest"
 BIN = Path(sys.executable).parent
@@ -543,7 +544,13 @@ class ManagerDriver(Driver):
         env = super().env()
         env["PYSHIM_RUN_DIR"] = str(self.run_dir)
         env["PYSHIM_STATE_DIR"] = str(self.state_dir)
+        # Our own shim fork template, so close() can stop it.
+        env["PYSHIM_TEMPLATE_DIR"] = str(self.template_dir)
         return env
+
+    @property
+    def template_dir(self) -> Path:
+        return self.tmp / "template"
 
     @property
     def shim_address(self) -> str:
@@ -752,6 +759,7 @@ class ManagerDriver(Driver):
         with contextlib.suppress(Exception):
             self.cleanup_all()
         self._stop_daemon()
+        stop_templates(self.template_dir)
         # Anything still alive is stopped by PID: shims serving our socket, then
         # whatever runc still knows in our private root.
         for pid in procs.shims(self.shim_address).values():
