@@ -25,6 +25,7 @@ sys.path.insert(0, str(REPO))
 
 from tests.support.containerd import Containerd  # noqa: E402
 from tests.support.images import build_busybox_oci_archive  # noqa: E402
+from tests.support.template import stop_templates  # noqa: E402
 
 BIN = Path(sys.executable).parent
 IMAGE = "docker.io/library/busybox:latest"
@@ -35,7 +36,12 @@ def _say(text: str) -> None:
 
 
 def manager_demo(tmp: Path) -> None:
-    env = dict(os.environ, PYSHIM_RUN_DIR=str(tmp / "run"), PYSHIM_STATE_DIR=str(tmp / "state"))
+    env = dict(
+        os.environ,
+        PYSHIM_RUN_DIR=str(tmp / "run"),
+        PYSHIM_STATE_DIR=str(tmp / "state"),
+        PYSHIM_TEMPLATE_DIR=str(tmp / "template"),
+    )
     env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
     _say("pyshimd + pyshim run -- echo (host's /usr, /bin, /lib read-only)")
     daemon = subprocess.Popen(
@@ -64,6 +70,7 @@ def manager_demo(tmp: Path) -> None:
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=20)
+        stop_templates(tmp / "template")
 
 
 def containerd_demo(tmp: Path) -> None:
