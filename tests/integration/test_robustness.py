@@ -33,6 +33,7 @@ from protocol.ttrpc.frame import MAX_MESSAGE_SIZE, MessageType, encode_frame, en
 from protocol.ttrpc.messages import RequestMessage, decode_response, encode_request
 from protocol.ttrpc.status import Code, ConnectionClosedError
 from shim import _wire
+from tests.support.template import stop_templates
 
 pytestmark = pytest.mark.integration
 
@@ -93,6 +94,8 @@ class Shim:
             "start",
         ]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if k != "TTRPC_ADDRESS"}
+        # Our own shim fork template, so stop() can stop it.
+        env["PYSHIM_TEMPLATE_DIR"] = str(self.tmp / "template")
         done = subprocess.run(
             argv,
             cwd=self.bundle,
@@ -155,6 +158,7 @@ class Shim:
                         self._wait_gone(5)
         finally:
             os.close(self.log_fd)
+            stop_templates(self.tmp / "template")
             shutil.rmtree(self.tmp, ignore_errors=True)
 
     async def _shutdown(self) -> None:
