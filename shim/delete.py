@@ -13,6 +13,7 @@ import time
 
 from shim import _wire
 from shim import minijson as json
+from shim.recordfile import read_regular_file
 
 TYPE_CHECKING = False  # typing costs ~3 ms at start-up; mypy honours this name
 
@@ -370,19 +371,9 @@ def read_exit_record(path: str) -> tuple[int, int, int] | None:
     Reads what shim.state.read_record(path, ExitRecord) would, with its refusals:
     no symlink, no non-regular file, only the version it knows, typed fields.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
+    data = read_regular_file(path)
+    if data is None:
         return None
-    try:
-        import stat
-
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ValueError(f"refusing record {path}: not a regular file")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read()
-    finally:
-        os.close(fd)
     try:
         record = json.loads(data)
     except ValueError as exc:

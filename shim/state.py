@@ -17,6 +17,7 @@ from typing import TypeVar
 import msgspec
 
 from shim.ids import validate_id
+from shim.recordfile import RecordError, read_regular_file
 
 __all__ = [
     "EXIT_RECORD_VERSION",
@@ -43,10 +44,6 @@ class ExitRecord(msgspec.Struct, kw_only=True):
     pid: int
     exit_status: int
     exited_at_ns: int
-
-
-class RecordError(ValueError):
-    """A record file exists but cannot be used (corrupt, or a version we do not know)."""
 
 
 class UnsafePathError(OSError):
@@ -144,20 +141,13 @@ def read_record(path: Path, type_: type[T]) -> T | None:
     file's contents, or a fifo that blocks the read forever.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
+        data = read_regular_file(path)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise RecordError(f"refusing record {path}: it is a symlink") from exc
         raise
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise RecordError(f"refusing record {path}: not a regular file")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read()
-    finally:
-        os.close(fd)
+    if data is None:
+        return None
     expected = _current_version(type_)
     try:
         version = msgspec.json.decode(data, type=_Versioned).version
