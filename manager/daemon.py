@@ -14,6 +14,7 @@ import fcntl
 import grp
 import logging
 import os
+import pwd
 import signal
 import socket
 import sys
@@ -31,7 +32,7 @@ from manager.supervisor import Supervisor
 from protocol.proto import timeutil
 from protocol.proto.events import forward_pb2
 from protocol.ttrpc.client import Client
-from protocol.ttrpc.server import Server
+from protocol.ttrpc.server import PeerCheck, Server, root_or_same_user_peer_check
 
 log = logging.getLogger("pyshimd")
 SHUTDOWN_TIMEOUT = 5.0
@@ -77,6 +78,29 @@ def _lock(paths: Paths) -> int:
     return fd
 
 
+def api_peer_check(group_gid: int | None) -> PeerCheck:
+    """Who may use the API: root, our own user, and members of the configured group.
+
+    The socket's mode already says so; checking SO_PEERCRED too means a socket file
+    opened up by mistake (or a descriptor passed on) still admits no one else.
+    """
+
+    def check(pid: int, uid: int, gid: int) -> bool:
+        if root_or_same_user_peer_check(pid, uid, gid):
+            return True
+        if group_gid is None:
+            return False
+        if gid == group_gid:
+            return True
+        # SO_PEERCRED carries only the primary gid: look the user up in the group.
+        try:
+            return pwd.getpwuid(uid).pw_name in grp.getgrgid(group_gid).gr_mem
+        except KeyError:
+            return False
+
+    return check
+
+
 async def serve(paths: Paths, args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -94,12 +118,12 @@ async def serve(paths: Paths, args: argparse.Namespace) -> None:
     sup = Supervisor(paths, store, launcher, images)
 
     # Events first: shims that queued exits while we were down deliver them as we recover.
-    events = Server()
+    events = Server(peer_check=root_or_same_user_peer_check)
     EventsService(sup).register(events)
     await events.serve_socket(_bind_socket(paths.events_socket, 0o600, None))
     await sup.recover()
 
-    api = Server()
+    api = Server(peer_check=api_peer_check(gid))
     ManagerService(sup, images).register(api)
     await api.serve_socket(_bind_socket(paths.socket, 0o660 if gid is not None else 0o600, gid))
     paths.pid_file.write_text(f"{os.getpid()}\n")

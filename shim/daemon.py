@@ -21,7 +21,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from protocol.ttrpc.server import Server
+from protocol.ttrpc.server import Server, root_or_same_user_peer_check
 from shim import log as shimlog
 from shim import syscalls
 from shim.events import Publisher
@@ -83,9 +83,8 @@ class DaemonConfig:
         self.bundle = bundle
 
 
-def peer_check(pid: int, uid: int, gid: int) -> bool:
-    """Like the Go shim (same uid and gid as us), and root is always let in."""
-    return uid == 0 or (uid == os.geteuid() and gid == os.getegid())
+# Like the Go shim (same uid and gid as us), and root is always let in.
+peer_check = root_or_same_user_peer_check
 
 
 def _open_log_fifo() -> None:

@@ -698,3 +698,43 @@ async def test_a_partial_frame_behind_a_call_in_flight_is_not_timed() -> None:
             assert 0.15 < time.monotonic() - start < 3
         finally:
             raw.close()
+
+
+def test_manager_api_admits_root_our_user_and_the_configured_group_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import grp
+    import pwd
+
+    from manager import daemon as manager_daemon
+
+    # /etc/passwd and /etc/group as the check sees them: "alice" (uid 5001, primary
+    # gid 5001) is a listed member of group 7000; "bob" (5002) is not.
+    users = {5001: "alice", 5002: "bob"}
+
+    def getpwuid(uid: int) -> pwd.struct_passwd:
+        if uid not in users:
+            raise KeyError(uid)
+        return pwd.struct_passwd((users[uid], "x", uid, uid, "", "/", "/bin/sh"))
+
+    def getgrgid(gid: int) -> grp.struct_group:
+        if gid != 7000:
+            raise KeyError(gid)
+        return grp.struct_group(("devs", "x", 7000, ["alice"]))
+
+    monkeypatch.setattr(pwd, "getpwuid", getpwuid)
+    monkeypatch.setattr(grp, "getgrgid", getgrgid)
+
+    uid, gid = os.geteuid(), os.getegid()
+    root_only = manager_daemon.api_peer_check(None)
+    assert root_only(1, 0, 12345)
+    assert root_only(1, uid, gid)
+    assert not root_only(1, 65534, 65534)
+    assert not root_only(1, 5001, 5001)
+
+    with_group = manager_daemon.api_peer_check(7000)
+    assert with_group(1, 0, 12345)
+    assert with_group(1, 5002, 7000)  # primary gid is the group
+    assert with_group(1, 5001, 5001)  # member through the group's list
+    assert not with_group(1, 5002, 5002)
+    assert not with_group(1, 65534, 65534)  # unknown user
