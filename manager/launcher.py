@@ -60,29 +60,40 @@ class ShimLauncher:
         env["TTRPC_ADDRESS"] = str(self.paths.events_socket)
         return env
 
+    async def _run(
+        self, container_id: str, action: list[str], *, cwd: Path, timeout: float, merge: bool
+    ) -> tuple[int, bytes, bytes]:
+        """Run the shim binary as containerd does (own process group, our env), killing
+        it at ``timeout``; stderr goes into stdout when ``merge``."""
+        proc = await asyncio.create_subprocess_exec(
+            *self._base_argv(container_id),
+            *action,
+            cwd=cwd,
+            env=self._env(),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT if merge else asyncio.subprocess.PIPE,
+            process_group=0,
+        )
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise ShimLaunchError(f"shim {action[-1]} for {container_id} timed out") from None
+        assert proc.returncode is not None
+        return proc.returncode, out, err or b""
+
     async def start(self, container_id: str, bundle: Path) -> str:
         """Run ``start``; returns the address it printed (stdout and stderr combined, as
         containerd reads them, so a stray warning shows up in the error rather than
         silently becoming part of an address)."""
-        proc = await asyncio.create_subprocess_exec(
-            *self._base_argv(container_id),
-            "start",
-            cwd=bundle,
-            env=self._env(),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            process_group=0,
+        code, out, _ = await self._run(
+            container_id, ["start"], cwd=bundle, timeout=START_TIMEOUT, merge=True
         )
-        try:
-            out, _ = await asyncio.wait_for(proc.communicate(), START_TIMEOUT)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise ShimLaunchError(f"shim start for {container_id} timed out") from None
         text = out.decode(errors="replace").strip()
-        if proc.returncode != 0:
-            raise ShimLaunchError(f"shim start failed: {text}: exit status {proc.returncode}")
+        if code != 0:
+            raise ShimLaunchError(f"shim start failed: {text}: exit status {code}")
         if not text:
             raise ShimLaunchError("shim start printed no address")
         return text
@@ -90,27 +101,16 @@ class ShimLauncher:
     async def delete(self, container_id: str, bundle: Path) -> shim_pb2.DeleteResponse:
         """Run ``delete`` for a shim that is gone; the shim kills and cleans what is left."""
         cwd = bundle if bundle.is_dir() else self.paths.run_dir
-        proc = await asyncio.create_subprocess_exec(
-            *self._base_argv(container_id),
-            "-bundle",
-            str(bundle),
-            "delete",
+        code, out, err = await self._run(
+            container_id,
+            ["-bundle", str(bundle), "delete"],
             cwd=cwd,
-            env=self._env(),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            process_group=0,
+            timeout=DELETE_TIMEOUT,
+            merge=False,
         )
-        try:
-            out, err = await asyncio.wait_for(proc.communicate(), DELETE_TIMEOUT)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise ShimLaunchError(f"shim delete for {container_id} timed out") from None
-        if proc.returncode != 0:
+        if code != 0:
             msg = err.decode(errors="replace").strip()
-            raise ShimLaunchError(f"shim delete failed: exit status {proc.returncode}: {msg}")
+            raise ShimLaunchError(f"shim delete failed: exit status {code}: {msg}")
         resp = shim_pb2.DeleteResponse()
         try:
             resp.ParseFromString(out)
