@@ -277,16 +277,11 @@ def spawn_template(directory: str, key: str) -> int:
         os.makedirs(directory, mode=0o700, exist_ok=True)
         if not _private_dir(directory):
             return 0
-        import fcntl
-
         # A template importing (~100-300 ms) holds the lock: don't start a second one.
-        fd = os.open(lock_path(directory, key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        fd = _try_lock(directory, key)
+        if fd is None:
             return 0
-        finally:
-            os.close(fd)
+        os.close(fd)
         argv = template_argv()
         env = dict(os.environ)
         env[DIR_ENV] = directory
@@ -612,10 +607,22 @@ def _bind(directory: str, key: str) -> socket.socket:
     return sock
 
 
+def _try_lock(directory: str, key: str) -> int | None:
+    """The template lock for ``key``, taken without waiting; None while another holds it."""
+    import fcntl
+
+    fd = os.open(lock_path(directory, key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
 def serve(directory: str, key: str | None = None) -> int:
     """The template's life: import, freeze, then fork on request until told to quit."""
     global _listener
-    import fcntl
     import gc
 
     os.chdir("/")
@@ -623,10 +630,9 @@ def serve(directory: str, key: str | None = None) -> int:
     os.makedirs(directory, mode=0o700, exist_ok=True)
     if not _private_dir(directory):
         return 1
-    lock_fd = os.open(lock_path(directory, key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    # Held for the template's life.
+    lock_fd = _try_lock(directory, key)
+    if lock_fd is None:
         return 0  # another template of this code runs or is starting
     _set_name(TEMPLATE_COMM)
     preload()
