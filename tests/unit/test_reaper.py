@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import shim.reaper as reaper_mod
 from shim.reaper import Reaper, exit_status
 from tests.support.proc import children
 from tests.support.reaper import installed_reaper
@@ -33,6 +34,33 @@ async def reaper() -> AsyncIterator[Reaper]:
                     os.kill(pid, signal.SIGKILL)
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(r.wait(pid), 5)
+
+
+@pytest.fixture(params=["setpriv", "fork"])
+def spawn_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test through each way ``pdeathsig`` is set: setpriv, and the fork fallback."""
+    mode: str = request.param
+    if mode == "setpriv":
+        # util-linux is essential on Debian: the fast path must be the one taken here.
+        assert reaper_mod.setpriv_path() is not None
+    else:
+        monkeypatch.setattr(reaper_mod, "setpriv_path", lambda: None)
+    return mode
+
+
+def _popen_error(argv: list[str], cwd: str | None = None) -> OSError:
+    """What a plain Popen raises for ``argv``: the error spawn() must keep giving."""
+    try:
+        subprocess.Popen(argv, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except OSError as exc:
+        return exc
+    raise AssertionError(f"{argv} started")
+
+
+def _same_error(got: BaseException, want: OSError) -> None:
+    assert type(got) is type(want)
+    assert isinstance(got, OSError)
+    assert (got.errno, got.strerror, got.filename) == (want.errno, want.strerror, want.filename)
 
 
 def _zombie_children() -> list[int]:
@@ -128,7 +156,7 @@ async def test_run_returns_when_a_detached_descendant_keeps_output(
     assert time.monotonic() - started < 3
 
 
-async def test_fds_closed_except_pass_fds(reaper: Reaper) -> None:
+async def test_fds_closed_except_pass_fds(reaper: Reaper, spawn_mode: str) -> None:
     leaked_r, leaked_w = os.pipe()
     kept_r, kept_w = os.pipe()
     os.set_inheritable(leaked_r, True)
@@ -143,13 +171,61 @@ async def test_fds_closed_except_pass_fds(reaper: Reaper) -> None:
     assert leaked_r not in fds and leaked_w not in fds and kept_w not in fds
 
 
-async def test_spawn_missing_binary(reaper: Reaper) -> None:
+async def test_spawn_missing_binary(reaper: Reaper, spawn_mode: str) -> None:
     with pytest.raises(FileNotFoundError):
         reaper.spawn(["/nonexistent/binary"])
     assert _zombie_children() == []
 
 
-async def test_spawn_options(reaper: Reaper, tmp_path: Path) -> None:
+async def test_exec_errors_are_those_of_popen(
+    reaper: Reaper, spawn_mode: str, tmp_path: Path
+) -> None:
+    not_executable = tmp_path / "data"
+    not_executable.write_text("x")
+    cases: list[tuple[list[str], str | None]] = [
+        (["no-such-binary-pyshim"], None),  # looked up in PATH
+        (["/nonexistent/binary"], None),
+        ([str(not_executable)], None),
+        ([str(tmp_path)], None),  # a directory
+        (["./data"], str(tmp_path)),  # found: relative to cwd, and not executable
+        (["./nope"], str(tmp_path)),
+        (["true"], str(tmp_path / "missing-cwd")),  # the cwd is what Popen names
+        (["./nope"], str(tmp_path / "missing-cwd")),
+    ]
+    for argv, cwd in cases:
+        with pytest.raises(OSError) as info:
+            reaper.spawn(argv, cwd=cwd)
+        _same_error(info.value, _popen_error(argv, cwd))
+    assert _zombie_children() == [] and not reaper._owned
+
+
+async def test_exec_error_after_the_check_is_mapped_back(
+    reaper: Reaper, spawn_mode: str, tmp_path: Path
+) -> None:
+    # Executable, so it passes the check before setpriv; only exec sees the interpreter
+    # missing (as it would a binary removed between the check and the exec).
+    script = tmp_path / "script"
+    script.write_text("#!/nonexistent/interpreter\n")
+    script.chmod(0o755)
+    with pytest.raises(OSError) as info:
+        if spawn_mode == "setpriv":
+            await reaper.run([str(script)])
+        else:
+            reaper.spawn([str(script)])
+    _same_error(info.value, _popen_error([str(script)]))
+
+
+async def test_child_argv_and_signals(reaper: Reaper, spawn_mode: str) -> None:
+    res = await reaper.run(["cat", "/proc/self/cmdline"])
+    assert res.output.split(b"\0") == [b"cat", b"/proc/self/cmdline", b""]
+    # Python ignores SIGPIPE and SIGXFSZ; a child must start with no signal ignored
+    # or blocked, whichever way it was spawned.
+    res = await reaper.run(["grep", "-E", "^Sig(Ign|Blk)", "/proc/self/status"])
+    fields = dict(line.split(b":") for line in res.output.splitlines())
+    assert int(fields[b"SigIgn"], 16) == 0 and int(fields[b"SigBlk"], 16) == 0
+
+
+async def test_spawn_options(reaper: Reaper, spawn_mode: str, tmp_path: Path) -> None:
     res = await reaper.run(
         [SH, "-c", 'echo "$FOO $(pwd)"; echo "PPid: $PPID"'],
         cwd=str(tmp_path),
@@ -271,16 +347,30 @@ def test_orphans_reparented_to_a_subreaper_are_reaped() -> None:
 
 _PDEATHSIG_SCRIPT = textwrap.dedent(
     """
-    import asyncio, os
+    import asyncio, os, sys
+    import shim.reaper as reaper_mod
     from shim.reaper import Reaper
+
+    mode, end = sys.argv[1:]
+    if mode == "fork":
+        reaper_mod.setpriv_path = lambda: None
+    setpriv = reaper_mod.setpriv_path()
+    assert (setpriv is None) == (mode == "fork"), setpriv
 
     async def main() -> None:
         r = Reaper()
         r.install(asyncio.get_running_loop())
         a = r.spawn(["sleep", "60"])
         b = r.spawn(["sleep", "60"], pdeathsig=False)
+        if setpriv is not None:
+            # Until setpriv execs the command its prctl may not have run yet: the
+            # window Reaper.spawn documents. The fork path has none: no wait there.
+            while os.readlink(f"/proc/{a}/exe") == os.path.realpath(setpriv):
+                await asyncio.sleep(0.001)
         print(a, b, flush=True)
-        os._exit(0)
+        if end == "exit":
+            os._exit(0)
+        await asyncio.sleep(60)
     asyncio.run(main())
     """
 )
@@ -294,23 +384,34 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_pdeathsig_kills_children_when_parent_dies() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-c", _PDEATHSIG_SCRIPT],
-        capture_output=True,
-        timeout=30,
+@pytest.mark.parametrize("end", ["exit", "sigkill"])
+@pytest.mark.parametrize("mode", ["setpriv", "fork"])
+def test_pdeathsig_kills_children_when_parent_dies(mode: str, end: str) -> None:
+    helper = subprocess.Popen(
+        [sys.executable, "-c", _PDEATHSIG_SCRIPT, mode, end],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         cwd=Path(__file__).resolve().parents[2],
     )
-    assert proc.returncode == 0, proc.stderr.decode()
-    with_sig, without = (int(x) for x in proc.stdout.split())
+    pids: list[int] = []
     try:
+        assert helper.stdout is not None
+        pids = [int(x) for x in helper.stdout.readline().split()]
+        if end == "sigkill":
+            helper.kill()
+        _, err = helper.communicate(timeout=30)
+        assert len(pids) == 2, err.decode()
+        with_sig, without = pids
         deadline = time.monotonic() + 5
         while _alive(with_sig) and time.monotonic() < deadline:
             time.sleep(0.02)
         assert not _alive(with_sig)
         assert _alive(without)
     finally:
-        for pid in (with_sig, without):
+        with contextlib.suppress(ProcessLookupError):
+            helper.kill()
+        helper.wait()
+        for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
@@ -332,3 +433,30 @@ def test_works_on_uvloop() -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         assert runner.run(main()) == [0, 1, 2, 3, 4, 143, 3]
+
+
+def test_setpriv_without_pdeathsig_is_not_used(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    real = reaper_mod.setpriv_path()
+    assert real is not None
+    old, new = tmp_path / "old", tmp_path / "new"
+    for directory in (old, new):
+        directory.mkdir()
+    # An older setpriv: options it knows, not pdeathsig (whose name may still be a
+    # suffix of another string, as "keep-pdeathsig" would be).
+    (old / "setpriv").write_bytes(b"\0reuid\0keep-pdeathsig\0")
+    (old / "setpriv").chmod(0o755)
+    (new / "setpriv").write_bytes(Path(real).read_bytes())
+    (new / "setpriv").chmod(0o755)
+    reaper_mod.setpriv_path.cache_clear()
+    try:
+        monkeypatch.setenv("PATH", f"{old}")
+        assert reaper_mod.setpriv_path() is None
+        reaper_mod.setpriv_path.cache_clear()
+        monkeypatch.setenv("PATH", f"{old}:{new}")
+        assert reaper_mod.setpriv_path() == str(new / "setpriv")
+    finally:
+        monkeypatch.undo()
+        reaper_mod.setpriv_path.cache_clear()
+    assert reaper_mod.setpriv_path() == real

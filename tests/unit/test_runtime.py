@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+import shim.reaper as reaper_mod
 from shim.reaper import Reaper
 from shim.runtime import Runc, RuncOptions, RuntimeFailure
 from tests.support.reaper import installed_reaper
@@ -233,7 +234,20 @@ async def test_error_enriched_from_new_log_lines_only(
     assert info.value.message == "runc create failed: container with given ID already exists"
 
 
-async def test_missing_binary(reaper: Reaper, tmp_path: Path) -> None:
-    runc = Runc(reaper, RuncOptions(binary=str(tmp_path / "nope")), "ns", str(tmp_path))
-    with pytest.raises(RuntimeFailure, match="No such file"):
-        await runc.start("c1")
+@pytest.mark.parametrize("setpriv", [True, False])
+async def test_missing_binary(
+    reaper: Reaper, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, setpriv: bool
+) -> None:
+    # The same message whether setpriv runs in front of the runtime or the shim forks.
+    if setpriv:
+        assert reaper_mod.setpriv_path() is not None
+    else:
+        monkeypatch.setattr(reaper_mod, "setpriv_path", lambda: None)
+    for binary in (str(tmp_path / "nope"), "pyshim-no-such-runc"):
+        runc = Runc(reaper, RuncOptions(binary=binary), "ns", str(tmp_path))
+        with pytest.raises(RuntimeFailure) as info:
+            await runc.start("c1")
+        assert info.value.message == f"exec: {binary!r}: No such file or directory"
+        with pytest.raises(RuntimeFailure) as info:
+            await runc.create("c1", pid_file="/p", console_socket=None, stdio=(None,) * 3)
+        assert info.value.message == f"exec: {binary!r}: No such file or directory"
