@@ -36,6 +36,7 @@ from shim.process import (
     ExecProcess,
     InitProcess,
     ProcessIOLike,
+    SignalChild,
     StdioStrings,
     not_found,
     read_pid_file,
@@ -140,6 +141,9 @@ class Toolkit:
     oom: OomWatch | None = None
     # A pidfd for a live pid, None when it is gone (or not a real process, for fakes).
     pidfd_open: Callable[[int], int | None] = _no_pidfd
+    # Signals an init that is our child without running the runtime; None: always the
+    # runtime (fakes' pids are not real processes).
+    signal_child: SignalChild | None = None
 
 
 def decode_options(value: any_pb2.Any | None) -> CreateOptions:
@@ -240,6 +244,7 @@ class Container:
             router=toolkit.router,
             kill_all_on_exit=kill_all_on_exit,
             wait_execs=self._wait_execs,
+            signal_child=toolkit.signal_child,
         )
 
     @property

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from signal import NSIG
 from typing import ClassVar, Protocol, runtime_checkable
 
 from google.protobuf import timestamp_pb2
@@ -36,7 +38,9 @@ __all__ = [
     "InitProcess",
     "Process",
     "ProcessIOLike",
+    "SignalChild",
     "StdioStrings",
+    "signal_own_child",
 ]
 
 log = logging.getLogger(__name__)
@@ -48,6 +52,11 @@ DRAIN_TIMEOUT = 2.0
 
 class EventSink(Protocol):
     def publish(self, topic: str, event: Message) -> None: ...
+
+
+# (pid, signal) -> True when sent; False when the caller must ask the runtime instead;
+# ProcessLookupError when the child already died (see signal_own_child).
+SignalChild = Callable[[int, int], bool]
 
 
 @runtime_checkable
@@ -363,6 +372,7 @@ class InitProcess(Process):
         router: ExitRouter,
         kill_all_on_exit: bool,
         wait_execs: Callable[[], Awaitable[None]],
+        signal_child: SignalChild | None = None,
     ) -> None:
         super().__init__(
             container_id=container_id,
@@ -376,6 +386,10 @@ class InitProcess(Process):
         self._kill_all_on_exit = kill_all_on_exit
         self._wait_execs = wait_execs
         self._pausing = False
+        self._signal_child = signal_child
+        # Set when this shim's `runc create` made the init, so it is our child: a
+        # recovered init was an earlier shim's child, and its pid may have been reused.
+        self._own_child = False
 
     @property
     def status(self) -> types_pb2.Status:
@@ -386,6 +400,7 @@ class InitProcess(Process):
     def created(self, pid: int, io: ProcessIOLike | None) -> None:
         self.pid = pid
         self.io = io
+        self._own_child = True
 
     def restore(self, pid: int, status: str) -> None:
         """Recovery of a live init from what runc reports."""
@@ -414,10 +429,34 @@ class InitProcess(Process):
     async def kill(self, signal: int, all: bool) -> None:
         if self._state is DELETED:
             raise not_found("cannot kill a deleted process")
+        signal_child = self._signal_child
+        if signal_child is not None and not all and self._may_signal_directly():
+            try:
+                if signal_child(self.pid, signal):
+                    return
+            except ProcessLookupError as exc:
+                # What `runc kill` answers for a dead init ("container not running").
+                raise not_found("process already finished") from exc
         try:
             await self._runtime.kill(self.container_id, signal, all)
         except RuntimeFailure as exc:
             raise _kill_error(exc.message) from exc
+
+    def _may_signal_directly(self) -> bool:
+        """Whether a signal to the init alone may skip `runc kill` (a Go binary run).
+
+        runc 1.1's kill without --all checks the container's status and signals the
+        init's pid. While the init is our child and we have not reaped it, its pid
+        cannot be reused, so os.kill is the same. A paused (or pausing) container
+        stays with runc: for a frozen cgroup v1 it thaws the cgroup after SIGKILL.
+        """
+        return (
+            self._own_child
+            and not self._reaped
+            and not self._pausing
+            and self.pid > 0
+            and (self._state is CREATED or self._state is RUNNING)
+        )
 
     async def pause(self) -> None:
         async with self._lock:
@@ -633,6 +672,43 @@ def _read_pid_file(path: Path) -> int:
 
 def read_pid_file(path: Path) -> int:
     return _read_pid_file(path)
+
+
+def signal_own_child(pid: int, sig: int) -> bool:
+    """Send ``sig`` to ``pid`` if it is a live child of this process.
+
+    Returns False, having sent nothing, when ``pid`` is not our child (the caller then
+    lets the runtime, which guards against pid reuse itself, decide) or when ``sig``
+    is no signal number (the runtime then reports it in its own words). Raises
+    ``ProcessLookupError`` for a child that died and awaits reaping: runc reports such
+    a zombie init as not running, and the kernel would accept a signal to it silently.
+    The caller must know the pid is not reaped yet; only then is a child ours for sure.
+    """
+    # os.kill truncates large numbers to a C int (2**40 would become signal 0).
+    if not 0 <= sig < NSIG:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    # The command name may hold spaces and ")": the fields after the last ")" are fixed.
+    fields = stat.rpartition(b")")[2].split()
+    try:
+        state, ppid = fields[0], int(fields[1])
+    except (IndexError, ValueError):
+        return False
+    if ppid != os.getpid():
+        return False
+    if state in (b"Z", b"X"):
+        raise ProcessLookupError(errno.ESRCH, f"process {pid} already finished")
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        raise
+    except OSError:
+        return False
+    return True
 
 
 def _kill_error(message: str) -> TtrpcError:

@@ -32,7 +32,9 @@ from shim.process import (
     ExecProcess,
     InitProcess,
     ProcessIOLike,
+    SignalChild,
     StdioStrings,
+    signal_own_child,
 )
 from shim.runtime import RuncOptions, Runtime
 
@@ -79,6 +81,7 @@ class TaskService:
         unmount: Callable[[str], None] | None = None,
         find_cgroup: Callable[[int], Cgroup | None] | None = None,
         oom: OomWatch | None = None,
+        signal_child: SignalChild | None = None,
         empty_grace: float = EMPTY_SHUTDOWN_GRACE,
         start_grace: float = START_SHUTDOWN_GRACE,
     ) -> None:
@@ -105,6 +108,7 @@ class TaskService:
             find_cgroup=find_cgroup or (_find_cgroup if real_runtime else _no_cgroup),
             oom=oom,
             pidfd_open=_pidfd_open if real_runtime else _no_pidfd,
+            signal_child=signal_child or (signal_own_child if real_runtime else None),
         )
         self._containers: dict[str, Container] = {}
         # Ids whose Create is in flight: a second Create must see them as taken.

@@ -243,20 +243,44 @@ class ShimRig:
 
     # -- requests --------------------------------------------------------------------
 
-    async def create_and_start(self) -> int:
+    async def create(self, binary: str = "") -> int:
+        """Create (not start) the container; ``binary`` replaces runc."""
+        options = options_pb2.Options(root=str(self.runc_root), binary_name=binary)
         req = shim_pb2.CreateTaskRequest(
             id=self.cid,
             bundle=str(self.bundle),
             rootfs=[mount_pb2.Mount(type="bind", source=str(self.lower), options=["rbind", "rw"])],
-            options=anyutil.pack(options_pb2.Options(root=str(self.runc_root))),
+            options=anyutil.pack(options),
         )
         created = await self.call("Create", req, shim_pb2.CreateTaskResponse)
         self.container_pids.add(created.pid)
+        return created.pid
+
+    async def create_and_start(self, binary: str = "") -> int:
+        pid = await self.create(binary)
         started = await self.call(
             "Start", shim_pb2.StartRequest(id=self.cid), shim_pb2.StartResponse
         )
-        assert started.pid == created.pid
-        return created.pid
+        assert started.pid == pid
+        return pid
+
+    def logging_runc(self) -> tuple[str, Path]:
+        """A runc that appends each argv to a file (returned) and runs the real one."""
+        runc = shutil.which("runc")
+        if runc is None:
+            pytest.fail("runc is not installed", pytrace=False)
+        log = self.tmp / "runc-calls.log"
+        wrapper = self.tmp / "logging-runc"
+        wrapper.write_text(f'#!/bin/sh\necho "$*" >> {log}\nexec {runc} "$@"\n')
+        wrapper.chmod(0o755)
+        return str(wrapper), log
+
+    def runc_kills(self, log: Path) -> list[str]:
+        """The `kill` commands the logging runc ran, without the global flags."""
+        if not log.exists():
+            return []
+        lines = log.read_text().splitlines()
+        return [line[line.index(" kill ") + 1 :] for line in lines if " kill " in line]
 
     async def state(self) -> shim_pb2.StateResponse:
         return await self.call("State", shim_pb2.StateRequest(id=self.cid), shim_pb2.StateResponse)
@@ -427,7 +451,8 @@ async def test_running_container_outlives_its_shim_and_is_reported_honestly() ->
     RUNNING forever and never a made-up real-looking status."""
     async with shim_rig("rec2", ["sleep", "300"]) as rig:
         first = await rig.start_daemon()
-        pid = await rig.create_and_start()
+        runc, runc_log = rig.logging_runc()
+        pid = await rig.create_and_start(runc)
         assert (await rig.state()).status == types_pb2.RUNNING
 
         rig.kill_daemon(first)
@@ -445,6 +470,8 @@ async def test_running_container_outlives_its_shim_and_is_reported_honestly() ->
         await rig.call(
             "Kill", shim_pb2.KillRequest(id="rec2", signal=signal.SIGKILL), empty_pb2.Empty
         )
+        # Not our child any more, so its pid may be reused: runc checks, not os.kill.
+        assert rig.runc_kills(runc_log) == ["kill rec2 9"]
         waited = await waiter
         assert waited.exit_status == UNKNOWN_EXIT
         record = json.loads(rig.exit_record_path().read_bytes())

@@ -22,7 +22,7 @@ from protocol.proto.types import mount_pb2
 from protocol.proto.types import task_pb2 as types_pb2
 from protocol.ttrpc.status import Code, TtrpcError
 from shim.container import CreateOptions, container_record_path
-from shim.process import ProcessIOLike, StdioStrings
+from shim.process import ProcessIOLike, SignalChild, StdioStrings
 from shim.runtime import RuncOptions, Runtime, RuntimeFailure
 from shim.service import SERVICE_NAMES, TaskService
 
@@ -218,7 +218,9 @@ class Harness:
         return await self.service.state(shim_pb2.StateRequest(id=id, exec_id=exec_id))
 
 
-def make_harness(tmp: Path, reaper: FakeReaper | None = None) -> Harness:
+def make_harness(
+    tmp: Path, reaper: FakeReaper | None = None, signal_child: SignalChild | None = None
+) -> Harness:
     shared = Shared()
     publisher = FakePublisher()
     reaper = reaper or FakeReaper()
@@ -252,6 +254,7 @@ def make_harness(tmp: Path, reaper: FakeReaper | None = None) -> Harness:
         open_io=open_io,
         mount=mount,
         unmount=unmount,
+        signal_child=signal_child,
     )
     return Harness(service, reaper, publisher, shared, shutdowns, tmp)
 
