@@ -1,0 +1,869 @@
+"""Which pages a forked shim un-shares from its template, and what lives on them.
+
+A daemon forked from the template (shim/template.py) starts with every page shared
+copy-on-write; each page it writes to (a refcount, an inline cache, a free slot in a
+pymalloc pool, a malloc chunk) becomes a private copy. This tool counts, per
+mapping, the pages a shim holds privately and splits them into copies of template
+pages (same address present in the template) and pages the template never had; with
+an object dump of the template it says which Python objects sit on the copied pages.
+
+    python -m bench.cow run [--containers 10] [--idle 10] [--prepare] [--out FILE]
+    python -m bench.cow snapshot PID --template TPID [--objects FILE]
+
+``run`` starts a private containerd, an instrumented template in its template dir
+(dumps every object's address before ``gc.freeze()``; ``--prepare MODULE:FUNC``
+calls an experiment's function first) and measures a shim at each phase: forked and
+waiting for "go", serving without a container, right after ``ctr run -d``, and
+after ``--idle`` seconds. Needs root (page frame numbers in /proc/<pid>/pagemap).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+TYPE_CHECKING = False  # the template imports this module: keep its top level light
+if TYPE_CHECKING:
+    from pathlib import Path
+
+__all__ = [
+    "ObjectRecord",
+    "RegionCount",
+    "SmapsMapping",
+    "attribute",
+    "classify_pages",
+    "decode_pagemap",
+    "dump_objects",
+    "main",
+    "parse_object_dump",
+    "parse_smaps",
+    "region_names",
+]
+
+PAGE = 4096
+PM_PRESENT = 1 << 63
+PM_SWAPPED = 1 << 62
+PM_EXCLUSIVE = 1 << 56
+PFN_MASK = (1 << 55) - 1
+# Object header words before id(obj) in 3.11: PyGC_Head for GC types, and the
+# dict/values pointers of types with a managed __dict__ (sys.getsizeof counts both).
+_TPFLAGS_MANAGED_DICT = 1 << 4
+_TPFLAGS_HAVE_GC = 1 << 14
+FREE = "(free or untracked)"
+LAUNCHER = "containerd-shim-pyshim-v1"
+
+
+# -- /proc parsing ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SmapsMapping:
+    start: int
+    end: int
+    perms: str
+    inode: int
+    path: str
+    fields: dict[str, int] = field(default_factory=dict)
+    offset: int = 0  # file offset of a file mapping
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+
+def parse_smaps(text: str) -> list[SmapsMapping]:
+    """/proc/<pid>/smaps: one mapping per header line, its ``Key: N kB`` fields after."""
+    maps: list[SmapsMapping] = []
+    for line in text.splitlines():
+        head, sep, rest = line.partition(" ")
+        if "-" in head and sep and not head.endswith(":"):
+            lo, _, hi = head.partition("-")
+            parts = rest.split(None, 4)
+            if len(parts) < 4:
+                raise ValueError(f"bad smaps header: {line!r}")
+            maps.append(
+                SmapsMapping(
+                    start=int(lo, 16),
+                    end=int(hi, 16),
+                    perms=parts[0],
+                    inode=int(parts[3]),
+                    path=parts[4].strip() if len(parts) == 5 else "",
+                    offset=int(parts[1], 16),
+                )
+            )
+            continue
+        key, colon, value = line.partition(":")
+        words = value.split()
+        if colon and maps and len(words) == 2 and words[1] == "kB":
+            maps[-1].fields[key] = int(words[0])
+    return maps
+
+
+def region_names(maps: Sequence[SmapsMapping]) -> list[str]:
+    """A readable name per mapping: file basename and perms, ``[heap]``, ``[anon]``."""
+    names: list[str] = []
+    for m in maps:
+        if m.path.startswith("["):
+            name = m.path
+        elif m.path:
+            name = f"{os.path.basename(m.path)} {m.perms}"
+        else:
+            # The kernel merges a library's .bss with pymalloc arenas and malloc's
+            # mmaps next to it into one mapping: no finer name is reliable.
+            name = f"[anon {m.perms}]"
+        names.append(name)
+    return names
+
+
+def decode_pagemap(raw: bytes) -> array[int]:
+    """/proc/<pid>/pagemap entries (native 64-bit words, one per page)."""
+    if len(raw) % 8:
+        raise ValueError("pagemap data is not a whole number of entries")
+    entries = array("Q")
+    entries.frombytes(raw)
+    return entries
+
+
+@dataclass
+class RegionCount:
+    """Pages of one mapping of a shim, compared with the template's at the same address."""
+
+    name: str
+    size_kb: int = 0
+    present: int = 0
+    private: int = 0  # mapped by this process only
+    copied: int = 0  # private, and the template has a page here: a copy-on-write copy
+    new: int = 0  # private, the template has nothing here
+    shared_template: int = 0  # the very frame the template maps
+    private_dirty_kb: int = 0  # smaps' figure, for cross-checking
+
+    def add(self, other: RegionCount) -> None:
+        self.size_kb += other.size_kb
+        self.present += other.present
+        self.private += other.private
+        self.copied += other.copied
+        self.new += other.new
+        self.shared_template += other.shared_template
+        self.private_dirty_kb += other.private_dirty_kb
+
+
+def classify_pages(
+    start: int, shim: Sequence[int], template: Sequence[int] | None, count: RegionCount
+) -> list[int]:
+    """Count shim pages (pagemap entries from ``start``) into ``count``; the addresses
+    of the copied pages. ``template``: the template's entries for the same range."""
+    copied: list[int] = []
+    for i, entry in enumerate(shim):
+        if not entry & PM_PRESENT:
+            continue
+        count.present += 1
+        t = template[i] if template is not None else 0
+        t_present = bool(t & PM_PRESENT)
+        if t_present and (t & PFN_MASK) == (entry & PFN_MASK):
+            count.shared_template += 1
+        if entry & PM_EXCLUSIVE:
+            count.private += 1
+            if t_present or t & PM_SWAPPED:
+                count.copied += 1
+                copied.append(start + i * PAGE)
+            else:
+                count.new += 1
+    return copied
+
+
+def read_pagemap(pid: int, start: int, end: int) -> array[int]:
+    with open(f"/proc/{pid}/pagemap", "rb") as f:
+        f.seek(start // PAGE * 8)
+        raw = f.read((end - start) // PAGE * 8)
+    return decode_pagemap(raw)
+
+
+def read_smaps(pid: int) -> list[SmapsMapping]:
+    with open(f"/proc/{pid}/smaps") as f:
+        return parse_smaps(f.read())
+
+
+@dataclass
+class Snapshot:
+    pid: int
+    regions: dict[str, RegionCount]
+    copied_pages: list[int]
+    pss_kb: int
+    private_kb: int
+    template_wrote: int = 0  # pages, see _probe
+
+    def total(self) -> RegionCount:
+        total = RegionCount("total")
+        for r in self.regions.values():
+            total.add(r)
+        return total
+
+
+def snapshot(pid: int, template_pid: int | None) -> Snapshot:
+    maps = read_smaps(pid)
+    tmaps = {(m.start, m.end): m for m in read_smaps(template_pid)} if template_pid else {}
+    regions: dict[str, RegionCount] = {}
+    copied: list[int] = []
+    for name, m in zip(region_names(maps), maps, strict=True):
+        if m.path == "[vsyscall]":
+            continue
+        count = regions.setdefault(name, RegionCount(name))
+        count.size_kb += m.size // 1024
+        count.private_dirty_kb += m.fields.get("Private_Dirty", 0)
+        entries = read_pagemap(pid, m.start, m.end)
+        template = None
+        if template_pid and _overlaps(tmaps, m):
+            # Mappings split or grow after the fork (brk, mprotect): compare by address.
+            template = read_pagemap(template_pid, m.start, m.end)
+            if len(template) < len(entries):
+                template.extend([0] * (len(entries) - len(template)))
+        copied += classify_pages(m.start, entries, template, count)
+    pss = sum(m.fields.get("Pss", 0) for m in maps)
+    private = sum(m.fields.get("Private_Dirty", 0) + m.fields.get("Private_Clean", 0) for m in maps)
+    return Snapshot(pid, regions, copied, pss, private)
+
+
+def frames(pid: int) -> dict[int, int]:
+    """Page address -> frame number of every present page of a process."""
+    out: dict[int, int] = {}
+    for m in read_smaps(pid):
+        if m.path == "[vsyscall]":
+            continue
+        for i, entry in enumerate(read_pagemap(pid, m.start, m.end)):
+            if entry & PM_PRESENT:
+                out[m.start + i * PAGE] = entry & PFN_MASK
+    return out
+
+
+def moved_frames(before: dict[int, int], after: dict[int, int]) -> int:
+    """Pages present in both whose frame changed: copy-on-write broken by this process."""
+    return sum(1 for addr, pfn in before.items() if after.get(addr, pfn) != pfn)
+
+
+def _overlaps(tmaps: dict[tuple[int, int], SmapsMapping], m: SmapsMapping) -> bool:
+    return any(lo < m.end and m.start < hi for lo, hi in tmaps)
+
+
+# -- Python objects on pages -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ObjectRecord:
+    start: int  # first byte, GC header included
+    size: int
+    type: str
+    where: str  # module or file of functions, code, classes, modules; else ""
+    name: str = ""  # qualname of code/functions/classes, owner of a dict, a str's text
+    pre: int = 0  # header bytes before id(obj): PyGC_Head, managed dict pointers
+
+
+def parse_object_dump(lines: Iterable[str]) -> list[ObjectRecord]:
+    """``start_hex<TAB>size<TAB>type<TAB>where[<TAB>name<TAB>pre]`` lines, as
+    dump_objects writes them."""
+    records: list[ObjectRecord] = []
+    for line in lines:
+        parts = line.rstrip("\n").split("\t")
+        if len(parts) == 4:
+            records.append(ObjectRecord(int(parts[0], 16), int(parts[1]), parts[2], parts[3]))
+        elif len(parts) == 6:
+            start, size, kind, where, name, pre = parts
+            records.append(ObjectRecord(int(start, 16), int(size), kind, where, name, int(pre)))
+        else:
+            raise ValueError(f"bad object dump line: {line!r}")
+    return records
+
+
+def attribute(
+    objects: Iterable[ObjectRecord], pages: Iterable[int], *, by: str = "type"
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Bytes per label on the given pages, and bytes per label overall.
+
+    ``by``: "type", "where" (module/file of code), or "both". The bytes of the
+    pages no dumped object covers are reported under FREE.
+    """
+    wanted = set(pages)
+    on_pages: dict[str, int] = {}
+    overall: dict[str, int] = {}
+    covered: dict[int, int] = {}
+    for obj in objects:
+        label = _label(obj, by)
+        overall[label] = overall.get(label, 0) + obj.size
+        first = obj.start - obj.start % PAGE
+        for page in range(first, obj.start + obj.size, PAGE):
+            if page not in wanted:
+                continue
+            n = min(page + PAGE, obj.start + obj.size) - max(page, obj.start)
+            on_pages[label] = on_pages.get(label, 0) + n
+            covered[page] = covered.get(page, 0) + n
+    free = sum(max(0, PAGE - covered.get(p, 0)) for p in wanted)
+    if free:
+        on_pages[FREE] = free
+    return on_pages, overall
+
+
+def _label(obj: ObjectRecord, by: str) -> str:
+    if by == "type":
+        return obj.type
+    if by == "where":
+        return obj.where or f"({obj.type})"
+    return f"{obj.type} {obj.where}".rstrip()
+
+
+def _where(obj: object) -> str:
+    import types
+
+    if isinstance(obj, types.FunctionType):
+        return _short_file(obj.__code__.co_filename)
+    if isinstance(obj, types.CodeType):
+        return _short_file(obj.co_filename)
+    if isinstance(obj, type):
+        return str(obj.__dict__.get("__module__", ""))
+    if isinstance(obj, types.ModuleType):
+        return obj.__name__
+    return ""
+
+
+def _short_file(path: str) -> str:
+    """Package-relative: .../site-packages/google/protobuf/x.py -> google/protobuf/x.py."""
+    for marker in ("site-packages/", "dist-packages/", "/python3.11/", "/work/main/"):
+        _, found, tail = path.rpartition(marker)
+        if found:
+            return tail
+    return path
+
+
+def _object_span(obj: object) -> tuple[int, int, int]:
+    """(first byte, size, header bytes before id(obj))."""
+    import sys as _sys
+
+    flags = type(obj).__flags__
+    pre = (16 if flags & _TPFLAGS_HAVE_GC else 0) + (16 if flags & _TPFLAGS_MANAGED_DICT else 0)
+    return id(obj) - pre, _sys.getsizeof(obj), pre
+
+
+def _name(obj: object, owners: dict[int, str]) -> str:
+    """What tells this object from others of its type; tab- and newline-free."""
+    import types
+
+    if isinstance(obj, types.CodeType):
+        name = obj.co_qualname
+    elif isinstance(obj, types.FunctionType | type):
+        name = str(obj.__qualname__)
+    elif isinstance(obj, types.ModuleType):
+        name = obj.__name__
+    elif type(obj) is str:
+        name = repr(obj[:40])
+    else:
+        name = owners.get(id(obj), "")
+    return name.replace("\t", " ").replace("\n", " ")
+
+
+def _dict_owners() -> dict[int, str]:
+    """id of a module's or class's namespace dict -> "module NAME" / "class QUALNAME"."""
+    import gc
+
+    owners: dict[int, str] = {}
+    for module in list(sys.modules.values()):
+        namespace = getattr(module, "__dict__", None)
+        if type(namespace) is dict:
+            owners[id(namespace)] = f"module {getattr(module, '__name__', '?')}"
+    for obj in gc.get_objects():
+        if isinstance(obj, type):
+            for ref in gc.get_referents(obj):
+                if type(ref) is dict and ref is not obj.__dict__:
+                    label = f"class {obj.__module__}.{obj.__qualname__}"
+                    owners.setdefault(id(ref), label)
+    return owners
+
+
+def _extra_blocks(obj: object) -> Iterator[tuple[int, int]]:
+    """Separately allocated parts: a dict's keys table, a list's item array."""
+    import ctypes
+
+    if type(obj) is dict:
+        keys = ctypes.c_void_p.from_address(id(obj) + 32).value
+        if keys:
+            log2_size, log2_index_bytes, kind = ctypes.string_at(keys + 8, 3)
+            entry = 24 if kind == 0 else 16
+            usable = ((1 << log2_size) << 1) // 3
+            yield keys, 32 + (1 << log2_index_bytes) + entry * usable
+    elif type(obj) is list:
+        items = ctypes.c_void_p.from_address(id(obj) + 24).value
+        allocated = ctypes.c_ssize_t.from_address(id(obj) + 32).value
+        if items and allocated > 0:
+            yield items, allocated * 8
+
+
+def dump_objects(out: str) -> None:
+    """Write every object reachable from the gc's lists (and code objects' parts,
+    which the gc does not see) with its address range, in this process."""
+    import gc
+    import types
+
+    owners = _dict_owners()
+    seen: set[int] = set()
+    stack: list[object] = gc.get_objects()
+    # Our own bookkeeping is not the template's.
+    seen.update((id(seen), id(stack), id(owners)))
+    with open(out, "w") as f:
+        while stack:
+            obj = stack.pop()
+            if id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            start, size, pre = _object_span(obj)
+            kind = type(obj).__name__
+            try:
+                where = _where(obj)
+                name = _name(obj, owners)
+            except Exception:  # proxies and lazy objects may raise anything
+                where = name = ""
+            f.write(f"{start:x}\t{size}\t{kind}\t{where}\t{name}\t{pre}\n")
+            for block, bsize in _extra_blocks(obj):
+                if block not in seen:
+                    seen.add(block)
+                    f.write(f"{block:x}\t{bsize}\t{kind}-items\t{where}\t{name}\t0\n")
+            stack.extend(gc.get_referents(obj))
+            if type(obj) is types.CodeType:
+                stack.extend((obj.co_consts, obj.co_names, obj.co_filename, obj.co_name))
+                stack.extend((obj.co_qualname, obj.co_linetable, obj.co_exceptiontable))
+                stack.extend(obj.co_varnames + obj.co_cellvars + obj.co_freevars)
+
+
+# -- instrumented template -------------------------------------------------------
+
+
+def run_template(directory: str, dump: str | None, prepare: str | None) -> int:
+    """shim.template.serve, with an optional ``module:function`` to call and an
+    object dump (from a forked child, so the template's own heap stays as it is)
+    just before gc.freeze()."""
+    import gc
+    import importlib
+
+    from shim import template
+
+    real_freeze = gc.freeze
+
+    def freeze() -> None:
+        gc.freeze = real_freeze
+        if prepare:
+            module, _, func = prepare.partition(":")
+            getattr(importlib.import_module(module), func)()
+        if dump:
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    dump_objects(dump)
+                    code = 0
+                except BaseException:
+                    import traceback
+
+                    with open(dump + ".error", "w") as f:
+                        traceback.print_exc(file=f)
+                finally:
+                    os._exit(code)
+            os.waitpid(pid, 0)
+        real_freeze()
+
+    gc.freeze = freeze
+    return template.serve(directory)
+
+
+def template_command(
+    launcher: str, directory: str, dump: str | None, prepare: str | None
+) -> list[str]:
+    """The instrumented template, run the way ``launcher`` runs the shim (-IS and its
+    sys.path), so its code key is the one `start` asks for."""
+    with open(launcher) as f:
+        text = f.read()
+    marker = "sys.path.extend("
+    at = text.index(marker) + len(marker)
+    paths = text[at : text.index(")", at)]
+    code = (
+        f"import sys; sys.path.extend({paths}); from bench.cow import run_template; "
+        f"sys.exit(run_template({directory!r}, {dump!r}, {prepare!r}))"
+    )
+    return [sys.executable, "-IS", "-c", code]
+
+
+_SNAPSHOT_TREES = ("shim", "protocol", "bench", "tests/support")
+
+
+def pin_sources(source: Path, dest: Path) -> Path:
+    """A copy of the code under ``dest`` and a launcher running it; the launcher's path.
+
+    Shims and template then run code nobody edits during the run (an edit changes
+    the template's code key, and `start` would spawn an uninstrumented template),
+    and ``source`` may be a tree with local changes (e.g. to shim/template.py).
+    """
+    import shutil
+
+    for rel in _SNAPSHOT_TREES:
+        shutil.copytree(source / rel, dest / "src" / rel, ignore=shutil.ignore_patterns("results"))
+    (dest / "src" / "tests" / "__init__.py").touch()
+    venv_launcher = os.path.join(os.path.dirname(sys.executable), LAUNCHER)
+    with open(venv_launcher) as f:
+        text = f.read()
+    repo = _repo()
+    if repr(repo) not in text:
+        raise RuntimeError(f"{venv_launcher} does not name {repo} in its sys.path")
+    (dest / "bin").mkdir()
+    launcher = dest / "bin" / LAUNCHER
+    launcher.write_text(text.replace(repr(repo), repr(str(dest / "src"))))
+    launcher.chmod(0o755)
+    return launcher
+
+
+# -- the measured run ------------------------------------------------------------
+
+
+@dataclass
+class PhaseResult:
+    phase: str
+    snapshots: list[Snapshot]
+
+
+def _wait_for(predicate: object, timeout: float, what: str) -> None:
+    import time
+
+    assert callable(predicate)
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} within {timeout}s")
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _stop_pid(pid: int) -> None:
+    import contextlib
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    try:
+        _wait_for(lambda: not _alive(pid), 5, f"pid {pid} gone")
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _probe(
+    workdir: Path, template_dir: Path, key: str, template_pid: int, settle: float
+) -> tuple[Snapshot, Snapshot]:
+    """A daemon forked straight from the template (no containerd, no container):
+    measured while it waits for "go", then serving."""
+    import socket
+    import time
+
+    from shim import template
+
+    bundle = workdir / "probe"
+    bundle.mkdir(exist_ok=True)
+    path = str(bundle / "s.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen()
+    argv = ["containerd-shim-pyshim-v1", "-namespace", "cow", "-address", str(workdir / "none")]
+    argv += ["-publish-binary", "/bin/true", "-id", "probe"]
+    cwd = os.getcwd()
+    os.chdir(bundle)
+    before = frames(template_pid)
+    try:
+        forked = template.fork_daemon(argv, listener, directory=str(template_dir), key=key)
+    finally:
+        os.chdir(cwd)
+        listener.close()
+    if forked is None:
+        raise RuntimeError("the template did not fork a daemon")
+    pid = forked.pid
+    try:
+        time.sleep(settle)
+        # Pages the template itself wrote while forking: the child keeps the old
+        # frames, now mapped by it alone, though it never touched them.
+        template_wrote = moved_frames(before, frames(template_pid))
+        waiting = snapshot(pid, template_pid)
+        waiting.template_wrote = template_wrote
+        forked.go()
+
+        def serving() -> bool:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                try:
+                    s.connect(path)
+                except OSError:
+                    return False
+            return True
+
+        _wait_for(serving, 10, "probe daemon serving")
+        time.sleep(settle)
+        return waiting, snapshot(pid, template_pid)
+    finally:
+        _stop_pid(pid)
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+def measure(
+    source: Path,
+    containers: int,
+    idle: float,
+    prepare: str | None,
+    probes: int,
+    log: object = print,
+) -> tuple[list[PhaseResult], list[ObjectRecord], dict[str, int]]:
+    import secrets
+    import shutil
+    import subprocess
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from bench.containerd_env import PrivateContainerd
+    from bench.procfs import read_memory
+    from bench.scenarios import IDLE_CMD, IMAGE, RUNTIMES
+    from tests.support.images import build_busybox_oci_archive
+
+    assert callable(log)
+    workdir = Path(tempfile.mkdtemp(prefix="pyshim-cow-", dir="/tmp"))
+    launcher = pin_sources(source, workdir)
+
+    class Env(PrivateContainerd):
+        def env(self) -> dict[str, str]:
+            env = super().env()
+            env["PATH"] = f"{launcher.parent}{os.pathsep}{env['PATH']}"
+            return env
+
+    dump = workdir / "objects.tsv"
+    tproc: subprocess.Popen[bytes] | None = None
+    started: list[str] = []
+    phases: list[PhaseResult] = []
+    (workdir / "ctrd").mkdir()
+    env = Env(workdir / "ctrd", namespace=f"cow-{secrets.token_hex(3)}")
+    try:
+        env.start()
+        archive = workdir / "busybox.tar"
+        build_busybox_oci_archive(archive, IMAGE)
+        env.import_image(archive)
+        env.template_dir.mkdir(mode=0o700)
+        terr = workdir / "template.err"
+        with open(terr, "wb") as err:
+            tproc = subprocess.Popen(
+                template_command(str(launcher), str(env.template_dir), str(dump), prepare),
+                stdin=subprocess.DEVNULL,
+                stderr=err,
+                env=env.env(),
+                start_new_session=True,
+            )
+        template_pid = tproc.pid
+
+        def bound() -> bool:
+            if tproc.poll() is not None:
+                raise RuntimeError(f"template exited: {terr.read_text()[-2000:]}")
+            return any(n.endswith(".sock") for n in os.listdir(env.template_dir))
+
+        _wait_for(bound, 60, "template socket")
+        key = next(n for n in os.listdir(env.template_dir) if n.endswith(".sock"))[:-5]
+        time.sleep(0.3)
+        log(f"template pid {template_pid}: {read_memory(template_pid)}")
+        waiting, serving = [], []
+        for _ in range(probes):
+            w, s = _probe(workdir, env.template_dir, key, template_pid, 0.5)
+            waiting.append(w)
+            serving.append(s)
+        phases += [PhaseResult("forked", waiting), PhaseResult("serving", serving)]
+        after_start: list[Snapshot] = []
+        seen: set[int] = set()
+        for i in range(containers):
+            cid = f"cow-{i}"
+            env.container_ids.add(cid)
+            started.append(cid)
+            env.ctr("run", "-d", "--runtime", RUNTIMES["py"], "--fifo-dir", str(env.fifo_dir),
+                    IMAGE, cid, *IDLE_CMD)  # fmt: skip
+            pids = [s.pid for s in env.shims() if s.pid not in seen]
+            if len(pids) != 1:
+                raise RuntimeError(f"expected one new shim, found {pids}")
+            seen.add(pids[0])
+            after_start.append(snapshot(pids[0], template_pid))
+        if env.template_pids():
+            raise RuntimeError("`start` spawned its own template: the code keys differ")
+        phases.append(PhaseResult("started", after_start))
+        time.sleep(idle)
+        phases.append(PhaseResult("idle", [snapshot(pid, template_pid) for pid in sorted(seen)]))
+        objects = parse_object_dump(dump.read_text().splitlines())
+        tmem = read_memory(template_pid)
+        pss = [read_memory(pid).pss_kb for pid in sorted(seen)]
+        return (
+            phases,
+            objects,
+            {
+                "template_pss_kb": tmem.pss_kb,
+                "template_rss_kb": tmem.rss_kb,
+                "pss_per_container_incl_template_kb": (sum(pss) + tmem.pss_kb) // max(1, len(pss)),
+            },
+        )
+    finally:
+        try:
+            env.remove_containers(started)
+        finally:
+            if tproc is not None:
+                tproc.terminate()
+                try:
+                    tproc.wait(10)
+                except subprocess.TimeoutExpired:
+                    tproc.kill()
+                    tproc.wait(10)
+            env.close()
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+# -- reporting -------------------------------------------------------------------
+
+
+def _median(values: Sequence[float]) -> float:
+    s = sorted(values)
+    n = len(s)
+    return (s[n // 2] + s[(n - 1) // 2]) / 2 if n else 0.0
+
+
+def phase_summary(phase: PhaseResult) -> dict[str, object]:
+    snaps = phase.snapshots
+    regions: dict[str, dict[str, float]] = {}
+    names = sorted({n for s in snaps for n in s.regions})
+    for name in names:
+        rows = [s.regions.get(name, RegionCount(name)) for s in snaps]
+        regions[name] = {
+            "private_kb": _median([r.private * PAGE / 1024 for r in rows]),
+            "copied_kb": _median([r.copied * PAGE / 1024 for r in rows]),
+            "new_kb": _median([r.new * PAGE / 1024 for r in rows]),
+        }
+    totals = [s.total() for s in snaps]
+    return {
+        "phase": phase.phase,
+        "n": len(snaps),
+        "pss_kb": _median([s.pss_kb for s in snaps]),
+        "private_kb": _median([s.private_kb for s in snaps]),
+        "copied_kb": _median([t.copied * PAGE / 1024 for t in totals]),
+        "new_kb": _median([t.new * PAGE / 1024 for t in totals]),
+        "template_wrote_kb": _median([s.template_wrote * PAGE / 1024 for s in snaps]),
+        "regions": {k: v for k, v in regions.items() if v["private_kb"]},
+    }
+
+
+def attribution_table(
+    objects: Sequence[ObjectRecord], snaps: Sequence[Snapshot], by: str, top: int
+) -> list[tuple[str, float, float, float]]:
+    """(label, KB on copied pages per shim, KB in the template, % of it on copied pages)."""
+    total: dict[str, int] = {}
+    overall: dict[str, int] = {}
+    for s in snaps:
+        on, overall = attribute(objects, s.copied_pages, by=by)
+        for k, v in on.items():
+            total[k] = total.get(k, 0) + v
+    n = max(1, len(snaps))
+    rows = [
+        (k, v / n / 1024, overall.get(k, 0) / 1024, 100 * v / n / overall[k] if k in overall else 0)
+        for k, v in total.items()
+    ]
+    rows.sort(key=lambda r: -r[1])
+    return rows[:top]
+
+
+def format_report(
+    phases: Sequence[PhaseResult], objects: Sequence[ObjectRecord], top: int = 25
+) -> str:
+    out: list[str] = []
+    for ph in phases:
+        s = phase_summary(ph)
+        out.append(
+            f"## {s['phase']} (n={s['n']}): PSS {s['pss_kb']:.0f} KB, private "
+            f"{s['private_kb']:.0f} KB = copied {s['copied_kb']:.0f} + new {s['new_kb']:.0f}"
+            f" (copies the template made while forking: {s['template_wrote_kb']:.0f} KB)"
+        )
+        regions = s["regions"]
+        assert isinstance(regions, dict)
+        out.append("| mapping | private KB | copied KB | new KB |\n| --- | ---: | ---: | ---: |")
+        for name, r in sorted(regions.items(), key=lambda kv: -kv[1]["private_kb"]):
+            out.append(
+                f"| {name} | {r['private_kb']:.0f} | {r['copied_kb']:.0f} | {r['new_kb']:.0f} |"
+            )
+    if objects and phases:
+        last = phases[-1]
+        for by in ("type", "where"):
+            out.append(f"\n## {last.phase}: KB of copied pages per shim, by {by}")
+            out.append("| label | KB/shim on copied pages | KB in template | % |")
+            out.append("| --- | ---: | ---: | ---: |")
+            for label, kb, tkb, pct in attribution_table(objects, last.snapshots, by, top):
+                out.append(f"| {label} | {kb:.0f} | {tkb:.0f} | {pct:.0f} |")
+    return "\n".join(out)
+
+
+def _repo() -> str:
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+    import json
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(prog="python -m bench.cow", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    run = sub.add_parser("run", help="private containerd + instrumented template, all phases")
+    run.add_argument("--containers", type=int, default=10)
+    run.add_argument("--idle", type=float, default=10.0)
+    run.add_argument("--probes", type=int, default=3)
+    run.add_argument(
+        "--prepare", metavar="MODULE:FUNC", help="call this in the template before gc.freeze()"
+    )
+    run.add_argument("--top", type=int, default=25)
+    run.add_argument("--src", default=_repo(), help="tree to run (copied first): default this repo")
+    run.add_argument("--out", help="JSON summary")
+    snap = sub.add_parser("snapshot", help="one running shim against its template")
+    snap.add_argument("pid", type=int)
+    snap.add_argument("--template", type=int, required=True)
+    snap.add_argument("--objects", help="object dump of the template")
+    snap.add_argument("--top", type=int, default=25)
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("needs root: page frame numbers in pagemap are hidden otherwise", file=sys.stderr)
+        return 2
+    objects: list[ObjectRecord] = []
+    if args.cmd == "snapshot":
+        if args.objects:
+            with open(args.objects) as f:
+                objects = parse_object_dump(f)
+        phases = [PhaseResult("snapshot", [snapshot(args.pid, args.template)])]
+        print(format_report(phases, objects, args.top))
+        return 0
+    phases, objects, extra = measure(
+        Path(args.src), args.containers, args.idle, args.prepare, args.probes,
+        lambda m: print(m, file=sys.stderr, flush=True),
+    )  # fmt: skip
+    print(f"template: {extra}")
+    print(format_report(phases, objects, args.top))
+    if args.out:
+        body = {
+            "prepare": args.prepare,
+            **extra,
+            "phases": [phase_summary(p) for p in phases],
+            "by_type": attribution_table(objects, phases[-1].snapshots, "type", args.top),
+            "by_where": attribution_table(objects, phases[-1].snapshots, "where", args.top),
+        }
+        with open(args.out, "w") as f:
+            json.dump(body, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
