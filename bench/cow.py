@@ -433,6 +433,325 @@ def dump_objects(out: str) -> None:
                 stack.extend(obj.co_varnames + obj.co_cellvars + obj.co_freevars)
 
 
+# -- which words changed, and whose they are -------------------------------------
+
+# 3.11 pymalloc: 16 KiB pools in 1 MiB arenas (radix tree build), a 48-byte header
+# at each pool's start (ref count, free list head, links, size class).
+POOL = 16 * 1024
+POOL_HEADER = 48
+WORD = 8
+SHIM = "shim"
+TEMPLATE = "template"
+# Fields of 3.11 objects by offset from id(obj) (Include/cpython/*.h), the ones a
+# forked process plausibly writes; others are reported as "+offset".
+_CODE_FIELDS = {
+    48: "co_flags/co_warmup",
+    144: "co_weakreflist",
+    152: "_co_code (co_code cache)",
+    160: "_co_linearray",
+    168: "_co_firsttraceable",
+    176: "co_extra",
+}
+_CODE_ADAPTIVE = 184  # offsetof(PyCodeObject, co_code_adaptive) == basicsize
+_TYPE_FIELDS = {
+    264: "tp_dict",
+    352: "tp_cache",
+    360: "tp_subclasses",
+    384: "tp_version_tag",
+    872: "ht_cached_keys",
+    896: "_spec_cache",
+}
+_FIELDS = {
+    "dict": {16: "ma_used", 24: "ma_version_tag", 32: "ma_keys", 40: "ma_values"},
+    "dict-items": {0: "dk_refcnt", 8: "dk_version", 16: "dk_usable", 24: "dk_nentries"},
+    "function": {120: "func_version"},
+    "str": {24: "hash", 32: "state (interned)"},
+    "list": {16: "ob_size", 24: "ob_item", 32: "allocated"},
+}
+
+
+@dataclass(frozen=True)
+class Write:
+    """One 8-byte word that differs between a shim and its template."""
+
+    addr: int
+    old: int  # the template's value at the fork
+    new: int  # the writer's value
+    side: str  # SHIM or TEMPLATE (the template wrote it after the fork)
+    region: str
+
+
+class ObjectIndex:
+    """Which dumped object (or libpython static symbol) holds an address."""
+
+    def __init__(self, objects: Iterable[ObjectRecord]) -> None:
+        self.objects = sorted(objects, key=lambda o: o.start)
+        self.starts = [o.start for o in self.objects]
+        # Objects can nest (a static symbol around the objects in it): the
+        # innermost wins, found by looking back past a few enclosing ones.
+        self.lookback = 8
+
+    def find(self, addr: int) -> ObjectRecord | None:
+        import bisect
+
+        i = bisect.bisect_right(self.starts, addr) - 1
+        for j in range(i, max(-1, i - self.lookback), -1):
+            obj = self.objects[j]
+            if obj.start <= addr < obj.start + obj.size:
+                return obj
+        return None
+
+
+def changed_words(old: bytes, new: bytes) -> list[int]:
+    """Offsets of the 8-byte words that differ between two equally long buffers."""
+    if old == new:
+        return []
+    if len(old) != len(new) or len(old) % WORD:
+        raise ValueError("buffers of different or unaligned lengths")
+    a, b = array("Q"), array("Q")
+    a.frombytes(old)
+    b.frombytes(new)
+    return [i * WORD for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y]
+
+
+def page_writes(
+    addr: int, base: bytes | None, shim: bytes, template: bytes, region: str
+) -> list[Write]:
+    """The words of one copied page the shim wrote, and those the template wrote after
+    the fork (``base``: the template's page at the fork; None: not known, then every
+    difference is put down to the shim)."""
+    writes: list[Write] = []
+    if base is None:
+        for off in changed_words(template, shim):
+            writes.append(Write(addr + off, _word(template, off), _word(shim, off), SHIM, region))
+        return writes
+    for off in changed_words(base, shim):
+        writes.append(Write(addr + off, _word(base, off), _word(shim, off), SHIM, region))
+    shim_offs = {w.addr - addr for w in writes}
+    for off in changed_words(base, template):
+        if off not in shim_offs:
+            writes.append(
+                Write(addr + off, _word(base, off), _word(template, off), TEMPLATE, region)
+            )
+    return writes
+
+
+def _word(buf: bytes, off: int) -> int:
+    return int.from_bytes(buf[off : off + WORD], sys.byteorder)
+
+
+def _looks_like_pointer(value: int) -> bool:
+    # User-space heap and mmap addresses on x86_64; refcounts, hashes of small
+    # objects and flags are far below, random hashes rarely land in this range.
+    return 0x5000_0000_0000 <= value < 0x8000_0000_0000
+
+
+def field_of(obj: ObjectRecord | None, w: Write) -> str:
+    """What kind of write this is: the object's field, or the allocator's metadata."""
+    if obj is None:
+        if w.region.startswith("[anon") and w.addr % POOL < POOL_HEADER:
+            return "pymalloc pool header"
+        if w.region == "[heap]" or w.region.startswith("[anon"):
+            return "free memory (allocator links, freed blocks)"
+        return f"static data ({w.region})"
+    if obj.type == "static":
+        return f"static {obj.name}"
+    rel = w.addr - (obj.start + obj.pre)
+    if rel < 0:
+        return "PyGC_Head" if rel >= -16 else "managed dict/values pointer"
+    if obj.type.endswith("-items") and obj.type != "dict-items":
+        return "item array"
+    if rel == 0:
+        if _looks_like_pointer(w.new) and not _looks_like_pointer(w.old):
+            return "freed (free-list link over ob_refcnt)"
+        return "ob_refcnt"
+    if rel == 8 and obj.type != "dict-items":
+        return "ob_type (freed/reused)"
+    if obj.type == "code":
+        if rel >= _CODE_ADAPTIVE:
+            return "co_code_adaptive (quickening, inline caches)"
+        return _CODE_FIELDS.get(rel, f"code+{rel}")
+    if obj.type == "type" or obj.type.endswith("Meta") or obj.type == "ABCMeta":
+        return _TYPE_FIELDS.get(rel, f"type+{rel}")
+    fields = _FIELDS.get(obj.type, {})
+    if obj.type == "dict-items" and rel >= 32:
+        return "dk_indices/entries"
+    return fields.get(rel, f"{obj.type}+{rel}")
+
+
+def static_symbols(library: str, base: int) -> list[ObjectRecord]:
+    """A shared library's data and bss symbols (nm -S), at its load address."""
+    import subprocess
+
+    out = subprocess.run(
+        ["nm", "-S", "--defined-only", library], capture_output=True, text=True, check=True
+    ).stdout
+    return parse_nm(out, base)
+
+
+def parse_nm(text: str, base: int) -> list[ObjectRecord]:
+    records: list[ObjectRecord] = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 4 and parts[2] in "dDbB":
+            size = int(parts[1], 16)
+            if size:
+                records.append(ObjectRecord(base + int(parts[0], 16), size, "static", "", parts[3]))
+    return records
+
+
+def _library_base(maps: Sequence[SmapsMapping], marker: str) -> tuple[str, int] | None:
+    for m in maps:
+        if marker in os.path.basename(m.path) and m.offset == 0:
+            return m.path, m.start
+    return None
+
+
+def read_pages(pid: int, pages: Iterable[int]) -> dict[int, bytes]:
+    """The content of the given pages of a process (root: /proc/<pid>/mem)."""
+    out: dict[int, bytes] = {}
+    fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
+    try:
+        for page in pages:
+            try:
+                data = os.pread(fd, PAGE, page)
+            except OSError:
+                continue
+            if len(data) == PAGE:
+                out[page] = data
+    finally:
+        os.close(fd)
+    return out
+
+
+def writable_pages(pid: int) -> list[int]:
+    """Present pages of a process's writable private mappings."""
+    pages: list[int] = []
+    for m in read_smaps(pid):
+        if "w" not in m.perms or m.perms.endswith("s") or m.path == "[vsyscall]":
+            continue
+        for i, entry in enumerate(read_pagemap(pid, m.start, m.end)):
+            if entry & PM_PRESENT:
+                pages.append(m.start + i * PAGE)
+    return pages
+
+
+def template_baseline(template_pid: int) -> dict[int, bytes]:
+    """The template's writable memory now: taken just before a fork, it tells the
+    shim's writes from the template's own later ones."""
+    return read_pages(template_pid, writable_pages(template_pid))
+
+
+def diff_writes(
+    snap: Snapshot, template_pid: int, baseline: dict[int, bytes] | None
+) -> tuple[list[Write], int]:
+    """Every changed word on a shim's copied pages; and the number of copied pages on
+    which neither side changed a word (written and restored: refcount up and down)."""
+    import bisect
+
+    maps = read_smaps(snap.pid)
+    regions = {(m.start, m.end): name for name, m in zip(region_names(maps), maps, strict=True)}
+    spans = sorted(regions)
+    starts = [lo for lo, _ in spans]
+    shim = read_pages(snap.pid, snap.copied_pages)
+    template = read_pages(template_pid, snap.copied_pages)
+    writes: list[Write] = []
+    unchanged = 0
+    for page, data in shim.items():
+        if page not in template:
+            continue
+        i = bisect.bisect_right(starts, page) - 1
+        region = regions[spans[i]] if i >= 0 and page < spans[i][1] else "?"
+        base = baseline.get(page) if baseline is not None else None
+        found = page_writes(page, base, data, template[page], region)
+        if not found:
+            unchanged += 1
+        writes += found
+    return writes, unchanged
+
+
+@dataclass
+class Tally:
+    kb: float = 0.0  # share of copied pages: a page's 4 KB split over the words written on it
+    words: int = 0
+    objects: set[tuple[int, int]] = field(default_factory=set)  # (shim, address)
+
+
+def _object_label(obj: ObjectRecord | None, w: Write) -> str:
+    if obj is None:
+        return f"(no object, {w.region})"
+    if obj.type == "static":
+        return f"static {obj.name}"
+    text = f"{obj.type} {obj.where}:{obj.name}" if obj.where else f"{obj.type} {obj.name}"
+    return text.rstrip(": ")
+
+
+def tally_writes(
+    diffs: Sequence[tuple[list[Write], int]], index: ObjectIndex
+) -> dict[str, dict[str, Tally]]:
+    """Per grouping ("side", "type", "field", "module/qualname", "object" the shim
+    wrote, "template-side" objects): label -> tally, summed over the shims in ``diffs``."""
+    groups: dict[str, dict[str, Tally]] = {
+        k: {} for k in ("side", "type", "field", "module/qualname", "object", "template-side")
+    }
+
+    def add(group: str, label: str, kb: float, obj: ObjectRecord | None, shim: int) -> None:
+        t = groups[group].setdefault(label, Tally())
+        t.kb += kb
+        t.words += 1
+        if obj is not None:
+            t.objects.add((shim, obj.start))
+
+    for shim, (writes, unchanged) in enumerate(diffs):
+        if unchanged:
+            groups["side"].setdefault("written and restored (no word differs)", Tally()).kb += (
+                unchanged * PAGE / 1024
+            )
+        by_page: dict[int, list[Write]] = {}
+        for w in writes:
+            by_page.setdefault(w.addr - w.addr % PAGE, []).append(w)
+        for page_writes_ in by_page.values():
+            ours = [w for w in page_writes_ if w.side == SHIM]
+            if not ours:
+                # Copied, though only the template changed it: the shim holds the old page.
+                for w in page_writes_:
+                    obj = index.find(w.addr)
+                    share = PAGE / 1024 / len(page_writes_)
+                    add("side", "template wrote after the fork", share, obj, shim)
+                    label = f"{_object_label(obj, w)} [{field_of(obj, w)}]"
+                    add("template-side", label, share, obj, shim)
+                continue
+            share = PAGE / 1024 / len(ours)
+            for w in ours:
+                obj = index.find(w.addr)
+                kind = field_of(obj, w)
+                add("side", "shim wrote", share, obj, shim)
+                add("type", obj.type if obj else "(no object)", share, obj, shim)
+                add("field", kind, share, obj, shim)
+                where = f"{obj.where} {obj.name}".strip() if obj else ""
+                add("module/qualname", where or _object_label(obj, w), share, obj, shim)
+                add("object", f"{_object_label(obj, w)} [{kind}]", share, obj, shim)
+    return groups
+
+
+def format_writers(
+    phase: str, diffs: Sequence[tuple[list[Write], int]], index: ObjectIndex, top: int
+) -> str:
+    n = max(1, len(diffs))
+    groups = tally_writes(diffs, index)
+    out = [f"\n## {phase}: who wrote the copied pages (per shim, n={len(diffs)})"]
+    for group, rows in groups.items():
+        out.append(f"\n### by {group}")
+        out.append("| label | KB/shim (page share) | words/shim | objects/shim |")
+        out.append("| --- | ---: | ---: | ---: |")
+        ranked = sorted(rows.items(), key=lambda kv: -kv[1].kb)
+        for label, t in ranked[: top if group != "side" else None]:
+            out.append(
+                f"| {label} | {t.kb / n:.0f} | {t.words / n:.0f} | {len(t.objects) / n:.0f} |"
+            )
+    return "\n".join(out)
+
+
 # -- instrumented template -------------------------------------------------------
 
 
@@ -525,6 +844,7 @@ def pin_sources(source: Path, dest: Path) -> Path:
 class PhaseResult:
     phase: str
     snapshots: list[Snapshot]
+    diffs: list[tuple[list[Write], int]] = field(default_factory=list)
 
 
 def _wait_for(predicate: object, timeout: float, what: str) -> None:
@@ -559,11 +879,14 @@ def _stop_pid(pid: int) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+Diff = tuple[list[Write], int]
+
+
 def _probe(
-    workdir: Path, template_dir: Path, key: str, template_pid: int, settle: float
-) -> tuple[Snapshot, Snapshot]:
+    workdir: Path, template_dir: Path, key: str, template_pid: int, settle: float, diff: bool
+) -> tuple[Snapshot, Snapshot, list[Diff]]:
     """A daemon forked straight from the template (no containerd, no container):
-    measured while it waits for "go", then serving."""
+    measured while it waits for "go", then serving (and their diffs with ``diff``)."""
     import socket
     import time
 
@@ -580,6 +903,8 @@ def _probe(
     cwd = os.getcwd()
     os.chdir(bundle)
     before = frames(template_pid)
+    baseline = template_baseline(template_pid) if diff else None
+    diffs: list[Diff] = []
     try:
         forked = template.fork_daemon(argv, listener, directory=str(template_dir), key=key)
     finally:
@@ -595,6 +920,8 @@ def _probe(
         template_wrote = moved_frames(before, frames(template_pid))
         waiting = snapshot(pid, template_pid)
         waiting.template_wrote = template_wrote
+        if baseline is not None:
+            diffs.append(diff_writes(waiting, template_pid, baseline))
         forked.go()
 
         def serving() -> bool:
@@ -607,7 +934,10 @@ def _probe(
 
         _wait_for(serving, 10, "probe daemon serving")
         time.sleep(settle)
-        return waiting, snapshot(pid, template_pid)
+        serving_snap = snapshot(pid, template_pid)
+        if baseline is not None:
+            diffs.append(diff_writes(serving_snap, template_pid, baseline))
+        return waiting, serving_snap, diffs
     finally:
         _stop_pid(pid)
         if os.path.exists(path):
@@ -621,6 +951,7 @@ def measure(
     prepare: str | None,
     probes: int,
     log: object = print,
+    diff: bool = False,
 ) -> tuple[list[PhaseResult], list[ObjectRecord], dict[str, int]]:
     import secrets
     import shutil
@@ -676,31 +1007,45 @@ def measure(
         key = next(n for n in os.listdir(env.template_dir) if n.endswith(".sock"))[:-5]
         time.sleep(0.3)
         log(f"template pid {template_pid}: {read_memory(template_pid)}")
-        waiting, serving = [], []
+        forked, serving = PhaseResult("forked", []), PhaseResult("serving", [])
         for _ in range(probes):
-            w, s = _probe(workdir, env.template_dir, key, template_pid, 0.5)
-            waiting.append(w)
-            serving.append(s)
-        phases += [PhaseResult("forked", waiting), PhaseResult("serving", serving)]
-        after_start: list[Snapshot] = []
+            w, s, diffs = _probe(workdir, env.template_dir, key, template_pid, 0.5, diff)
+            forked.snapshots.append(w)
+            serving.snapshots.append(s)
+            if diffs:
+                forked.diffs.append(diffs[0])
+                serving.diffs.append(diffs[1])
+        phases += [forked, serving]
+        after_start = PhaseResult("started", [])
         seen: set[int] = set()
         for i in range(containers):
             cid = f"cow-{i}"
             env.container_ids.add(cid)
             started.append(cid)
+            # The spare serving this run was forked when the last hand-over ended,
+            # and the template has idled in poll(2) since.
+            baseline = template_baseline(template_pid) if diff else None
             env.ctr("run", "-d", "--runtime", RUNTIMES["py"], "--fifo-dir", str(env.fifo_dir),
                     IMAGE, cid, *IDLE_CMD)  # fmt: skip
             pids = [s.pid for s in env.shims() if s.pid not in seen]
             if len(pids) != 1:
                 raise RuntimeError(f"expected one new shim, found {pids}")
             seen.add(pids[0])
-            after_start.append(snapshot(pids[0], template_pid))
+            snap = snapshot(pids[0], template_pid)
+            after_start.snapshots.append(snap)
+            if baseline is not None:
+                after_start.diffs.append(diff_writes(snap, template_pid, baseline))
+                baseline = None
         if env.template_pids():
             raise RuntimeError("`start` spawned its own template: the code keys differ")
-        phases.append(PhaseResult("started", after_start))
+        phases.append(after_start)
         time.sleep(idle)
         phases.append(PhaseResult("idle", [snapshot(pid, template_pid) for pid in sorted(seen)]))
         objects = parse_object_dump(dump.read_text().splitlines())
+        if diff:
+            library = _library_base(read_smaps(template_pid), "libpython")
+            if library is not None:
+                objects += static_symbols(*library)
         tmem = read_memory(template_pid)
         pss = [read_memory(pid).pss_kb for pid in sorted(seen)]
         return (
@@ -805,6 +1150,11 @@ def format_report(
             out.append("| --- | ---: | ---: | ---: |")
             for label, kb, tkb, pct in attribution_table(objects, last.snapshots, by, top):
                 out.append(f"| {label} | {kb:.0f} | {tkb:.0f} | {pct:.0f} |")
+    if any(ph.diffs for ph in phases):
+        index = ObjectIndex(objects)
+        for ph in phases:
+            if ph.diffs:
+                out.append(format_writers(ph.phase, ph.diffs, index, top))
     return "\n".join(out)
 
 
@@ -829,11 +1179,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--top", type=int, default=25)
     run.add_argument("--src", default=_repo(), help="tree to run (copied first): default this repo")
     run.add_argument("--out", help="JSON summary")
+    run.add_argument("--diff", action="store_true", help="who wrote the copied pages (slow)")
     snap = sub.add_parser("snapshot", help="one running shim against its template")
     snap.add_argument("pid", type=int)
     snap.add_argument("--template", type=int, required=True)
     snap.add_argument("--objects", help="object dump of the template")
     snap.add_argument("--top", type=int, default=25)
+    snap.add_argument(
+        "--diff", action="store_true", help="changed words (no fork-time copy: sides unknown)"
+    )
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("needs root: page frame numbers in pagemap are hidden otherwise", file=sys.stderr)
@@ -843,12 +1197,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.objects:
             with open(args.objects) as f:
                 objects = parse_object_dump(f)
-        phases = [PhaseResult("snapshot", [snapshot(args.pid, args.template)])]
+        one = snapshot(args.pid, args.template)
+        phases = [PhaseResult("snapshot", [one])]
+        if args.diff:
+            phases[0].diffs.append(diff_writes(one, args.template, None))
+            library = _library_base(read_smaps(args.template), "libpython")
+            if library is not None:
+                objects += static_symbols(*library)
         print(format_report(phases, objects, args.top))
         return 0
     phases, objects, extra = measure(
         Path(args.src), args.containers, args.idle, args.prepare, args.probes,
-        lambda m: print(m, file=sys.stderr, flush=True),
+        lambda m: print(m, file=sys.stderr, flush=True), args.diff,
     )  # fmt: skip
     print(f"template: {extra}")
     print(format_report(phases, objects, args.top))

@@ -12,14 +12,23 @@ from bench.cow import (
     PFN_MASK,
     PM_EXCLUSIVE,
     PM_PRESENT,
+    SHIM,
+    TEMPLATE,
+    ObjectIndex,
     ObjectRecord,
     RegionCount,
+    Write,
     attribute,
+    changed_words,
     classify_pages,
     decode_pagemap,
+    field_of,
+    page_writes,
+    parse_nm,
     parse_object_dump,
     parse_smaps,
     region_names,
+    tally_writes,
 )
 
 SMAPS = """\
@@ -123,3 +132,97 @@ def test_attribute_splits_objects_across_pages() -> None:
     assert on_pages == {"shim/daemon.py": 100, FREE: PAGE - 100}
     on_pages, _ = attribute(objects, [0x2000], by="both")
     assert on_pages["code shim/daemon.py"] == 100
+
+
+# -- diff mode -------------------------------------------------------------------
+
+
+def _words(*values: int) -> bytes:
+    return b"".join(struct.pack("<Q", v) for v in values)
+
+
+def test_changed_words_finds_differing_word_offsets() -> None:
+    old = _words(1, 2, 3, 4)
+    new = _words(1, 9, 3, 5)
+    assert changed_words(old, new) == [8, 24]
+    assert changed_words(old, old) == []
+    with pytest.raises(ValueError):
+        changed_words(old, old[:-1])
+
+
+def test_page_writes_tells_shim_from_template() -> None:
+    base = _words(1, 2, 3, 4)
+    shim = _words(7, 2, 3, 4)  # the shim changed word 0
+    template = _words(1, 2, 8, 4)  # the template changed word 2 after the fork
+    writes = page_writes(0x1000, base, shim, template, "[heap]")
+    assert [(w.addr, w.old, w.new, w.side) for w in writes] == [
+        (0x1000, 1, 7, SHIM),
+        (0x1010, 3, 8, TEMPLATE),
+    ]
+    # Without the fork-time page every difference is the shim's.
+    unknown = page_writes(0x1000, None, shim, template, "[heap]")
+    assert [(w.addr, w.old, w.new, w.side) for w in unknown] == [
+        (0x1000, 1, 7, SHIM),
+        (0x1010, 8, 3, SHIM),
+    ]
+
+
+def test_object_index_finds_innermost_object() -> None:
+    outer = ObjectRecord(0x1000, 0x1000, "static", "", "_PyRuntime")
+    inner = ObjectRecord(0x1100, 32, "int", "")
+    other = ObjectRecord(0x3000, 16, "str", "")
+    index = ObjectIndex([other, inner, outer])
+    assert index.find(0x1108) is inner
+    assert index.find(0x1200) is outer
+    assert index.find(0x3008) is other
+    assert index.find(0x2800) is None
+    assert index.find(0x10) is None
+
+
+def _write(addr: int, old: int = 1, new: int = 2, region: str = "[anon rw-p]") -> Write:
+    return Write(addr, old, new, SHIM, region)
+
+
+def test_field_of_names_header_fields_and_code_areas() -> None:
+    code = ObjectRecord(0x10000, 600, "code", "shim/x.py", "f", 16)
+    obj = code.start + code.pre
+    assert field_of(code, _write(obj)) == "ob_refcnt"
+    assert field_of(code, _write(obj - 8)) == "PyGC_Head"
+    assert field_of(code, _write(obj + 48)) == "co_flags/co_warmup"
+    assert field_of(code, _write(obj + 200)).startswith("co_code_adaptive")
+    assert field_of(code, _write(obj + 8)) == "ob_type (freed/reused)"
+    # A refcount overwritten by a heap pointer: pymalloc's free list link.
+    freed = _write(obj, old=3, new=0x55D0C0A01230)
+    assert field_of(code, freed).startswith("freed")
+    keys = ObjectRecord(0x20000, 200, "dict-items", "", "module shim.x")
+    assert field_of(keys, _write(0x20008)) == "dk_version"
+    assert field_of(keys, _write(0x20040)) == "dk_indices/entries"
+    assert field_of(None, _write(0x7F0000004000 + 16)) == "pymalloc pool header"
+    assert field_of(None, _write(0x7F0000004000 + 64)).startswith("free memory")
+    assert field_of(None, _write(0x7F00, region="libc.so.6 rw-p")).startswith("static data")
+
+
+def test_parse_object_dump_with_names_and_nm_symbols() -> None:
+    (rec,) = parse_object_dump(["7f00\t120\tfunction\tshim/x.py\tA.f\t16\n"])
+    assert rec == ObjectRecord(0x7F00, 120, "function", "shim/x.py", "A.f", 16)
+    nm = (
+        "0000000000416000 0000000000000400 d some_table\n"
+        "0000000000417000 0000000000000010 T PyLong_FromLong\n"
+        "0000000000418000 0000000000000000 b empty\n"
+        "0000000000419000 B no_size\n"
+    )
+    assert parse_nm(nm, 0x7F0000000000) == [
+        ObjectRecord(0x7F0000416000, 0x400, "static", "", "some_table")
+    ]
+
+
+def test_tally_writes_splits_each_page_among_its_writers() -> None:
+    a = ObjectRecord(0x10000, 64, "str", "", "'a'")
+    b = ObjectRecord(0x10040, 64, "tuple", "")
+    writes = [_write(0x10000), _write(0x10040), Write(0x20000, 1, 2, TEMPLATE, "[heap]")]
+    groups = tally_writes([(writes, 3)], ObjectIndex([a, b]))
+    assert groups["type"]["str"].kb == groups["type"]["tuple"].kb == PAGE / 1024 / 2
+    assert groups["side"]["shim wrote"].kb == PAGE / 1024
+    assert groups["side"]["template wrote after the fork"].kb == PAGE / 1024
+    assert groups["side"]["written and restored (no word differs)"].kb == 3 * PAGE / 1024
+    assert groups["field"]["ob_refcnt"].words == 2

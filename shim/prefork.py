@@ -1,0 +1,84 @@
+"""Work the shim template does just before `gc.freeze()`, so forked daemons share it.
+
+A forked daemon un-shares every template page it writes. bench/cow.py's diff mode
+shows which writes those are; in 3.11 the largest avoidable share is code objects:
+every call of a function writes its code object (the warm-up counter, then the
+quickened bytecode and inline caches), and the ~450 functions a daemon runs up to
+its first Start are spread thinly over the template's heap, between objects nobody
+touches, so each costs a page or more.
+
+`prepare()` re-creates the code objects of our own packages (`shim`, `protocol`:
+more than half of what a daemon runs) in one batch, so they lie next to each other
+and the daemon's calls dirty a few dense pages instead of hundreds of sparse
+ones. The old code objects are kept alive: freeing them would leave holes that the
+daemon's allocations fill, each dirtying a page again.
+
+It also builds what the daemon's hand-over would otherwise build in every child
+(the prctl_mm_map ctypes structure), so that it is shared.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+__all__ = ["PACKAGES", "prepare"]
+
+PACKAGES = ("shim", "protocol")
+
+# The replaced code objects, never freed (see the module docstring).
+_retired: list[types.CodeType] = []
+
+
+def _fresh(code: types.CodeType) -> types.CodeType:
+    """A copy of ``code`` and of the code objects nested in it (inner functions)."""
+    consts = tuple(_fresh(c) if isinstance(c, types.CodeType) else c for c in code.co_consts)
+    _retired.append(code)
+    return code.replace(co_consts=consts)
+
+
+def _functions(namespace: dict[str, object], module: str) -> list[types.FunctionType]:
+    """Functions defined in ``module``: module-level, and methods of its classes."""
+    found: list[types.FunctionType] = []
+    for value in namespace.values():
+        if isinstance(value, type) and value.__module__ == module:
+            for attr in vars(value).values():
+                found += _unwrap(attr)
+        else:
+            found += _unwrap(value)
+    return [f for f in found if f.__module__ == module]
+
+
+def _unwrap(value: object) -> list[types.FunctionType]:
+    if isinstance(value, types.FunctionType):
+        return [value]
+    if isinstance(value, staticmethod | classmethod):
+        return _unwrap(value.__func__)
+    if isinstance(value, property):
+        accessors = (value.fget, value.fset, value.fdel)
+        return [f for f in accessors if isinstance(f, types.FunctionType)]
+    return []
+
+
+def compact_code(packages: tuple[str, ...] = PACKAGES) -> int:
+    """Give every function of ``packages`` a fresh code object, allocated together;
+    the number replaced."""
+    seen: set[int] = set()
+    functions: list[types.FunctionType] = []
+    for name, module in sorted(sys.modules.items()):
+        if module is None or name.partition(".")[0] not in packages:
+            continue
+        for func in _functions(vars(module), name):
+            if id(func) not in seen:
+                seen.add(id(func))
+                functions.append(func)
+    for func in functions:
+        func.__code__ = _fresh(func.__code__)
+    return len(functions)
+
+
+def prepare() -> None:
+    from shim import template
+
+    template._prctl_mm_map()
+    compact_code()
