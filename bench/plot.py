@@ -17,6 +17,8 @@ matplotlib.use("Agg")  # no display on the benchmark machines
 import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
 
+from bench.stats import scale_scenario_count
+
 __all__ = ["plot_results"]
 
 COLORS = {"go": "tab:blue", "py": "tab:orange"}
@@ -31,6 +33,7 @@ DISTRIBUTIONS: list[tuple[str, str, str]] = [
     ("exec", "wall", "task exec true"),
     ("tty", "first_byte", "run -t: first output byte"),
     ("stdout_throughput", "rate", "stdout throughput"),
+    ("pods", "pod_start", "run -d a pod's containers"),
     ("scale", "start_each", "run -d, one after another"),
     ("restart", "all_running", "containerd restart → all RUNNING"),
     ("idle", "wakeups_per_shim", "idle wake-ups per shim"),
@@ -62,16 +65,50 @@ def _distribution(ax: Axes, m: dict[str, Any], title: str) -> None:
     ax.grid(axis="y", alpha=0.3)
 
 
+IDLE_BARS = [("rss_per_shim", "RSS"), ("pss_per_shim", "PSS"), ("private_per_shim", "private")]
+POD_BARS = [
+    ("rss_per_container", "RSS"),
+    ("pss_per_container", "PSS"),
+    ("private_per_container", "private"),
+]
+
+
 def _idle_memory(ax: Axes, report: dict[str, Any]) -> bool:
-    metrics = [("rss_per_shim", "RSS"), ("pss_per_shim", "PSS"), ("private_per_shim", "private")]
+    return _memory_bars(ax, report, "idle", IDLE_BARS, "memory per idle shim (median)")
+
+
+def _pods_memory(ax: Axes, report: dict[str, Any]) -> bool:
+    config = report.get("config", {})
+    shape = f"{config.get('pods', '?')} pods x {config.get('pod_size', '?')}"
+    return _memory_bars(ax, report, "pods", POD_BARS, f"shim memory per container, {shape}")
+
+
+def _bar_heights(
+    report: dict[str, Any], scenario: str, metrics: list[tuple[str, str]], key: str
+) -> list[float]:
+    heights = []
+    for metric, _ in metrics:
+        m = _metric(report, scenario, metric)
+        summary = (m or {}).get("summary", {}).get(key)
+        heights.append(summary["median"] if summary else 0.0)
+    return heights
+
+
+def _has_bars(report: dict[str, Any], scenario: str, metrics: list[tuple[str, str]]) -> bool:
+    return any(any(_bar_heights(report, scenario, metrics, key)) for key in ("go", "py"))
+
+
+def _memory_bars(
+    ax: Axes,
+    report: dict[str, Any],
+    scenario: str,
+    metrics: list[tuple[str, str]],
+    title: str,
+) -> bool:
     drawn = False
     width = 0.38
     for offset, key in ((-width / 2, "go"), (width / 2, "py")):
-        heights = []
-        for metric, _ in metrics:
-            m = _metric(report, "idle", metric)
-            summary = (m or {}).get("summary", {}).get(key)
-            heights.append(summary["median"] if summary else 0.0)
+        heights = _bar_heights(report, scenario, metrics, key)
         if any(heights):
             drawn = True
             xs = [i + offset for i in range(len(metrics))]
@@ -81,44 +118,67 @@ def _idle_memory(ax: Axes, report: dict[str, Any]) -> bool:
     if not drawn:
         return False
     ax.set_xticks(range(len(metrics)), [label for _, label in metrics])
-    ax.set_title("memory per idle shim (median)", fontsize=9)
+    ax.set_title(title, fontsize=9)
     ax.set_ylabel("MB", fontsize=8)
     ax.tick_params(labelsize=8)
     ax.legend(fontsize=7)
     return True
 
 
+def _scale_series(
+    report: dict[str, Any],
+) -> list[tuple[int, str, dict[str, list[dict[str, Any]]]]]:
+    """(count, scenario, {runtime: points}) of every scale series in the file,
+    smallest first."""
+    found = []
+    for name, body in report.get("scenarios", {}).items():
+        count = scale_scenario_count(name, body)
+        if count is not None and any(body.get("series", {}).values()):
+            found.append((count, name, body["series"]))
+    return sorted(found, key=lambda item: item[0])
+
+
+MARKERS = ["o", "s", "^", "D", "v"]
+
+
 def _scale_memory(ax: Axes, report: dict[str, Any]) -> bool:
-    series = report.get("scenarios", {}).get("scale", {}).get("series", {})
-    drawn = False
-    for key in ("go", "py"):
-        points = series.get(key) or []
-        if not points:
-            continue
-        drawn = True
-        xs = [p["containers"] for p in points]
-        ax.plot(
-            xs,
-            [p["pss_kb"] / p["containers"] / 1024 for p in points],
-            marker="o",
-            color=COLORS[key],
-            label=f"{LABELS[key]} PSS",
-        )
-        ax.plot(
-            xs,
-            [p["rss_kb"] / p["containers"] / 1024 for p in points],
-            marker=".",
-            linestyle="--",
-            color=COLORS[key],
-            alpha=0.6,
-            label=f"{LABELS[key]} RSS",
-        )
-    if not drawn:
+    all_series = _scale_series(report)
+    if not all_series:
         return False
-    top = max(p["rss_kb"] / p["containers"] / 1024 for points in series.values() for p in points)
+    several = len(all_series) > 1
+    for index, (count, _, series) in enumerate(all_series):
+        for key in ("go", "py"):
+            points = series.get(key) or []
+            if not points:
+                continue
+            xs = [p["containers"] for p in points]
+            suffix = f", N={count}" if several else ""
+            ax.plot(
+                xs,
+                [p["pss_kb"] / p["containers"] / 1024 for p in points],
+                marker=MARKERS[index % len(MARKERS)],
+                markersize=4 if several else 6,
+                color=COLORS[key],
+                alpha=1.0 if index == len(all_series) - 1 else 0.55,
+                label=f"{LABELS[key]} PSS{suffix}",
+            )
+            if several:
+                continue  # RSS of every series would hide the PSS lines
+            ax.plot(
+                xs,
+                [p["rss_kb"] / p["containers"] / 1024 for p in points],
+                marker=".",
+                linestyle="--",
+                color=COLORS[key],
+                alpha=0.6,
+                label=f"{LABELS[key]} RSS",
+            )
+    points_all = [p for _, _, series in all_series for points in series.values() for p in points]
+    field = "pss_kb" if several else "rss_kb"
+    top = max(p[field] / p["containers"] / 1024 for p in points_all)
     ax.set_ylim(0, top * 1.45)  # headroom for the legend above the lines
     ax.set_xscale("log")
-    ticks = sorted({p["containers"] for points in series.values() for p in points})
+    ticks = sorted({p["containers"] for p in points_all})
     ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.minorticks_off()
     ax.set_xlabel("running containers", fontsize=8)
@@ -130,14 +190,39 @@ def _scale_memory(ax: Axes, report: dict[str, Any]) -> bool:
     return True
 
 
+def _distributions(report: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """DISTRIBUTIONS, with the scale panel repeated for every scale series."""
+    scale = [
+        (name, "start_each", f"run -d, one after another (N={count})")
+        for count, name, _ in _scale_series(report)
+        if name != "scale"
+    ]
+    out: list[tuple[str, str, str]] = []
+    for entry in DISTRIBUTIONS:
+        out.append(entry)
+        if entry[0] == "scale":
+            out.extend(scale)
+    return out
+
+
 def plot_results(report: dict[str, Any], out: Path) -> None:
     panels = [
         (scenario, metric, title)
-        for scenario, metric, title in DISTRIBUTIONS
+        for scenario, metric, title in _distributions(report)
         if (m := _metric(report, scenario, metric)) and any(m["samples"].values())
     ]
+    # Sized to what will be drawn, so a file without some scenarios leaves no blank row.
+    extras = [
+        draw
+        for draw, present in (
+            (_idle_memory, _has_bars(report, "idle", IDLE_BARS)),
+            (_pods_memory, _has_bars(report, "pods", POD_BARS)),
+            (_scale_memory, bool(_scale_series(report))),
+        )
+        if present
+    ]
     cols = 4
-    rows = (len(panels) + 2 + cols - 1) // cols
+    rows = max(1, (len(panels) + len(extras) + cols - 1) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
     flat = [ax for row in axes for ax in row]
     for ax, (scenario, metric, title) in zip(flat, panels, strict=False):
@@ -145,11 +230,9 @@ def plot_results(report: dict[str, Any], out: Path) -> None:
         assert m is not None
         _distribution(ax, m, title)
     used = len(panels)
-    for draw in (_idle_memory, _scale_memory):
-        if draw(flat[used], report):
-            used += 1
-        else:
-            flat[used].clear()  # reused by the next panel, or removed below
+    for draw in extras:
+        draw(flat[used], report)
+        used += 1
     for ax in flat[used:]:
         ax.remove()
     meta = report.get("meta", {})

@@ -2,8 +2,8 @@
 same way for every runtime; only ``--runtime`` differs.
 
 Latency scenarios take one sample per round per runtime and the runner interleaves
-the runtimes (A,B then B,A). Fleet scenarios (idle, scale, restart) manage their
-own containers.
+the runtimes (A,B then B,A). Fleet scenarios (idle, pods, scale, restart) manage
+their own containers.
 """
 
 from __future__ import annotations
@@ -22,7 +22,13 @@ from ptyprocess import PtyProcess
 
 from bench.containerd_env import CtrError, EventWatcher, PrivateContainerd
 from bench.procfs import MemoryUsage, read_memory, read_wakeups
-from bench.stats import round_order, summarize
+from bench.stats import (
+    per_container_mb,
+    pod_grouping_problems,
+    round_order,
+    scale_scenario_name,
+    summarize,
+)
 
 __all__ = [
     "FLEET_SCENARIOS",
@@ -31,12 +37,16 @@ __all__ = [
     "RUNTIMES",
     "BenchConfig",
     "Context",
+    "ScenarioFailed",
+    "result_names",
     "run_scenario",
 ]
 
 IMAGE = "docker.io/library/busybox:latest"
 RUNTIMES: dict[str, str] = {"go": "io.containerd.runc.v2", "py": "io.containerd.pyshim.v1"}
 IDLE_CMD = ("sleep", "1000000")
+# The annotation both shims group containers by (one shim process per pod).
+SANDBOX_ANNOTATION = "io.kubernetes.cri.sandbox-id"
 # A sample that fails this many times in a row drops that runtime from the scenario,
 # so a broken shim does not turn a 10-minute run into an hour of timeouts.
 MAX_CONSECUTIVE_FAILURES = 2
@@ -48,7 +58,9 @@ class BenchConfig:
     restart_rounds: int = 3
     idle_containers: int = 5
     idle_window_s: float = 10.0
-    scale_containers: int = 20
+    scale_containers: tuple[int, ...] = (20,)
+    pods: int = 5
+    pod_size: int = 4
     restart_containers: int = 5
     throughput_mb: int = 64
     image: str = IMAGE
@@ -105,10 +117,10 @@ class Context:
     def run_args(self, key: str) -> list[str]:
         return ["--runtime", RUNTIMES[key], "--fifo-dir", str(self.env.fifo_dir)]
 
-    def start_idle(self, key: str, cid: str) -> float:
-        """``ctr run -d`` an idle container; returns the wall time in ms."""
+    def start_idle(self, key: str, cid: str, extra: Sequence[str] = ()) -> float:
+        """``ctr run -d [extra…]`` an idle container; returns the wall time in ms."""
         t0 = time.perf_counter()
-        self.env.ctr("run", "-d", *self.run_args(key), self.cfg.image, cid, *IDLE_CMD)
+        self.env.ctr("run", "-d", *self.run_args(key), *extra, self.cfg.image, cid, *IDLE_CMD)
         return (time.perf_counter() - t0) * 1000
 
     def shims_of(self, key: str) -> list[int]:
@@ -117,6 +129,11 @@ class Context:
     def helpers_of(self, key: str) -> list[int]:
         """Processes a runtime keeps beside its shims (pyshim's fork template)."""
         return self.env.template_pids() if RUNTIMES[key] == "io.containerd.pyshim.v1" else []
+
+
+class ScenarioFailed(Exception):
+    """The scenario ran but its premise did not hold; the details are already in
+    the results' errors."""
 
 
 # -- latency scenarios ------------------------------------------------------
@@ -429,6 +446,74 @@ def run_idle(ctx: Context, log: Callable[[str], None]) -> None:
         ctx.env.remove_containers(started)
 
 
+def run_pods(ctx: Context, log: Callable[[str], None]) -> None:
+    """P pods of C idle containers per runtime, grouped by the CRI sandbox-id
+    annotation so each pod gets one shim process: memory per container, and the
+    time to start a pod's containers one after another."""
+    name = "pods"
+    n_pods, size = ctx.cfg.pods, ctx.cfg.pod_size
+    keys = list(ctx.cfg.runtimes)
+    pods: dict[str, dict[str, list[str]]] = {key: {} for key in keys}
+    started: list[str] = []
+    misgrouped: list[str] = []
+    try:
+        for p in range(n_pods):
+            for key in round_order(p, keys):
+                # Registered like a container id so cleanup finds the pod's shim socket.
+                pod = ctx.new_id("pod", key)
+                members = pods[key].setdefault(pod, [])
+                try:
+                    pod_ms = 0.0
+                    for i in range(size):
+                        cid = ctx.new_id(f"{pod}-c", key)
+                        started.append(cid)
+                        members.append(cid)
+                        ms = ctx.start_idle(
+                            key, cid, ("--annotation", f"{SANDBOX_ANNOTATION}={pod}")
+                        )
+                        pod_ms += ms
+                        # The first container spawns the pod's shim; the rest join it.
+                        ctx.record(name, "start_first" if i == 0 else "start_joined", key, ms, "ms")
+                    ctx.record(name, "pod_start", key, pod_ms, "ms")
+                except Exception as exc:
+                    keys.remove(key)
+                    ctx.error(name, key, f"pod #{p + 1}: {exc}")
+                    log(f"  pods/{key}: {exc}")
+        time.sleep(2.0)  # as idle: let start-up work settle before reading memory
+        totals = ctx.scenario(name).setdefault("totals", {})
+        for key in keys:
+            shims = [s for s in ctx.env.shims() if s.runtime == RUNTIMES[key]]
+            ctx.record(name, "shims", key, len(shims), "")
+            problems = pod_grouping_problems([s.container_id for s in shims], pods[key])
+            if problems:
+                misgrouped.append(key)
+                msg = f"not one shim per pod: {'; '.join(problems)}"
+                ctx.error(name, key, msg)
+                log(f"  pods/{key}: FAILED, {msg}")
+                continue
+            containers = n_pods * size
+            total = _total_memory([s.pid for s in shims] + ctx.helpers_of(key))
+            totals[key] = {
+                "pods": n_pods,
+                "pod_size": size,
+                "rss_kb": total.rss_kb,
+                "pss_kb": total.pss_kb,
+                "private_kb": total.private_kb,
+            }
+            for metric, kb in (
+                ("rss_per_container", total.rss_kb),
+                ("pss_per_container", total.pss_kb),
+                ("private_per_container", total.private_kb),
+            ):
+                ctx.record(name, metric, key, per_container_mb(kb, containers), "MB")
+    finally:
+        ctx.env.remove_containers(started)
+    if misgrouped:
+        raise ScenarioFailed(
+            f"{', '.join(RUNTIMES[k] for k in misgrouped)} did not run one shim per pod"
+        )
+
+
 def _checkpoints(n: int) -> list[int]:
     marks = {1, n}
     for decade in (1, 10, 100, 1000):
@@ -437,13 +522,24 @@ def _checkpoints(n: int) -> list[int]:
 
 
 def run_scale(ctx: Context, log: Callable[[str], None]) -> None:
+    """One series per ``--scale`` count, each its own results entry."""
+    counts = ctx.cfg.scale_containers
+    for index, n in enumerate(counts):
+        name = scale_scenario_name(n, counts)
+        body = ctx.scenario(name)
+        body["containers"] = n
+        body["loadavg_start"] = os.getloadavg()
+        _run_scale_series(ctx, name, n, round_order(index, list(ctx.cfg.runtimes)), log)
+
+
+def _run_scale_series(
+    ctx: Context, name: str, n: int, order: list[str], log: Callable[[str], None]
+) -> None:
     """N containers started one after another per runtime: time per start and the
     runtime's total shim memory as the count grows."""
-    name = "scale"
-    n = ctx.cfg.scale_containers
     marks = _checkpoints(n)
     series = ctx.scenario(name).setdefault("series", {})
-    for key in round_order(0, list(ctx.cfg.runtimes)):
+    for key in order:
         started: list[str] = []
         points: list[dict[str, float]] = []
         try:
@@ -465,11 +561,11 @@ def run_scale(ctx: Context, log: Callable[[str], None]) -> None:
                         }
                     )
             last = points[-1]
-            ctx.record(name, "pss_per_container", key, last["pss_kb"] / n / 1024, "MB")
+            ctx.record(name, "pss_per_container", key, per_container_mb(last["pss_kb"], n), "MB")
             ctx.record(name, "total_pss", key, last["pss_kb"] / 1024, "MB")
         except Exception as exc:
             ctx.error(name, key, f"after {len(started)} containers: {exc}")
-            log(f"  scale/{key}: {exc}")
+            log(f"  {name}/{key}: {exc}")
         finally:
             series[key] = points
             ctx.env.remove_containers(started)
@@ -523,9 +619,17 @@ def run_restart(ctx: Context, log: Callable[[str], None]) -> None:
 
 FLEET_SCENARIOS: dict[str, Callable[[Context, Callable[[str], None]], None]] = {
     "idle": run_idle,
+    "pods": run_pods,
     "scale": run_scale,
     "restart": run_restart,
 }
+
+
+def result_names(name: str, cfg: BenchConfig) -> list[str]:
+    """The results entries scenario ``name`` fills."""
+    if name == "scale":
+        return [scale_scenario_name(n, cfg.scale_containers) for n in cfg.scale_containers]
+    return [name]
 
 
 def run_scenario(ctx: Context, name: str, log: Callable[[str], None]) -> None:

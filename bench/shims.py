@@ -30,9 +30,11 @@ from bench.scenarios import (
     RUNTIMES,
     BenchConfig,
     Context,
+    ScenarioFailed,
+    result_names,
     run_scenario,
 )
-from bench.stats import format_markdown, format_table, rows_from_results
+from bench.stats import format_markdown, format_table, parse_counts, rows_from_results
 from tests.support.images import build_busybox_oci_archive
 
 __all__ = ["main"]
@@ -131,8 +133,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--idle-containers", type=int, default=5)
     p.add_argument("--idle-window", type=float, default=10.0, help="seconds")
     p.add_argument(
-        "--scale", type=int, default=20, help="containers in the scale scenario (try 100 or 1000)"
+        "--scale",
+        type=_counts,
+        default=(20,),
+        help="containers in the scale scenario; a comma list runs one series each (100,1000)",
     )
+    p.add_argument("--pods", type=_positive, default=5, help="pods per runtime, pods scenario")
+    p.add_argument("--pod-size", type=_positive, default=4, help="containers per pod")
     p.add_argument("--restart-containers", type=int, default=5)
     p.add_argument("--restart-rounds", type=int, default=3)
     p.add_argument("--throughput-mb", type=int, default=64)
@@ -148,6 +155,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if bad:
         p.error(f"unknown runtimes: {', '.join(sorted(bad))}")
     return args
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    try:
+        return parse_counts(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"not a positive count: {text!r}")
+    return int(text)
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -167,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         idle_containers=args.idle_containers,
         idle_window_s=args.idle_window,
         scale_containers=args.scale,
+        pods=args.pods,
+        pod_size=args.pod_size,
         restart_containers=args.restart_containers,
         throughput_mb=args.throughput_mb,
         runtimes=tuple(args.runtimes.split(",")),
@@ -197,12 +219,18 @@ def main(argv: list[str] | None = None) -> int:
                 _log(f"{name} ({', '.join(RUNTIMES[k] for k in cfg.runtimes)})")
                 t0 = time.perf_counter()
                 # The machine is shared: keep the load next to each scenario's figures.
-                ctx.scenario(name)["loadavg_start"] = os.getloadavg()
+                entries = result_names(name, cfg)
+                for entry in entries:
+                    ctx.scenario(entry)["loadavg_start"] = os.getloadavg()
                 try:
                     run_scenario(ctx, name, _log)
+                except ScenarioFailed as exc:
+                    _log(f"  {name} FAILED: {exc}")
+                    status = 1
                 except Exception as exc:
-                    for key in cfg.runtimes:
-                        ctx.error(name, key, f"aborted: {exc}")
+                    for entry in entries:
+                        for key in cfg.runtimes:
+                            ctx.error(entry, key, f"aborted: {exc}")
                     _log(f"  {name} aborted: {exc}")
                 _log(f"  {time.perf_counter() - t0:.1f} s")
     except KeyboardInterrupt:

@@ -6,6 +6,7 @@ Nothing here touches processes or files, so all of it is unit tested.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -15,10 +16,15 @@ __all__ = [
     "Summary",
     "format_markdown",
     "format_table",
+    "parse_counts",
+    "per_container_mb",
     "percentile",
+    "pod_grouping_problems",
     "ratio",
     "round_order",
     "rows_from_results",
+    "scale_scenario_count",
+    "scale_scenario_name",
     "summarize",
 ]
 
@@ -181,3 +187,69 @@ def _summary_from_json(data: Mapping[str, Any] | None) -> Summary | None:
         min=float(data["min"]),
         max=float(data["max"]),
     )
+
+
+def parse_counts(text: str) -> tuple[int, ...]:
+    """``--scale 100,1000``: distinct positive counts, smallest first."""
+    words = [w.strip() for w in text.split(",")]
+    if not all(w.isdigit() for w in words):
+        raise ValueError(f"not a comma list of counts: {text!r}")
+    counts = [int(w) for w in words]
+    if min(counts) < 1:
+        raise ValueError(f"counts must be at least 1: {text!r}")
+    if len(set(counts)) != len(counts):
+        raise ValueError(f"repeated count in {text!r}")
+    return tuple(sorted(counts))
+
+
+_SCALE_NAME = re.compile(r"scale(\d*)")
+
+
+def scale_scenario_name(count: int, counts: Sequence[int]) -> str:
+    """Results key of the scale series with ``count`` containers.
+
+    A lone series keeps the plain name, so ``--scale 20`` reports (and older
+    results files read) exactly as before; several get the count appended.
+    """
+    return "scale" if len(counts) == 1 else f"scale{count}"
+
+
+def scale_scenario_count(name: str, body: Mapping[str, Any]) -> int | None:
+    """The container count of a scale series in a results file, None if ``name``
+    is not one. Files from before several series existed carry no count: there
+    the last checkpoint is the count."""
+    match = _SCALE_NAME.fullmatch(name)
+    if match is None:
+        return None
+    if "containers" in body:
+        return int(body["containers"])
+    if match.group(1):
+        return int(match.group(1))
+    points = [p for series in body.get("series", {}).values() for p in series]
+    return max((int(p["containers"]) for p in points), default=None)
+
+
+def per_container_mb(total_kb: float, containers: int) -> float:
+    if containers < 1:
+        raise ValueError("per-container figure of no containers")
+    return total_kb / containers / 1024
+
+
+def pod_grouping_problems(shim_ids: Sequence[str], pods: Mapping[str, Sequence[str]]) -> list[str]:
+    """What is wrong with a pod fleet's shims, given the ``-id`` each shim daemon
+    was started with (the pod's first container) and each pod's containers.
+    Empty when there is exactly one shim per pod."""
+    owner = {cid: pod for pod, cids in pods.items() for cid in cids}
+    problems: list[str] = []
+    if len(shim_ids) != len(pods):
+        problems.append(f"{len(shim_ids)} shim processes for {len(pods)} pods")
+    served: dict[str, int] = {}
+    for sid in shim_ids:
+        pod = owner.get(sid)
+        if pod is None:
+            problems.append(f"shim for {sid!r} belongs to no pod")
+        else:
+            served[pod] = served.get(pod, 0) + 1
+    problems.extend(f"pod {pod} has {n} shims" for pod, n in sorted(served.items()) if n > 1)
+    problems.extend(f"pod {pod} has no shim" for pod in pods if pod not in served)
+    return problems

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import pytest
 
-from bench.scenarios import _checkpoints
+from bench.scenarios import BenchConfig, _checkpoints, result_names
 from bench.stats import (
     MetricRow,
     Summary,
     format_markdown,
     format_table,
+    parse_counts,
+    per_container_mb,
     percentile,
+    pod_grouping_problems,
     ratio,
     round_order,
     rows_from_results,
+    scale_scenario_count,
+    scale_scenario_name,
     summarize,
 )
 
@@ -134,3 +139,63 @@ def test_scale_checkpoints() -> None:
     assert _checkpoints(20) == [1, 2, 5, 10, 20]
     assert _checkpoints(100) == [1, 2, 5, 10, 20, 50, 100]
     assert _checkpoints(1000)[-3:] == [200, 500, 1000]
+
+
+def test_parse_counts() -> None:
+    assert parse_counts("20") == (20,)
+    assert parse_counts("1000, 100") == (100, 1000)
+
+
+@pytest.mark.parametrize("text", ["", "0", "10,", "ten", "-5", "5,5", "1.5"])
+def test_parse_counts_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_counts(text)
+
+
+def test_scale_scenario_names_keep_a_lone_series_plain() -> None:
+    assert scale_scenario_name(20, (20,)) == "scale"
+    assert [scale_scenario_name(n, (100, 1000)) for n in (100, 1000)] == ["scale100", "scale1000"]
+    assert result_names("scale", BenchConfig(scale_containers=(5, 10))) == ["scale5", "scale10"]
+    assert result_names("scale", BenchConfig()) == ["scale"]
+    assert result_names("pods", BenchConfig()) == ["pods"]
+
+
+def test_scale_scenario_count() -> None:
+    points = {"go": [{"containers": 1}, {"containers": 20}], "py": [{"containers": 1}]}
+    # A file from before --scale took a list: no count field, the last checkpoint says it.
+    assert scale_scenario_count("scale", {"series": points}) == 20
+    assert scale_scenario_count("scale", {"containers": 7, "series": points}) == 7
+    assert scale_scenario_count("scale100", {"series": {}}) == 100
+    assert scale_scenario_count("scale", {"metrics": {}}) is None
+    assert scale_scenario_count("scaled", {"containers": 3}) is None
+    assert scale_scenario_count("idle", {"containers": 3}) is None
+
+
+def test_per_container_mb() -> None:
+    assert per_container_mb(20 * 1024, 4) == 5.0
+    with pytest.raises(ValueError):
+        per_container_mb(1024, 0)
+
+
+PODS = {"pod-go-0": ["pod-go-0-c-go-1", "pod-go-0-c-go-2"], "pod-go-3": ["pod-go-3-c-go-4"]}
+
+
+def test_pod_grouping_one_shim_per_pod_is_fine() -> None:
+    assert pod_grouping_problems(["pod-go-3-c-go-4", "pod-go-0-c-go-1"], PODS) == []
+
+
+def test_pod_grouping_reports_a_shim_per_container() -> None:
+    problems = pod_grouping_problems(
+        ["pod-go-0-c-go-1", "pod-go-0-c-go-2", "pod-go-3-c-go-4"], PODS
+    )
+    assert problems == ["3 shim processes for 2 pods", "pod pod-go-0 has 2 shims"]
+
+
+def test_pod_grouping_reports_missing_and_foreign_shims() -> None:
+    problems = pod_grouping_problems(["idle-go-9"], PODS)
+    assert problems == [
+        "1 shim processes for 2 pods",
+        "shim for 'idle-go-9' belongs to no pod",
+        "pod pod-go-0 has no shim",
+        "pod pod-go-3 has no shim",
+    ]

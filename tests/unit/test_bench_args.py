@@ -1,0 +1,27 @@
+"""``python -m bench`` flags that shape the fleet scenarios."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.shims import parse_args
+
+
+def test_scale_takes_one_count_or_a_list() -> None:
+    assert parse_args([]).scale == (20,)
+    assert parse_args(["--scale", "20"]).scale == (20,)
+    assert parse_args(["--scale", "1000,100"]).scale == (100, 1000)
+
+
+@pytest.mark.parametrize("argv", [["--scale", "0"], ["--scale", "5,x"], ["--pods", "0"]])
+def test_bad_counts_are_usage_errors(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        parse_args(argv)
+    assert info.value.code == 2
+
+
+def test_pods_defaults_and_flags() -> None:
+    args = parse_args([])
+    assert (args.pods, args.pod_size) == (5, 4)
+    args = parse_args(["--pods", "3", "--pod-size", "2", "--scenarios", "pods"])
+    assert (args.pods, args.pod_size) == (3, 2)
