@@ -17,6 +17,13 @@ reference's ~20 s of retries): it is retried with a capped backoff for as long a
 shim lives. A later shim attaching the same bundle queues what is left there, in
 order. Receivers see an event twice if the acknowledgement was lost; pyshimd dedupes
 exits, containerd does not (its consumers tolerate duplicate exits).
+
+An entry is written atomically (temp file + rename) but not fsynced: it is there for a
+shim that dies (SIGKILL, crash) before delivering it, and the page cache outlives any
+process. A kernel crash or power loss kills every container and the containerd state
+those events describe, so an fsync (~1-2 ms on the exec and exit paths) would protect
+nothing anyone could use; the replay skips an entry such a crash left empty or torn.
+The exit itself is fsynced in its record (shim.state) before it is published.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from protocol.ttrpc.address import parse_ttrpc_address
 from protocol.ttrpc.client import Client
 from protocol.ttrpc.status import Code, ConnectionClosedError, TtrpcError
 from shim.reaper import Reaper
+from shim.recordfile import RecordError, read_regular_file
 from shim.state import write_atomic
 
 __all__ = ["EVENTS_SERVICE", "NAMESPACE_METADATA_KEY", "PublishError", "Publisher"]
@@ -87,6 +95,22 @@ class _Pending:
 
 def outbox_dir(bundle: str) -> Path:
     return Path(bundle) / "pyshim" / OUTBOX_DIR
+
+
+def _read_entry(path: Path) -> forward_pb2.Envelope | None:
+    """The envelope in outbox file ``path``; None when it is gone.
+
+    Raises for anything the writer cannot have left complete: a symlink, fifo or other
+    non-regular file (refused unread, see read_regular_file), bytes that do not parse,
+    or an envelope without topic or event (an entry a kernel crash left empty).
+    """
+    data = read_regular_file(path)
+    if data is None:
+        return None
+    envelope = forward_pb2.Envelope.FromString(data)
+    if not envelope.topic or not envelope.HasField("event") or not envelope.event.type_url:
+        raise RecordError(f"incomplete event envelope ({len(data)} bytes)")
+    return envelope
 
 
 class Publisher:
@@ -145,11 +169,13 @@ class Publisher:
         for name in names:
             path = outbox / name
             try:
-                envelope = forward_pb2.Envelope.FromString(path.read_bytes())
+                envelope = _read_entry(path)
             except Exception as exc:
                 _log.error("discarding unreadable outbox event %s: %s", path, exc)
                 with contextlib.suppress(OSError):
                     path.unlink()
+                continue
+            if envelope is None:
                 continue
             self._enqueue(_Pending(envelope.topic, envelope, path))
             replayed += 1
@@ -192,7 +218,7 @@ class Publisher:
                 # Never create the bundle itself: containerd may have removed it.
                 outbox.parent.mkdir(mode=0o700, exist_ok=True)
                 outbox.mkdir(mode=0o700)
-            write_atomic(path, envelope.SerializeToString())
+            write_atomic(path, envelope.SerializeToString(), durable=False)
         except OSError as exc:
             # A full disk must not cost the event: it stays queued in memory only.
             _log.warning("cannot persist event topic=%s in %s: %s", envelope.topic, outbox, exc)

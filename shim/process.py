@@ -662,8 +662,14 @@ class ExecProcess(Process):
 
 
 def _read_pid_file(path: Path) -> int:
-    # runc writes the decimal pid without a newline.
-    text = path.read_text().strip()
+    # runc writes the decimal pid without a newline. A bare os.read: this runs between
+    # runc's exit and the Start reply, and a text-mode open costs several syscalls more.
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        raw = os.read(fd, 64)
+    finally:
+        os.close(fd)
+    text = raw.decode(errors="replace").strip()
     try:
         return int(text)
     except ValueError as exc:

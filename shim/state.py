@@ -1,8 +1,9 @@
 """Records the shim persists in ``<bundle>/pyshim/`` so exits survive a shim restart.
 
 Every record is a msgspec Struct with a ``version`` field; a reader refuses a version
-it does not know instead of guessing. Writes are atomic and durable (tmp file, fsync,
-rename, fsync of the directory): an exit is on disk before anyone is told about it.
+it does not know instead of guessing. Writes are atomic (tmp file, rename), so a crash
+never leaves a torn record, and by default durable too (fsync of the file before the
+rename and of the directory after it): an exit is on disk before anyone is told about it.
 """
 
 from __future__ import annotations
@@ -85,18 +86,30 @@ def _make_private_dirs(directory: Path) -> None:
         top = len(parts) - 1 - parts[::-1].index(STATE_DIR_NAME)
     except ValueError:
         top = len(parts) - 1
-    Path(*parts[:top]).mkdir(mode=0o700, parents=True, exist_ok=True)
+    made_parents = False
     for i in range(top, len(parts)):
         current = Path(*parts[: i + 1])
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(current, 0o700)
-        st = os.lstat(current)
+        # lstat first: on every write but the first the directories exist already.
+        try:
+            st = os.lstat(current)
+        except FileNotFoundError:
+            if not made_parents:
+                Path(*parts[:top]).mkdir(mode=0o700, parents=True, exist_ok=True)
+                made_parents = True
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(current, 0o700)
+            st = os.lstat(current)
         if not stat.S_ISDIR(st.st_mode):
             raise UnsafePathError(f"refusing to write state through {current}: not a directory")
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data`` so a reader sees the old or the new file, never half."""
+def write_atomic(path: Path, data: bytes, mode: int = 0o600, *, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` so a reader sees the old or the new file, never half.
+
+    ``durable=False`` skips both fsyncs: the file then survives the death of any
+    process (the page cache keeps it) but not a kernel crash or power loss, after
+    which it may be missing or empty. For data nobody needs after a reboot.
+    """
     directory = path.parent
     _make_private_dirs(directory)
     tmp = directory / f".{path.name}.{os.getpid()}.tmp"
@@ -111,7 +124,8 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.rename(tmp, path)
@@ -119,7 +133,8 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(directory)
+    if durable:
+        _fsync_dir(directory)
 
 
 def write_record(path: Path, record: msgspec.Struct) -> None:

@@ -100,6 +100,54 @@ async def test_a_later_publisher_replays_the_outbox_in_order(tmp_path: Path) -> 
     assert _outbox(bundle) == []
 
 
+async def test_outbox_entries_are_atomic_but_not_fsynced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only a kernel crash loses an unsynced entry, and it takes the containers and
+    # containerd's state with it; a shim crash loses nothing (see shim/events.py).
+    fsyncs: list[int] = []
+    monkeypatch.setattr(os, "fsync", fsyncs.append)
+    bundle = tmp_path / "b1"
+    bundle.mkdir()
+    pub = _publisher(str(tmp_path / "ttrpc.sock"))
+    pub.attach("c1", str(bundle))
+    pub.publish("/tasks/exit", _exit("c1", 3))
+    assert fsyncs == []
+    assert [n.endswith(".pb") for n in _outbox(bundle)] == [True]
+    await pub.close(timeout=0.05)
+
+
+async def test_replay_skips_torn_and_foreign_outbox_files(tmp_path: Path) -> None:
+    ctrd = FakeContainerd(str(tmp_path / "ttrpc.sock"))
+    bundle = tmp_path / "b1"
+    bundle.mkdir()
+    first = _publisher(ctrd.path)
+    first.attach("c1", str(bundle))
+    first.publish("/tasks/exit", _exit("c1", 7))
+    await first.close(timeout=0.05)
+    outbox = outbox_dir(str(bundle))
+    (good,) = _outbox(bundle)
+    secret = tmp_path / "secret"
+    secret.write_bytes((outbox / good).read_bytes())
+    # What a kernel crash can leave of an unsynced entry, and what only someone else
+    # can have put there: none of it is an event of ours.
+    (outbox / "00000000000000000000-00000000.pb").write_bytes(b"")
+    (outbox / "00000000000000000000-00000001.pb").write_bytes((outbox / good).read_bytes()[:9])
+    (outbox / "00000000000000000000-00000002.pb").symlink_to(secret)
+    os.mkfifo(outbox / "00000000000000000000-00000003.pb")
+    await ctrd.start()
+    try:
+        second = _publisher(ctrd.path)
+        assert second.attach("c1", str(bundle)) == 1
+        await ctrd.wait_for(1)
+        await second.close()
+    finally:
+        await ctrd.stop()
+    assert ctrd.topics() == ["/tasks/exit"]
+    assert _outbox(bundle) == []
+    assert secret.exists()
+
+
 async def test_unwritable_outbox_still_publishes(tmp_path: Path) -> None:
     ctrd = FakeContainerd(str(tmp_path / "ttrpc.sock"))
     await ctrd.start()

@@ -75,3 +75,36 @@ def test_failed_write_keeps_the_old_file(tmp_path: Path) -> None:
         write_atomic(path, 123)  # type: ignore[arg-type]
     assert path.read_bytes() == b"old"
     assert sorted(os.listdir(path.parent)) == ["f"]
+
+
+def _count_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        calls.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return calls
+
+
+def test_records_are_fsynced_file_and_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = _count_fsyncs(monkeypatch)
+    write_record(exit_record_path(str(tmp_path), "c1"), _record())
+    assert len(calls) == 2
+
+
+def test_a_write_that_need_not_be_durable_is_atomic_without_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = _count_fsyncs(monkeypatch)
+    path = tmp_path / "pyshim" / "outbox" / "e.pb"
+    write_atomic(path, b"old", durable=False)
+    write_atomic(path, b"new", durable=False)
+    assert calls == []
+    assert path.read_bytes() == b"new"
+    assert os.listdir(path.parent) == ["e.pb"]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
