@@ -657,8 +657,11 @@ class ExecProcess(Process):
             self._state = next_state
             self._forget()
             await self._close_io()
-            with contextlib.suppress(FileNotFoundError):
-                self.pid_file.unlink()
+            # The exit record goes too: a restarted shim must not bring a deleted exec
+            # back, and a long-lived container must not collect one file per exec.
+            for path in (self.pid_file, exit_record_path(self.bundle, self.id)):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
 
 
 def _read_pid_file(path: Path) -> int:

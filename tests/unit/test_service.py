@@ -660,3 +660,20 @@ async def test_register_maps_all_methods_under_v2_and_v3(h: Harness) -> None:
     connect = server.services["containerd.task.v3.Task"]["Connect"]
     resp = await connect.handler(ctx, shim_pb2.ConnectRequest(id="x"))
     assert resp.task_pid == 0
+
+
+async def test_deleted_exec_leaves_no_exit_record(h: Harness) -> None:
+    from shim.state import exit_record_path
+
+    await h.run()
+    await h.exec()
+    exec_pid = (await h.service.start(shim_pb2.StartRequest(id="c1", exec_id="e1"))).pid
+    h.reaper.exit(exec_pid, 4)
+    resp = await h.service.wait(shim_pb2.WaitRequest(id="c1", exec_id="e1"))
+    assert resp.exit_status == 4
+    record = exit_record_path(h.bundle(), "e1")
+    assert record.is_file()  # persisted before Wait returned
+    await h.service.delete(shim_pb2.DeleteRequest(id="c1", exec_id="e1"))
+    # A restarted shim reads every record in exits/: a deleted exec must not come back.
+    assert not record.exists()
+    assert exit_record_path(h.bundle(), "c1").parent.is_dir()
