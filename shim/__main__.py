@@ -1,5 +1,3 @@
-import sys
+from shim.cli import run
 
-from shim.cli import main
-
-sys.exit(main())
+run()

@@ -9,6 +9,11 @@ from __future__ import annotations
 import os
 import sys
 
+TYPE_CHECKING = False  # typing costs ~3 ms at start-up; mypy honours this name
+
+if TYPE_CHECKING:
+    from typing import NoReturn
+
 RUNTIME_NAME = "io.containerd.pyshim.v1"
 VERSION = "0.1.0"
 REVISION = "pyshim"
@@ -28,6 +33,10 @@ FLAGS: dict[str, tuple[bool, str, str]] = {
     "v": (True, "false", "show the shim version and exit"),
     "version": (True, "false", "show the shim version and exit"),
 }
+
+# Actions that are a process of their own, run once per container: once their output
+# is flushed, the interpreter's finalization (module teardown, ~2-3 ms) buys nothing.
+QUICK_EXIT_ACTIONS = frozenset({"start", "delete"})
 
 _TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
 _FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
@@ -233,3 +242,20 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # the contract is a message on stderr and exit 1
         return fail(str(exc) or type(exc).__name__)
     return fail(f"unknown action {action!r}")
+
+
+def run() -> NoReturn:
+    """The binary's entry point (the launcher, `python -m shim`): main() and exit."""
+    code = main()
+    try:
+        action = parse_flags(sys.argv[1:]).action
+    except (FlagError, HelpRequested):
+        action = ""
+    if action in QUICK_EXIT_ACTIONS:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            sys.exit(code)  # the regular exit reports it, as before
+        os._exit(code)
+    sys.exit(code)

@@ -23,9 +23,9 @@ TEMPLATE = """#!{python} -IS
 import sys
 
 sys.path.extend({paths!r})
-from shim.cli import main
+from shim.cli import run
 
-sys.exit(main())
+run()
 """
 
 

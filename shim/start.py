@@ -2,17 +2,16 @@
 
 Runs once per container under containerd's clock, so it sticks to builtins
 (no protobuf, no asyncio, no subprocess): see shim-cli.md "What the reference
-start does".
+start does". Even `socket`, `signal` and `contextlib` cost ~10 ms together at
+start-up (enum, collections, functools): `_socket` and plain try/except instead.
 """
 
 from __future__ import annotations
 
-import contextlib
+import _socket
 import errno
 import fcntl
 import os
-import signal
-import socket
 import sys
 
 from shim import _wire, minijson
@@ -33,6 +32,7 @@ MAX_SOCKET_PATH = 106
 DIAL_TIMEOUT = 0.1
 MAX_STDIN = 10 << 20
 DAEMON_FD = 3
+SIGKILL = 9
 
 
 class StartError(Exception):
@@ -129,22 +129,24 @@ def parse_stdin(data: bytes, *, container_id: str, namespace: str) -> StdinOptio
 
 
 def _dial(path: str) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+    try:
         s.settimeout(DIAL_TIMEOUT)
-        try:
-            s.connect(path)
-        except OSError:
-            return False
+        s.connect(path)
+    except OSError:
+        return False
+    finally:
+        s.close()
     return True
 
 
-def bind_or_find(path: str) -> socket.socket | None:
+def bind_or_find(path: str) -> _socket.socket | None:
     """Listening socket at path, or None when a live shim already answers there.
 
     The caller holds the directory lock, so a concurrent start cannot slip
     between our failed bind and the stale-socket unlink.
     """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     try:
         try:
             sock.bind(path)
@@ -156,7 +158,7 @@ def bind_or_find(path: str) -> socket.socket | None:
                 return None
             os.unlink(path)
             sock.bind(path)
-        sock.listen(socket.SOMAXCONN)
+        sock.listen(_socket.SOMAXCONN)
         os.chmod(path, 0o600)
     except BaseException:
         sock.close()
@@ -196,7 +198,7 @@ def daemon_argv(opts: Options) -> list[str]:
     return argv
 
 
-def spawn_daemon(argv: list[str], listener: socket.socket) -> int:
+def spawn_daemon(argv: list[str], listener: _socket.socket) -> int:
     """The daemon: own process group, stdio on /dev/null, listener as fd 3, our cwd."""
     fd = listener.fileno()
     # dup2 onto itself keeps FD_CLOEXEC, so make the source inheritable in case it is 3.
@@ -213,7 +215,7 @@ def spawn_daemon(argv: list[str], listener: socket.socket) -> int:
         os.set_inheritable(fd, False)
 
 
-def fork_from_template(argv: list[str], listener: socket.socket) -> Forked | None:
+def fork_from_template(argv: list[str], listener: _socket.socket) -> Forked | None:
     """The daemon forked by the template (shim/template.py), or None to re-execute.
 
     SCHED_CORE wants a cookie for the daemon's process group, made before it
@@ -290,10 +292,11 @@ def _read_stdin() -> bytes:
 
 
 def _kill(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    with contextlib.suppress(ChildProcessError):
+    try:
+        os.kill(pid, SIGKILL)
         os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
 
 
 def run_start(opts: Options) -> int:
@@ -346,8 +349,10 @@ def run_start(opts: Options) -> int:
             forked.abort()  # it exits on its own, having served nothing
         elif pid:
             _kill(pid)
-        with contextlib.suppress(OSError):
+        try:  # noqa: SIM105 (contextlib: see the module docstring)
             os.unlink(path)
+        except OSError:
+            pass
         raise
     finally:
         listener.close()

@@ -12,6 +12,13 @@ Reliability comes first, so the template is only ever an accelerator:
   slow, or its directory looks wrong. The first `start` spawns it and falls back.
 - The forked daemon is double-forked (re-parented to init), so it never depends on
   the template staying alive, and it holds no link to it after the hand-over.
+- The double fork is done ahead of time: the template keeps one *spare*, already
+  re-parented, in its own process group, with every other fd closed, blocked in a
+  read on a socket pair to the template (zero CPU). A request is passed to it
+  whole (the request, the listener and `start`'s connection) and it becomes the
+  daemon; the template forks the next spare once that hand-over is over, off
+  `start`'s critical path. An unused spare reads EOF and exits when the template
+  quits or dies. Without a spare the template double-forks on the request.
 - The hand-over is a three-way exchange: the new daemon reports its pid, `start`
   does what must precede serving (cgroup, oom_score_adj) and then says "go". Any
   other outcome (timeout, `start` gone) makes the new daemon exit before it ever
@@ -21,18 +28,16 @@ Reliability comes first, so the template is only ever an accelerator:
   new template asks the stale ones to quit.
 
 This module is imported by `start`, so its top level imports only what `start`
-already has; the server half imports the shim when it runs.
+already has (`_socket`, not `socket`, whose enum classes cost ~5 ms; no
+`contextlib`, ~1-4 ms); the server half imports what it needs when it runs.
 """
 
 from __future__ import annotations
 
-import contextlib
+import _socket
 import errno
 import os
-import signal
-import socket
 import stat
-import struct
 import sys
 
 from shim import minijson
@@ -40,7 +45,8 @@ from shim import minijson
 TYPE_CHECKING = False  # typing costs ~3 ms at start-up; mypy honours this name
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Mapping, Sequence
+    import socket
+    from collections.abc import Callable, Iterator, Mapping, Sequence
     from typing import Any
 
 DEFAULT_DIR = "/run/pyshim/template"
@@ -59,6 +65,13 @@ _CODE_EXTENSIONS = (".py", ".so")
 # /proc/<pid>/comm of a direct-exec daemon: the launcher's name, cut to 15 bytes.
 SHIM_COMM = b"containerd-shim"
 TEMPLATE_COMM = b"pyshim-template"
+SPARE_COMM = b"pyshim-spare"
+# Appended to the template's command line in a spare's /proc/<pid>/cmdline.
+SPARE_ARG = "spare"
+SIGKILL = 9
+# Niceness added while a spare is being made (off `start`'s path, but beside it).
+SPARE_NICE = 19
+_INT = 4  # sizeof(int): SO_PEERCRED fields, SCM_RIGHTS entries
 
 PR_SET_NAME = 15
 PR_SET_MM = 35
@@ -160,11 +173,21 @@ def _private_dir(directory: str) -> bool:
     return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o077
 
 
-def _peer(sock: socket.socket) -> tuple[int, int, int]:
+def _peer(sock: _socket.socket) -> tuple[int, int, int]:
     """(pid, uid, gid) of the other end."""
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", raw)
+    raw = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 3 * _INT)
+    pid, uid, gid = (int.from_bytes(raw[i : i + _INT], sys.byteorder) for i in (0, 4, 8))
     return pid, uid, gid
+
+
+def _seqpacket() -> _socket.socket:
+    return _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
+
+
+def _send_fds(sock: _socket.socket, data: bytes, fds: Sequence[int]) -> None:
+    """socket.send_fds without importing socket (and array)."""
+    rights = b"".join(fd.to_bytes(_INT, sys.byteorder) for fd in fds)
+    sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, rights)])
 
 
 def _trusted(uid: int) -> bool:
@@ -177,7 +200,7 @@ def _trusted(uid: int) -> bool:
 class Forked:
     """A daemon forked by the template, waiting for `go()` before it serves."""
 
-    def __init__(self, conn: socket.socket, pid: int) -> None:
+    def __init__(self, conn: _socket.socket, pid: int) -> None:
         self._conn = conn
         self.pid = pid
 
@@ -194,7 +217,7 @@ class Forked:
 
 def fork_daemon(
     argv: Sequence[str],
-    listener: socket.socket,
+    listener: _socket.socket,
     *,
     directory: str | None = None,
     key: str | None = None,
@@ -211,7 +234,7 @@ def fork_daemon(
             spawn_template(directory, key)
         return None
     path = socket_path(directory, key)
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    conn = _seqpacket()
     try:
         conn.settimeout(timeout)
         try:
@@ -234,7 +257,7 @@ def fork_daemon(
             "umask": umask,
             **_socket_file(listener),
         }
-        socket.send_fds(conn, [minijson.dumps(request).encode()], [listener.fileno()])
+        _send_fds(conn, minijson.dumps(request).encode(), [listener.fileno()])
         try:
             data = conn.recv(4096)
         except TimeoutError:
@@ -249,13 +272,26 @@ def fork_daemon(
         return None
 
 
+def _socket_file(listener: _socket.socket) -> dict[str, Any]:
+    """The listener's socket file and its inode, so a daemon `start` abandoned can
+    remove exactly that file (and never one a later `start` bound in its place)."""
+    try:
+        path = listener.getsockname()
+        if isinstance(path, str) and path.startswith("/"):
+            return {"socket": path, "socket_ino": os.stat(path).st_ino}
+    except OSError:
+        pass
+    return {}
+
+
 def _retire_wedged(path: str, pid: int) -> None:
     """A template that cannot fork within the timeout is replaced, not waited for."""
-    with contextlib.suppress(OSError):
-        os.unlink(path)
+    _unlink(path)
     if pid > 1:
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
+        try:  # noqa: SIM105 (contextlib: see the module docstring)
+            os.kill(pid, SIGKILL)
+        except OSError:
+            pass
 
 
 def template_argv() -> list[str]:
@@ -311,18 +347,20 @@ def stop_templates(directory: str, timeout: float = 1.0) -> list[int]:
 
 
 def _send_quit(path: str, timeout: float) -> int:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as conn:
+    conn = _seqpacket()
+    try:
         conn.settimeout(timeout)
-        try:
-            conn.connect(path)
-            pid, uid, _ = _peer(conn)
-            if not _trusted(uid):
-                return 0
-            conn.send(minijson.dumps({"op": "quit"}).encode())
-            conn.recv(16)  # EOF once it has stopped listening
-        except OSError:
+        conn.connect(path)
+        pid, uid, _ = _peer(conn)
+        if not _trusted(uid):
             return 0
-        return pid
+        conn.send(minijson.dumps({"op": "quit"}).encode())
+        conn.recv(16)  # EOF once it has stopped listening
+    except OSError:
+        return 0
+    finally:
+        conn.close()
+    return pid
 
 
 # -- server: the template process ------------------------------------------------
@@ -359,6 +397,17 @@ def preload() -> None:
     syscalls.load_libc()
 
 
+def freeze() -> None:
+    """The last step before the template forks anything: work meant to be shared by
+    every daemon (warm-ups, caches) goes here, before gc.freeze()."""
+    import gc
+
+    # Everything imported so far is shared with every daemon; keep the collector
+    # from writing to those pages (and un-sharing them) in every child.
+    gc.collect()
+    gc.freeze()
+
+
 def _set_name(comm: bytes) -> None:
     from shim import syscalls
 
@@ -372,6 +421,28 @@ def _set_name(comm: bytes) -> None:
 
 
 _proc_buffers: list[object] = []
+_mm_tools: list[Any] = []
+
+
+def _prctl_mm_map() -> tuple[Any, Any]:
+    """struct prctl_mm_map and syscall(2), built once (a spare builds them while idle)."""
+    if not _mm_tools:
+        import ctypes
+
+        u64 = ctypes.c_uint64
+
+        class MmMap(ctypes.Structure):  # struct prctl_mm_map, <linux/prctl.h>
+            _fields_ = [
+                *((name, u64) for name in _MM_FIELDS),
+                ("auxv", u64),
+                ("auxv_size", ctypes.c_uint32),
+                ("exe_fd", ctypes.c_uint32),
+            ]
+
+        syscall = ctypes.CDLL(None, use_errno=True).syscall
+        syscall.restype = ctypes.c_long
+        _mm_tools.extend((MmMap, syscall))
+    return _mm_tools[0], _mm_tools[1]
 
 
 def _set_proc_strings(argv: Sequence[str], env: Mapping[str, str]) -> None:
@@ -385,41 +456,35 @@ def _set_proc_strings(argv: Sequence[str], env: Mapping[str, str]) -> None:
 
     from shim import syscalls
 
-    u64 = ctypes.c_uint64
-
-    class MmMap(ctypes.Structure):  # struct prctl_mm_map, <linux/prctl.h>
-        _fields_ = [
-            *((name, u64) for name in _MM_FIELDS),
-            ("auxv", u64),
-            ("auxv_size", ctypes.c_uint32),
-            ("exe_fd", ctypes.c_uint32),
-        ]
-
     cmdline = b"\0".join(a.encode() for a in argv) + b"\0"
     environ = b"".join(f"{k}={v}".encode() + b"\0" for k, v in env.items()) or b"\0"
     args = ctypes.create_string_buffer(cmdline, len(cmdline))
     envs = ctypes.create_string_buffer(environ, len(environ))
     try:
+        mm_map, syscall = _prctl_mm_map()
         with open("/proc/self/stat", "rb") as f:
             # Field N of stat is fields[N - 3]: the list starts after "pid (comm)".
             fields = f.read().rsplit(b")", 1)[1].split()
         values = {name: int(fields[n - 3]) for name, n in _MM_FIELDS.items() if n}
-        syscall = ctypes.CDLL(None, use_errno=True).syscall
-        syscall.restype = ctypes.c_long
         values["brk"] = syscall(ctypes.c_long(SYS_BRK), ctypes.c_long(0))
         values["arg_start"] = ctypes.addressof(args)
         values["arg_end"] = values["arg_start"] + len(cmdline)
         values["env_start"] = ctypes.addressof(envs)
         values["env_end"] = values["env_start"] + len(environ)
-        mm = MmMap(**values, auxv=0, auxv_size=0, exe_fd=0xFFFFFFFF)
+        mm = mm_map(**values, auxv=0, auxv_size=0, exe_fd=0xFFFFFFFF)
         syscalls.prctl(PR_SET_MM, PR_SET_MM_MAP, ctypes.addressof(mm), ctypes.sizeof(mm))
     except (OSError, ValueError, IndexError):
         return
-    _proc_buffers.extend((args, envs))  # the kernel reads them from our memory from now on
+    # The kernel reads them from our memory from now on; a spare's own strings may
+    # be dropped once the daemon's replace them.
+    _proc_buffers[:] = [args, envs]
 
 
 def _reset_signals() -> None:
     """What a freshly executed interpreter has: defaults, SIGINT raising, PIPE/XFSZ ignored."""
+    import contextlib
+    import signal
+
     for sig in signal.valid_signals():
         if sig in (signal.SIGKILL, signal.SIGSTOP):
             continue
@@ -431,25 +496,68 @@ def _reset_signals() -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
-def _become_daemon(conn: socket.socket, listen_fd: int, request: Mapping[str, Any]) -> int:
-    """In the grandchild: turn into what `start`'s re-exec would have produced."""
-    argv = [str(a) for a in request["argv"]]
-    env = {str(k): str(v) for k, v in request["env"].items()}
+def _off_fd3(sock: socket.socket) -> socket.socket:
+    """fd 3 is the listener's, as for a re-exec."""
+    if sock.fileno() != 3:
+        return sock
+    moved = sock.dup()
+    sock.close()
+    return moved
+
+
+def _listener_to_fd3(fd: int) -> None:
+    if fd == 3:
+        os.set_inheritable(3, False)
+    else:
+        os.dup2(fd, 3, inheritable=False)
+        os.close(fd)
+
+
+def _detach_from_template(
+    keep: Sequence[socket.socket], listen_fd: int | None = None
+) -> list[socket.socket]:
+    """In a fresh grandchild: what every daemon needs before its request is known.
+
+    Own process group, fresh signal state, and no fd of the template but stdio,
+    ``keep`` (returned, moved off fd 3) and the listener ``listen_fd`` as fd 3.
+    """
+    global _listener
     if _listener is not None:
+        # Through the object: a stray close of fd 3 later would hit the listener.
         _listener.close()
+        _listener = None
     _reset_signals()
     os.setpgid(0, 0)
-    # fd 3 = the listener, as for a re-exec; the hand-over socket must not be on it.
-    if conn.fileno() == 3:
-        moved = conn.dup()
-        conn.close()
-        conn = moved
-    if listen_fd != 3:
-        os.dup2(listen_fd, 3, inheritable=False)
-        os.close(listen_fd)
-    keep = sorted({0, 1, 2, 3, conn.fileno()})
-    for low, high in zip(keep, [*keep[1:], 1 << 20], strict=True):
+    kept = [_off_fd3(sock) for sock in keep]
+    fds = {0, 1, 2, *(s.fileno() for s in kept)}
+    if listen_fd is not None:
+        _listener_to_fd3(listen_fd)
+        fds.add(3)
+    ordered = sorted(fds)
+    for low, high in zip(ordered, [*ordered[1:], 1 << 20], strict=True):
         os.closerange(low + 1, high)
+    return kept
+
+
+def _become_daemon(
+    conn: socket.socket,
+    listen_fd: int,
+    request: Mapping[str, Any],
+    link: socket.socket | None = None,
+) -> int:
+    """In the grandchild: turn into what `start`'s re-exec would have produced.
+
+    ``link`` is a spare's socket to the template (the spare is detached already),
+    closed once the hand-over is over: the template forks the next spare on that
+    EOF, when `start` is done with us.
+    """
+    argv = [str(a) for a in request["argv"]]
+    env = {str(k): str(v) for k, v in request["env"].items()}
+    if link is None:
+        (conn,) = _detach_from_template([conn], listen_fd)
+    else:
+        conn = _off_fd3(conn)
+        _listener_to_fd3(listen_fd)
     os.chdir(str(request["cwd"]))
     os.umask(int(request["umask"]))
     os.environ.clear()
@@ -471,6 +579,8 @@ def _become_daemon(conn: socket.socket, listen_fd: int, request: Mapping[str, An
     except OSError:
         answer = None
     conn.close()
+    if link is not None:
+        link.close()
     if answer != GO:
         if answer == b"":
             # `start` is gone without a word (containerd killed it): nobody will
@@ -483,35 +593,32 @@ def _become_daemon(conn: socket.socket, listen_fd: int, request: Mapping[str, An
     return main(argv)
 
 
-def _socket_file(listener: socket.socket) -> dict[str, Any]:
-    """The listener's socket file and its inode, so a daemon `start` abandoned can
-    remove exactly that file (and never one a later `start` bound in its place)."""
-    with contextlib.suppress(OSError):
-        path = listener.getsockname()
-        if isinstance(path, str) and path.startswith("/"):
-            return {"socket": path, "socket_ino": os.stat(path).st_ino}
-    return {}
-
-
 def _remove_socket_file(request: Mapping[str, Any]) -> None:
     path, ino = request.get("socket"), request.get("socket_ino")
     if not isinstance(path, str) or not isinstance(ino, int):
         return
-    with contextlib.suppress(OSError):
+    try:
         st = os.stat(path)
         if stat.S_ISSOCK(st.st_mode) and st.st_ino == ino:
             os.unlink(path)
+    except OSError:
+        pass
 
 
-def _fork(conn: socket.socket, listen_fd: int, request: Mapping[str, Any]) -> None:
+def _double_fork(child: Callable[[], int], nice: int = 0) -> bool:
+    """Run child() in a grandchild re-parented to init, in a session it does not lead
+    (so it can never acquire a controlling terminal); False if that failed.
+
+    A ``nice`` increment applies from the intermediate child on.
+    """
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
-            # A session of our own that we leave at once: the daemon is no session
-            # leader (it can never acquire a controlling terminal) and init adopts it.
             os.setsid()
-            code = _become_daemon(conn, listen_fd, request) if os.fork() == 0 else 0
+            if nice:
+                os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, 0) + nice)
+            code = child() if os.fork() == 0 else 0
         except BaseException:
             # stderr is the template's (/dev/null unless someone is debugging it).
             import traceback
@@ -520,14 +627,155 @@ def _fork(conn: socket.socket, listen_fd: int, request: Mapping[str, Any]) -> No
             code = 1
         finally:
             os._exit(code)
-    os.close(listen_fd)
     _, status = os.waitpid(pid, 0)
-    if status != 0:
-        conn.send(minijson.dumps({"error": f"fork failed (status {status})"}).encode())
+    return status == 0
 
 
-def _handle(conn: socket.socket, key: str) -> bool:
+def _fork(conn: socket.socket, listen_fd: int, request: Mapping[str, Any]) -> None:
+    """No spare: double-fork the daemon now, on `start`'s clock."""
+    try:
+        ok = _double_fork(lambda: _become_daemon(conn, listen_fd, request))
+    finally:
+        os.close(listen_fd)
+    if not ok:
+        conn.send(minijson.dumps({"error": "fork failed"}).encode())
+
+
+def _spare_main(link: socket.socket, template_end: socket.socket, priority: int | None) -> int:
+    """A spare's life: detach, then block until the template hands it a request.
+
+    EOF (the template quit or died) ends it; so does anything malformed. With a
+    ``priority``, it was set up niced and takes the template's priority back first.
+    """
+    import socket
+
+    template_end.close()
+    (link,) = _detach_from_template([link])
+    os.chdir("/")
+    _set_name(SPARE_COMM)
+    try:
+        with open("/proc/self/cmdline", "rb") as f:
+            own = [a.decode() for a in f.read().split(b"\0")[:-1]]
+        _set_proc_strings([*own, SPARE_ARG], os.environ)
+    except (OSError, UnicodeDecodeError):
+        pass
+    _rehearse()
+    if priority is not None:
+        os.setpriority(os.PRIO_PROCESS, 0, priority)
+    link.setblocking(True)
+    try:
+        data, fds, flags, _ = socket.recv_fds(link, MAX_REQUEST, 2)
+    except OSError:
+        return 0
+    if not data or len(fds) != 2 or flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+        for fd in fds:
+            os.close(fd)
+        return 0
+    listen_fd, conn_fd = fds
+    conn = socket.socket(fileno=conn_fd)
+    os.set_inheritable(conn_fd, False)
+    return _become_daemon(conn, listen_fd, minijson.loads(data), link)
+
+
+def _rehearse() -> None:
+    """Run the hand-over's costly steps once while idle, on the spare's own data.
+
+    Their first run takes the copy-on-write faults of the pages they write (~1 ms
+    at hand-over otherwise); the daemon this spare becomes writes those pages anyway.
+    """
+    import random
+    import tempfile
+
+    env = dict(os.environ)
+    minijson.loads(minijson.dumps({"env": env, "argv": sys.argv}))
+    os.environ.clear()
+    os.environ.update(env)
+    tempfile.tempdir = None
+    random.seed()
+
+
+def _make_spare() -> socket.socket | None:
+    """Fork a spare; the template's end of its socket pair, or None.
+
+    This runs while the daemon just handed over and containerd start the container:
+    its second fork and set-up run niced, so they take what CPU those leave. Only
+    root may take the priority back, which the spare must before it serves.
+    """
+    import socket
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    priority = os.getpriority(os.PRIO_PROCESS, 0) if os.geteuid() == 0 else None
+    try:
+        ok = _double_fork(
+            lambda: _spare_main(theirs, ours, priority),
+            nice=SPARE_NICE if priority is not None else 0,
+        )
+    except OSError:
+        ok = False
+    theirs.close()
+    if not ok:
+        ours.close()
+        return None
+    return ours
+
+
+class _Spares:
+    """The template's spare: at most one idle, and at most one handing over.
+
+    The next spare is forked only when the previous one's hand-over is over (EOF on
+    its link) or after a request served without one, never in a loop: a spare that
+    dies idle is replaced after the next request.
+    """
+
+    def __init__(self) -> None:
+        self.idle: socket.socket | None = None
+        self.busy: socket.socket | None = None
+        self.wanted = True
+
+    def links(self) -> list[socket.socket]:
+        return [s for s in (self.idle, self.busy) if s is not None]
+
+    def refill(self) -> None:
+        if self.wanted and self.idle is None and self.busy is None:
+            self.wanted = False
+            self.idle = _make_spare()
+
+    def closed(self, link: socket.socket) -> None:
+        """EOF on a link: an idle spare died, or a busy one is done."""
+        link.close()
+        if link is self.idle:
+            self.idle = None
+        elif link is self.busy:
+            self.busy = None
+            self.wanted = True
+
+    def hand_over(self, data: bytes, listen_fd: int, conn: socket.socket) -> bool:
+        spare = self.idle
+        if spare is None:
+            self.wanted = True
+            return False
+        self.idle = None
+        try:
+            _send_fds(spare, data, [listen_fd, conn.fileno()])
+        except OSError:
+            spare.close()
+            self.wanted = True
+            return False
+        if self.busy is not None:
+            self.busy.close()
+        self.busy = spare
+        return True
+
+    def close(self) -> None:
+        for link in self.links():
+            link.close()  # an idle spare reads EOF and exits
+        self.idle = self.busy = None
+
+
+def _handle(conn: socket.socket, key: str, spares: _Spares) -> bool:
     """One request; False when asked to quit."""
+    import socket
+
     _, uid, _ = _peer(conn)
     if not _trusted(uid):
         return True
@@ -544,8 +792,14 @@ def _handle(conn: socket.socket, key: str) -> bool:
             raise TemplateError("bad request")
         if request.get("key") != key:
             raise TemplateError(f"template runs {key}, asked for {request.get('key')}")
+        for field in ("argv", "env", "cwd", "umask"):
+            if field not in request:
+                raise TemplateError(f"request without {field}")
         listen_fd = fds.pop()
-        _fork(conn, listen_fd, request)
+        if spares.hand_over(data, listen_fd, conn):
+            os.close(listen_fd)
+        else:
+            _fork(conn, listen_fd, request)
     except (TemplateError, ValueError, KeyError, TypeError) as exc:
         conn.send(minijson.dumps({"error": str(exc)}).encode())
     finally:
@@ -568,8 +822,10 @@ def _quit_stale(directory: str, key: str) -> None:
 
 
 def _unlink(path: str) -> None:
-    with contextlib.suppress(OSError):
+    try:  # noqa: SIM105 (contextlib: see the module docstring)
         os.unlink(path)
+    except OSError:
+        pass
 
 
 def _unlink_unlocked(path: str) -> None:
@@ -590,6 +846,8 @@ def _unlink_unlocked(path: str) -> None:
 
 
 def _bind(directory: str, key: str) -> socket.socket:
+    import socket
+
     path = socket_path(directory, key)
     tmp = os.path.join(directory, f".{key}.{os.getpid()}.sock")
     _unlink(tmp)
@@ -620,10 +878,47 @@ def _try_lock(directory: str, key: str) -> int | None:
     return fd
 
 
+def _serve_requests(listener: socket.socket, key: str) -> None:
+    """Accept requests until told to quit; blocked in poll(2) in between (no timeout)."""
+    import select
+
+    spares = _Spares()
+    poller = select.poll()
+    poller.register(listener, select.POLLIN)
+    try:
+        while True:
+            spares.refill()
+            watched = {link.fileno(): link for link in spares.links()}
+            for fd in watched:
+                poller.register(fd, select.POLLIN)
+            try:
+                events = poller.poll()
+            finally:
+                for fd in watched:
+                    poller.unregister(fd)
+            for fd, _ in events:
+                if fd in watched:
+                    spares.closed(watched[fd])
+            if not any(fd == listener.fileno() for fd, _ in events):
+                continue
+            try:
+                conn, _ = listener.accept()
+            except InterruptedError:
+                continue
+            with conn:
+                try:
+                    if not _handle(conn, key, spares):
+                        return
+                except OSError as exc:
+                    if exc.errno not in (errno.EPIPE, errno.ECONNRESET):
+                        raise
+    finally:
+        spares.close()
+
+
 def serve(directory: str, key: str | None = None) -> int:
     """The template's life: import, freeze, then fork on request until told to quit."""
     global _listener
-    import gc
 
     os.chdir("/")
     key = key or code_key()
@@ -639,7 +934,7 @@ def serve(directory: str, key: str | None = None) -> int:
     if code_key() != key:
         return 0  # the code changed while we imported it: let the next start try again
     _quit_stale(directory, key)
-    _listener = _bind(directory, key)
+    _listener = listener = _bind(directory, key)
     path = socket_path(directory, key)
     inode = os.stat(path).st_ino
 
@@ -647,25 +942,12 @@ def serve(directory: str, key: str | None = None) -> int:
 
     if threading.active_count() != 1:
         raise TemplateError("threads running in the template: forking it is unsafe")
-    # Everything imported so far is shared with every daemon; keep the collector
-    # from writing to those pages (and un-sharing them) in every child.
-    gc.collect()
-    gc.freeze()
+    freeze()
     try:
-        while True:
-            try:
-                conn, _ = _listener.accept()
-            except InterruptedError:
-                continue
-            with conn:
-                try:
-                    if not _handle(conn, key):
-                        break
-                except OSError as exc:
-                    if exc.errno not in (errno.EPIPE, errno.ECONNRESET):
-                        raise
+        _serve_requests(listener, key)
     finally:
-        _listener.close()
+        listener.close()
+        _listener = None
         try:
             if os.stat(path).st_ino == inode:
                 os.unlink(path)

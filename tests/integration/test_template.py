@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.containerd import Containerd
+from tests.support.template import spare_pids
 
 pytestmark = pytest.mark.integration
 
@@ -90,17 +91,28 @@ def test_first_start_falls_back_then_shims_are_forked(
     template = _template(containerd)
     assert _ppid(template) == 1
     assert os.getsid(template) == template  # detached from containerd's session
-    assert sorted(os.listdir(f"/proc/{template}/fd")) == ["0", "1", "2", "3", "4"]
+    _wait(lambda: len(spare_pids(containerd.template_dir)) == 1, "the template's spare")
+    (spare,) = spare_pids(containerd.template_dir)
+    # stdio, its lock, its socket, and its link to the spare.
+    assert sorted(os.listdir(f"/proc/{template}/fd"), key=int) == ["0", "1", "2", "3", "4", "5"]
     for fd in (0, 1, 2):
         assert os.readlink(f"/proc/{template}/fd/{fd}") == "/dev/null"
+    assert os.readlink(f"/proc/{template}/fd/5").startswith("socket:")
+    assert _ppid(spare) == 1
 
     res = containerd.ctr(
         "run", "--rm", "--runtime", RUNTIME, busybox_image, "c2", "echo", "hello", timeout=60
     )
     assert res.stdout == "hello\n"
 
+    (spare,) = spare_pids(containerd.template_dir)
     second = _run_d(containerd, busybox_image, "c3")
     assert _forked(containerd, second)
+    assert second == spare  # the spare became the daemon
+    _wait(
+        lambda: [p for p in spare_pids(containerd.template_dir) if p != second] != [],
+        "the next spare",
+    )
     assert _ppid(second) == 1
     assert os.getpgid(second) == second
     assert Path(f"/proc/{second}/comm").read_text().strip() == "containerd-shim"
@@ -126,6 +138,8 @@ def test_forked_shim_survives_template_sigkill(containerd: Containerd, busybox_i
     assert _forked(containerd, daemon)
     os.kill(template, signal.SIGKILL)
     _wait(lambda: template not in containerd.template_pids(), "the template to die")
+    # Its idle spare goes with it.
+    _wait(lambda: not spare_pids(containerd.template_dir), "the spare to exit")
     time.sleep(0.2)
     assert os.path.exists(f"/proc/{daemon}")
     assert containerd.ctr("tasks", "exec", "--exec-id", "e1", "c2", "true").returncode == 0

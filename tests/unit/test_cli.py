@@ -393,3 +393,42 @@ def test_delete_reports_the_persisted_exit(
     resp = shim_pb2.DeleteResponse.FromString(capfdbinary.readouterr().out)
     assert (resp.pid, resp.exit_status) == (777, 3)
     assert resp.exited_at.seconds * 10**9 + resp.exited_at.nanos == when
+
+
+class _Exited(Exception):
+    def __init__(self, how: str, code: int) -> None:
+        super().__init__(how, code)
+        self.how, self.code = how, code
+
+
+@pytest.mark.parametrize(
+    ("args", "how"),
+    [
+        (["-namespace", "ns", "-id", "c1", "start"], "os._exit"),
+        (["-namespace", "ns", "-id", "c1", "delete"], "os._exit"),
+        (["-namespace", "ns", "-id", "c1"], "sys.exit"),  # the daemon: atexit must run
+        (["-bogus"], "sys.exit"),
+    ],
+)
+def test_run_skips_finalization_only_for_start_and_delete(
+    args: list[str], how: str, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    def fake_main() -> int:
+        sys.stdout.write("unix:///run/x")  # unflushed: run() must flush it
+        return 3
+
+    def os_exit(code: int) -> None:
+        raise _Exited("os._exit", code)
+
+    def sys_exit(code: int) -> None:
+        raise _Exited("sys.exit", code)
+
+    monkeypatch.setattr(sys, "argv", ["shim", *args])
+    monkeypatch.setattr(cli, "main", fake_main)
+    monkeypatch.setattr(os, "_exit", os_exit)
+    monkeypatch.setattr(sys, "exit", sys_exit)
+    with pytest.raises(_Exited) as exc:
+        cli.run()
+    assert (exc.value.how, exc.value.code) == (how, 3)
+    if how == "os._exit":
+        assert capfd.readouterr().out == "unix:///run/x"

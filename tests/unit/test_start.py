@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import stat
+import subprocess
 import sys
 import tempfile
 import time
@@ -99,7 +100,7 @@ def sock_path(tmp_path: Path) -> Iterator[str]:
 def test_bind_creates_private_listening_socket(sock_path: str) -> None:
     listener = start.bind_or_find(sock_path)
     assert listener is not None
-    with listener:
+    with contextlib.closing(listener):
         assert stat.S_IMODE(os.stat(sock_path).st_mode) == 0o600
         assert stat.S_ISSOCK(os.stat(sock_path).st_mode)
         with socket.socket(socket.AF_UNIX) as c:
@@ -109,7 +110,7 @@ def test_bind_creates_private_listening_socket(sock_path: str) -> None:
 def test_answering_socket_means_existing_shim(sock_path: str) -> None:
     first = start.bind_or_find(sock_path)
     assert first is not None
-    with first:
+    with contextlib.closing(first):
         inode = os.stat(sock_path).st_ino
         assert start.bind_or_find(sock_path) is None
         assert os.stat(sock_path).st_ino == inode
@@ -121,7 +122,7 @@ def test_stale_socket_is_replaced(sock_path: str) -> None:
     stale.close()  # the file stays, nobody listens: a dead shim's socket
     listener = start.bind_or_find(sock_path)
     assert listener is not None
-    with listener, socket.socket(socket.AF_UNIX) as c:
+    with contextlib.closing(listener), socket.socket(socket.AF_UNIX) as c:
         c.connect(sock_path)
 
 
@@ -373,3 +374,21 @@ def test_failure_after_spawn_kills_daemon_and_unlinks_socket(
     # _kill reaped it: the pid is no longer our child.
     with pytest.raises(ChildProcessError):
         os.waitpid(pids[0], os.WNOHANG)
+
+
+def test_start_imports_stay_lean() -> None:
+    """Each of these costs `start` (once per container) 1-5 ms of import time."""
+    root = os.path.dirname(os.path.dirname(start.__file__))
+    code = (
+        "import sys\n"
+        f"sys.path.insert(0, {root!r})\n"
+        "import shim.cli, shim.start, shim.template\n"
+        "shim.template.code_key()\n"
+        "print(' '.join(sorted(sys.modules)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, check=True
+    )
+    loaded = set(out.stdout.split())
+    heavy = {"socket", "signal", "enum", "contextlib", "collections", "json", "re", "typing"}
+    assert loaded & heavy == set()

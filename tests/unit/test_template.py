@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +21,7 @@ import pytest
 import shim.cli
 from shim import start, template
 from shim.cli import parse_flags
+from tests.support.template import spare_pids
 
 KEY = "k" * 24
 
@@ -80,6 +81,26 @@ def _exited(pid: int) -> bool:
         return True
 
 
+def _until(cond: Callable[[], object], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def _spare(tdir: Path, other_than: int = 0) -> int:
+    """The template's idle spare (waiting for it to be forked)."""
+    found: list[int] = []
+
+    def ready() -> bool:
+        found[:] = [pid for pid in spare_pids(tdir) if pid != other_than and not _exited(pid)]
+        return len(found) == 1
+
+    _until(ready, "exactly one spare")
+    return found[0]
+
+
 def _wait_for(path: Path, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
@@ -125,6 +146,8 @@ def serve(tdir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterat
     monkeypatch.setattr(template, "preload", lambda: None)
     monkeypatch.setattr(shim.cli, "main", _probe_main)
     monkeypatch.setenv("PROBE_OUT", str(tmp_path / "probe.json"))
+    # So tests.support.template finds this template's spare.
+    monkeypatch.setenv(template.DIR_ENV, str(tdir))
     started: list[Running] = []
 
     def launch(key: str = KEY) -> Running:
@@ -150,6 +173,8 @@ def serve(tdir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterat
             os.kill(running.pid, signal.SIGKILL)
         with contextlib.suppress(ChildProcessError):
             os.waitpid(running.pid, 0)
+    # Spares exit on their own once the template is gone.
+    _until(lambda: not spare_pids(tdir), "the spares to exit")
 
 
 @pytest.fixture
@@ -161,12 +186,21 @@ def listener(tdir: Path) -> Iterator[socket.socket]:
     sock.close()
 
 
+@pytest.mark.parametrize("spare", [True, False], ids=["spare", "no-spare"])
 def test_forked_daemon_looks_like_a_reexec(
     serve: Running,
     listener: socket.socket,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    spare: bool,
 ) -> None:
+    idle = _spare(serve.directory)
+    if not spare:
+        # A spare that died idle is replaced only after the next request, which the
+        # template serves with a fork of its own.
+        os.kill(idle, signal.SIGKILL)
+        _until(lambda: _exited(idle), "the spare to die")
+        time.sleep(0.05)  # for the template to read the EOF
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     monkeypatch.chdir(bundle)
@@ -178,6 +212,7 @@ def test_forked_daemon_looks_like_a_reexec(
     finally:
         os.umask(old)
     assert forked is not None
+    assert (forked.pid == idle) == spare
     probe = tmp_path / "probe.json"
     time.sleep(0.1)
     assert not probe.exists(), "the daemon must wait for go()"
@@ -203,8 +238,74 @@ def test_forked_daemon_looks_like_a_reexec(
     assert int(info["sigblk"], 16) == 0
     assert info["sigint"] and info["sigterm_default"] and info["sigpipe_ignored"]
     assert info["sigchld_default"]
-    # The template keeps serving.
+    # The template keeps serving, and has a new spare once the hand-over is over.
     assert serve.exited(timeout=0.05) is None
+    assert _spare(serve.directory, other_than=idle) != forked.pid
+
+
+def test_spare_is_detached_and_idle(serve: Running) -> None:
+    pid = _spare(serve.directory)
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    state, ppid, pgid, sid = fields[0], int(fields[1]), int(fields[2]), int(fields[3])
+    assert ppid not in (serve.pid, os.getpid())
+    assert pgid == pid
+    assert sid not in (pid, os.getsid(0))
+    assert state == "S"
+    # Made niced, but serves at the template's priority.
+    with open(f"/proc/{serve.pid}/stat") as f:
+        template_nice = int(f.read().rsplit(")", 1)[1].split()[16])
+    assert int(fields[16]) == template_nice
+    assert Path(f"/proc/{pid}/comm").read_text() == "pyshim-spare\n"
+    assert Path(f"/proc/{pid}/cmdline").read_bytes().endswith(b"\0spare\0")
+    assert os.readlink(f"/proc/{pid}/cwd") == "/"
+    # stdio (the template's) and its link to the template; not fd 3, the listener's.
+    fds = sorted(int(fd) for fd in os.listdir(f"/proc/{pid}/fd"))
+    assert fds[:3] == [0, 1, 2] and len(fds) == 4 and fds[3] != 3
+    assert os.readlink(f"/proc/{pid}/fd/{fds[3]}").startswith("socket:")
+    # Blocked in a read: no CPU while it waits.
+    ticks = int(fields[11]) + int(fields[12])
+    time.sleep(0.3)
+    with open(f"/proc/{pid}/stat") as f:
+        later = f.read().rsplit(")", 1)[1].split()
+    assert int(later[11]) + int(later[12]) == ticks
+    assert later[0] == "S"
+
+
+def test_spare_exits_with_its_template(serve: Running) -> None:
+    pid = _spare(serve.directory)
+    os.kill(serve.pid, signal.SIGKILL)
+    assert serve.exited() is not None
+    _until(lambda: _exited(pid), "the spare to exit")
+
+
+def test_spare_exits_when_its_template_quits(serve: Running) -> None:
+    pid = _spare(serve.directory)
+    assert template.stop_templates(str(serve.directory)) == [serve.pid]
+    assert serve.exited() == 0
+    _until(lambda: _exited(pid), "the spare to exit")
+
+
+def test_spares_serve_starts_in_a_row(
+    serve: Running, tdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    used: list[int] = []
+    for i in range(3):
+        idle = _spare(serve.directory, other_than=used[-1] if used else 0)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(tdir / f"s{i}.sock"))
+        sock.listen()
+        out = tmp_path / f"probe{i}.json"
+        monkeypatch.setenv("PROBE_OUT", str(out))
+        forked = template.fork_daemon(["x"], sock, directory=str(tdir), key=KEY)
+        sock.close()
+        assert forked is not None
+        assert forked.pid == idle
+        forked.go()
+        _wait_for(out)
+        assert json.loads(out.read_text())["fds"] == [0, 1, 2, 3]
+        used.append(forked.pid)
+    assert len(set(used)) == 3
 
 
 def test_forked_daemon_survives_template_death(
@@ -214,6 +315,8 @@ def test_forked_daemon_survives_template_death(
     assert forked is not None
     os.kill(serve.pid, signal.SIGKILL)
     assert serve.exited() is not None
+    time.sleep(0.05)
+    assert not _exited(forked.pid), "a spare handed a request must not exit with the template"
     forked.go()
     _wait_for(tmp_path / "probe.json")
 
@@ -275,9 +378,11 @@ def test_wrong_key_is_refused(serve: Running, listener: socket.socket, tdir: Pat
 
 
 def test_new_template_retires_stale_one(serve: Running) -> None:
+    stale_spare = _spare(serve.directory)
     newer = serve.launch("n" * 24)  # type: ignore[attr-defined]
     assert serve.exited() is not None
     assert not serve.socket.exists()
+    _until(lambda: _exited(stale_spare), "the stale template's spare to exit")
     assert newer.socket.exists()
     assert template.stop_templates(str(serve.directory)) == [newer.pid]
     assert newer.exited() is not None
