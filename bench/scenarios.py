@@ -127,8 +127,11 @@ class Context:
         return [s.pid for s in self.env.shims() if s.runtime == RUNTIMES[key]]
 
     def helpers_of(self, key: str) -> list[int]:
-        """Processes a runtime keeps beside its shims (pyshim's fork template)."""
-        return self.env.template_pids() if RUNTIMES[key] == "io.containerd.pyshim.v1" else []
+        """Processes a runtime keeps beside its shims (pyshim's fork template and its
+        pre-forked spare daemon)."""
+        if RUNTIMES[key] != "io.containerd.pyshim.v1":
+            return []
+        return self.env.template_pids() + self.env.spare_pids()
 
 
 class ScenarioFailed(Exception):

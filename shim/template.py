@@ -392,9 +392,11 @@ def preload() -> None:
     import shim.stdio  # noqa: F401
     from protocol.proto import anyutil  # noqa: F401
     from shim import syscalls
+    from shim.reaper import setpriv_path
 
     # dlopen in a forked child can deadlock; and ctypes' lookup is per process.
     syscalls.load_libc()
+    setpriv_path()  # cached: forked daemons skip the PATH search and file scan
 
 
 def freeze() -> None:
@@ -402,6 +404,9 @@ def freeze() -> None:
     every daemon (warm-ups, caches) goes here, before gc.freeze()."""
     import gc
 
+    from shim import prefork
+
+    prefork.prepare()
     # Everything imported so far is shared with every daemon; keep the collector
     # from writing to those pages (and un-sharing them) in every child.
     gc.collect()

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from shim.start import socket_address
-from tests.support.template import stop_templates, template_pids
+from tests.support.template import spare_pids, stop_templates, template_pids
 
 CONTAINERD = "containerd"
 CTR = "ctr"
@@ -190,6 +190,10 @@ class Containerd:
     def template_pids(self) -> list[int]:
         """Live shim templates serving from our template dir."""
         return template_pids(self.template_dir)
+
+    def spare_pids(self) -> list[int]:
+        """The templates' idle pre-forked daemons."""
+        return spare_pids(self.template_dir)
 
     def start(self) -> float:
         """Start containerd; returns the seconds until it was ready (see _ready)."""
