@@ -123,6 +123,14 @@ def _remove_existing(path: Path) -> None:
             path.unlink()
 
 
+# Every member is checked above, so tarfile's own filter must not second-guess it;
+# naming "fully_trusted" keeps newer Pythons from warning. Older 3.11 patch
+# releases (Debian 12's 3.11.2) have no `filter` argument and never filter.
+_NO_FILTER: dict[str, Any] = (
+    {"filter": "fully_trusted"} if hasattr(tarfile, "fully_trusted_filter") else {}
+)
+
+
 def unpack_layer(fileobj: IO[bytes], dest: Path) -> None:
     """Extract one layer tar (plain or gzip) into ``dest`` in overlayfs whiteout format."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -162,7 +170,7 @@ def unpack_layer(fileobj: IO[bytes], dest: Path) -> None:
             if target.exists() or target.is_symlink():
                 _remove_existing(target)
             member.name = rel
-            tar.extract(member, dest, set_attrs=True, numeric_owner=True, filter="fully_trusted")
+            tar.extract(member, dest, set_attrs=True, numeric_owner=True, **_NO_FILTER)
     for path, member in reversed(dir_attrs):
         os.chown(path, member.uid, member.gid)
         os.chmod(path, member.mode & 0o7777)

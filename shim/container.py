@@ -313,7 +313,10 @@ class Container:
                 container.init.created(pid, io)
                 container.cgroup = toolkit.find_cgroup(pid)
                 undo.callback(_unlink, container_record_path(req.bundle))
-                write_record(container_record_path(req.bundle), container.record())
+                # Read only by a shim restarted on this bundle after a process crash,
+                # which the page cache survives; after a kernel crash the container is
+                # gone and `delete` does not read it. Exit records stay fsynced.
+                write_record(container_record_path(req.bundle), container.record(), durable=False)
                 toolkit.events.publish(
                     "/tasks/create",
                     events_pb2.TaskCreate(

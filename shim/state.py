@@ -137,8 +137,8 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600, *, durable: bool = 
         _fsync_dir(directory)
 
 
-def write_record(path: Path, record: msgspec.Struct) -> None:
-    write_atomic(path, msgspec.json.encode(record) + b"\n")
+def write_record(path: Path, record: msgspec.Struct, *, durable: bool = True) -> None:
+    write_atomic(path, msgspec.json.encode(record) + b"\n", durable=durable)
 
 
 def _current_version(type_: type[msgspec.Struct]) -> int:

@@ -677,3 +677,26 @@ async def test_deleted_exec_leaves_no_exit_record(h: Harness) -> None:
     # A restarted shim reads every record in exits/: a deleted exec must not come back.
     assert not record.exists()
     assert exit_record_path(h.bundle(), "c1").parent.is_dir()
+
+
+async def test_only_exit_records_are_fsynced(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from shim.container import container_record_path
+
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    pid = await h.run()
+    # The container record (and the events' outbox entries) survive a process crash
+    # without fsync; only an exit is fsynced, file and directory.
+    assert container_record_path(h.bundle()).is_file()
+    assert synced == []
+    h.reaper.exit(pid, 0)
+    await h.service.wait(shim_pb2.WaitRequest(id="c1"))
+    assert [os.path.basename(p) for p in synced] == [f".c1.json.{os.getpid()}.tmp", "exits"]
