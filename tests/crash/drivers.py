@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -289,7 +290,9 @@ class ContainerdDriver(Driver):
     def __init__(self, runtime: str, tmpfs_size: str) -> None:
         super().__init__(runtime, tmpfs_size)
         _CrashContainerd.slowbin = self.slowbin
-        self.ctrd = _CrashContainerd(namespace=f"crash-{os.getpid()}-{self.tmp.name[-6:]}")
+        # Not the temp dir's suffix: mkdtemp may end it in "_", which containerd
+        # refuses at the end of a namespace.
+        self.ctrd = _CrashContainerd(namespace=f"crash-{os.getpid()}-{secrets.token_hex(3)}")
         self._events_proc: subprocess.Popen[bytes] | None = None
         self.events_path = self.tmp / "events.log"
         try:
