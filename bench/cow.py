@@ -924,15 +924,9 @@ def _probe(
             diffs.append(diff_writes(waiting, template_pid, baseline))
         forked.go()
 
-        def serving() -> bool:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                try:
-                    s.connect(path)
-                except OSError:
-                    return False
-            return True
+        from tests.support.containerd import socket_accepts
 
-        _wait_for(serving, 10, "probe daemon serving")
+        _wait_for(lambda: socket_accepts(path), 10, "probe daemon serving")
         time.sleep(settle)
         serving_snap = snapshot(pid, template_pid)
         if baseline is not None:
