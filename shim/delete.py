@@ -13,6 +13,7 @@ import time
 
 from shim import _wire
 from shim import minijson as json
+from shim.procfs import stat_fields
 from shim.recordfile import read_regular_file
 
 TYPE_CHECKING = False  # typing costs ~3 ms at start-up; mypy honours this name
@@ -94,9 +95,8 @@ def _runc_creates(runc_root: str, container_id: str, proc: str = "/proc") -> lis
 
 def _gone(pid: int, proc: str = "/proc") -> bool:
     try:
-        with open(f"{proc}/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except (OSError, IndexError):
+        return stat_fields(pid, proc)[0] in (b"Z", b"X")
+    except (OSError, IndexError, ValueError):
         return True
 
 

@@ -27,6 +27,7 @@ from protocol.proto.timeutil import go_zero_time, timestamp_from_ns
 from protocol.proto.types import task_pb2 as types_pb2
 from protocol.ttrpc.status import Code, TtrpcError
 from shim.exits import Exit, ExitRouter
+from shim.procfs import stat_fields
 from shim.runtime import Runtime, RuntimeFailure
 from shim.state import ExitRecord, exit_record_path, write_record
 
@@ -697,15 +698,9 @@ def signal_own_child(pid: int, sig: int) -> bool:
     if not 0 <= sig < NSIG:
         return False
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    # The command name may hold spaces and ")": the fields after the last ")" are fixed.
-    fields = stat.rpartition(b")")[2].split()
-    try:
+        fields = stat_fields(pid)
         state, ppid = fields[0], int(fields[1])
-    except (IndexError, ValueError):
+    except (OSError, IndexError, ValueError):
         return False
     if ppid != os.getpid():
         return False

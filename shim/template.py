@@ -460,6 +460,7 @@ def _set_proc_strings(argv: Sequence[str], env: Mapping[str, str]) -> None:
     import ctypes
 
     from shim import syscalls
+    from shim.procfs import stat_fields
 
     cmdline = b"\0".join(a.encode() for a in argv) + b"\0"
     environ = b"".join(f"{k}={v}".encode() + b"\0" for k, v in env.items()) or b"\0"
@@ -467,9 +468,7 @@ def _set_proc_strings(argv: Sequence[str], env: Mapping[str, str]) -> None:
     envs = ctypes.create_string_buffer(environ, len(environ))
     try:
         mm_map, syscall = _prctl_mm_map()
-        with open("/proc/self/stat", "rb") as f:
-            # Field N of stat is fields[N - 3]: the list starts after "pid (comm)".
-            fields = f.read().rsplit(b")", 1)[1].split()
+        fields = stat_fields("self")  # field N of proc(5) is fields[N - 3]
         values = {name: int(fields[n - 3]) for name, n in _MM_FIELDS.items() if n}
         values["brk"] = syscall(ctypes.c_long(SYS_BRK), ctypes.c_long(0))
         values["arg_start"] = ctypes.addressof(args)
