@@ -430,7 +430,8 @@ _mm_tools: list[Any] = []
 
 
 def _prctl_mm_map() -> tuple[Any, Any]:
-    """struct prctl_mm_map and syscall(2), built once (a spare builds them while idle)."""
+    """struct prctl_mm_map and syscall(2), built once: in the template before its freeze
+    (shim.prefork), so every daemon shares them."""
     if not _mm_tools:
         import ctypes
 
@@ -564,13 +565,7 @@ def _become_daemon(
         _listener_to_fd3(listen_fd)
     os.chdir(str(request["cwd"]))
     os.umask(int(request["umask"]))
-    os.environ.clear()
-    os.environ.update(env)
-    import random
-    import tempfile
-
-    tempfile.tempdir = None  # re-read TMPDIR from the new environment
-    random.seed()  # os.register_at_fork does it too; not everything honours that
+    _take_environment(env)
     sys.argv = argv
     _set_name(SHIM_COMM)
     _set_proc_strings(argv, env)
@@ -681,21 +676,26 @@ def _spare_main(link: socket.socket, template_end: socket.socket, priority: int 
     return _become_daemon(conn, listen_fd, minijson.loads(data), link)
 
 
+def _take_environment(env: Mapping[str, str]) -> None:
+    """Replace the environment, and what the stdlib cached from the old one."""
+    import random
+    import tempfile
+
+    os.environ.clear()
+    os.environ.update(env)
+    tempfile.tempdir = None  # re-read TMPDIR from the new environment
+    random.seed()  # os.register_at_fork does it too; not everything honours that
+
+
 def _rehearse() -> None:
     """Run the hand-over's costly steps once while idle, on the spare's own data.
 
     Their first run takes the copy-on-write faults of the pages they write (~1 ms
     at hand-over otherwise); the daemon this spare becomes writes those pages anyway.
     """
-    import random
-    import tempfile
-
     env = dict(os.environ)
     minijson.loads(minijson.dumps({"env": env, "argv": sys.argv}))
-    os.environ.clear()
-    os.environ.update(env)
-    tempfile.tempdir = None
-    random.seed()
+    _take_environment(env)
 
 
 def _make_spare() -> socket.socket | None:
