@@ -271,19 +271,27 @@ class Reaper:
         child's stderr; ``run()`` turns that message back into the ``OSError``.
         """
         return self._spawn(
-            argv, (stdin, stdout, stderr), cwd, env, pass_fds, pdeathsig, new_pgroup, fd_map
+            argv,
+            (stdin, stdout, stderr),
+            cwd=cwd,
+            env=env,
+            pass_fds=pass_fds,
+            pdeathsig=pdeathsig,
+            new_pgroup=new_pgroup,
+            fd_map=fd_map,
         )[0]
 
     def _spawn(
         self,
         argv: Sequence[str],
         std: tuple[int | None, int | None, int | None],
+        *,
         cwd: str | None,
         env: Mapping[str, str] | None,
         pass_fds: Sequence[int],
-        pdeathsig: bool,
-        new_pgroup: bool,
-        fd_map: Mapping[int, int] | None,
+        pdeathsig: bool = True,
+        new_pgroup: bool = False,
+        fd_map: Mapping[int, int] | None = None,
     ) -> tuple[int, str | None]:
         """``spawn()``, and the setpriv that runs in front of ``argv`` (None if none)."""
         if not argv:
@@ -380,7 +388,7 @@ class Reaper:
                 to_close.append(out_w)
                 std_out = std_err = out_w
             pid, wrapper = self._spawn(
-                argv, (std_in, std_out, std_err), cwd, env, pass_fds, True, False, None
+                argv, (std_in, std_out, std_err), cwd=cwd, env=env, pass_fds=pass_fds
             )
         except BaseException:
             for fd in (*to_close, in_w, out_r):
