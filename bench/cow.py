@@ -859,10 +859,11 @@ def _wait_for(predicate: object, timeout: float, what: str) -> None:
 
 
 def _alive(pid: int) -> bool:
+    from shim.procfs import stat_fields
+
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
+        return stat_fields(pid)[0] != b"Z"
+    except (OSError, IndexError, ValueError):
         return False
 
 
@@ -1070,9 +1071,9 @@ def measure(
 
 
 def _median(values: Sequence[float]) -> float:
-    s = sorted(values)
-    n = len(s)
-    return (s[n // 2] + s[(n - 1) // 2]) / 2 if n else 0.0
+    from bench.stats import percentile
+
+    return percentile(values, 50) if values else 0.0
 
 
 def phase_summary(phase: PhaseResult) -> dict[str, object]:
