@@ -108,6 +108,25 @@ def _daemons(ctrd: Containerd) -> list[int]:
     return pids
 
 
+def _related(ctrd: Containerd) -> str:
+    """Every process naming this containerd's socket or template dir, for a failure
+    message: which of them is there when a daemon is not."""
+    marks = (ctrd.address.encode(), str(ctrd.template_dir).encode())
+    lines = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            environ = Path(f"/proc/{entry}/environ").read_bytes()
+        except OSError:
+            continue
+        if any(m in cmdline or m in environ for m in marks):
+            argv = cmdline.replace(b"\0", b" ").decode(errors="replace")
+            lines.append(f"{entry}: {argv}")
+    return "\n".join(lines) or "(none)"
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -223,7 +242,7 @@ async def test_concurrent_starts_of_one_group(
     expected = socket_address(containerd.address, containerd.namespace, "race")
     assert [r.returncode for r in results] == [0] * 4
     assert {r.stdout.decode() for r in results} == {expected}
-    assert len(_daemons(containerd)) == 1
+    assert len(_daemons(containerd)) == 1, _related(containerd)
 
 
 async def test_stale_socket_gets_new_daemon(containerd: Containerd, bundles: list[Bundle]) -> None:

@@ -84,6 +84,28 @@ def _cmdline(pid: int) -> list[str]:
         return []
 
 
+def _settled_cmdline(pid: int, timeout: float = 1.0) -> list[str]:
+    """``_cmdline``, waiting out an execve in progress.
+
+    posix_spawn (vfork) returns once the child's execve has passed its point of no
+    return, before the kernel has set up the new argv: for a moment the child's
+    cmdline reads empty although it has an executable. A shim `start` just spawned
+    (the re-exec path) would be missed. Kernel threads and zombies have no exe.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        argv = _cmdline(pid)
+        if argv:
+            return argv
+        try:
+            os.readlink(f"/proc/{pid}/exe")
+        except OSError:
+            return argv
+        if time.monotonic() > deadline:
+            return argv
+        time.sleep(0.002)
+
+
 def _environ_value(pid: int, name: str) -> str | None:
     try:
         with open(f"/proc/{pid}/environ", "rb") as f:
@@ -320,7 +342,7 @@ class Containerd:
         for entry in os.listdir("/proc"):
             if not entry.isdigit() or int(entry) == me:
                 continue
-            argv = _cmdline(int(entry))
+            argv = _settled_cmdline(int(entry))
             # Every shim invocation (start, delete, daemon) carries -id and the
             # -address of the containerd it serves; our socket path is unique.
             if _flag_value(argv, "id") is None:
