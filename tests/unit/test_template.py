@@ -21,6 +21,7 @@ import pytest
 import shim.cli
 from shim import start, template
 from shim.cli import parse_flags
+from shim.procfs import stat_fields
 from tests.support.template import spare_pids
 
 KEY = "k" * 24
@@ -245,17 +246,16 @@ def test_forked_daemon_looks_like_a_reexec(
 
 def test_spare_is_detached_and_idle(serve: Running) -> None:
     pid = _spare(serve.directory)
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    state, ppid, pgid, sid = fields[0], int(fields[1]), int(fields[2]), int(fields[3])
+    # It is listed once it has named itself, a moment before its set-up ends and it
+    # blocks in its read: wait for that (sleeping) state, then look.
+    _until(lambda: stat_fields(pid)[0] == b"S", "the spare to block in its read")
+    fields = stat_fields(pid)
+    ppid, pgid, sid = int(fields[1]), int(fields[2]), int(fields[3])
     assert ppid not in (serve.pid, os.getpid())
     assert pgid == pid
     assert sid not in (pid, os.getsid(0))
-    assert state == "S"
     # Made niced, but serves at the template's priority.
-    with open(f"/proc/{serve.pid}/stat") as f:
-        template_nice = int(f.read().rsplit(")", 1)[1].split()[16])
-    assert int(fields[16]) == template_nice
+    assert int(fields[16]) == int(stat_fields(serve.pid)[16])
     assert Path(f"/proc/{pid}/comm").read_text() == "pyshim-spare\n"
     assert Path(f"/proc/{pid}/cmdline").read_bytes().endswith(b"\0spare\0")
     assert os.readlink(f"/proc/{pid}/cwd") == "/"
@@ -266,10 +266,9 @@ def test_spare_is_detached_and_idle(serve: Running) -> None:
     # Blocked in a read: no CPU while it waits.
     ticks = int(fields[11]) + int(fields[12])
     time.sleep(0.3)
-    with open(f"/proc/{pid}/stat") as f:
-        later = f.read().rsplit(")", 1)[1].split()
+    later = stat_fields(pid)
     assert int(later[11]) + int(later[12]) == ticks
-    assert later[0] == "S"
+    assert later[0] == b"S"
 
 
 def test_spare_exits_with_its_template(serve: Running) -> None:
