@@ -912,7 +912,9 @@ def _probe(
         os.chdir(cwd)
         listener.close()
     if forked is None:
-        raise RuntimeError("the template did not fork a daemon")
+        err = workdir / "template.err"
+        said = err.read_text()[-2000:] if err.exists() else ""
+        raise RuntimeError(f"the template did not fork a daemon; its stderr: {said}")
     pid = forked.pid
     try:
         time.sleep(settle)

@@ -215,6 +215,41 @@ async def serve(
         reaper.uninstall()
 
 
+def rehearse() -> None:
+    """Build what serve() builds, against nothing, and drop it.
+
+    Run by a pre-forked spare daemon while it waits (shim/template.py): the first
+    run of this code takes the copy-on-write faults and warms the interpreter's
+    caches, which the daemon the spare becomes then finds done. It publishes, spawns,
+    listens and logs nothing, and leaves no task, timer or handler behind; the one
+    thing that stays is libuv's process-wide signal pipe, which a daemon's own first
+    loop opens anyway.
+    """
+    import uvloop
+
+    from shim.service import TaskService
+
+    async def build() -> None:
+        reaper = Reaper()
+        publisher = Publisher(
+            namespace="",
+            ttrpc_address="/dev/null",  # never dialled: nothing is published
+            publish_binary="",
+            containerd_address="",
+            reaper=reaper,
+        )
+        server = Server(peer_check=peer_check)
+        service = TaskService(
+            namespace="", publisher=publisher, reaper=reaper, request_shutdown=lambda: None
+        )
+        service.register(server)
+        service.close()
+        server.close()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(build())
+
+
 def run_daemon(opts: Options, early_signals: list[int] | None = None) -> int:
     cfg = DaemonConfig(
         namespace=opts.namespace,

@@ -19,10 +19,11 @@ It also builds what the daemon's hand-over would otherwise build in every child
 
 from __future__ import annotations
 
+import ctypes
 import sys
 import types
 
-__all__ = ["PACKAGES", "prepare"]
+__all__ = ["PACKAGES", "immortalize", "prepare"]
 
 PACKAGES = ("shim", "protocol")
 
@@ -82,3 +83,66 @@ def prepare() -> None:
 
     template._prctl_mm_map()
     compact_code()
+
+
+def _immortal_refcount() -> int | None:
+    """The reference count that marks an object immortal in this interpreter (None's,
+    since None is immortal from 3.12 on), or None where objects cannot be made so:
+    before 3.12, and in free-threaded builds (split reference counts)."""
+    import sysconfig
+
+    if sys.version_info < (3, 12) or sysconfig.get_config_var("Py_GIL_DISABLED"):
+        return None
+    return sys.getrefcount(None)
+
+
+def _is_immortal(refcnt: int) -> bool:
+    # CPython 3.12+ on 64-bit: immortal when the low 32 bits read as a negative int32.
+    return bool(refcnt & 0x80000000)
+
+
+def immortalize() -> int:
+    """Make every object reachable from the collector's lists immortal; the number
+    changed.
+
+    A daemon writes the reference count of every object it touches, so each object it
+    reads un-shares the template page it lies on (bench/cow.py: about half of a forked
+    daemon's private pages on 3.11). From CPython 3.12 on, incref and decref skip an
+    object whose count carries the immortal mark, so the template's objects are given
+    that mark just before the freeze: they then stay shared however often a daemon uses
+    them. They are never freed, which costs nothing, since the template holds them all
+    for its life anyway; nothing of ours relies on a pre-fork object being freed by
+    reference count (sockets and files are closed explicitly).
+
+    The object layout is checked on a probe object first; anything unexpected leaves
+    every object as it was.
+    """
+    import gc
+
+    value = _immortal_refcount()
+    if value is None or not _is_immortal(value):
+        return 0
+    word = ctypes.c_ssize_t
+    probe = object()
+    cell = word.from_address(id(probe))
+    if cell.value != sys.getrefcount(probe) - 1:
+        return 0  # the refcount is not the object's first word (a debug build)
+    cell.value = value
+    extra = [probe, probe]
+    if sys.getrefcount(probe) != value or len(extra) != 2:
+        return 0
+    changed = 0
+    seen: set[int] = set()
+    stack: list[object] = gc.get_objects()
+    while stack:
+        obj = stack.pop()
+        address = id(obj)
+        if address in seen:
+            continue
+        seen.add(address)
+        cell = word.from_address(address)
+        if not _is_immortal(cell.value):
+            cell.value = value
+            changed += 1
+        stack.extend(gc.get_referents(obj))
+    return changed

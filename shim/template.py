@@ -134,8 +134,7 @@ def code_key() -> str:
     Stats only (~1 ms): sizes and mtimes of our sources, the interpreter, and the
     names (hence versions) of the installed distributions.
     """
-    # hashlib would load OpenSSL (~4 ms) for one digest.
-    from _sha256 import sha256  # type: ignore[import-not-found]
+    from shim.start import sha256
 
     h = sha256()
     # realpath: the launcher and a venv wrapper name the same interpreter differently.
@@ -222,10 +221,14 @@ def fork_daemon(
     directory: str | None = None,
     key: str | None = None,
     timeout: float = REPLY_TIMEOUT,
+    meanwhile: Callable[[], object] | None = None,
 ) -> Forked | None:
     """A daemon forked by the template, or None: the caller then re-executes.
 
-    Spawns the template (for the next start) when none answers.
+    Spawns the template (for the next start) when none answers. ``meanwhile`` runs
+    once the request is sent, while the template hands it over (not at all when the
+    request could not be sent); its exceptions propagate, and the daemon then exits
+    without serving.
     """
     directory = directory or template_dir()
     key = key or code_key()
@@ -258,6 +261,16 @@ def fork_daemon(
             **_socket_file(listener),
         }
         _send_fds(conn, minijson.dumps(request).encode(), [listener.fileno()])
+    except (OSError, ValueError, TemplateError):
+        conn.close()
+        return None
+    if meanwhile is not None:
+        try:
+            meanwhile()
+        except BaseException:
+            conn.close()  # EOF instead of "go": the daemon exits without serving
+            raise
+    try:
         try:
             data = conn.recv(4096)
         except TimeoutError:
@@ -410,6 +423,7 @@ def freeze() -> None:
     # Everything imported so far is shared with every daemon; keep the collector
     # from writing to those pages (and un-sharing them) in every child.
     gc.collect()
+    prefork.immortalize()  # after the collection: garbage made immortal would stay
     gc.freeze()
 
 
@@ -571,10 +585,12 @@ def _become_daemon(
     _set_proc_strings(argv, env)
 
     conn.settimeout(GO_TIMEOUT)
-    conn.send(minijson.dumps({"pid": os.getpid()}).encode())
     answer: bytes | None
     try:
+        conn.send(minijson.dumps({"pid": os.getpid()}).encode())
         answer = conn.recv(16)
+    except (BrokenPipeError, ConnectionResetError):
+        answer = b""  # `start` closed before reading our pid: as gone as at EOF
     except OSError:
         answer = None
     conn.close()
@@ -692,10 +708,14 @@ def _rehearse() -> None:
 
     Their first run takes the copy-on-write faults of the pages they write (~1 ms
     at hand-over otherwise); the daemon this spare becomes writes those pages anyway.
+    So does the daemon's start-up (shim.daemon.rehearse).
     """
+    from shim import daemon
+
     env = dict(os.environ)
     minijson.loads(minijson.dumps({"env": env, "argv": sys.argv}))
     _take_environment(env)
+    daemon.rehearse()
 
 
 def _make_spare() -> socket.socket | None:
@@ -938,15 +958,17 @@ def serve(directory: str, key: str | None = None) -> int:
     if code_key() != key:
         return 0  # the code changed while we imported it: let the next start try again
     _quit_stale(directory, key)
-    _listener = listener = _bind(directory, key)
-    path = socket_path(directory, key)
-    inode = os.stat(path).st_ino
 
     import threading
 
     if threading.active_count() != 1:
         raise TemplateError("threads running in the template: forking it is unsafe")
+    # Before the socket appears: a start that finds it gets an answer at once, not
+    # after the freeze's work (hundreds of ms where objects are made immortal).
     freeze()
+    _listener = listener = _bind(directory, key)
+    path = socket_path(directory, key)
+    inode = os.stat(path).st_ino
     try:
         _serve_requests(listener, key)
     finally:

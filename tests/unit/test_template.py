@@ -49,6 +49,7 @@ def _probe_main(argv: list[str] | None = None) -> int:
         "fd3_ino": fd3.st_ino,
         "fd3_cloexec": not os.get_inheritable(3),
         "fds": [fd for fd in range(256) if _is_open(fd)],
+        "fd_targets": {fd: _fd_target(fd) for fd in range(4, 256) if _is_open(fd)},
         "cmdline": Path("/proc/self/cmdline").read_text().split("\0")[:-1],
         "environ_has": f"PROBE_MARK={os.environ.get('PROBE_MARK')}".encode()
         in Path("/proc/self/environ").read_bytes().split(b"\0"),
@@ -66,12 +67,42 @@ def _probe_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _fd_target(fd: int) -> str:
+    """What fd is, with "(cloexec)" appended when it is close-on-exec."""
+    target = os.readlink(f"/proc/self/fd/{fd}")
+    return f"{target} (cloexec)" if not os.get_inheritable(fd) else target
+
+
+def _only_libuv_signal_pipe(targets: dict[str, str]) -> bool:
+    """No fds beyond 0-3 but libuv's process-wide signal lock pipe (both ends, CLOEXEC).
+
+    The spare's rehearsal runs an event loop; libuv opens that pipe with its first loop
+    and never closes it, as the daemon's own first loop would.
+    """
+    if not targets:
+        return True
+    values = list(targets.values())
+    return (
+        len(values) == 2
+        and values[0] == values[1]
+        and values[0].startswith("pipe:[")
+        and values[0].endswith("] (cloexec)")
+    )
+
+
 def _is_open(fd: int) -> bool:
     try:
         os.fstat(fd)
     except OSError:
         return False
     return True
+
+
+def _cloexec(pid: int, fd: int) -> bool:
+    for line in Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines():
+        if line.startswith("flags:"):
+            return bool(int(line.split()[1], 8) & os.O_CLOEXEC)
+    raise AssertionError(f"no flags in /proc/{pid}/fdinfo/{fd}")
 
 
 def _exited(pid: int) -> bool:
@@ -232,7 +263,8 @@ def test_forked_daemon_looks_like_a_reexec(
     assert info["env"] == {**os.environ}
     assert info["umask"] == 0o027
     assert info["fd3_ino"] == os.fstat(listener.fileno()).st_ino
-    assert info["fds"] == [0, 1, 2, 3]
+    assert info["fds"][:4] == [0, 1, 2, 3]
+    assert _only_libuv_signal_pipe(info["fd_targets"]), info["fd_targets"]
     assert info["cmdline"] == argv
     assert info["environ_has"]
     assert info["comm"] == "containerd-shim"
@@ -261,8 +293,15 @@ def test_spare_is_detached_and_idle(serve: Running) -> None:
     assert os.readlink(f"/proc/{pid}/cwd") == "/"
     # stdio (the template's) and its link to the template; not fd 3, the listener's.
     fds = sorted(int(fd) for fd in os.listdir(f"/proc/{pid}/fd"))
-    assert fds[:3] == [0, 1, 2] and len(fds) == 4 and fds[3] != 3
-    assert os.readlink(f"/proc/{pid}/fd/{fds[3]}").startswith("socket:")
+    targets = {fd: os.readlink(f"/proc/{pid}/fd/{fd}") for fd in fds}
+    links = [fd for fd in fds[3:] if targets[fd].startswith("socket:")]
+    assert fds[:3] == [0, 1, 2] and len(links) == 1 and links[0] != 3
+    others = {
+        str(fd): targets[fd] + (" (cloexec)" if _cloexec(pid, fd) else "")
+        for fd in fds[3:]
+        if fd not in links
+    }
+    assert _only_libuv_signal_pipe(others), others
     # Blocked in a read: no CPU while it waits.
     ticks = int(fields[11]) + int(fields[12])
     time.sleep(0.3)
@@ -302,7 +341,9 @@ def test_spares_serve_starts_in_a_row(
         assert forked.pid == idle
         forked.go()
         _wait_for(out)
-        assert json.loads(out.read_text())["fds"] == [0, 1, 2, 3]
+        info = json.loads(out.read_text())
+        assert info["fds"][:4] == [0, 1, 2, 3]
+        assert _only_libuv_signal_pipe(info["fd_targets"]), info["fd_targets"]
         used.append(forked.pid)
     assert len(set(used)) == 3
 
@@ -330,6 +371,54 @@ def test_abort_means_the_daemon_never_runs(
     while os.path.exists(f"/proc/{forked.pid}") and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not (tmp_path / "probe.json").exists()
+
+
+def test_meanwhile_runs_during_the_hand_over(
+    serve: Running, listener: socket.socket, tmp_path: Path
+) -> None:
+    idle = _spare(serve.directory)
+    ran: list[int] = []
+    forked = template.fork_daemon(
+        ["x"], listener, directory=str(serve.directory), key=KEY,
+        meanwhile=lambda: ran.append(len(ran)),
+    )  # fmt: skip
+    assert forked is not None and forked.pid == idle
+    assert ran == [0]
+    forked.go()
+    _wait_for(tmp_path / "probe.json")
+
+
+def test_meanwhile_failure_propagates_and_the_daemon_never_runs(
+    serve: Running, listener: socket.socket, tmp_path: Path
+) -> None:
+    idle = _spare(serve.directory)
+    path = Path(listener.getsockname())
+
+    def fail() -> None:
+        raise OSError("address not written")
+
+    with pytest.raises(OSError, match="address not written"):
+        template.fork_daemon(
+            ["x"], listener, directory=str(serve.directory), key=KEY, meanwhile=fail
+        )
+    _until(lambda: _exited(idle), "the spare handed the request to exit")
+    assert not (tmp_path / "probe.json").exists()
+    # Abandoned before or after it sent its pid: either way it removes what `start`
+    # bound for it.
+    assert not path.exists()
+    assert serve.exited(timeout=0.05) is None
+
+
+def test_meanwhile_is_not_run_without_a_template(
+    tdir: Path, listener: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(template, "spawn_template", lambda d, k: 0)
+    ran: list[bool] = []
+    got = template.fork_daemon(
+        ["x"], listener, directory=str(tdir), key=KEY, meanwhile=lambda: ran.append(True)
+    )
+    assert got is None
+    assert ran == []
 
 
 def test_daemon_abandoned_by_a_dead_start_removes_the_socket_file(
@@ -528,6 +617,20 @@ class FakeForked:
         self.log.append("abort")
 
 
+def _fake_fork(log: list[str]) -> Callable[..., FakeForked]:
+    """fork_daemon as it behaves once the request is sent: ``meanwhile``, then the pid."""
+
+    def fork(
+        argv: list[str], sock: socket.socket, meanwhile: Callable[[], object] | None = None
+    ) -> FakeForked:
+        if meanwhile is not None:
+            meanwhile()
+            log.append(f"meanwhile, address {os.path.exists('address')}")
+        return FakeForked(4242, log)
+
+    return fork
+
+
 @pytest.fixture
 def start_bundle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     bundle = tmp_path / "bundle"
@@ -548,20 +651,42 @@ def test_start_uses_the_template_and_says_go_last(
     start_bundle: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
     log: list[str] = []
-    monkeypatch.setattr(template, "fork_daemon", lambda argv, sock: FakeForked(4242, log))
+    monkeypatch.setattr(template, "fork_daemon", _fake_fork(log))
     monkeypatch.setattr(start, "raise_oom_score", lambda pid: log.append(f"oom {pid}"))
     monkeypatch.setattr(start, "spawn_daemon", lambda argv, sock: pytest.fail("re-exec"))
     opts = parse_flags(["-namespace", "ns", "-address", "/a.sock", "-id", "c1", "start"])
     assert start.run_start(opts) == 0
-    assert log == ["oom 4242", "go"]
-    assert capfd.readouterr().out.startswith("unix://")
+    # The address is written while the template hands over, once.
+    assert log == ["meanwhile, address True", "oom 4242", "go"]
+    out = capfd.readouterr().out
+    assert out.startswith("unix://")
+    assert (start_bundle / "address").read_text() == out
+
+
+def test_start_address_failure_while_handing_over_aborts(
+    start_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log: list[str] = []
+    monkeypatch.setattr(template, "fork_daemon", _fake_fork(log))
+
+    def no_address(directory: str, address: str) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(start, "write_address", no_address)
+    monkeypatch.setattr(start, "spawn_daemon", lambda argv, sock: pytest.fail("re-exec"))
+    opts = parse_flags(["-namespace", "ns", "-address", "/a.sock", "-id", "c1", "start"])
+    with pytest.raises(OSError, match="disk full"):
+        start.run_start(opts)
+    assert log == []  # never went on to "go"
+    sock_path = start.socket_address("/a.sock", "ns", "c1", start.SOCKET_DIR)
+    assert not os.path.exists(sock_path.removeprefix("unix://"))
 
 
 def test_start_aborts_the_forked_daemon_on_failure(
     start_bundle: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     log: list[str] = []
-    monkeypatch.setattr(template, "fork_daemon", lambda argv, sock: FakeForked(4242, log))
+    monkeypatch.setattr(template, "fork_daemon", _fake_fork(log))
 
     def boom(pid: int) -> None:
         raise OSError("oom_score_adj exploded")
@@ -571,14 +696,17 @@ def test_start_aborts_the_forked_daemon_on_failure(
     opts = parse_flags(["-namespace", "ns", "-address", "/a.sock", "-id", "c1", "start"])
     with pytest.raises(OSError, match="exploded"):
         start.run_start(opts)
-    assert log == ["abort"]
+    assert log == ["meanwhile, address True", "abort"]
 
 
 def test_start_falls_back_to_reexec(start_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     log: list[str] = []
-    monkeypatch.setattr(template, "fork_daemon", lambda argv, sock: None)
+    # A template that could not be asked runs nothing meanwhile.
+    monkeypatch.setattr(template, "fork_daemon", lambda argv, sock, meanwhile: None)
 
     def spawn(argv: list[str], sock: socket.socket) -> int:
+        # A re-executed daemon reads the address at start-up.
+        assert (start_bundle / "address").read_text().startswith("unix://")
         log.append("spawn")
         return 777
 
