@@ -122,6 +122,24 @@ async def test_create_start_and_exit_status(harness: Harness, script: str, expec
             os.close(out_w)
 
 
+async def test_start_without_runc_is_what_runc_start_leaves(harness: Harness) -> None:
+    """Runc.start reads the exec fifo itself: runc sees the same running container."""
+    runc = harness.bundle("direct", ["sleep", "1000"])
+    pid = await harness.create(runc, "direct")
+    fifo = harness.root / NAMESPACE / "direct" / "exec.fifo"
+    assert fifo.exists()
+    await runc.start("direct")
+    assert not fifo.exists()
+    state = await runc.state("direct")
+    assert state["status"] == "running" and state["pid"] == pid
+    assert Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0] == b"sleep"
+    with pytest.raises(RuntimeFailure, match="cannot start an already running container"):
+        await runc._run(["start", "direct"], from_log=True)
+    await runc.kill("direct", signal.SIGKILL)
+    assert await harness.exit_of(pid) == 137
+    await runc.delete("direct")
+
+
 async def test_kill_9_is_137_and_ps(harness: Harness) -> None:
     runc = harness.bundle("killed", ["sleep", "1000"])
     pid = await harness.create(runc, "killed")
