@@ -14,6 +14,8 @@ import os
 import signal
 from pathlib import Path
 
+from shim.procfs import stat_fields
+
 PROC = Path("/proc")
 
 
@@ -39,8 +41,23 @@ def _processes(template_dir: Path, spares: bool) -> list[int]:
 
 
 def template_pids(template_dir: Path) -> list[int]:
-    """Live templates (`containerd-shim-pyshim-v1 … template`) serving template_dir."""
-    return _processes(template_dir, spares=False)
+    """Live templates (`containerd-shim-pyshim-v1 … template`) serving template_dir.
+
+    A child the template is forking (a spare or a daemon, before it renames itself)
+    has the same command line for a moment; a template leads its own session (it is
+    spawned with setsid) and is not the child of another: the double fork's middle
+    process leads a session too, but its parent is the template.
+    """
+    candidates = _processes(template_dir, spares=False)
+    found: list[int] = []
+    for pid in candidates:
+        try:
+            ppid = int(stat_fields(pid)[1])
+            if os.getsid(pid) == pid and ppid not in candidates:
+                found.append(pid)
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
 
 
 def spare_pids(template_dir: Path) -> list[int]:
