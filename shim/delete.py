@@ -13,7 +13,7 @@ import time
 
 from shim import _wire
 from shim import minijson as json
-from shim.procfs import stat_fields
+from shim.procfs import gone
 from shim.recordfile import read_regular_file
 
 TYPE_CHECKING = False  # typing costs ~3 ms at start-up; mypy honours this name
@@ -93,13 +93,6 @@ def _runc_creates(runc_root: str, container_id: str, proc: str = "/proc") -> lis
     return found
 
 
-def _gone(pid: int, proc: str = "/proc") -> bool:
-    try:
-        return stat_fields(pid, proc)[0] in (b"Z", b"X")
-    except (OSError, IndexError, ValueError):
-        return True
-
-
 def kill_runc_creates(runc_root: str, container_id: str, timeout: float = 2.0) -> None:
     """SIGKILL a `runc create` of this container that outlived its shim, and wait.
 
@@ -116,7 +109,7 @@ def kill_runc_creates(runc_root: str, container_id: str, timeout: float = 2.0) -
             continue
     deadline = time.monotonic() + timeout
     while pids and time.monotonic() < deadline:
-        pids = [p for p in pids if not _gone(p)]
+        pids = [p for p in pids if not gone(p)]
         if pids:
             time.sleep(0.01)
     if pids:

@@ -5,7 +5,7 @@ Standard library only: `delete` runs once per container and imports almost nothi
 
 from __future__ import annotations
 
-__all__ = ["stat_fields"]
+__all__ = ["gone", "stat_fields"]
 
 
 def stat_fields(pid: int | str, proc: str = "/proc") -> list[bytes]:
@@ -22,3 +22,11 @@ def stat_fields(pid: int | str, proc: str = "/proc") -> list[bytes]:
     if not paren:
         raise ValueError(f"{proc}/{pid}/stat has no (comm)")
     return tail.split()
+
+
+def gone(pid: int | str, proc: str = "/proc") -> bool:
+    """Whether ``pid`` no longer runs: no such process, or a zombie (Z) or dead (X) one."""
+    try:
+        return stat_fields(pid, proc)[0] in (b"Z", b"X")
+    except (OSError, IndexError, ValueError):
+        return True

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from shim.procfs import gone
+
 if TYPE_CHECKING:
     from shim.reaper import Reaper
 
@@ -155,7 +157,7 @@ async def _read_exec_fifo(fd: int, pid: int) -> bytes:
         try:
             await asyncio.wait_for(ready, _FIFO_CHECK_INTERVAL)
         except TimeoutError:
-            if _alive(pid):
+            if not gone(pid):
                 continue
             # Started, ran and exited between two checks: its byte is still there.
             with contextlib.suppress(BlockingIOError):
@@ -178,15 +180,6 @@ async def _read_exec_fifo(fd: int, pid: int) -> bytes:
 def _wake(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
-
-
-def _alive(pid: int) -> bool:
-    from shim.procfs import stat_fields
-
-    try:
-        return stat_fields(pid)[0] != b"Z"
-    except (OSError, ValueError, IndexError):
-        return False
 
 
 def _log_size(log_path: str) -> int:

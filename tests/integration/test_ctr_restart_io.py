@@ -46,6 +46,7 @@ from ptyprocess import PtyProcess
 from protocol.proto.task.v2 import shim_pb2
 from protocol.proto.types import task_pb2 as types_pb2
 from protocol.ttrpc.client import Client
+from shim.procfs import gone
 from tests.support.containerd import CTR, Containerd
 
 pytestmark = pytest.mark.integration
@@ -106,14 +107,6 @@ def _counter(pid: int) -> int:
     raise AssertionError(f"{path} stays empty")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    return state != "Z"
-
-
 def _shim_call(ctrd: Containerd, cid: str, method: str, req: M, resp_type: type[R]) -> R:
     """Ask the shim directly (containerd may be down), bounded: it must not be blocked."""
     path = (ctrd.bundle(cid) / "address").read_text().strip().removeprefix("unix://")
@@ -133,7 +126,7 @@ def _shim_pid(ctrd: Containerd, cid: str) -> int:
     # Asked rather than looked up by argv: a daemon forked from a template has none.
     req = shim_pb2.ConnectRequest(id=cid)
     pid = _shim_call(ctrd, cid, "Connect", req, shim_pb2.ConnectResponse).shim_pid
-    assert _alive(pid)
+    assert not gone(pid)
     return pid
 
 
@@ -271,7 +264,7 @@ def test_containerd_killed_while_a_container_prints(
     assert during >= before + 5, (
         f"the container stalled while containerd was down: {before} -> {during}"
     )
-    assert _alive(run.pid) and _alive(run.shim)
+    assert not gone(run.pid) and not gone(run.shim)
 
     containerd.start()
     assert _task(containerd, run.cid) == (run.pid, "RUNNING")
@@ -305,7 +298,7 @@ def test_full_fifo_while_containerd_is_down_holds_output_back_then_resumes(
     # Waiting for room, not dropping: roughly what the pipe, one shim read and the
     # fifo hold (3 x 64 KiB), and certainly not the 20+ lines a second it would write.
     assert held * (BIG_PAD + 12) < 8 * 65536, held
-    assert _alive(run.pid) and _alive(run.shim)
+    assert not gone(run.pid) and not gone(run.shim)
     t0 = time.monotonic()
     state = _shim_state(containerd, run.cid)
     assert time.monotonic() - t0 < 2.0

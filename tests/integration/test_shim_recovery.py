@@ -39,6 +39,7 @@ from protocol.ttrpc.client import Client
 from protocol.ttrpc.server import Method, RequestContext, Server
 from protocol.ttrpc.status import Code, TtrpcError
 from shim.events import outbox_dir
+from shim.procfs import gone
 from tests.support.images import build_busybox_rootfs, write_oci_bundle
 
 pytestmark = pytest.mark.integration
@@ -66,14 +67,6 @@ def _shim_binary() -> str:
     if found is None:
         pytest.fail("containerd-shim-pyshim-v1 is not installed in the venv", pytrace=False)
     return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    return state != "Z"
 
 
 def _mounts_under(prefix: Path) -> list[str]:
@@ -314,7 +307,7 @@ class ShimRig:
                                capture_output=True, timeout=TIMEOUT, check=False)  # fmt: skip
         for pid in self.container_pids:
             # Only if runc's delete missed it; the pid is one our shim reported.
-            if _alive(pid):
+            if not gone(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         for _ in range(10):
@@ -457,7 +450,7 @@ async def test_running_container_outlives_its_shim_and_is_reported_honestly() ->
 
         rig.kill_daemon(first)
         await asyncio.sleep(0.2)
-        assert _alive(pid), "the container died with its shim"
+        assert not gone(pid), "the container died with its shim"
 
         await rig.start_daemon()
         state = await rig.state()
