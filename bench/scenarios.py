@@ -20,6 +20,7 @@ from typing import Any
 
 from ptyprocess import PtyProcess
 
+from bench import ksm
 from bench.containerd_env import CtrError, EventWatcher, PrivateContainerd
 from bench.procfs import MemoryUsage, read_memory, read_wakeups
 from bench.stats import (
@@ -417,6 +418,7 @@ def run_idle(ctx: Context, log: Callable[[str], None]) -> None:
                     ctx.error(name, key, f"start #{i + 1}: {exc}")
                     log(f"  idle/{key}: {exc}")
         time.sleep(2.0)  # let start-up work (GC, lazy imports, goroutines) settle
+        _settle_ksm(ctx, name, log)
         pids = {key: ctx.shims_of(key) for key in keys}
         for key, shim_pids in pids.items():
             if len(shim_pids) != n:
@@ -426,15 +428,22 @@ def run_idle(ctx: Context, log: Callable[[str], None]) -> None:
                 ctx.record(name, "rss_per_shim", key, mem.rss_kb / 1024, "MB")
                 ctx.record(name, "pss_per_shim", key, mem.pss_kb / 1024, "MB")
                 ctx.record(name, "private_per_shim", key, mem.private_kb / 1024, "MB")
+                ctx.record(name, "ksm_merged_per_shim", key, ksm.merged_kb(pid) / 1024, "MB")
             # The template's share is paid once per node, not per shim: its own row.
             helpers = _total_memory(ctx.helpers_of(key))
             if helpers.rss_kb:
                 ctx.record(name, "template_pss", key, helpers.pss_kb / 1024, "MB")
         before = {pid: read_wakeups(pid) for shim_pids in pids.values() for pid in shim_pids}
+        ksmd_before = ksm.ksmd_cpu_ticks()
         t0 = time.perf_counter()
         time.sleep(ctx.cfg.idle_window_s)
         elapsed = time.perf_counter() - t0
         tick = os.sysconf("SC_CLK_TCK")
+        ksmd_after = ksm.ksmd_cpu_ticks()
+        if ksmd_before is not None and ksmd_after is not None and "py" in pids:
+            # Node-wide, not per shim; only pyshim's memory is mergeable, so its row.
+            ksmd_ms = (ksmd_after - ksmd_before) * 1000 / tick
+            ctx.record(name, "ksmd_cpu", "py", ksmd_ms / elapsed, "ms/s")
         for key, shim_pids in pids.items():
             for pid in shim_pids:
                 after = read_wakeups(pid)
@@ -483,6 +492,7 @@ def run_pods(ctx: Context, log: Callable[[str], None]) -> None:
                     ctx.error(name, key, f"pod #{p + 1}: {exc}")
                     log(f"  pods/{key}: {exc}")
         time.sleep(2.0)  # as idle: let start-up work settle before reading memory
+        _settle_ksm(ctx, name, log)
         totals = ctx.scenario(name).setdefault("totals", {})
         for key in keys:
             shims = [s for s in ctx.env.shims() if s.runtime == RUNTIMES[key]]
@@ -572,6 +582,12 @@ def _run_scale_series(
         finally:
             series[key] = points
             ctx.env.remove_containers(started)
+
+
+def _settle_ksm(ctx: Context, name: str, log: Callable[[str], None]) -> None:
+    """Where the node runs ksmd, memory is read once it has merged what it can, as a
+    node running shims for longer than a bench would see it."""
+    ctx.scenario(name)["ksm_wait_s"] = round(ksm.wait_for_merging(log), 1)
 
 
 def _total_memory(pids: Sequence[int]) -> MemoryUsage:

@@ -23,6 +23,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from bench import ksm
 from bench.containerd_env import REPO, EventWatcher, PrivateContainerd
 from bench.scenarios import (
     FLEET_SCENARIOS,
@@ -83,6 +84,7 @@ def machine_info(env: PrivateContainerd) -> dict[str, Any]:
         "git": git + (" (shim/protocol modified)" if dirty else ""),
         "pyshim_tree": _tree_digest([REPO / "shim", REPO / "protocol"]),
         "cgroup": "v2" if Path("/sys/fs/cgroup/cgroup.controllers").exists() else "v1",
+        "ksm": state.settings() if (state := ksm.read_state()) else None,
         "namespace": env.namespace,
     }
 
@@ -206,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         env.start()
         info = machine_info(env)
         _log(f"containerd pid {env.pid}, workdir {workdir}, namespace {env.namespace}")
+        _log(f"KSM (same-page merging): {info['ksm'] or 'not in this kernel'}")
         archive = workdir / "busybox.tar"
         build_busybox_oci_archive(archive, cfg.image)
         env.import_image(archive)

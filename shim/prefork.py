@@ -15,6 +15,12 @@ daemon's allocations fill, each dirtying a page again.
 
 It also builds what the daemon's hand-over would otherwise build in every child
 (the prctl_mm_map ctypes structure), so that it is shared.
+
+What cannot be avoided can still be shared again: daemons forked from one template run
+the same code from the same state, so the pages they copy are mostly byte-identical
+from one daemon to the next. `mark_mergeable()` offers the template's memory to the
+kernel's same-page merging (KSM), so that where the node runs ksmd, identical copies
+are folded back into one page.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import ctypes
 import sys
 import types
 
-__all__ = ["PACKAGES", "immortalize", "prepare"]
+__all__ = ["PACKAGES", "immortalize", "mark_mergeable", "prepare"]
 
 PACKAGES = ("shim", "protocol")
 
@@ -83,6 +89,46 @@ def prepare() -> None:
 
     template._prctl_mm_map()
     compact_code()
+
+
+MADV_MERGEABLE = 12  # <asm-generic/mman-common.h>
+
+
+def private_writable(maps: bytes) -> list[tuple[int, int]]:
+    """The [start, end) ranges of the private writable mappings in /proc/<pid>/maps
+    text: the only ones whose pages a fork copies and KSM can merge."""
+    ranges = []
+    for line in maps.splitlines():
+        fields = line.split(maxsplit=2)
+        if len(fields) < 2 or fields[1][1:2] != b"w" or fields[1][3:4] != b"p":
+            continue
+        start, _, end = fields[0].partition(b"-")
+        ranges.append((int(start, 16), int(end, 16)))
+    return ranges
+
+
+def mark_mergeable() -> int:
+    """Mark this process's private writable mappings mergeable (MADV_MERGEABLE); the
+    bytes marked.
+
+    The mark belongs to each mapping: forked daemons inherit it and execve drops it, so
+    runc and the container's processes never have it (PR_SET_MEMORY_MERGE would be
+    simpler, but since Linux 6.8 an exec keeps that one). Nothing is merged unless the
+    node runs ksmd (/sys/kernel/mm/ksm/run); mappings the kernel refuses, or a kernel
+    without KSM, leave everything as it was.
+    """
+    from shim import syscalls
+
+    with open("/proc/self/maps", "rb") as maps:
+        ranges = private_writable(maps.read())
+    marked = 0
+    for start, end in ranges:
+        try:
+            syscalls.madvise(start, end - start, MADV_MERGEABLE)
+        except OSError:
+            continue
+        marked += end - start
+    return marked
 
 
 def _immortal_refcount() -> int | None:

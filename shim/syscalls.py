@@ -97,6 +97,13 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
     return _check(fn(option, arg2, arg3, arg4, arg5), "prctl")
 
 
+def madvise(address: int, length: int, advice: int) -> None:
+    fn = _lib().madvise
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    _check(fn(address, length, advice), "madvise")
+
+
 def set_child_subreaper(enabled: bool = True) -> None:
     prctl(PR_SET_CHILD_SUBREAPER, 1 if enabled else 0)
 

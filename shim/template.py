@@ -53,6 +53,8 @@ DEFAULT_DIR = "/run/pyshim/template"
 DIR_ENV = "PYSHIM_TEMPLATE_DIR"
 # "0" makes `start` always re-execute the daemon (and never spawn a template).
 ENABLE_ENV = "PYSHIM_TEMPLATE"
+# "0": the template does not offer its memory to same-page merging (prefork.mark_mergeable).
+KSM_ENV = "PYSHIM_KSM"
 ACTION = "template"
 # Long enough for a fork under heavy load (a fork here takes ~2-5 ms), short enough
 # that a wedged template costs one start less than a direct re-exec would.
@@ -425,6 +427,9 @@ def freeze() -> None:
     gc.collect()
     prefork.immortalize()  # after the collection: garbage made immortal would stay
     gc.freeze()
+    if os.environ.get(KSM_ENV, "1") != "0":
+        # Last: the collections and immortalize() above write every page anyway.
+        prefork.mark_mergeable()
 
 
 def _set_name(comm: bytes) -> None:

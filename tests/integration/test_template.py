@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -226,3 +227,63 @@ def test_template_disabled(
     assert containerd.template_pids() == []
     assert not containerd.template_dir.exists()
     _remove(containerd, "c1")
+
+
+KSM = Path("/sys/kernel/mm/ksm")
+
+
+def _mergeable_mappings(pid: int) -> int:
+    """Mappings of ``pid`` marked for same-page merging ("mg" in smaps' VmFlags)."""
+    return sum(
+        1
+        for line in Path(f"/proc/{pid}/smaps").read_text().splitlines()
+        if line.startswith("VmFlags:") and " mg" in line
+    )
+
+
+def _task_pid(ctrd: Containerd, cid: str) -> int:
+    for line in ctrd.ctr("tasks", "ls").stdout.splitlines()[1:]:
+        fields = line.split()
+        if fields[0] == cid:
+            return int(fields[1])
+    raise AssertionError(f"no task {cid}")
+
+
+@pytest.fixture
+def ksmd_fast() -> Iterator[None]:
+    """ksmd running and scanning quickly for the test; the node's settings restored."""
+    names = ("run", "pages_to_scan", "sleep_millisecs")
+    saved = {name: (KSM / name).read_text().strip() for name in names}
+    try:
+        (KSM / "pages_to_scan").write_text("5000")
+        (KSM / "sleep_millisecs").write_text("10")
+        (KSM / "run").write_text("1")
+        yield
+    finally:
+        for name in names:
+            (KSM / name).write_text(saved[name])
+
+
+def test_forked_shims_merge_identical_pages_and_containers_are_not_marked(
+    containerd: Containerd, busybox_image: str, ksmd_fast: None
+) -> None:
+    _run_d(containerd, busybox_image, "c1")
+    _template(containerd)
+    daemons = [_run_d(containerd, busybox_image, cid) for cid in ("c2", "c3", "c4")]
+    assert all(_forked(containerd, pid) for pid in daemons)
+    # The template's mark reaches every forked daemon (heap, arenas, data segments) ...
+    assert all(_mergeable_mappings(pid) >= 3 for pid in daemons)
+    # ... and never a container: runc starts it with execve, which drops the mark.
+    for cid in ("c2", "c3"):
+        assert _mergeable_mappings(_task_pid(containerd, cid)) == 0
+    # The daemons copied the same template pages with the same writes: ksmd merges them.
+    _wait(
+        lambda: all(
+            int(Path(f"/proc/{pid}/ksm_merging_pages").read_text()) > 100 for pid in daemons
+        ),
+        "ksmd to merge the forked daemons' pages",
+        timeout=120,
+    )
+    assert containerd.ctr("tasks", "exec", "--exec-id", "e1", "c2", "true").returncode == 0
+    for cid in ("c1", "c2", "c3", "c4"):
+        _remove(containerd, cid)

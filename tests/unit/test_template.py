@@ -724,3 +724,36 @@ def test_start_skips_the_template(env: dict[str, str], monkeypatch: pytest.Monke
     monkeypatch.setattr(template, "fork_daemon", lambda argv, sock: pytest.fail("template used"))
     with socket.socket(socket.AF_UNIX) as sock:
         assert start.fork_from_template(["x"], sock) is None
+
+
+FREEZE_AND_COUNT = r"""
+import sys
+from shim import template
+template.freeze()
+print(sum(" mg" in line for line in open("/proc/self/smaps") if line.startswith("VmFlags:")))
+"""
+
+
+@pytest.mark.parametrize("setting", [None, "1", "0"])
+def test_freeze_offers_memory_to_ksm_unless_told_not_to(setting: str | None) -> None:
+    env = {k: v for k, v in os.environ.items() if k != template.KSM_ENV}
+    if setting is not None:
+        env[template.KSM_ENV] = setting
+    root = Path(__file__).resolve().parents[2]
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"import sys; sys.path.insert(0, {str(root)!r})\n" + FREEZE_AND_COUNT,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    marked = int(res.stdout)
+    if setting == "0" or not Path("/sys/kernel/mm/ksm").exists():
+        assert marked == 0
+    else:
+        assert marked >= 3
