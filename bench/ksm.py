@@ -15,14 +15,25 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-__all__ = ["KsmState", "ksmd_cpu_ticks", "merged_kb", "read_state", "wait_for_merging"]
+__all__ = [
+    "KsmState",
+    "ProcessKsm",
+    "ksmd_cpu_ticks",
+    "read_process",
+    "read_state",
+    "wait_for_merging",
+]
 
 SYSFS = Path("/sys/kernel/mm/ksm")
 PROC = Path("/proc")
 KTHREADD = 2
-# ksmd merges a page once its checksum held for one full scan, so the pages that were
-# stable when the wait began have been merged after two.
-SCANS_TO_SETTLE = 2
+# ksmd merges a page once its checksum held from one full scan to the next; the scan
+# under way when the wait begins is partial, so pages that were stable by then have
+# been merged after three.
+SCANS_TO_SETTLE = 3
+# struct ksm_rmap_item on 64-bit: what ksmd keeps per scanned page, in slab memory
+# that no process's PSS shows (the kernel's ksm_process_profit charges it).
+RMAP_ITEM_BYTES = 64
 
 
 @dataclass(frozen=True)
@@ -48,13 +59,28 @@ def read_state(root: Path = SYSFS) -> KsmState | None:
         return None
 
 
-def merged_kb(pid: int, proc: Path = PROC) -> int:
-    """KB of ``pid``'s memory that lies on merged pages (0 without KSM)."""
+@dataclass(frozen=True)
+class ProcessKsm:
+    merged_kb: int  # the process's memory on merged pages
+    metadata_kb: int  # ksmd's bookkeeping for the process's scanned pages
+
+    @classmethod
+    def parse(cls, ksm_stat: str) -> ProcessKsm:
+        """From /proc/<pid>/ksm_stat."""
+        fields = dict(line.split(maxsplit=1) for line in ksm_stat.splitlines() if " " in line)
+        page_kb = os.sysconf("SC_PAGE_SIZE") // 1024
+        return cls(
+            merged_kb=int(fields.get("ksm_merging_pages", 0)) * page_kb,
+            metadata_kb=int(fields.get("ksm_rmap_items", 0)) * RMAP_ITEM_BYTES // 1024,
+        )
+
+
+def read_process(pid: int, proc: Path = PROC) -> ProcessKsm:
+    """What KSM does for ``pid`` (zeros on a kernel without KSM)."""
     try:
-        pages = int((proc / str(pid) / "ksm_merging_pages").read_text())
-    except (FileNotFoundError, ValueError):
-        return 0
-    return pages * os.sysconf("SC_PAGE_SIZE") // 1024
+        return ProcessKsm.parse((proc / str(pid) / "ksm_stat").read_text())
+    except FileNotFoundError:
+        return ProcessKsm(0, 0)
 
 
 def ksmd_cpu_ticks(proc: Path = PROC) -> int | None:

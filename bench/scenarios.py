@@ -428,7 +428,9 @@ def run_idle(ctx: Context, log: Callable[[str], None]) -> None:
                 ctx.record(name, "rss_per_shim", key, mem.rss_kb / 1024, "MB")
                 ctx.record(name, "pss_per_shim", key, mem.pss_kb / 1024, "MB")
                 ctx.record(name, "private_per_shim", key, mem.private_kb / 1024, "MB")
-                ctx.record(name, "ksm_merged_per_shim", key, ksm.merged_kb(pid) / 1024, "MB")
+                merging = ksm.read_process(pid)
+                ctx.record(name, "ksm_merged_per_shim", key, merging.merged_kb / 1024, "MB")
+                ctx.record(name, "ksm_metadata_per_shim", key, merging.metadata_kb / 1024, "MB")
             # The template's share is paid once per node, not per shim: its own row.
             helpers = _total_memory(ctx.helpers_of(key))
             if helpers.rss_kb:

@@ -49,9 +49,10 @@ fi
 
 # Same-page merging (KSM): shims forked from one template copy the same pages with
 # the same writes, and ksmd folds the copies back together (idle shim PSS 7.8 -> ~2.2
-# MB here; bench/README.md "Same-page merging"). Only memory that asks for it is
-# scanned: pyshim's template and shims, never containers. PYSHIM_KSM=0 leaves the
-# node's setting alone (and, in containerd's environment, stops the shims asking).
+# MB here, for ~2.5% of one core spent by ksmd while any shim runs; bench/README.md
+# "Same-page merging"). Only memory that asks for it is scanned: pyshim's forked
+# shims, never containers. PYSHIM_KSM=0 leaves the node's setting alone (and, in
+# containerd's environment, stops the shims asking).
 if [ "${PYSHIM_KSM:-1}" != 0 ]; then
     if [ -w /sys/kernel/mm/ksm/run ]; then
         echo 1 > /sys/kernel/mm/ksm/run

@@ -23,6 +23,7 @@ from protocol.proto.task.v2 import shim_pb2
 from protocol.proto.types import mount_pb2
 from protocol.proto.types import task_pb2 as types_pb2
 from protocol.ttrpc.status import Code, TtrpcError
+from shim import prefork
 from shim.container import Container, CreateOptions, OomWatch, Toolkit, validate_bundle
 from shim.exits import ExitRouter
 from shim.ids import validate_id
@@ -216,6 +217,8 @@ class TaskService:
         pid = await container.process(req.exec_id).start()
         if not req.exec_id:
             container.watch_oom()
+            # Runs once this reply is written (the server writes it in this task step).
+            asyncio.get_running_loop().call_soon(prefork.started)
         return shim_pb2.StartResponse(pid=pid)
 
     async def state(self, req: shim_pb2.StateRequest) -> shim_pb2.StateResponse:

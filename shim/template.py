@@ -53,7 +53,7 @@ DEFAULT_DIR = "/run/pyshim/template"
 DIR_ENV = "PYSHIM_TEMPLATE_DIR"
 # "0" makes `start` always re-execute the daemon (and never spawn a template).
 ENABLE_ENV = "PYSHIM_TEMPLATE"
-# "0": the template does not offer its memory to same-page merging (prefork.mark_mergeable).
+# "0": forked daemons do not offer their memory to same-page merging (shim/prefork.py).
 KSM_ENV = "PYSHIM_KSM"
 ACTION = "template"
 # Long enough for a fork under heavy load (a fork here takes ~2-5 ms), short enough
@@ -427,9 +427,6 @@ def freeze() -> None:
     gc.collect()
     prefork.immortalize()  # after the collection: garbage made immortal would stay
     gc.freeze()
-    if os.environ.get(KSM_ENV, "1") != "0":
-        # Last: the collections and immortalize() above write every page anyway.
-        prefork.mark_mergeable()
 
 
 def _set_name(comm: bytes) -> None:
@@ -608,8 +605,11 @@ def _become_daemon(
             _remove_socket_file(request)
         return 0
 
+    from shim import prefork
     from shim.cli import main
 
+    if env.get(KSM_ENV, "1") != "0":
+        prefork.mark_after_start()
     return main(argv)
 
 

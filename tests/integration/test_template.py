@@ -267,12 +267,17 @@ def ksmd_fast() -> Iterator[None]:
 def test_forked_shims_merge_identical_pages_and_containers_are_not_marked(
     containerd: Containerd, busybox_image: str, ksmd_fast: None
 ) -> None:
-    _run_d(containerd, busybox_image, "c1")
-    _template(containerd)
+    first = _run_d(containerd, busybox_image, "c1")
+    template = _template(containerd)
     daemons = [_run_d(containerd, busybox_image, cid) for cid in ("c2", "c3", "c4")]
     assert all(_forked(containerd, pid) for pid in daemons)
-    # The template's mark reaches every forked daemon (heap, arenas, data segments) ...
-    assert all(_mergeable_mappings(pid) >= 3 for pid in daemons)
+    # A forked daemon marks its heap, arenas and data segments once its container
+    # started (just after the Start reply) ...
+    _wait(lambda: all(_mergeable_mappings(pid) >= 3 for pid in daemons), "forked daemons marked")
+    # ... a re-executed one (different layout) and the template (ksmd would scan it
+    # with no shim to share with) are not ...
+    assert _mergeable_mappings(first) == 0
+    assert _mergeable_mappings(template) == 0
     # ... and never a container: runc starts it with execve, which drops the mark.
     for cid in ("c2", "c3"):
         assert _mergeable_mappings(_task_pid(containerd, cid)) == 0

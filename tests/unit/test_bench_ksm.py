@@ -31,11 +31,26 @@ def test_read_state_and_settings(tmp_path: Path) -> None:
     assert ksm.read_state(tmp_path / "absent") is None
 
 
-def test_merged_kb_reads_ksm_merging_pages(tmp_path: Path) -> None:
+KSM_STAT = """\
+ksm_rmap_items 4443
+ksm_zero_pages 0
+ksm_merging_pages 37
+ksm_process_profit -132800
+ksm_merge_any: no
+ksm_mergeable: yes
+"""
+
+
+def test_read_process_reads_ksm_stat(tmp_path: Path) -> None:
     (tmp_path / "42").mkdir()
-    (tmp_path / "42" / "ksm_merging_pages").write_text("3\n")
-    assert ksm.merged_kb(42, tmp_path) == 3 * os.sysconf("SC_PAGE_SIZE") // 1024
-    assert ksm.merged_kb(43, tmp_path) == 0  # gone, or a kernel without KSM
+    (tmp_path / "42" / "ksm_stat").write_text(KSM_STAT)
+    page_kb = os.sysconf("SC_PAGE_SIZE") // 1024
+    found = ksm.read_process(42, tmp_path)
+    assert found == ksm.ProcessKsm(merged_kb=37 * page_kb, metadata_kb=4443 * 64 // 1024)
+    # The kernel's own profit figure (read off a shim here, 4 KB pages) is merged
+    # bytes minus that bookkeeping: the item size is the kernel's.
+    assert 37 * 4096 - 4443 * ksm.RMAP_ITEM_BYTES == -132800
+    assert ksm.read_process(43, tmp_path) == ksm.ProcessKsm(0, 0)  # gone, or no KSM
 
 
 def test_ksmd_is_the_kernel_thread_of_that_name(tmp_path: Path) -> None:
@@ -47,7 +62,7 @@ def test_ksmd_is_the_kernel_thread_of_that_name(tmp_path: Path) -> None:
     assert ksm.ksmd_cpu_ticks(tmp_path / "38") is None
 
 
-def test_wait_for_merging_waits_two_full_scans(tmp_path: Path) -> None:
+def test_wait_for_merging_waits_three_full_scans(tmp_path: Path) -> None:
     root = _sysfs(tmp_path / "ksm", full_scans=5)
     sleeps: list[float] = []
 
@@ -58,8 +73,8 @@ def test_wait_for_merging_waits_two_full_scans(tmp_path: Path) -> None:
 
     lines: list[str] = []
     waited = ksm.wait_for_merging(lines.append, root=root, sleep=scan)
-    assert len(sleeps) == 2 and (root / "full_scans").read_text() == "7\n"
-    assert waited >= 0 and "2 full scans" in lines[-1]
+    assert len(sleeps) == 3 and (root / "full_scans").read_text() == "8\n"
+    assert waited >= 0 and "3 full scans" in lines[-1]
 
 
 def test_wait_for_merging_returns_at_once_when_ksmd_is_stopped(tmp_path: Path) -> None:

@@ -222,3 +222,39 @@ def test_mergeable_mark_is_inherited_by_fork_and_dropped_by_exec() -> None:
     assert own[0] >= 3, own
     assert forked[0] >= own[0] - 1, forked  # the same mappings, but for the stack's guard
     assert executed == (0, executed[1]) and executed[1] > 0, executed
+
+
+# started() marks a daemon once, and only one that mark_after_start() flagged.
+STARTED_CHILD = r"""
+from shim import prefork
+
+def flagged():
+    return sum(" mg" in line for line in open("/proc/self/smaps") if line.startswith("VmFlags:"))
+
+prefork.started()
+before = flagged()
+prefork.mark_after_start()
+prefork.started()
+after = flagged()
+prefork.started()
+print(before, after, prefork._mark_pending)
+"""
+
+
+def test_started_marks_a_forked_daemon_once() -> None:
+    root = Path(__file__).resolve().parents[2]
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-I",
+            "-c",
+            f"import sys; sys.path.insert(0, {str(root)!r})\n" + STARTED_CHILD,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    before, after, pending = res.stdout.split()
+    assert before == "0" and pending == "False"
+    assert int(after) >= 3 or not Path("/sys/kernel/mm/ksm").exists()

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import shim.cli
-from shim import start, template
+from shim import prefork, start, template
 from shim.cli import parse_flags
 from shim.procfs import stat_fields
 from tests.support.template import spare_pids
@@ -37,6 +37,7 @@ def _probe_main(argv: list[str] | None = None) -> int:
         status = dict(line.split(":\t", 1) for line in f if ":\t" in line)
     umask = os.umask(0)
     info = {
+        "ksm_pending": prefork._mark_pending,
         "pid": os.getpid(),
         "ppid": int(fields[1]),
         "pgid": os.getpgrp(),
@@ -726,34 +727,22 @@ def test_start_skips_the_template(env: dict[str, str], monkeypatch: pytest.Monke
         assert start.fork_from_template(["x"], sock) is None
 
 
-FREEZE_AND_COUNT = r"""
-import sys
-from shim import template
-template.freeze()
-print(sum(" mg" in line for line in open("/proc/self/smaps") if line.startswith("VmFlags:")))
-"""
-
-
 @pytest.mark.parametrize("setting", [None, "1", "0"])
-def test_freeze_offers_memory_to_ksm_unless_told_not_to(setting: str | None) -> None:
-    env = {k: v for k, v in os.environ.items() if k != template.KSM_ENV}
-    if setting is not None:
-        env[template.KSM_ENV] = setting
-    root = Path(__file__).resolve().parents[2]
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            f"import sys; sys.path.insert(0, {str(root)!r})\n" + FREEZE_AND_COUNT,
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
-    assert res.returncode == 0, res.stderr
-    marked = int(res.stdout)
-    if setting == "0" or not Path("/sys/kernel/mm/ksm").exists():
-        assert marked == 0
+def test_forked_daemon_is_marked_after_start_unless_told_not_to(
+    serve: Running,
+    listener: socket.socket,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    setting: str | None,
+) -> None:
+    if setting is None:
+        monkeypatch.delenv(template.KSM_ENV, raising=False)
     else:
-        assert marked >= 3
+        monkeypatch.setenv(template.KSM_ENV, setting)
+    argv = ["/x/containerd-shim-pyshim-v1", "-namespace", "ns", "-id", "c1", "-address", "/a"]
+    forked = template.fork_daemon(argv, listener, directory=str(serve.directory), key=KEY)
+    assert forked is not None
+    forked.go()
+    probe = tmp_path / "probe.json"
+    _wait_for(probe)
+    assert json.loads(probe.read_text())["ksm_pending"] is (setting != "0")
