@@ -63,6 +63,7 @@ def read_state(root: Path = SYSFS) -> KsmState | None:
 class ProcessKsm:
     merged_kb: int  # the process's memory on merged pages
     metadata_kb: int  # ksmd's bookkeeping for the process's scanned pages
+    mergeable: bool = False  # has memory marked for merging
 
     @classmethod
     def parse(cls, ksm_stat: str) -> ProcessKsm:
@@ -72,6 +73,7 @@ class ProcessKsm:
         return cls(
             merged_kb=int(fields.get("ksm_merging_pages", 0)) * page_kb,
             metadata_kb=int(fields.get("ksm_rmap_items", 0)) * RMAP_ITEM_BYTES // 1024,
+            mergeable=fields.get("ksm_mergeable:", "").strip() == "yes",
         )
 
 

@@ -63,6 +63,7 @@ class BenchConfig:
     pods: int = 5
     pod_size: int = 4
     restart_containers: int = 5
+    scale_ksm: bool = False
     throughput_mb: int = 64
     image: str = IMAGE
     runtimes: tuple[str, ...] = ("go", "py")
@@ -418,8 +419,8 @@ def run_idle(ctx: Context, log: Callable[[str], None]) -> None:
                     ctx.error(name, key, f"start #{i + 1}: {exc}")
                     log(f"  idle/{key}: {exc}")
         time.sleep(2.0)  # let start-up work (GC, lazy imports, goroutines) settle
-        _settle_ksm(ctx, name, log)
         pids = {key: ctx.shims_of(key) for key in keys}
+        _settle_ksm(ctx, name, log, [pid for shim_pids in pids.values() for pid in shim_pids])
         for key, shim_pids in pids.items():
             if len(shim_pids) != n:
                 ctx.error(name, key, f"found {len(shim_pids)} shim processes for {n} containers")
@@ -494,7 +495,7 @@ def run_pods(ctx: Context, log: Callable[[str], None]) -> None:
                     ctx.error(name, key, f"pod #{p + 1}: {exc}")
                     log(f"  pods/{key}: {exc}")
         time.sleep(2.0)  # as idle: let start-up work settle before reading memory
-        _settle_ksm(ctx, name, log)
+        _settle_ksm(ctx, name, log, [s.pid for s in ctx.env.shims()])
         totals = ctx.scenario(name).setdefault("totals", {})
         for key in keys:
             shims = [s for s in ctx.env.shims() if s.runtime == RUNTIMES[key]]
@@ -578,6 +579,17 @@ def _run_scale_series(
             last = points[-1]
             ctx.record(name, "pss_per_container", key, per_container_mb(last["pss_kb"], n), "MB")
             ctx.record(name, "total_pss", key, last["pss_kb"] / 1024, "MB")
+            if ctx.cfg.scale_ksm:
+                shims = ctx.shims_of(key)
+                _settle_ksm(ctx, name, log, shims)
+                total = _total_memory(shims + ctx.helpers_of(key))
+                metadata_kb = sum(ksm.read_process(pid).metadata_kb for pid in shims)
+                ctx.record(
+                    name, "pss_per_container_merged", key, per_container_mb(total.pss_kb, n), "MB"
+                )
+                ctx.record(
+                    name, "ksm_metadata_per_container", key, per_container_mb(metadata_kb, n), "MB"
+                )
         except Exception as exc:
             ctx.error(name, key, f"after {len(started)} containers: {exc}")
             log(f"  {name}/{key}: {exc}")
@@ -586,10 +598,13 @@ def _run_scale_series(
             ctx.env.remove_containers(started)
 
 
-def _settle_ksm(ctx: Context, name: str, log: Callable[[str], None]) -> None:
-    """Where the node runs ksmd, memory is read once it has merged what it can, as a
-    node running shims for longer than a bench would see it."""
-    ctx.scenario(name)["ksm_wait_s"] = round(ksm.wait_for_merging(log), 1)
+def _settle_ksm(ctx: Context, name: str, log: Callable[[str], None], pids: Sequence[int]) -> None:
+    """Where the node runs ksmd and some of ``pids`` have mergeable memory, memory is
+    read once ksmd has merged what it can, as on a node running shims for longer than
+    a bench does. (With nothing mergeable, ksmd does not scan: nothing to wait for.)"""
+    if any(ksm.read_process(pid).mergeable for pid in pids):
+        timeout = 3600.0 if ctx.cfg.scale_ksm else 600.0
+        ctx.scenario(name)["ksm_wait_s"] = round(ksm.wait_for_merging(log, timeout), 1)
 
 
 def _total_memory(pids: Sequence[int]) -> MemoryUsage:

@@ -142,6 +142,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--pods", type=_positive, default=5, help="pods per runtime, pods scenario")
     p.add_argument("--pod-size", type=_positive, default=4, help="containers per pod")
+    p.add_argument(
+        "--scale-ksm",
+        action="store_true",
+        help="after each scale series, wait for ksmd to merge and read memory again "
+        "(1000 shims: ~45 min at the kernel's default scan rate)",
+    )
     p.add_argument("--restart-containers", type=int, default=5)
     p.add_argument("--restart-rounds", type=int, default=3)
     p.add_argument("--throughput-mb", type=int, default=64)
@@ -192,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         pods=args.pods,
         pod_size=args.pod_size,
         restart_containers=args.restart_containers,
+        scale_ksm=args.scale_ksm,
         throughput_mb=args.throughput_mb,
         runtimes=tuple(args.runtimes.split(",")),
     )

@@ -25,3 +25,8 @@ def test_pods_defaults_and_flags() -> None:
     assert (args.pods, args.pod_size) == (5, 4)
     args = parse_args(["--pods", "3", "--pod-size", "2", "--scenarios", "pods"])
     assert (args.pods, args.pod_size) == (3, 2)
+
+
+def test_scale_ksm_is_off_unless_asked() -> None:
+    assert parse_args([]).scale_ksm is False
+    assert parse_args(["--scale-ksm"]).scale_ksm is True

@@ -46,7 +46,8 @@ def test_read_process_reads_ksm_stat(tmp_path: Path) -> None:
     (tmp_path / "42" / "ksm_stat").write_text(KSM_STAT)
     page_kb = os.sysconf("SC_PAGE_SIZE") // 1024
     found = ksm.read_process(42, tmp_path)
-    assert found == ksm.ProcessKsm(merged_kb=37 * page_kb, metadata_kb=4443 * 64 // 1024)
+    assert found == ksm.ProcessKsm(37 * page_kb, 4443 * 64 // 1024, mergeable=True)
+    assert not ksm.ProcessKsm.parse(KSM_STAT.replace("mergeable: yes", "mergeable: no")).mergeable
     # The kernel's own profit figure (read off a shim here, 4 KB pages) is merged
     # bytes minus that bookkeeping: the item size is the kernel's.
     assert 37 * 4096 - 4443 * ksm.RMAP_ITEM_BYTES == -132800
