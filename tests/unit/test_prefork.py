@@ -78,6 +78,20 @@ def _python_312_or_later() -> str | None:
     return next((path for path in found if path and "/shims/" not in path), None)
 
 
+def _run_child(script: str, python: str = sys.executable) -> str:
+    """stdout of ``script`` run by ``python -I`` with this tree importable (a process
+    of its own: what these tests change is process-wide)."""
+    root = Path(__file__).resolve().parents[2]
+    res = subprocess.run(
+        [python, "-I", "-c", f"import sys; sys.path.insert(0, {str(root)!r})\n" + script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
 # Run by an interpreter >= 3.12: a forked child that reads every object of a large
 # frozen list must not un-share the pages they lie on once they are immortal.
 IMMORTAL_CHILD = r"""
@@ -131,15 +145,7 @@ def test_immortalized_objects_stay_shared_with_forked_children() -> None:
     python = _python_312_or_later()
     if python is None:
         pytest.skip("no CPython >= 3.12 on this host (immortal objects need one)")
-    root = Path(__file__).resolve().parents[2]
-    res = subprocess.run(
-        [python, "-I", "-c", f"import sys; sys.path.insert(0, {str(root)!r})\n" + IMMORTAL_CHILD],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert res.returncode == 0, res.stderr
-    mortal_kb, immortal_kb = map(int, res.stdout.split())
+    mortal_kb, immortal_kb = map(int, _run_child(IMMORTAL_CHILD, python).split())
     # Reading 200k mortal objects copies every page they lie on (~12 MB); once immortal,
     # the child copies only its own stack and allocator bookkeeping.
     assert mortal_kb > 8000, (mortal_kb, immortal_kb)
@@ -200,20 +206,8 @@ print(repr((marked, own, forked, executed)))
 
 
 def test_mergeable_mark_is_inherited_by_fork_and_dropped_by_exec() -> None:
-    root = Path(__file__).resolve().parents[2]
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-I",
-            "-c",
-            f"import sys; sys.path.insert(0, {str(root)!r})\n" + MERGEABLE_CHILD,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert res.returncode == 0, res.stderr
-    marked, own, forked, executed = ast.literal_eval(res.stdout)
+    out = _run_child(MERGEABLE_CHILD)
+    marked, own, forked, executed = ast.literal_eval(out)
     if not Path("/sys/kernel/mm/ksm").exists():
         # A kernel without KSM refuses the advice: nothing marked, nothing changed.
         assert marked == 0 and own[0] == forked[0] == executed[0] == 0
@@ -242,19 +236,7 @@ print(before, after, prefork._mark_pending)
 
 
 def test_started_marks_a_forked_daemon_once() -> None:
-    root = Path(__file__).resolve().parents[2]
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-I",
-            "-c",
-            f"import sys; sys.path.insert(0, {str(root)!r})\n" + STARTED_CHILD,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert res.returncode == 0, res.stderr
-    before, after, pending = res.stdout.split()
+    out = _run_child(STARTED_CHILD)
+    before, after, pending = out.split()
     assert before == "0" and pending == "False"
     assert int(after) >= 3 or not Path("/sys/kernel/mm/ksm").exists()
