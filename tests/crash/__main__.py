@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
-from tests.crash.drivers import DRIVERS, SetupError
+from tests.crash.drivers import DRIVERS, Driver, SetupError
 from tests.crash.plan import generate
 from tests.crash.runner import Report, Runner
 
@@ -47,9 +50,36 @@ def run(
     d = DRIVERS[driver](runtime, tmpfs_size)
     try:
         log = (lambda m: print(f"{time.strftime('%H:%M:%S')} {m}", flush=True)) if verbose else None
-        return Runner(d, plan, log=log).run()
+        report = Runner(d, plan, log=log).run()
+        if report.violations:
+            report.evidence = keep_evidence(d, report)
+        return report
     finally:
         d.close()
+
+
+EVIDENCE_LINES = 40
+
+
+def keep_evidence(d: Driver, report: Report) -> list[str]:
+    """Copy the daemon's log and records out of the run's temp dir (which close()
+    removes), and quote the log lines naming the containers the violations are about."""
+    kept = Path(tempfile.mkdtemp(prefix=f"pyshim-crash-{report.seed}-", dir="/tmp"))
+    names = {v.detail.split()[0].rstrip(":") for v in report.violations if v.detail}
+    ids = {d.ids.get(n, n) for n in names} | names
+    lines = [f"daemon log and records kept in {kept}"]
+    for path in d.evidence_files():
+        try:
+            if path.is_dir():
+                shutil.copytree(path, kept / path.name, symlinks=True)
+            else:
+                shutil.copy(path, kept / path.name)
+                text = path.read_text(errors="replace").splitlines()
+                quoted = [t for t in text if any(i and i in t for i in ids)][-EVIDENCE_LINES:]
+                lines += [f"{path.name}: {t[:300]}" for t in quoted]
+        except OSError as exc:
+            lines.append(f"{path}: not kept ({exc})")
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -234,6 +234,10 @@ class Driver:
     def close(self) -> None:
         raise NotImplementedError
 
+    def evidence_files(self) -> list[Path]:
+        """The daemon's log and records, worth keeping after a violation."""
+        return []
+
     # -- common leak checks ------------------------------------------------------------
 
     def _common_leftovers(self, state_dirs: list[Path], runc_root: Path) -> list[str]:
@@ -489,6 +493,9 @@ class ContainerdDriver(Driver):
             if mp != str(self.ctrd.state):
                 found.append(f"mount {mp} left")
         return found
+
+    def evidence_files(self) -> list[Path]:
+        return [self.ctrd.log_path, self.events_path]
 
     def close(self) -> None:
         self._stop_events()
@@ -753,6 +760,9 @@ class ManagerDriver(Driver):
             if mp != str(self.run_dir):
                 found.append(f"mount {mp} left")
         return found
+
+    def evidence_files(self) -> list[Path]:
+        return [self.log_path, self.state_dir]
 
     def close(self) -> None:
         self.free_disk()

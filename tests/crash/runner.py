@@ -96,6 +96,9 @@ class Report:
     violations: list[Violation] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     tolerated: list[str] = field(default_factory=list)
+    # After a violation: where the daemon's log and records were kept, and the log
+    # lines that name the containers involved (CI keeps only the output of a run).
+    evidence: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     def summary(self) -> str:
@@ -130,6 +133,9 @@ class Report:
             lines += [f"    {t}" for t in self.tolerated]
         lines.append(f"  violations: {len(self.violations)}")
         lines += [f"    {v.describe(self.seed)}" for v in self.violations]
+        if self.evidence:
+            lines.append("  evidence:")
+            lines += [f"    {e}" for e in self.evidence]
         lines.append(self.summary())
         return "\n".join(lines)
 
