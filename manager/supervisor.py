@@ -337,9 +337,15 @@ class Supervisor:
         if cfg.terminal and cfg.tty_width and cfg.tty_height:
             await c.client.resize(cid, "", cfg.tty_width, cfg.tty_height)
         await c.client.start(cid)
-        c.record.status = "running"
-        self.store.save(c.record)
+        self._mark_started(c)
         c.monitor = asyncio.create_task(self._monitor(c))
+
+    def _mark_started(self, c: Container) -> None:
+        """Start succeeded: the container runs, unless its init's /tasks/exit was handled
+        first (it comes on the shim's event connection and can overtake Start's reply)."""
+        if not c.record.exited:
+            c.record.status = "running"
+            self.store.save(c.record)
 
     # ------------------------------------------------------------------ teardown
 

@@ -80,3 +80,16 @@ def test_unresponsive_shim_is_found_by_argv_and_only_it(tmp_path: Path) -> None:
         for p in (ours, other_mgr, starting):
             p.kill()
             p.wait()
+
+
+def test_an_exit_handled_before_start_returned_is_not_overwritten(tmp_path: Path) -> None:
+    sup = _supervisor(tmp_path)
+    fast = _add(sup, "f00d", "fast")
+    sup.on_task_exit("f00d", "f00d", 0, 100)  # the event overtook Start's reply
+    sup._mark_started(fast)
+    slow = _add(sup, "5104", "slow")
+    sup._mark_started(slow)
+    stored = {cid: sup.store.load(cid) for cid in ("f00d", "5104")}
+    assert stored["f00d"] is not None and stored["5104"] is not None
+    assert (stored["f00d"].status, stored["f00d"].exit_status) == ("stopped", 0)
+    assert (stored["5104"].status, stored["5104"].exit_status) == ("running", None)
