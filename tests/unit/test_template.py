@@ -280,8 +280,19 @@ def test_forked_daemon_looks_like_a_reexec(
 def test_spare_is_detached_and_idle(serve: Running) -> None:
     pid = _spare(serve.directory)
     # It is listed once it has named itself, a moment before its set-up ends and it
-    # blocks in its read: wait for that (sleeping) state, then look.
-    _until(lambda: stat_fields(pid)[0] == b"S", "the spare to block in its read")
+    # blocks in its read. Sleeping alone does not say its set-up is over (it may wait
+    # on a page or a lock in between): wait until it sleeps with its CPU time still.
+    last: list[bytes] = []
+
+    def settled() -> bool:
+        fields = stat_fields(pid)
+        now = fields[11] + b"/" + fields[12]
+        still = fields[0] == b"S" and last == [now]
+        last[:] = [now]
+        time.sleep(0.1)
+        return still
+
+    _until(settled, "the spare to block in its read")
     fields = stat_fields(pid)
     ppid, pgid, sid = int(fields[1]), int(fields[2]), int(fields[3])
     assert ppid not in (serve.pid, os.getpid())
