@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bench.procfs import parse_ppid, parse_stat_cpu_ticks
+
 __all__ = [
     "KsmState",
     "ProcessKsm",
@@ -95,9 +97,8 @@ def ksmd_cpu_ticks(proc: Path = PROC) -> int | None:
         except (FileNotFoundError, ProcessLookupError):
             continue
         name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        rest = stat[stat.rindex(")") + 2 :].split()
-        if name == "ksmd" and int(rest[1]) == KTHREADD:
-            return int(rest[11]) + int(rest[12])
+        if name == "ksmd" and parse_ppid(stat) == KTHREADD:
+            return parse_stat_cpu_ticks(stat)
     return None
 
 
