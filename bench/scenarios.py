@@ -581,7 +581,8 @@ def _run_scale_series(
             ctx.record(name, "total_pss", key, last["pss_kb"] / 1024, "MB")
             if ctx.cfg.scale_ksm:
                 shims = ctx.shims_of(key)
-                _settle_ksm(ctx, name, log, shims)
+                # 1000 shims take ~45 min at the kernel's default scan rate.
+                _settle_ksm(ctx, name, log, shims, timeout=3600.0)
                 total = _total_memory(shims + ctx.helpers_of(key))
                 metadata_kb = sum(ksm.read_process(pid).metadata_kb for pid in shims)
                 ctx.record(
@@ -598,12 +599,17 @@ def _run_scale_series(
             ctx.env.remove_containers(started)
 
 
-def _settle_ksm(ctx: Context, name: str, log: Callable[[str], None], pids: Sequence[int]) -> None:
+def _settle_ksm(
+    ctx: Context,
+    name: str,
+    log: Callable[[str], None],
+    pids: Sequence[int],
+    timeout: float = 600.0,
+) -> None:
     """Where the node runs ksmd and some of ``pids`` have mergeable memory, memory is
     read once ksmd has merged what it can, as on a node running shims for longer than
     a bench does. (With nothing mergeable, ksmd does not scan: nothing to wait for.)"""
     if any(ksm.read_process(pid).mergeable for pid in pids):
-        timeout = 3600.0 if ctx.cfg.scale_ksm else 600.0
         ctx.scenario(name)["ksm_wait_s"] = round(ksm.wait_for_merging(log, timeout), 1)
 
 
