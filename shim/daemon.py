@@ -153,6 +153,27 @@ def _unlink_socket(path: str | None, inode: int | None) -> None:
             _log.warning("failed to remove socket %s: %s", path, exc)
 
 
+def _assemble(
+    cfg: DaemonConfig,
+    reaper: Reaper,
+    service_factory: ServiceFactory,
+    request_shutdown: Callable[[], None],
+) -> tuple[Publisher, Server, Service]:
+    """The publisher, the server and the task service registered on it: what serve()
+    runs, and what rehearse() builds once and drops."""
+    publisher = Publisher(
+        namespace=cfg.namespace,
+        ttrpc_address=cfg.ttrpc_address,
+        publish_binary=cfg.publish_binary,
+        containerd_address=cfg.grpc_address,
+        reaper=reaper,
+    )
+    server = Server(peer_check=peer_check)
+    service = service_factory(cfg.namespace, publisher, reaper, request_shutdown)
+    service.register(server)
+    return publisher, server, service
+
+
 async def serve(
     cfg: DaemonConfig,
     listener: socket.socket,
@@ -173,17 +194,8 @@ async def serve(
             handler.attach_loop(loop)
     reaper = Reaper()
     reaper.install(loop)
-    publisher = Publisher(
-        namespace=cfg.namespace,
-        ttrpc_address=cfg.ttrpc_address,
-        publish_binary=cfg.publish_binary,
-        containerd_address=cfg.grpc_address,
-        reaper=reaper,
-    )
     stop = asyncio.Event()
-    server = Server(peer_check=peer_check)
-    service = service_factory(cfg.namespace, publisher, reaper, stop.set)
-    service.register(server)
+    publisher, server, service = _assemble(cfg, reaper, service_factory, stop.set)
     if cfg.bundle:
         # A shim restarted on a bundle an earlier shim served answers State/Wait
         # from that shim's persisted records instead of forgetting the container.
@@ -229,21 +241,18 @@ def rehearse() -> None:
 
     from shim.service import TaskService
 
+    cfg = DaemonConfig(
+        namespace="",
+        container_id="",
+        grpc_address="",
+        publish_binary="",
+        ttrpc_address="/dev/null",  # never dialled: nothing is published
+    )
+
     async def build() -> None:
-        reaper = Reaper()
-        publisher = Publisher(
-            namespace="",
-            ttrpc_address="/dev/null",  # never dialled: nothing is published
-            publish_binary="",
-            containerd_address="",
-            reaper=reaper,
-        )
-        server = Server(peer_check=peer_check)
-        service = TaskService(
-            namespace="", publisher=publisher, reaper=reaper, request_shutdown=lambda: None
-        )
-        service.register(server)
-        service.close()
+        _, server, service = _assemble(cfg, Reaper(), _task_service, lambda: None)
+        if isinstance(service, TaskService):  # what _task_service makes
+            service.close()
         server.close()
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
