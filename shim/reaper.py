@@ -365,12 +365,13 @@ class Reaper:
         cwd: str | None = None,
         env: Mapping[str, str] | None = None,
         pass_fds: Sequence[int] = (),
+        pdeathsig: bool = True,
     ) -> RunResult:
         """Run to completion. Output (stdout+stderr together) is captured unless ``stdio``.
 
         ``input`` is written to the child's stdin (which must then not be set in
         ``stdio``). Returns once the child exited and the captured output hit EOF.
-        Raises ``OSError`` when the exec fails, as ``spawn()``.
+        Raises ``OSError`` when the exec fails, as ``spawn()``; ``pdeathsig`` as there.
         """
         loop = asyncio.get_running_loop()
         std_in, std_out, std_err = stdio if stdio is not None else (None, None, None)
@@ -388,7 +389,12 @@ class Reaper:
                 to_close.append(out_w)
                 std_out = std_err = out_w
             pid, wrapper = self._spawn(
-                argv, (std_in, std_out, std_err), cwd=cwd, env=env, pass_fds=pass_fds
+                argv,
+                (std_in, std_out, std_err),
+                cwd=cwd,
+                env=env,
+                pass_fds=pass_fds,
+                pdeathsig=pdeathsig,
             )
         except BaseException:
             for fd in (*to_close, in_w, out_r):

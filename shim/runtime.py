@@ -233,13 +233,26 @@ class Runc:
         stdio: Stdio | None = None,
         input: bytes | None = None,
         from_log: bool = False,
+        makes_processes: bool = False,
     ) -> bytes:
+        """Run the runtime with ``args``; its output, or RuntimeFailure.
+
+        Only commands that leave processes behind (create, exec) die with the shim:
+        a container or exec nobody owns would outlive it otherwise. The others finish
+        their work (half a delete or kill is worse than a whole one) and skip the
+        setpriv exec in front (~1.5 ms each, on `ctr run --rm`'s path for delete).
+        """
         argv = [*self.global_args(), *args]
         offset = _log_size(self.log_path) if from_log else 0
         _log.debug("running %s", " ".join(argv))
         try:
             result = await self._reaper.run(
-                argv, input=input, stdio=stdio, cwd=self.bundle, env=self._env()
+                argv,
+                input=input,
+                stdio=stdio,
+                cwd=self.bundle,
+                env=self._env(),
+                pdeathsig=makes_processes,
             )
         except OSError as exc:
             raise RuntimeFailure(f"exec: {self.options.binary!r}: {exc.strerror or exc}") from exc
@@ -272,7 +285,7 @@ class Runc:
         if no_new_keyring:
             args.append("--no-new-keyring")
         args.append(id)
-        await self._run(args, stdio=stdio, from_log=True)
+        await self._run(args, stdio=stdio, from_log=True, makes_processes=True)
         self._init_pid_file = pid_file
 
     async def start(self, id: str) -> None:
@@ -334,7 +347,7 @@ class Runc:
             if console_socket:
                 args += ["--console-socket", console_socket]
             args += ["--detach", "--pid-file", pid_file, id]
-            await self._run(args, stdio=stdio, from_log=True)
+            await self._run(args, stdio=stdio, from_log=True, makes_processes=True)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(process_file)

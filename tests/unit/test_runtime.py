@@ -251,3 +251,36 @@ async def test_missing_binary(
         with pytest.raises(RuntimeFailure) as info:
             await runc.create("c1", pid_file="/p", console_socket=None, stdio=(None,) * 3)
         assert info.value.message == f"exec: {binary!r}: No such file or directory"
+
+
+async def test_only_process_making_commands_die_with_the_shim(
+    reaper: Reaper, fake: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # create and exec leave processes behind; every other command finishes its work
+    # if the shim dies, and skips the setpriv exec in front of it.
+    seen: list[tuple[str, bool]] = []
+    run = reaper.run
+
+    async def spy(argv: list[str], **kwargs: Any) -> Any:
+        seen.append((argv[7], kwargs["pdeathsig"]))
+        return await run(argv, **kwargs)
+
+    monkeypatch.setattr(reaper, "run", spy)
+    runc = _runc(reaper, fake)
+    await runc.create("c", pid_file="/p", console_socket=None, stdio=(None,) * 3)
+    await runc.exec("c", b"{}", pid_file="/p", console_socket=None, stdio=(None,) * 3)
+    for coro in (runc.start("c"), runc.kill("c", 9), runc.delete("c", force=True)):
+        await coro
+    await runc.pause("c")
+    await runc.resume("c")
+    await runc.update("c", b"{}")
+    assert seen == [
+        ("create", True),
+        ("exec", True),
+        ("start", False),
+        ("kill", False),
+        ("delete", False),
+        ("pause", False),
+        ("resume", False),
+        ("update", False),
+    ]
