@@ -183,6 +183,11 @@ def run_info() -> int:
     return 0
 
 
+def path_safe_id(shim_id: str) -> bool:
+    """containerd validates ids; this only keeps paths built from -id inside their parent."""
+    return "/" not in shim_id and shim_id not in (".", "..")
+
+
 def fail(message: str) -> int:
     """The Go shim's error convention: `<runtime>: <message>` on stderr, no newline, exit 1."""
     sys.stderr.write(f"{RUNTIME_NAME}: {message}")
@@ -216,8 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail("shim namespace cannot be empty")
 
     action = opts.action
-    if action in ("start", "delete") and ("/" in opts.id or opts.id in (".", "..")):
-        # containerd validates ids; this only keeps paths built from -id inside their parent.
+    if action in ("start", "delete") and not path_safe_id(opts.id):
         return fail(f"invalid shim id {opts.id!r}")
     try:
         if action == "start":

@@ -293,21 +293,23 @@ def remove_cgroup(bundle: str, root: str = CGROUP_ROOT) -> None:
                 _warn(f"failed to remove cgroup {dirpath}: {exc}")
 
 
-def remove_dead_socket(bundle: str) -> None:
-    """Unlink the shim socket named in ``<bundle>/address`` when nobody listens on it.
+def remove_dead_socket(bundle: str) -> bool:
+    """Unlink the shim socket named in ``<bundle>/address`` when nobody listens on it;
+    whether there was an address file.
 
     A shim that was SIGKILLed leaves its socket file behind (the Go shim's too). One
     that still answers (grouped with other containers, or merely stopped: the kernel
     still queues connections) keeps it.
     """
     if not bundle:
-        return
+        return False
     try:
         with open(os.path.join(bundle, "address")) as f:
             address = f.read().strip()
     except OSError:
-        return
+        return False
     _remove_if_dead(address)
+    return True
 
 
 def _remove_if_dead(address: str) -> None:
@@ -402,10 +404,10 @@ def run_delete(opts: Options) -> int:
     runc_delete(bundle, opts.namespace, opts.id)
     _unmount_rootfs(bundle)
     remove_cgroup(bundle)
-    remove_dead_socket(bundle)
-    if opts.address:
+    if not remove_dead_socket(bundle) and opts.address:
         # A `start` killed before it wrote `address` leaves the socket it bound;
-        # ungrouped, its name follows from our flags.
+        # ungrouped, its name follows from our flags. (shim.start costs ~1 ms to
+        # import: only here.)
         from shim.start import socket_address
 
         _remove_if_dead(socket_address(opts.address, opts.namespace, opts.id))

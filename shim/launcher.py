@@ -3,9 +3,10 @@
 containerd runs the binary twice per container (`start`, `delete`), plus once more
 for every daemon that is not forked from the template. pip's wrapper starts a full
 interpreter: `site`, every `.pth` file, and for an editable install the finder
-(~16 ms of importlib machinery). The launcher runs the same `shim.cli:main` with
-`-I -S` (no site, no environment variables, no user or script directory on
-sys.path) and the few directories it needs written in, as they are at install time.
+(~16 ms of importlib machinery). The launcher runs the same `shim.cli:main` (after
+shim.quickstart's hand-over of `start` to the template) with `-I -S` (no site, no
+environment variables, no user or script directory on sys.path) and the few
+directories it needs written in, as they are at install time.
 
     python -m shim.launcher PATH [PATH...]     # e.g. .venv/bin/containerd-shim-pyshim-v1
 """
@@ -23,7 +24,7 @@ TEMPLATE = """#!{python} -IS
 import sys
 
 sys.path.extend({paths!r})
-from shim.cli import run
+from shim.quickstart import run
 
 run()
 """

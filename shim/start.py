@@ -15,13 +15,13 @@ import os
 import sys
 
 from shim import _wire, minijson
+from shim.quickstart import sha256
 
 TYPE_CHECKING = False  # typing costs ~3 ms at start-up; mypy honours this name
 
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from typing import Any
 
     from shim.cli import Options
     from shim.template import Forked
@@ -59,15 +59,6 @@ def socket_address(
     """unix://<socket_dir>/sha256(path.Join(address, namespace, key))."""
     joined = _go_path_join(grpc_address, namespace, key)
     return f"unix://{socket_dir}/{sha256(joined.encode()).hexdigest()}"
-
-
-def sha256(data: bytes = b"") -> Any:
-    """A SHA-256 hash object, without hashlib: it would load OpenSSL (~4 ms)."""
-    try:
-        from _sha256 import sha256 as new  # type: ignore[import-not-found]
-    except ImportError:  # 3.12+ keeps the SHA-2 family in one module
-        from _sha2 import sha256 as new  # type: ignore[import-not-found]
-    return new(data)
 
 
 def _go_path_join(*parts: str) -> str:
@@ -193,8 +184,10 @@ def write_address(directory: str, address: str) -> None:
     os.rename(tmp, os.path.join(directory, "address"))
 
 
-def daemon_argv(opts: Options) -> list[str]:
-    prog = sys.argv[0] if sys.argv else ""
+def daemon_argv(opts: Options, prog: str | None = None) -> list[str]:
+    """The daemon's command line; ``prog`` is the binary `start` ran as (our argv[0])."""
+    if prog is None:
+        prog = sys.argv[0] if sys.argv else ""
     if os.path.isabs(prog) and not prog.endswith(".py") and os.access(prog, os.X_OK):
         head = [prog]
     else:
@@ -275,13 +268,14 @@ def move_to_cgroup(pid: int, cgroup: str) -> None:
             raise StartError(f"failed to join cgroup {cgroup}: {exc}") from None
 
 
-def raise_oom_score(pid: int) -> None:
+def raise_oom_score(pid: int, parent: int | None = None) -> None:
     """containerd's oom_score_adj + 1 (max 1000), but never lower the daemon's value.
 
-    Lowering needs CAP_SYS_RESOURCE, which root in a container may lack.
+    ``parent`` is containerd's pid (our parent's, by default). Lowering needs
+    CAP_SYS_RESOURCE, which root in a container may lack.
     """
     try:
-        with open(f"/proc/{os.getppid()}/oom_score_adj") as f:
+        with open(f"/proc/{os.getppid() if parent is None else parent}/oom_score_adj") as f:
             target = min(int(f.read()) + 1, 1000)
         path = f"/proc/{pid}/oom_score_adj"
         with open(path) as f:
@@ -311,11 +305,33 @@ def _kill(pid: int) -> None:
         pass
 
 
-def run_start(opts: Options) -> int:
+class Bound:
+    """What `start` settled before any daemon exists: the address, and the listener
+    bound for it (None: a live shim of the same group serves that address already)."""
+
+    def __init__(
+        self, address: str, listener: _socket.socket | None, options: StdinOptions
+    ) -> None:
+        self.address = address
+        self.path = address[len("unix://") :]
+        self.listener = listener
+        self.options = options
+
+    def abandon(self) -> None:
+        """Close and remove the socket: no daemon will serve it."""
+        if self.listener is None:
+            return
+        self.listener.close()
+        try:  # noqa: SIM105 (contextlib: see the module docstring)
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+def bind_for(opts: Options, stdin_data: bytes, bundle: str) -> Bound:
     if not opts.id:
         raise StartError("shim id cannot be empty")
-    bundle = os.getcwd()
-    stdin = parse_stdin(_read_stdin(), container_id=opts.id, namespace=opts.namespace)
+    stdin = parse_stdin(stdin_data, container_id=opts.id, namespace=opts.namespace)
     key = grouping_key(os.path.join(bundle, "config.json"), opts.id)
     address = socket_address(opts.address, opts.namespace, key, stdin.socket_dir or SOCKET_DIR)
     path = address[len("unix://") :]
@@ -330,7 +346,30 @@ def run_start(opts: Options) -> int:
         listener = bind_or_find(path)
     finally:
         os.close(lock_fd)
+    return Bound(address, listener, stdin)
 
+
+def start_here(opts: Options, stdin_data: bytes, bundle: str, parent: int) -> Bound:
+    """`start` in the process that becomes the daemon (a template's spare, see
+    shim/quickstart.py): bind, write the address, and, when we are to serve it, join
+    the shim cgroup and raise our oom score. ``parent`` is containerd's pid."""
+    bound = bind_for(opts, stdin_data, bundle)
+    try:
+        write_address(bundle, bound.address)
+        if bound.listener is not None:
+            if bound.options.shim_cgroup:
+                move_to_cgroup(os.getpid(), bound.options.shim_cgroup)
+            raise_oom_score(os.getpid(), parent)
+    except BaseException:
+        bound.abandon()
+        raise
+    return bound
+
+
+def run_start(opts: Options) -> int:
+    bundle = os.getcwd()
+    bound = bind_for(opts, _read_stdin(), bundle)
+    address, listener, stdin = bound.address, bound.listener, bound.options
     if listener is None:
         write_address(bundle, address)
         sys.stdout.write(address)
@@ -369,10 +408,7 @@ def run_start(opts: Options) -> int:
             forked.abort()  # it exits on its own, having served nothing
         elif pid:
             _kill(pid)
-        try:  # noqa: SIM105 (contextlib: see the module docstring)
-            os.unlink(path)
-        except OSError:
-            pass
+        bound.abandon()
         raise
     finally:
         listener.close()

@@ -30,6 +30,8 @@ __all__ = [
     "PR_SET_PDEATHSIG",
     "eventfd",
     "get_child_subreaper",
+    "inotify_add_watch",
+    "inotify_init1",
     "load_libc",
     "mount",
     "prctl",
@@ -156,3 +158,18 @@ def eventfd(initval: int = 0, flags: int = 0) -> int:
     fn.argtypes = [ctypes.c_uint, ctypes.c_int]
     fn.restype = ctypes.c_int
     return _check(fn(initval, flags), "eventfd")
+
+
+def inotify_init1(flags: int = 0) -> int:
+    fn = _lib().inotify_init1
+    fn.argtypes = [ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return _check(fn(flags), "inotify_init1")
+
+
+def inotify_add_watch(fd: int, path: str, mask: int) -> int:
+    """The watch descriptor for ``path`` (the same one again for an inode already watched)."""
+    fn = _lib().inotify_add_watch
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+    fn.restype = ctypes.c_int
+    return _check(fn(fd, os.fsencode(path), mask), "inotify_add_watch", path)

@@ -26,6 +26,13 @@ Reliability comes first, so the template is only ever an accelerator:
 - The socket name carries a digest of the installed code (shim, protocol, the
   interpreter, installed distributions), so an upgrade never forks stale code; a
   new template asks the stale ones to quit.
+- Usually `start` does not even do that much: shim/quickstart.py hands the whole
+  `start` (argv, environment, cwd, umask, stdio fds) to the template through a
+  symlink named for the install, and the spare binds, writes the address, joins
+  the shim cgroup, prints on `start`'s stdout and waits for "go" itself. Such a
+  request carries no digest, so only a template that watches its code with
+  inotify (shim/codewatch.py) offers that link; it quits the moment the code
+  changes, and declines (`start` then runs itself) if a change is still queued.
 
 This module is imported by `start`, so its top level imports only what `start`
 already has (`_socket`, not `socket`, whose enum classes cost ~5 ms; no
@@ -41,6 +48,20 @@ import stat
 import sys
 
 from shim import minijson
+from shim.quickstart import (
+    DEFAULT_DIR,
+    DIR_ENV,
+    ENABLE_ENV,
+    FALLBACK,
+    GO,
+    OP,
+    REPLY_TIMEOUT,
+    peer,
+    private_dir,
+    retire_wedged,
+    send_fds,
+    trusted,
+)
 
 TYPE_CHECKING = False  # typing costs ~3 ms at start-up; mypy honours this name
 
@@ -49,20 +70,15 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Mapping, Sequence
     from typing import Any
 
-DEFAULT_DIR = "/run/pyshim/template"
-DIR_ENV = "PYSHIM_TEMPLATE_DIR"
-# "0" makes `start` always re-execute the daemon (and never spawn a template).
-ENABLE_ENV = "PYSHIM_TEMPLATE"
+    from shim.codewatch import CodeWatch
+
 # "0": forked daemons do not offer their memory to same-page merging (shim/prefork.py).
 KSM_ENV = "PYSHIM_KSM"
+QUICK_PREFIX = OP + b"\0"  # a shim/quickstart.py request, not JSON
 ACTION = "template"
-# Long enough for a fork under heavy load (a fork here takes ~2-5 ms), short enough
-# that a wedged template costs one start less than a direct re-exec would.
-REPLY_TIMEOUT = 1.0
 # How long a forked daemon waits for `start`'s go-ahead before giving up.
 GO_TIMEOUT = 30.0
 MAX_REQUEST = 1 << 20
-GO = b"go"
 _CODE_EXTENSIONS = (".py", ".so")
 # /proc/<pid>/comm of a direct-exec daemon: the launcher's name, cut to 15 bytes.
 SHIM_COMM = b"containerd-shim"
@@ -136,7 +152,7 @@ def code_key() -> str:
     Stats only (~1 ms): sizes and mtimes of our sources, the interpreter, and the
     names (hence versions) of the installed distributions.
     """
-    from shim.start import sha256
+    from shim.quickstart import sha256
 
     h = sha256()
     # realpath: the launcher and a venv wrapper name the same interpreter differently.
@@ -165,34 +181,8 @@ def lock_path(directory: str, key: str) -> str:
     return os.path.join(directory, f"{key}.lock")
 
 
-def _private_dir(directory: str) -> bool:
-    """Ours alone: a socket in a directory others can write to could be anyone's."""
-    try:
-        st = os.lstat(directory)
-    except OSError:
-        return False
-    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o077
-
-
-def _peer(sock: _socket.socket) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the other end."""
-    raw = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 3 * _INT)
-    pid, uid, gid = (int.from_bytes(raw[i : i + _INT], sys.byteorder) for i in (0, 4, 8))
-    return pid, uid, gid
-
-
 def _seqpacket() -> _socket.socket:
     return _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
-
-
-def _send_fds(sock: _socket.socket, data: bytes, fds: Sequence[int]) -> None:
-    """socket.send_fds without importing socket (and array)."""
-    rights = b"".join(fd.to_bytes(_INT, sys.byteorder) for fd in fds)
-    sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, rights)])
-
-
-def _trusted(uid: int) -> bool:
-    return uid in (0, os.geteuid())
 
 
 # -- client: `start` -------------------------------------------------------------
@@ -234,7 +224,7 @@ def fork_daemon(
     """
     directory = directory or template_dir()
     key = key or code_key()
-    if not _private_dir(directory):
+    if not private_dir(directory):
         if not os.path.exists(directory):
             spawn_template(directory, key)
         return None
@@ -248,8 +238,8 @@ def fork_daemon(
             conn.close()
             spawn_template(directory, key)
             return None
-        pid, uid, _ = _peer(conn)
-        if not _trusted(uid):
+        pid, uid, _ = peer(conn)
+        if not trusted(uid):
             raise TemplateError(f"template socket {path} is served by uid {uid}")
         umask = os.umask(0o022)
         os.umask(umask)
@@ -262,7 +252,7 @@ def fork_daemon(
             "umask": umask,
             **_socket_file(listener),
         }
-        _send_fds(conn, minijson.dumps(request).encode(), [listener.fileno()])
+        send_fds(conn, minijson.dumps(request).encode(), [listener.fileno()])
     except (OSError, ValueError, TemplateError):
         conn.close()
         return None
@@ -276,7 +266,7 @@ def fork_daemon(
         try:
             data = conn.recv(4096)
         except TimeoutError:
-            _retire_wedged(path, pid)
+            retire_wedged(path, pid)
             raise
         reply = minijson.loads(data) if data else {"error": "template closed the connection"}
         if not isinstance(reply, dict) or not isinstance(reply.get("pid"), int):
@@ -299,16 +289,6 @@ def _socket_file(listener: _socket.socket) -> dict[str, Any]:
     return {}
 
 
-def _retire_wedged(path: str, pid: int) -> None:
-    """A template that cannot fork within the timeout is replaced, not waited for."""
-    _unlink(path)
-    if pid > 1:
-        try:  # noqa: SIM105 (contextlib: see the module docstring)
-            os.kill(pid, SIGKILL)
-        except OSError:
-            pass
-
-
 def template_argv() -> list[str]:
     prog = sys.argv[0] if sys.argv else ""
     if os.path.isabs(prog) and not prog.endswith(".py") and os.access(prog, os.X_OK):
@@ -326,7 +306,7 @@ def spawn_template(directory: str, key: str) -> int:
         return 0
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        if not _private_dir(directory):
+        if not private_dir(directory):
             return 0
         # A template importing (~100-300 ms) holds the lock: don't start a second one.
         fd = _try_lock(directory, key)
@@ -366,8 +346,8 @@ def _send_quit(path: str, timeout: float) -> int:
     try:
         conn.settimeout(timeout)
         conn.connect(path)
-        pid, uid, _ = _peer(conn)
-        if not _trusted(uid):
+        pid, uid, _ = peer(conn)
+        if not trusted(uid):
             return 0
         conn.send(minijson.dumps({"op": "quit"}).encode())
         conn.recv(16)  # EOF once it has stopped listening
@@ -396,12 +376,14 @@ def preload() -> None:
     import protocol.proto.cgroups.v1.metrics_pb2
     import protocol.proto.cgroups.v2.metrics_pb2
     import protocol.ttrpc.client  # noqa: F401
+    import shim.cli
     import shim.console
     import shim.daemon
     import shim.mount
     import shim.oom
     import shim.runtime
     import shim.service
+    import shim.start
     import shim.state
     import shim.stats
     import shim.stdio  # noqa: F401
@@ -535,12 +517,13 @@ def _listener_to_fd3(fd: int) -> None:
 
 
 def _detach_from_template(
-    keep: Sequence[socket.socket], listen_fd: int | None = None
+    keep: Sequence[socket.socket], listen_fd: int | None = None, keep_fds: Sequence[int] = ()
 ) -> list[socket.socket]:
     """In a fresh grandchild: what every daemon needs before its request is known.
 
     Own process group, fresh signal state, and no fd of the template but stdio,
-    ``keep`` (returned, moved off fd 3) and the listener ``listen_fd`` as fd 3.
+    ``keep`` (returned, moved off fd 3), ``keep_fds`` (none of them 3) and the
+    listener ``listen_fd`` as fd 3.
     """
     global _listener
     if _listener is not None:
@@ -550,7 +533,7 @@ def _detach_from_template(
     _reset_signals()
     os.setpgid(0, 0)
     kept = [_off_fd3(sock) for sock in keep]
-    fds = {0, 1, 2, *(s.fileno() for s in kept)}
+    fds = {0, 1, 2, *(s.fileno() for s in kept), *keep_fds}
     if listen_fd is not None:
         _listener_to_fd3(listen_fd)
         fds.add(3)
@@ -586,31 +569,165 @@ def _become_daemon(
     _set_name(SHIM_COMM)
     _set_proc_strings(argv, env)
 
-    conn.settimeout(GO_TIMEOUT)
-    answer: bytes | None
-    try:
-        conn.send(minijson.dumps({"pid": os.getpid()}).encode())
-        answer = conn.recv(16)
-    except (BrokenPipeError, ConnectionResetError):
-        answer = b""  # `start` closed before reading our pid: as gone as at EOF
-    except OSError:
-        answer = None
-    conn.close()
-    if link is not None:
-        link.close()
+    answer = _await_go(conn, minijson.dumps({"pid": os.getpid()}).encode(), link)
     if answer != GO:
         if answer == b"":
             # `start` is gone without a word (containerd killed it): nobody will
             # serve or remove the socket file it bound for us, so we do.
             _remove_socket_file(request)
         return 0
+    return _serve_as_daemon(argv, env)
 
+
+def _await_go(
+    conn: socket.socket,
+    message: bytes,
+    link: socket.socket | None,
+    meanwhile: Callable[[], object] | None = None,
+) -> bytes | None:
+    """Tell `start` ``message``, run ``meanwhile``, and wait for its answer: GO, b""
+    when `start` is gone (EOF, or closed before reading), None on a timeout or other
+    error. Closes the connection and a spare's link to the template."""
+    conn.settimeout(GO_TIMEOUT)
+    answer: bytes | None
+    try:
+        conn.send(message)
+        if meanwhile is not None:
+            meanwhile()
+        answer = conn.recv(16)
+    except (BrokenPipeError, ConnectionResetError):
+        answer = b""
+    except OSError:
+        answer = None
+    conn.close()
+    if link is not None:
+        link.close()
+    return answer
+
+
+def _serve_as_daemon(argv: list[str], env: Mapping[str, str]) -> int:
     from shim import prefork
     from shim.cli import main
 
     if env.get(KSM_ENV, "1") != "0":
         prefork.mark_after_start()
     return main(argv)
+
+
+def _fd_off_3(fd: int) -> int:
+    """fd 3 is the listener's: move a received fd that landed there."""
+    if fd != 3:
+        return fd
+    moved = os.dup(fd)
+    os.close(fd)
+    return moved
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _read_all(fd: int, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = os.read(fd, limit - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def _start_here(
+    conn: socket.socket,
+    stdio: Sequence[int],
+    data: bytes,
+    link: socket.socket | None = None,
+) -> int:
+    """In a spare, or a grandchild forked for the request: run the `start` that
+    shim/quickstart.py handed over, with its stdio, and serve as its daemon.
+
+    Answers FALLBACK, before doing anything, to what the ordinary path must handle
+    (the flags it would reject or print for); then "0" or "1", `start`'s status,
+    once the address (or error) is written to its stdout (stderr). Serves only
+    after "go", as `_become_daemon`.
+    """
+    from shim import cli, quickstart, start
+
+    stdin_fd, out_fd, err_fd = (_fd_off_3(fd) for fd in stdio)
+    if link is None:
+        (conn,) = _detach_from_template([conn], keep_fds=(stdin_fd, out_fd, err_fd))
+    else:
+        conn = _off_fd3(conn)
+
+    def reply(answer: bytes) -> None:
+        try:  # noqa: SIM105 (contextlib: see the module docstring)
+            conn.send(answer)
+        except OSError:
+            pass  # `start` is gone: containerd sees it fail
+
+    try:
+        request = quickstart.Request.decode(data)
+        argv = request.str_argv()
+        opts = cli.parse_flags(argv[1:])
+    except (ValueError, cli.FlagError, cli.HelpRequested):
+        reply(FALLBACK)
+        return 0
+    env = request.environ()
+    if (
+        opts.action != "start"
+        or opts.version
+        or opts.info
+        or not opts.namespace
+        or not cli.path_safe_id(opts.id)
+        or env.get(quickstart.SCHED_CORE_ENV)
+    ):
+        reply(FALLBACK)
+        return 0
+    try:
+        os.chdir(request.cwd)
+        os.umask(request.umask)
+        bundle = os.fsdecode(request.cwd)
+        bound = start.start_here(opts, _read_all(stdin_fd, start.MAX_STDIN), bundle, request.parent)
+    except Exception as exc:  # the contract: a message on stderr and exit 1 (shim.cli)
+        try:  # noqa: SIM105 (contextlib: see the module docstring)
+            _write_all(err_fd, f"{cli.RUNTIME_NAME}: {exc or type(exc).__name__}".encode())
+        except OSError:
+            pass
+        reply(b"1")
+        return 0
+    try:
+        _write_all(out_fd, bound.address.encode())
+    except OSError:
+        bound.abandon()  # containerd stopped reading: it will not use this address
+        reply(b"1")
+        return 0
+    for fd in (stdin_fd, out_fd, err_fd):
+        os.close(fd)
+    if bound.listener is None:
+        reply(b"0")  # a live shim of the same group serves the address
+        return 0
+    socket_file = {"socket": bound.path, "socket_ino": os.stat(bound.path).st_ino}
+    _listener_to_fd3(bound.listener.detach())
+    daemon_argv = start.daemon_argv(opts, argv[0])
+
+    def become() -> None:
+        # While `start` exits and containerd reads the address: none of this is
+        # needed before "go".
+        _take_environment(env)
+        sys.argv = daemon_argv
+        _set_name(SHIM_COMM)
+        _set_proc_strings(daemon_argv, env)
+
+    if _await_go(conn, b"0", link, meanwhile=become) != GO:
+        # `start` died before saying go (or never will): containerd has no daemon
+        # here; the socket file is ours to remove (the address file is harmless).
+        _remove_socket_file(socket_file)
+        return 0
+    return _serve_as_daemon(daemon_argv, env)
 
 
 def _remove_socket_file(request: Mapping[str, Any]) -> None:
@@ -661,6 +778,12 @@ def _fork(conn: socket.socket, listen_fd: int, request: Mapping[str, Any]) -> No
         conn.send(minijson.dumps({"error": "fork failed"}).encode())
 
 
+def _fork_start(conn: socket.socket, stdio: Sequence[int], data: bytes) -> None:
+    """No spare: double-fork the quick start's daemon now, on `start`'s clock."""
+    if not _double_fork(lambda: _start_here(conn, stdio, data)):
+        conn.send(FALLBACK)  # nothing was done: `start` does it itself
+
+
 def _spare_main(link: socket.socket, template_end: socket.socket, priority: int | None) -> int:
     """A spare's life: detach, then block until the template hands it a request.
 
@@ -684,13 +807,21 @@ def _spare_main(link: socket.socket, template_end: socket.socket, priority: int 
         os.setpriority(os.PRIO_PROCESS, 0, priority)
     link.setblocking(True)
     try:
-        data, fds, flags, _ = socket.recv_fds(link, MAX_REQUEST, 2)
+        data, fds, flags, _ = socket.recv_fds(link, MAX_REQUEST, 4)
     except OSError:
         return 0
-    if not data or len(fds) != 2 or flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+    quick = data.startswith(QUICK_PREFIX)
+    if (
+        not data
+        or len(fds) != (4 if quick else 2)
+        or flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC)
+    ):
         for fd in fds:
             os.close(fd)
         return 0
+    if quick:
+        conn = socket.socket(fileno=fds[0])
+        return _start_here(conn, fds[1:], data, link)
     listen_fd, conn_fd = fds
     conn = socket.socket(fileno=conn_fd)
     os.set_inheritable(conn_fd, False)
@@ -778,14 +909,14 @@ class _Spares:
             self.busy = None
             self.wanted = True
 
-    def hand_over(self, data: bytes, listen_fd: int, conn: socket.socket) -> bool:
+    def hand_over(self, data: bytes, fds: Sequence[int]) -> bool:
         spare = self.idle
         if spare is None:
             self.wanted = True
             return False
         self.idle = None
         try:
-            _send_fds(spare, data, [listen_fd, conn.fileno()])
+            send_fds(spare, data, fds)
         except OSError:
             spare.close()
             self.wanted = True
@@ -801,17 +932,28 @@ class _Spares:
         self.idle = self.busy = None
 
 
-def _handle(conn: socket.socket, key: str, spares: _Spares) -> bool:
-    """One request; False when asked to quit."""
+def _handle(conn: socket.socket, key: str, spares: _Spares, watch: CodeWatch | None = None) -> bool:
+    """One request; False when asked to quit (or when the code changed under us)."""
     import socket
 
-    _, uid, _ = _peer(conn)
-    if not _trusted(uid):
+    _, uid, _ = peer(conn)
+    if not trusted(uid):
         return True
-    data, fds, flags, _ = socket.recv_fds(conn, MAX_REQUEST, 1)
+    data, fds, flags, _ = socket.recv_fds(conn, MAX_REQUEST, 3)
     try:
         if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
             raise TemplateError("truncated request")
+        if data.startswith(QUICK_PREFIX):
+            if watch is None or watch.changed():
+                # No digest in the request: only a watched template can vouch for
+                # its code. `start` runs the ordinary path (which spawns a fresh one).
+                conn.send(FALLBACK)
+                return watch is None
+            if len(fds) != 3:
+                raise TemplateError("bad request")
+            if not spares.hand_over(data, [conn.fileno(), *fds]):
+                _fork_start(conn, fds, data)
+            return True
         request = minijson.loads(data)
         if not isinstance(request, dict):
             raise TemplateError("bad request")
@@ -825,12 +967,15 @@ def _handle(conn: socket.socket, key: str, spares: _Spares) -> bool:
             if field not in request:
                 raise TemplateError(f"request without {field}")
         listen_fd = fds.pop()
-        if spares.hand_over(data, listen_fd, conn):
+        if spares.hand_over(data, [listen_fd, conn.fileno()]):
             os.close(listen_fd)
         else:
             _fork(conn, listen_fd, request)
     except (TemplateError, ValueError, KeyError, TypeError) as exc:
-        conn.send(minijson.dumps({"error": str(exc)}).encode())
+        if data.startswith(QUICK_PREFIX):
+            conn.send(FALLBACK)
+        else:
+            conn.send(minijson.dumps({"error": str(exc)}).encode())
     finally:
         for fd in fds:
             os.close(fd)
@@ -839,7 +984,8 @@ def _handle(conn: socket.socket, key: str, spares: _Spares) -> bool:
 
 def _quit_stale(directory: str, key: str) -> None:
     ours = {f"{key}.sock", f"{key}.lock"}
-    for name in os.listdir(directory):
+    names = os.listdir(directory)
+    for name in names:
         if name in ours or name.startswith("."):
             continue
         path = os.path.join(directory, name)
@@ -848,6 +994,10 @@ def _quit_stale(directory: str, key: str) -> None:
             _unlink(path)
         elif name.endswith(".lock"):
             _unlink_unlocked(path)
+    for name in names:
+        path = os.path.join(directory, name)
+        if name.endswith(".link") and not os.path.exists(path):
+            _unlink(path)  # named a template that is gone
 
 
 def _unlink(path: str) -> None:
@@ -907,13 +1057,16 @@ def _try_lock(directory: str, key: str) -> int | None:
     return fd
 
 
-def _serve_requests(listener: socket.socket, key: str) -> None:
-    """Accept requests until told to quit; blocked in poll(2) in between (no timeout)."""
+def _serve_requests(listener: socket.socket, key: str, watch: CodeWatch | None = None) -> None:
+    """Accept requests until told to quit, or until the code changes; blocked in
+    poll(2) in between (no timeout)."""
     import select
 
     spares = _Spares()
     poller = select.poll()
     poller.register(listener, select.POLLIN)
+    if watch is not None:
+        poller.register(watch.fileno(), select.POLLIN)
     try:
         while True:
             spares.refill()
@@ -928,6 +1081,8 @@ def _serve_requests(listener: socket.socket, key: str) -> None:
             for fd, _ in events:
                 if fd in watched:
                     spares.closed(watched[fd])
+            if watch is not None and watch.changed():
+                return  # stale: the next start spawns a template of the new code
             if not any(fd == listener.fileno() for fd, _ in events):
                 continue
             try:
@@ -936,7 +1091,7 @@ def _serve_requests(listener: socket.socket, key: str) -> None:
                 continue
             with conn:
                 try:
-                    if not _handle(conn, key, spares):
+                    if not _handle(conn, key, spares, watch):
                         return
                 except OSError as exc:
                     if exc.errno not in (errno.EPIPE, errno.ECONNRESET):
@@ -952,7 +1107,7 @@ def serve(directory: str, key: str | None = None) -> int:
     os.chdir("/")
     key = key or code_key()
     os.makedirs(directory, mode=0o700, exist_ok=True)
-    if not _private_dir(directory):
+    if not private_dir(directory):
         return 1
     # Held for the template's life.
     lock_fd = _try_lock(directory, key)
@@ -960,6 +1115,10 @@ def serve(directory: str, key: str | None = None) -> int:
         return 0  # another template of this code runs or is starting
     _set_name(TEMPLATE_COMM)
     preload()
+    from shim.codewatch import watch_code
+
+    # Before the check below: a change after it is an event on this watch.
+    watch = watch_code(package_root())
     if code_key() != key:
         return 0  # the code changed while we imported it: let the next start try again
     _quit_stale(directory, key)
@@ -974,11 +1133,14 @@ def serve(directory: str, key: str | None = None) -> int:
     _listener = listener = _bind(directory, key)
     path = socket_path(directory, key)
     inode = os.stat(path).st_ino
+    link = quick_link(directory, key) if watch is not None else None
     try:
-        _serve_requests(listener, key)
+        _serve_requests(listener, key, watch)
     finally:
         listener.close()
         _listener = None
+        if link is not None:
+            _remove_link(link, key)
         try:
             if os.stat(path).st_ino == inode:
                 os.unlink(path)
@@ -986,7 +1148,37 @@ def serve(directory: str, key: str | None = None) -> int:
             pass
         _unlink(lock_path(directory, key))
         os.close(lock_fd)
+        if watch is not None:
+            watch.close()
     return 0
+
+
+def quick_link(directory: str, key: str) -> str | None:
+    """Point this install's link (shim/quickstart.py) at our socket; its path, or None.
+
+    A symlink: `start` connects through it without knowing the code digest.
+    """
+    from shim import quickstart
+
+    link = quickstart.link_path(directory, quickstart.install_key(sys.executable, package_root()))
+    tmp = os.path.join(directory, f".{key}.{os.getpid()}.link")
+    try:
+        _unlink(tmp)
+        os.symlink(os.path.basename(socket_path(directory, key)), tmp)
+        os.rename(tmp, link)
+    except OSError:
+        _unlink(tmp)
+        return None
+    return link
+
+
+def _remove_link(link: str, key: str) -> None:
+    """Remove the link if it still names our socket (a newer template may have taken it)."""
+    try:
+        if os.readlink(link) == os.path.basename(socket_path("", key)):
+            os.unlink(link)
+    except OSError:
+        pass
 
 
 def run_template() -> int:

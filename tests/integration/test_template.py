@@ -94,11 +94,17 @@ def test_first_start_falls_back_then_shims_are_forked(
     assert os.getsid(template) == template  # detached from containerd's session
     _wait(lambda: len(spare_pids(containerd.template_dir)) == 1, "the template's spare")
     (spare,) = spare_pids(containerd.template_dir)
-    # stdio, its lock, its socket, and its link to the spare.
-    assert sorted(os.listdir(f"/proc/{template}/fd"), key=int) == ["0", "1", "2", "3", "4", "5"]
+    # stdio, its lock, its code watch, its socket, and its link to the spare.
+    fds = sorted(os.listdir(f"/proc/{template}/fd"), key=int)
+    assert fds == ["0", "1", "2", "3", "4", "5", "6"]
     for fd in (0, 1, 2):
         assert os.readlink(f"/proc/{template}/fd/{fd}") == "/dev/null"
-    assert os.readlink(f"/proc/{template}/fd/5").startswith("socket:")
+    assert os.readlink(f"/proc/{template}/fd/4") == "anon_inode:inotify"
+    assert os.readlink(f"/proc/{template}/fd/6").startswith("socket:")
+    # `start` finds it through its link, without digesting the code.
+    (link,) = containerd.template_dir.glob("*.link")
+    (sock,) = containerd.template_dir.glob("*.sock")
+    assert os.readlink(link) == sock.name
     assert _ppid(spare) == 1
 
     res = containerd.ctr(

@@ -9,6 +9,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -358,3 +359,52 @@ def test_a_stateless_runc_dir_left_by_runc_delete_is_removed(
     capfdbinary.readouterr()
     # Only runc may remove a container it knows (state.json); the rest is debris.
     assert state_dir.exists() == with_state
+
+
+def _dead_socket(path: Path) -> None:
+    import socket
+
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(path))
+    s.close()  # bound, never listening: connect is refused
+
+
+@pytest.mark.parametrize("address_file", [True, False])
+def test_ungrouped_socket_of_a_killed_start_is_looked_for_only_without_address(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfdbinary: pytest.CaptureFixture[bytes],
+    address_file: bool,
+) -> None:
+    # A start killed before it wrote `address` leaves the socket it bound, named by
+    # our flags; with `address` written, that file names the socket there is.
+    from shim import start
+
+    sdir = Path(tempfile.mkdtemp(prefix="pyshim-d-", dir="/tmp"))
+    try:
+        monkeypatch.setattr(start, "SOCKET_DIR", str(sdir))
+        monkeypatch.setattr(
+            start,
+            "socket_address",
+            lambda a, n, k, d=str(sdir): f"unix://{d}/{n}-{k}.sock",
+        )
+        ungrouped = sdir / "ns-c1.sock"
+        _dead_socket(ungrouped)
+        root = tmp_path / "root"
+        (root / "ns").mkdir(parents=True)
+        bundle = _bundle(tmp_path, "c1", root, _fake_runc(tmp_path))
+        (bundle / "init.pid").write_text("1")
+        if address_file:
+            named = sdir / "named.sock"
+            _dead_socket(named)
+            (bundle / "address").write_text(f"unix://{named}")
+        argv = ["shim", "-namespace", "ns", "-id", "c1", "-bundle", str(bundle)]
+        assert cli.main([*argv, "-address", "/a.sock", "delete"]) == 0
+        capfdbinary.readouterr()
+        assert ungrouped.exists() is address_file
+        if address_file:
+            assert not named.exists()
+    finally:
+        import shutil
+
+        shutil.rmtree(sdir, ignore_errors=True)

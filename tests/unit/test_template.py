@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import shim.cli
-from shim import prefork, start, template
+from shim import prefork, quickstart, start, template
 from shim.cli import parse_flags
 from shim.procfs import stat_fields
 from tests.support.template import spare_pids
@@ -36,7 +36,12 @@ def _probe_main(argv: list[str] | None = None) -> int:
     with open("/proc/self/status") as f:
         status = dict(line.split(":\t", 1) for line in f if ":\t" in line)
     umask = os.umask(0)
+    with socket.socket(fileno=os.dup(3)) as fd3_sock:
+        fd3_name = fd3_sock.getsockname()
+        fd3_listening = fd3_sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
     info = {
+        "fd3_name": fd3_name,
+        "fd3_listening": bool(fd3_listening),
         "ksm_pending": prefork._mark_pending,
         "pid": os.getpid(),
         "ppid": int(fields[1]),
@@ -134,6 +139,16 @@ def _spare(tdir: Path, other_than: int = 0) -> int:
     return found[0]
 
 
+def _no_spare(serve: Running) -> int:
+    """Kill the idle spare; its pid. A spare that died idle is replaced only after the
+    next request, which the template serves with a fork of its own."""
+    idle = _spare(serve.directory)
+    os.kill(idle, signal.SIGKILL)
+    _until(lambda: _exited(idle), "the spare to die")
+    time.sleep(0.05)  # for the template to read the EOF
+    return idle
+
+
 def _wait_for(path: Path, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
@@ -180,7 +195,7 @@ def serve(tdir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterat
     monkeypatch.setattr(shim.cli, "main", _probe_main)
     monkeypatch.setenv("PROBE_OUT", str(tmp_path / "probe.json"))
     # So tests.support.template finds this template's spare.
-    monkeypatch.setenv(template.DIR_ENV, str(tdir))
+    monkeypatch.setenv(quickstart.DIR_ENV, str(tdir))
     started: list[Running] = []
 
     def launch(key: str = KEY) -> Running:
@@ -227,13 +242,7 @@ def test_forked_daemon_looks_like_a_reexec(
     monkeypatch: pytest.MonkeyPatch,
     spare: bool,
 ) -> None:
-    idle = _spare(serve.directory)
-    if not spare:
-        # A spare that died idle is replaced only after the next request, which the
-        # template serves with a fork of its own.
-        os.kill(idle, signal.SIGKILL)
-        _until(lambda: _exited(idle), "the spare to die")
-        time.sleep(0.05)  # for the template to read the EOF
+    idle = _spare(serve.directory) if spare else _no_spare(serve)
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     monkeypatch.chdir(bundle)
@@ -757,3 +766,213 @@ def test_forked_daemon_is_marked_after_start_unless_told_not_to(
     probe = tmp_path / "probe.json"
     _wait_for(probe)
     assert json.loads(probe.read_text())["ksm_pending"] is (setting != "0")
+
+
+# -- `start` handed whole to the template (shim/quickstart.py) ------------------
+
+
+@pytest.fixture
+def sockdir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Where quick starts bind; set before ``serve`` forks the template."""
+    d = Path(tempfile.mkdtemp(prefix="pyshim-s-", dir="/tmp"))
+    monkeypatch.setattr(start, "SOCKET_DIR", str(d))
+    yield d
+    import shutil
+
+    shutil.rmtree(d, ignore_errors=True)
+
+
+QUICK_ARGV = ["/x/containerd-shim-pyshim-v1", "-namespace", "ns", "-address", "/a.sock"]
+
+
+class Quick:
+    """One quick start from this process: its status, stdout and stderr."""
+
+    def __init__(self, code: int | None, out: bytes, err: bytes) -> None:
+        self.code, self.out, self.err = code, out, err
+
+
+def _quick(tdir: Path, bundle: Path, args: list[str], monkeypatch: pytest.MonkeyPatch) -> Quick:
+    monkeypatch.chdir(bundle)
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    os.close(in_w)  # containerd's options: none
+    try:
+        key = quickstart.install_key(sys.executable, quickstart.package_root())
+        argv = [a.encode() for a in [*QUICK_ARGV, *args]]
+        code = quickstart.handoff(argv, str(tdir), key, (in_r, out_w, err_w))
+    finally:
+        for fd in (in_r, out_w, err_w):
+            os.close(fd)
+    with os.fdopen(out_r, "rb") as out, os.fdopen(err_r, "rb") as err:
+        return Quick(code, out.read(), err.read())
+
+
+def _bundle_dir(tmp_path: Path, name: str, config: str | None = "{}") -> Path:
+    bundle = tmp_path / name
+    bundle.mkdir()
+    if config is not None:
+        (bundle / "config.json").write_text(config)
+    return bundle
+
+
+@pytest.mark.parametrize("spare", [True, False], ids=["spare", "no-spare"])
+def test_quick_start_runs_in_the_spare_which_becomes_the_daemon(
+    sockdir: Path,
+    serve: Running,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    spare: bool,
+) -> None:
+    idle = _spare(serve.directory) if spare else _no_spare(serve)
+    bundle = _bundle_dir(tmp_path, "b1")
+    monkeypatch.setenv("PROBE_MARK", "q1")
+    old = os.umask(0o027)
+    try:
+        res = _quick(serve.directory, bundle, ["-id", "c1", "start"], monkeypatch)
+    finally:
+        os.umask(old)
+    assert (res.code, res.err) == (0, b"")
+    address = start.socket_address("/a.sock", "ns", "c1", str(sockdir))
+    assert res.out.decode() == address
+    assert (bundle / "address").read_text() == address
+    probe = tmp_path / "probe.json"
+    _wait_for(probe)
+    info = json.loads(probe.read_text())
+    assert (info["pid"] == idle) == spare
+    assert info["ppid"] not in (serve.pid, os.getpid())
+    assert info["pgid"] == info["pid"]
+    assert info["cwd"] == str(bundle)
+    opts = parse_flags([*QUICK_ARGV[1:], "-id", "c1", "start"])
+    expected = start.daemon_argv(opts, QUICK_ARGV[0])
+    assert info["argv"] == info["sys_argv"] == info["cmdline"] == expected
+    assert info["env"] == {**os.environ}
+    assert info["umask"] == 0o027
+    assert info["fd3_name"] == address.removeprefix("unix://")
+    assert info["fd3_listening"]
+    assert info["fds"][:4] == [0, 1, 2, 3]
+    assert info["comm"] == "containerd-shim"
+    # Nothing of `start`'s stdio stays open in the daemon.
+    assert _only_libuv_signal_pipe(info["fd_targets"]), info["fd_targets"]
+
+
+def test_quick_start_failure_reads_like_start(
+    sockdir: Path, serve: Running, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bundle = _bundle_dir(tmp_path, "b1", config=None)
+    res = _quick(serve.directory, bundle, ["-id", "c1", "start"], monkeypatch)
+    assert res.code == 1 and res.out == b""
+    assert res.err.startswith(b"io.containerd.pyshim.v1: ")
+    assert b"config.json" in res.err
+    assert list(sockdir.iterdir()) == []
+    time.sleep(0.1)
+    assert not (tmp_path / "probe.json").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["-id", "start"], ["-id", "c1", "-v", "start"], ["-id", "../c", "start"], ["-bogus", "start"]],
+    ids=["no-action", "version", "bad-id", "bad-flag"],
+)
+def test_quick_start_leaves_to_start_what_it_does_not_run(
+    sockdir: Path,
+    serve: Running,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    args: list[str],
+) -> None:
+    bundle = _bundle_dir(tmp_path, "b1")
+    res = _quick(serve.directory, bundle, args, monkeypatch)
+    assert (res.code, res.out, res.err) == (None, b"", b"")
+    assert list(sockdir.iterdir()) == [] and not (bundle / "address").exists()
+    assert serve.exited(timeout=0.05) is None
+
+
+def test_quick_start_of_a_running_group_prints_its_address(
+    sockdir: Path, serve: Running, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = json.dumps({"annotations": {start.GROUP_ANNOTATION: "pod1"}})
+    address = start.socket_address("/a.sock", "ns", "pod1", str(sockdir))
+    live = socket.socket(socket.AF_UNIX)
+    live.bind(address.removeprefix("unix://"))
+    live.listen()
+    try:
+        bundle = _bundle_dir(tmp_path, "b2", config)
+        res = _quick(serve.directory, bundle, ["-id", "c2", "start"], monkeypatch)
+        assert (res.code, res.out.decode(), res.err) == (0, address, b"")
+        assert (bundle / "address").read_text() == address
+        time.sleep(0.1)
+        assert not (tmp_path / "probe.json").exists()  # no second daemon
+    finally:
+        live.close()
+
+
+def test_quick_start_killed_before_go_leaves_no_daemon(
+    sockdir: Path, serve: Running, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bundle = _bundle_dir(tmp_path, "b1")
+    monkeypatch.chdir(bundle)
+    key = quickstart.install_key(sys.executable, quickstart.package_root())
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    conn.connect(quickstart.link_path(str(serve.directory), key))
+    request = quickstart.Request(
+        [a.encode() for a in [*QUICK_ARGV, "-id", "c1", "start"]],
+        [b"A=1"],
+        str(bundle).encode(),
+        0o022,
+        os.getpid(),
+    )
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        quickstart.send_fds(conn, request.encode(), [null, null, null])
+    finally:
+        os.close(null)
+    assert conn.recv(64) == b"0"
+    path = start.socket_address("/a.sock", "ns", "c1", str(sockdir)).removeprefix("unix://")
+    assert os.path.exists(path)
+    conn.close()  # what a SIGKILLed `start` does instead of "go"
+    _until(lambda: not os.path.exists(path), "the daemon-to-be to remove its socket")
+    time.sleep(0.1)
+    assert not (tmp_path / "probe.json").exists()
+
+
+@pytest.fixture
+def code_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """What templates forked after this fixture watch instead of the real code."""
+    from shim import codewatch
+
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "a.py").write_text("")
+    monkeypatch.setattr(
+        codewatch, "watch_code", lambda root: codewatch.CodeWatch([str(code)], [], [])
+    )
+    return code
+
+
+def test_quick_start_declined_by_a_template_whose_code_changed(
+    sockdir: Path,
+    code_tree: Path,
+    serve: Running,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bundle = _bundle_dir(tmp_path, "b1")
+    (code_tree / "a.py").write_text("changed = True\n")
+    res = _quick(serve.directory, bundle, ["-id", "c1", "start"], monkeypatch)
+    assert res.code is None
+    # It quits: the next `start` spawns a template of the new code.
+    assert serve.exited() is not None
+    assert not serve.socket.exists()
+    assert list(serve.directory.glob("*.link")) == []
+    assert list(sockdir.iterdir()) == []
+
+
+def test_template_quits_as_soon_as_its_code_changes(code_tree: Path, serve: Running) -> None:
+    (link,) = serve.directory.glob("*.link")
+    assert os.readlink(link) == serve.socket.name
+    assert serve.exited(timeout=0.2) is None
+    (code_tree / "b.py").write_text("")  # no request needed: the watch is polled
+    assert serve.exited() is not None
+    assert not serve.socket.exists() and not link.exists()
