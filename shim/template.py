@@ -708,7 +708,9 @@ def _start_here(
     for fd in (stdin_fd, out_fd, err_fd):
         os.close(fd)
     if bound.listener is None:
-        reply(b"0")  # a live shim of the same group serves the address
+        # A live shim of the same group serves the address. `start` says go after
+        # any "0": wait for it, so that it never finds us gone first.
+        _await_go(conn, b"0", link)
         return 0
     socket_file = {"socket": bound.path, "socket_ino": os.stat(bound.path).st_ino}
     _listener_to_fd3(bound.listener.detach())

@@ -809,6 +809,29 @@ def _quick(tdir: Path, bundle: Path, args: list[str], monkeypatch: pytest.Monkey
         return Quick(code, out.read(), err.read())
 
 
+def _quick_request(
+    serve: Running, bundle: Path, cid: str, monkeypatch: pytest.MonkeyPatch
+) -> socket.socket:
+    """A quick start request sent by hand (stdio on /dev/null); the connection."""
+    monkeypatch.chdir(bundle)
+    key = quickstart.install_key(sys.executable, quickstart.package_root())
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    conn.connect(quickstart.link_path(str(serve.directory), key))
+    request = quickstart.Request(
+        [a.encode() for a in [*QUICK_ARGV, "-id", cid, "start"]],
+        [b"A=1"],
+        str(bundle).encode(),
+        0o022,
+        os.getpid(),
+    )
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        quickstart.send_fds(conn, request.encode(), [null, null, null])
+    finally:
+        os.close(null)
+    return conn
+
+
 def _bundle_dir(tmp_path: Path, name: str, config: str | None = "{}") -> Path:
     bundle = tmp_path / name
     bundle.mkdir()
@@ -904,6 +927,13 @@ def test_quick_start_of_a_running_group_prints_its_address(
         assert (bundle / "address").read_text() == address
         time.sleep(0.1)
         assert not (tmp_path / "probe.json").exists()  # no second daemon
+        # However slow `start` is to say go after "0", the spare is still there to
+        # hear it (a start that finds it gone reports a failure).
+        conn = _quick_request(serve, _bundle_dir(tmp_path, "b3", config), "c3", monkeypatch)
+        assert conn.recv(64) == b"0"
+        time.sleep(0.3)
+        conn.send(quickstart.GO)
+        conn.close()
     finally:
         live.close()
 
@@ -911,23 +941,7 @@ def test_quick_start_of_a_running_group_prints_its_address(
 def test_quick_start_killed_before_go_leaves_no_daemon(
     sockdir: Path, serve: Running, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    bundle = _bundle_dir(tmp_path, "b1")
-    monkeypatch.chdir(bundle)
-    key = quickstart.install_key(sys.executable, quickstart.package_root())
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    conn.connect(quickstart.link_path(str(serve.directory), key))
-    request = quickstart.Request(
-        [a.encode() for a in [*QUICK_ARGV, "-id", "c1", "start"]],
-        [b"A=1"],
-        str(bundle).encode(),
-        0o022,
-        os.getpid(),
-    )
-    null = os.open(os.devnull, os.O_RDWR)
-    try:
-        quickstart.send_fds(conn, request.encode(), [null, null, null])
-    finally:
-        os.close(null)
+    conn = _quick_request(serve, _bundle_dir(tmp_path, "b1"), "c1", monkeypatch)
     assert conn.recv(64) == b"0"
     path = start.socket_address("/a.sock", "ns", "c1", str(sockdir)).removeprefix("unix://")
     assert os.path.exists(path)
