@@ -233,14 +233,17 @@ class Runc:
         stdio: Stdio | None = None,
         input: bytes | None = None,
         from_log: bool = False,
-        makes_processes: bool = False,
+        dies_with_shim: bool = False,
     ) -> bytes:
         """Run the runtime with ``args``; its output, or RuntimeFailure.
 
-        Only commands that leave processes behind (create, exec) die with the shim:
-        a container or exec nobody owns would outlive it otherwise. The others finish
-        their work (half a delete or kill is worse than a whole one) and skip the
-        setpriv exec in front (~1.5 ms each, on `ctr run --rm`'s path for delete).
+        Only `create` runs with ``dies_with_shim``: a container half made
+        when the shim died is not made at all. The others finish their work and skip
+        the setpriv exec in front (~1.1-1.5 ms each; delete is on `ctr run --rm`'s
+        path, exec on every exec's): half a delete or kill is worse than a whole one,
+        and an exec that completes without its shim is no different from the init,
+        which runs on without the shim too until containerd's clean-up of the dead
+        shim (`delete`) removes the container.
         """
         argv = [*self.global_args(), *args]
         offset = _log_size(self.log_path) if from_log else 0
@@ -252,7 +255,7 @@ class Runc:
                 stdio=stdio,
                 cwd=self.bundle,
                 env=self._env(),
-                pdeathsig=makes_processes,
+                pdeathsig=dies_with_shim,
             )
         except OSError as exc:
             raise RuntimeFailure(f"exec: {self.options.binary!r}: {exc.strerror or exc}") from exc
@@ -285,7 +288,7 @@ class Runc:
         if no_new_keyring:
             args.append("--no-new-keyring")
         args.append(id)
-        await self._run(args, stdio=stdio, from_log=True, makes_processes=True)
+        await self._run(args, stdio=stdio, from_log=True, dies_with_shim=True)
         self._init_pid_file = pid_file
 
     async def start(self, id: str) -> None:
@@ -347,7 +350,7 @@ class Runc:
             if console_socket:
                 args += ["--console-socket", console_socket]
             args += ["--detach", "--pid-file", pid_file, id]
-            await self._run(args, stdio=stdio, from_log=True, makes_processes=True)
+            await self._run(args, stdio=stdio, from_log=True)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(process_file)
