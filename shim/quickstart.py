@@ -28,12 +28,14 @@ if TYPE_CHECKING:
 
 OP = b"start"
 FALLBACK = b"fallback"
+TAKEN = b"taken"  # the template handed the request on: from now on, its holder answers
 GO = b"go"  # `start` is done: serve
-# Long enough for a fork under heavy load (a fork takes ~2-5 ms here), short enough
-# that a wedged template costs one start less than a direct re-exec would.
+# For the template's own answer (TAKEN, or a fork's pid): long enough for a fork
+# under heavy load (a fork takes ~2-5 ms here), short enough that a wedged template
+# costs one start less than a direct re-exec would.
 REPLY_TIMEOUT = 1.0
-# Once the wedged template is killed, for the spare that may have the request: its
-# whole start (bind, O_SYNC address file, cgroup) takes a few ms.
+# For the spare that has the request: its whole start (bind under the socket
+# directory's lock, O_SYNC address file, cgroup) takes a few ms, more on a busy disk.
 SPARE_TIMEOUT = 10.0
 DIR_ENV = "PYSHIM_TEMPLATE_DIR"
 DEFAULT_DIR = "/run/pyshim/template"
@@ -197,6 +199,10 @@ def handoff(
             # Killed, it can hand nothing over any more; then the connection ends
             # (nobody has the request) or the spare that has it answers.
             retire_wedged(link, pid)
+            reply = TAKEN
+        except OSError:
+            reply = b""  # reset: whoever had the request is gone, with its listener
+        if reply == TAKEN:
             conn.settimeout(SPARE_TIMEOUT)
             try:
                 reply = conn.recv(64)
@@ -205,8 +211,6 @@ def handoff(
                 return 1
             except OSError:
                 reply = b""
-        except OSError:
-            reply = b""  # reset: whoever had the request is gone, with its listener
         if reply not in (b"0", b"1"):
             # FALLBACK, or an end with nobody holding the request (a spare that
             # died took its listener along: start finds that socket dead), or

@@ -56,6 +56,7 @@ from shim.quickstart import (
     GO,
     OP,
     REPLY_TIMEOUT,
+    TAKEN,
     peer,
     private_dir,
     retire_wedged,
@@ -780,10 +781,13 @@ def _fork(conn: socket.socket, listen_fd: int, request: Mapping[str, Any]) -> No
         conn.send(minijson.dumps({"error": "fork failed"}).encode())
 
 
-def _fork_start(conn: socket.socket, stdio: Sequence[int], data: bytes) -> None:
-    """No spare: double-fork the quick start's daemon now, on `start`'s clock."""
-    if not _double_fork(lambda: _start_here(conn, stdio, data)):
-        conn.send(FALLBACK)  # nothing was done: `start` does it itself
+def _fork_start(conn: socket.socket, stdio: Sequence[int], data: bytes) -> bool:
+    """No spare: double-fork the quick start's daemon now, on `start`'s clock; False
+    (and FALLBACK sent) when that failed."""
+    if _double_fork(lambda: _start_here(conn, stdio, data)):
+        return True
+    conn.send(FALLBACK)  # nothing was done: `start` does it itself
+    return False
 
 
 def _spare_main(link: socket.socket, template_end: socket.socket, priority: int | None) -> int:
@@ -953,8 +957,10 @@ def _handle(conn: socket.socket, key: str, spares: _Spares, watch: CodeWatch | N
                 return watch is None
             if len(fds) != 3:
                 raise TemplateError("bad request")
-            if not spares.hand_over(data, [conn.fileno(), *fds]):
-                _fork_start(conn, fds, data)
+            if spares.hand_over(data, [conn.fileno(), *fds]) or _fork_start(conn, fds, data):
+                # `start` now waits for the spare (longer than for us). The spare may
+                # have answered already: `start` takes the messages in either order.
+                conn.send(TAKEN)
             return True
         request = minijson.loads(data)
         if not isinstance(request, dict):

@@ -120,7 +120,8 @@ def test_a_directory_others_can_write_is_not_used(tdir: Path) -> None:
 class _server:
     """A stand-in template at the link path, in a child process: ``hang`` never answers,
     ``garbage`` answers what no template says, ``handed`` passes the connection to a
-    grandchild (as to a spare) that answers "1" after 0.5 s."""
+    grandchild (as to a spare) that answers "1" after 0.5 s, ``taken`` does the same
+    after saying TAKEN."""
 
     def __init__(self, tdir: Path, mode: str) -> None:
         self.path = quickstart.link_path(str(tdir), KEY)
@@ -143,7 +144,9 @@ class _server:
                 self.accepted.touch()
                 if self.mode == "garbage":
                     conn.send(b"not a status")
-                elif self.mode == "handed" and os.fork() == 0:
+                elif self.mode == "taken":
+                    conn.send(quickstart.TAKEN)
+                if self.mode in ("handed", "taken") and os.fork() == 0:
                     time.sleep(0.5)
                     conn.send(b"1")
                     os._exit(0)
@@ -165,6 +168,20 @@ class _server:
 
 def _stdio() -> tuple[int, int, int]:
     return (os.open(os.devnull, os.O_RDONLY), os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+
+
+def test_a_template_that_handed_the_request_on_is_not_retired(tdir: Path) -> None:
+    # TAKEN: the template answered in time; the spare gets the longer timeout.
+    stdio = _stdio()
+    try:
+        with _server(tdir, "taken") as (pid, _):
+            code = quickstart.handoff([b"x", b"start"], str(tdir), KEY, stdio, timeout=0.3)
+            assert code == 1  # what the spare answered, 0.5 s later
+            assert os.path.exists(f"/proc/{pid}")
+            assert os.path.lexists(quickstart.link_path(str(tdir), KEY))
+    finally:
+        os.close(stdio[0])
+        os.close(stdio[1])
 
 
 @pytest.mark.parametrize("mode", ["hang", "garbage", "handed"])
