@@ -701,6 +701,8 @@ def _start_here(
         reply(b"1")
         return 0
     try:
+        # The inode first: the file `_remove_socket_file` may remove is this one only.
+        inode = os.stat(bound.path).st_ino if bound.listener is not None else 0
         _write_all(out_fd, bound.address.encode())
     except OSError:
         bound.abandon()  # containerd stopped reading: it will not use this address
@@ -713,7 +715,7 @@ def _start_here(
         # any "0": wait for it, so that it never finds us gone first.
         _await_go(conn, b"0", link)
         return 0
-    socket_file = {"socket": bound.path, "socket_ino": os.stat(bound.path).st_ino}
+    socket_file = {"socket": bound.path, "socket_ino": inode}
     _listener_to_fd3(bound.listener.detach())
     daemon_argv = start.daemon_argv(opts, argv[0])
 
