@@ -29,7 +29,7 @@ from protocol.ttrpc.status import Code, TtrpcError
 from shim.exits import Exit, ExitRouter
 from shim.procfs import stat_fields
 from shim.runtime import Runtime, RuntimeFailure
-from shim.state import ExitRecord, exit_record_path, sync_file, write_record
+from shim.state import ExitRecord, exit_record_path, write_record
 
 __all__ = [
     "DRAIN_TIMEOUT",
@@ -304,7 +304,7 @@ class Process:
             return
         self.exit_status = exit.status
         self.exited_at_ns = exit.at_ns
-        record = self._persist_exit()
+        self._persist_exit()
         self._state = next_state
         self._events.publish(
             "/tasks/exit",
@@ -317,23 +317,8 @@ class Process:
             ),
         )
         self._done.set()
-        if record is not None:
-            # After the waiters' replies (queued first): the record is already in the
-            # page cache, which any process death leaves readable; the fsyncs (~0.5 ms
-            # here, more while containerd syncs its own db) only add a kernel crash or
-            # power loss, and need not hold up Wait.
-            asyncio.get_running_loop().call_soon(self._sync_exit_record, record)
 
-    def _sync_exit_record(self, record: Path) -> None:
-        try:
-            sync_file(record)
-        except FileNotFoundError:
-            pass  # deleted already (the process's Delete)
-        except OSError:
-            log.exception("cannot sync the exit record of %s", self.id)
-
-    def _persist_exit(self) -> Path | None:
-        """Write the exit record (not yet synced: see `_on_exit`); its path, or None."""
+    def _persist_exit(self) -> None:
         assert self.exited_at_ns is not None
         record = ExitRecord(
             container_id=self.container_id,
@@ -342,14 +327,11 @@ class Process:
             exit_status=self.exit_status,
             exited_at_ns=self.exited_at_ns,
         )
-        path = exit_record_path(self.bundle, self.id)
         try:
-            write_record(path, record, durable=False)
+            write_record(exit_record_path(self.bundle, self.id), record)
         except OSError:
             # Still publish: losing the event too would be worse than losing the record.
             log.exception("cannot persist the exit of %s", self.id)
-            return None
-        return path
 
     def restore_exit(self, record: ExitRecord) -> None:
         """Recovery: the exit was recorded by an earlier shim."""

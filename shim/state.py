@@ -3,8 +3,7 @@
 Every record is a msgspec Struct with a ``version`` field; a reader refuses a version
 it does not know instead of guessing. Writes are atomic (tmp file, rename), so a crash
 never leaves a torn record, and by default durable too (fsync of the file before the
-rename and of the directory after it). An exit record is written before anyone is told
-about the exit and synced right after (`sync_file`), off the Wait reply's path.
+rename and of the directory after it): an exit is on disk before anyone is told about it.
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ __all__ = [
     "exit_record_path",
     "read_record",
     "state_dir",
-    "sync_file",
     "write_atomic",
     "write_record",
 ]
@@ -137,16 +135,6 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600, *, durable: bool = 
         raise
     if durable:
         _fsync_dir(directory)
-
-
-def sync_file(path: Path) -> None:
-    """Make a file written with ``durable=False`` durable: fsync it and its directory."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    _fsync_dir(path.parent)
 
 
 def write_record(path: Path, record: msgspec.Struct, *, durable: bool = True) -> None:
