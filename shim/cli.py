@@ -188,6 +188,18 @@ def path_safe_id(shim_id: str) -> bool:
     return "/" not in shim_id and shim_id not in (".", "..")
 
 
+def runs_start(opts: Options) -> bool:
+    """Whether main() would hand these options to the `start` action itself (and not
+    print a version, info or an error first): what a template may run for `start`."""
+    return (
+        opts.action == "start"
+        and not opts.version
+        and not opts.info
+        and bool(opts.namespace)
+        and path_safe_id(opts.id)
+    )
+
+
 def fail(message: str) -> int:
     """The Go shim's error convention: `<runtime>: <message>` on stderr, no newline, exit 1."""
     sys.stderr.write(f"{RUNTIME_NAME}: {message}")

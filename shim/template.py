@@ -678,14 +678,7 @@ def _start_here(
         reply(FALLBACK)
         return 0
     env = request.environ()
-    if (
-        opts.action != "start"
-        or opts.version
-        or opts.info
-        or not opts.namespace
-        or not cli.path_safe_id(opts.id)
-        or env.get(quickstart.SCHED_CORE_ENV)
-    ):
+    if not cli.runs_start(opts) or env.get(quickstart.SCHED_CORE_ENV):
         reply(FALLBACK)
         return 0
     try:

@@ -7,6 +7,7 @@ import json
 import os
 import stat
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -432,3 +433,43 @@ def test_run_skips_finalization_only_for_start_and_delete(
     assert (exc.value.how, exc.value.code) == (how, 3)
     if how == "os._exit":
         assert capfd.readouterr().out == "unix:///run/x"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["-namespace", "ns", "-id", "c1", "-address", "/a", "start"],
+        ["-namespace", "ns", "-id", "c1", "start", "extra"],
+        ["-namespace", "ns", "-id", "start"],
+        ["-namespace", "", "-id", "c1", "start"],
+        ["-id", "c1", "start"],
+        ["-namespace", "ns", "-id", "../x", "start"],
+        ["-namespace", "ns", "-id", ".", "start"],
+        ["-namespace", "ns", "-id", "c1", "-v", "start"],
+        ["-namespace", "ns", "-id", "c1", "-info", "start"],
+        ["-namespace", "ns", "-id", "c1", "delete"],
+        ["-namespace", "ns", "-id", "", "start"],
+    ],
+)
+def test_runs_start_agrees_with_main(
+    args: list[str], monkeypatch: pytest.MonkeyPatch, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    # The template runs `start` for what runs_start() accepts, and leaves the rest to
+    # main(): the two must agree on which command lines reach the start action.
+    import shim.start
+
+    reached: list[str] = []
+
+    def action(name: str) -> Callable[[cli.Options], int]:
+        def run(opts: cli.Options) -> int:
+            reached.append(name)
+            return 0
+
+        return run
+
+    monkeypatch.setattr(shim.start, "run_start", action("start"))
+    monkeypatch.setattr(delete, "run_delete", action("delete"))
+    monkeypatch.setattr(cli, "run_info", lambda: 0)
+    cli.main(["shim", *args])
+    capsysbinary.readouterr()
+    assert cli.runs_start(parse_flags(args)) is (reached == ["start"])
