@@ -440,7 +440,6 @@ def test_run_skips_finalization_only_for_start_and_delete(
     [
         ["-namespace", "ns", "-id", "c1", "-address", "/a", "start"],
         ["-namespace", "ns", "-id", "c1", "start", "extra"],
-        ["-namespace", "ns", "-id", "start"],
         ["-namespace", "", "-id", "c1", "start"],
         ["-id", "c1", "start"],
         ["-namespace", "ns", "-id", "../x", "start"],
@@ -455,7 +454,9 @@ def test_runs_start_agrees_with_main(
     args: list[str], monkeypatch: pytest.MonkeyPatch, capsysbinary: pytest.CaptureFixture[bytes]
 ) -> None:
     # The template runs `start` for what runs_start() accepts, and leaves the rest to
-    # main(): the two must agree on which command lines reach the start action.
+    # main(): the two must agree on which command lines reach the start action. (No
+    # command line without an action here: main() would run a daemon in this process;
+    # `-id start` is in test_template.py.)
     import shim.start
 
     reached: list[str] = []
@@ -470,6 +471,7 @@ def test_runs_start_agrees_with_main(
     monkeypatch.setattr(shim.start, "run_start", action("start"))
     monkeypatch.setattr(delete, "run_delete", action("delete"))
     monkeypatch.setattr(cli, "run_info", lambda: 0)
+    assert parse_flags(args).action
     cli.main(["shim", *args])
     capsysbinary.readouterr()
     assert cli.runs_start(parse_flags(args)) is (reached == ["start"])
