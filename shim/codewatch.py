@@ -16,6 +16,8 @@ import os
 import sys
 
 from shim import syscalls
+from shim.template import CODE_EXTENSIONS, CODE_PACKAGES
+from shim.template import site_dirs as template_site_dirs
 
 TYPE_CHECKING = False  # typing costs ~3 ms at start-up; mypy honours this name
 
@@ -46,7 +48,7 @@ FILE_MASK = IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | _SELF
 # Whatever says the watch itself is gone or lost events: nothing can be vouched for.
 _LOST = IN_Q_OVERFLOW | IN_IGNORED | _SELF
 _HEADER = 16  # struct inotify_event: int wd; uint32 mask, cookie, len
-CODE_SUFFIXES = (".py", ".so")  # shim.template._CODE_EXTENSIONS
+_CODE_NAMES = tuple(ext.encode() for ext in CODE_EXTENSIONS)
 
 
 def code_dirs(root: str, tops: Iterable[str]) -> Iterator[str]:
@@ -58,11 +60,8 @@ def code_dirs(root: str, tops: Iterable[str]) -> Iterator[str]:
 
 
 def site_dirs(paths: Iterable[str]) -> list[str]:
-    return [
-        p
-        for p in paths
-        if os.path.basename(p) in ("site-packages", "dist-packages") and os.path.isdir(p)
-    ]
+    """shim.template.site_dirs that exist (a watch needs a directory)."""
+    return [p for p in template_site_dirs(paths) if os.path.isdir(p)]
 
 
 class CodeWatch:
@@ -110,7 +109,7 @@ class CodeWatch:
         if kind == "code":
             if mask & IN_ISDIR:
                 return name != b"__pycache__"  # a package appeared, went or moved
-            return name.endswith(tuple(s.encode() for s in CODE_SUFFIXES))
+            return name.endswith(_CODE_NAMES)
         return False
 
     def close(self) -> None:
@@ -135,7 +134,7 @@ def watch_code(root: str) -> CodeWatch | None:
     (no kernel support, out of instances or watches): the caller then cannot vouch."""
     try:
         return CodeWatch(
-            code_dirs(root, ("shim", "protocol")),
+            code_dirs(root, CODE_PACKAGES),
             site_dirs(sys.path),
             [os.path.realpath(sys.executable)],
         )

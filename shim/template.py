@@ -57,6 +57,7 @@ from shim.quickstart import (
     OP,
     REPLY_TIMEOUT,
     TAKEN,
+    package_root,
     peer,
     private_dir,
     retire_wedged,
@@ -68,7 +69,7 @@ TYPE_CHECKING = False  # typing costs ~3 ms at start-up; mypy honours this name
 
 if TYPE_CHECKING:
     import socket
-    from collections.abc import Callable, Iterator, Mapping, Sequence
+    from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
     from typing import Any
 
     from shim.codewatch import CodeWatch
@@ -80,7 +81,11 @@ ACTION = "template"
 # How long a forked daemon waits for `start`'s go-ahead before giving up.
 GO_TIMEOUT = 30.0
 MAX_REQUEST = 1 << 20
-_CODE_EXTENSIONS = (".py", ".so")
+# What code_key digests (and shim/codewatch.py watches): our packages' code files,
+CODE_PACKAGES = ("shim", "protocol")
+CODE_EXTENSIONS = (".py", ".so")
+# and the distributions installed in these directories.
+SITE_DIR_NAMES = ("site-packages", "dist-packages")
 # /proc/<pid>/comm of a direct-exec daemon: the launcher's name, cut to 15 bytes.
 SHIM_COMM = b"containerd-shim"
 TEMPLATE_COMM = b"pyshim-template"
@@ -128,9 +133,9 @@ def enabled() -> bool:
     return os.environ.get(ENABLE_ENV, "1") != "0"
 
 
-def package_root() -> str:
-    """The directory holding the `shim` and `protocol` packages."""
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+def site_dirs(paths: Iterable[str]) -> list[str]:
+    """The entries of ``paths`` that hold installed distributions."""
+    return [p for p in paths if os.path.basename(p) in SITE_DIR_NAMES]
 
 
 def _code_files(root: str, rel: str) -> Iterator[tuple[str, os.stat_result]]:
@@ -143,7 +148,7 @@ def _code_files(root: str, rel: str) -> Iterator[tuple[str, os.stat_result]]:
         if entry.is_dir(follow_symlinks=False):
             if entry.name != "__pycache__":
                 yield from _code_files(root, name)
-        elif entry.name.endswith(_CODE_EXTENSIONS):
+        elif entry.name.endswith(CODE_EXTENSIONS):
             yield name, entry.stat()
 
 
@@ -159,12 +164,10 @@ def code_key() -> str:
     # realpath: the launcher and a venv wrapper name the same interpreter differently.
     h.update(f"{sys.version}\0{os.path.realpath(sys.executable)}\n".encode())
     root = package_root()
-    for top in ("shim", "protocol"):
+    for top in CODE_PACKAGES:
         for name, st in _code_files(root, top):
             h.update(f"{name}\0{st.st_mtime_ns}\0{st.st_size}\n".encode())
-    for path in sys.path:
-        if os.path.basename(path) not in ("site-packages", "dist-packages"):
-            continue
+    for path in site_dirs(sys.path):
         try:
             names = sorted(n for n in os.listdir(path) if n.endswith(".dist-info"))
         except OSError:
