@@ -503,13 +503,22 @@ def _reset_signals() -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
+def _fd_off_3(fd: int) -> int:
+    """fd 3 is the listener's: move a received fd that landed there."""
+    if fd != 3:
+        return fd
+    moved = os.dup(fd)
+    os.close(fd)
+    return moved
+
+
 def _off_fd3(sock: socket.socket) -> socket.socket:
     """fd 3 is the listener's, as for a re-exec."""
     if sock.fileno() != 3:
         return sock
-    moved = sock.dup()
-    sock.close()
-    return moved
+    import socket
+
+    return socket.socket(fileno=_fd_off_3(sock.detach()))
 
 
 def _listener_to_fd3(fd: int) -> None:
@@ -568,10 +577,7 @@ def _become_daemon(
         _listener_to_fd3(listen_fd)
     os.chdir(str(request["cwd"]))
     os.umask(int(request["umask"]))
-    _take_environment(env)
-    sys.argv = argv
-    _set_name(SHIM_COMM)
-    _set_proc_strings(argv, env)
+    _assume(argv, env)
 
     answer = _await_go(conn, minijson.dumps({"pid": os.getpid()}).encode(), link)
     if answer != GO:
@@ -581,6 +587,14 @@ def _become_daemon(
             _remove_socket_file(request)
         return 0
     return _serve_as_daemon(argv, env)
+
+
+def _assume(argv: list[str], env: Mapping[str, str]) -> None:
+    """Take on the daemon's environment, argv, comm and /proc strings, as a re-exec."""
+    _take_environment(env)
+    sys.argv = argv
+    _set_name(SHIM_COMM)
+    _set_proc_strings(argv, env)
 
 
 def _await_go(
@@ -616,15 +630,6 @@ def _serve_as_daemon(argv: list[str], env: Mapping[str, str]) -> int:
     if env.get(KSM_ENV, "1") != "0":
         prefork.mark_after_start()
     return main(argv)
-
-
-def _fd_off_3(fd: int) -> int:
-    """fd 3 is the listener's: move a received fd that landed there."""
-    if fd != 3:
-        return fd
-    moved = os.dup(fd)
-    os.close(fd)
-    return moved
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -715,15 +720,8 @@ def _start_here(
     _listener_to_fd3(bound.listener.detach())
     daemon_argv = start.daemon_argv(opts, argv[0])
 
-    def become() -> None:
-        # While `start` exits and containerd reads the address: none of this is
-        # needed before "go".
-        _take_environment(env)
-        sys.argv = daemon_argv
-        _set_name(SHIM_COMM)
-        _set_proc_strings(daemon_argv, env)
-
-    if _await_go(conn, b"0", link, meanwhile=become) != GO:
+    # While `start` exits and containerd reads the address: not needed before "go".
+    if _await_go(conn, b"0", link, meanwhile=lambda: _assume(daemon_argv, env)) != GO:
         # `start` died before saying go (or never will): containerd has no daemon
         # here; the socket file is ours to remove (the address file is harmless).
         _remove_socket_file(socket_file)
@@ -944,10 +942,11 @@ def _handle(conn: socket.socket, key: str, spares: _Spares, watch: CodeWatch | N
     if not trusted(uid):
         return True
     data, fds, flags, _ = socket.recv_fds(conn, MAX_REQUEST, 3)
+    quick = data.startswith(QUICK_PREFIX)
     try:
         if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
             raise TemplateError("truncated request")
-        if data.startswith(QUICK_PREFIX):
+        if quick:
             if watch is None or watch.changed():
                 # No digest in the request: only a watched template can vouch for
                 # its code. `start` runs the ordinary path (which spawns a fresh one).
@@ -978,7 +977,7 @@ def _handle(conn: socket.socket, key: str, spares: _Spares, watch: CodeWatch | N
         else:
             _fork(conn, listen_fd, request)
     except (TemplateError, ValueError, KeyError, TypeError) as exc:
-        if data.startswith(QUICK_PREFIX):
+        if quick:
             conn.send(FALLBACK)
         else:
             conn.send(minijson.dumps({"error": str(exc)}).encode())
