@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from shim.fdio import write_all
 from shim.procfs import gone
 
 if TYPE_CHECKING:
@@ -104,9 +105,7 @@ def _write_process_file(data: bytes) -> str:
         except FileExistsError:
             continue
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            write_all(fd, data)
         except BaseException:
             os.close(fd)
             os.unlink(path)

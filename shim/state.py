@@ -17,6 +17,7 @@ from typing import TypeVar
 
 import msgspec
 
+from shim.fdio import write_all
 from shim.ids import validate_id
 from shim.recordfile import RecordError, read_regular_file
 
@@ -121,9 +122,7 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600, *, durable: bool = 
     fd = os.open(tmp, flags, mode)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            write_all(fd, data)
             if durable:
                 os.fsync(fd)
         finally:

@@ -632,24 +632,6 @@ def _serve_as_daemon(argv: list[str], env: Mapping[str, str]) -> int:
     return main(argv)
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _read_all(fd: int, limit: int) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    while size < limit:
-        chunk = os.read(fd, limit - size)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks)
-
-
 def _start_here(
     conn: socket.socket,
     stdio: Sequence[int],
@@ -665,6 +647,7 @@ def _start_here(
     after "go", as `_become_daemon`.
     """
     from shim import cli, quickstart, start
+    from shim.fdio import read_all, write_all
 
     stdin_fd, out_fd, err_fd = (_fd_off_3(fd) for fd in stdio)
     if link is None:
@@ -693,10 +676,10 @@ def _start_here(
         os.chdir(request.cwd)
         os.umask(request.umask)
         bundle = os.fsdecode(request.cwd)
-        bound = start.start_here(opts, _read_all(stdin_fd, start.MAX_STDIN), bundle, request.parent)
+        bound = start.start_here(opts, read_all(stdin_fd, start.MAX_STDIN), bundle, request.parent)
     except Exception as exc:  # the contract: a message on stderr and exit 1 (shim.cli)
         try:  # noqa: SIM105 (contextlib: see the module docstring)
-            _write_all(err_fd, f"{cli.RUNTIME_NAME}: {exc or type(exc).__name__}".encode())
+            write_all(err_fd, f"{cli.RUNTIME_NAME}: {exc or type(exc).__name__}".encode())
         except OSError:
             pass
         reply(b"1")
@@ -704,7 +687,7 @@ def _start_here(
     try:
         # The inode first: the file `_remove_socket_file` may remove is this one only.
         inode = os.stat(bound.path).st_ino if bound.listener is not None else 0
-        _write_all(out_fd, bound.address.encode())
+        write_all(out_fd, bound.address.encode())
     except OSError:
         bound.abandon()  # containerd stopped reading: it will not use this address
         reply(b"1")
