@@ -1,14 +1,17 @@
-"""Whole, blocking reads and writes on raw fds (os.write may write less than asked)."""
+"""Whole, blocking reads and writes on raw fds (a write may take less than asked).
+
+`posix`, not `os`: shim/quickstart.py, which imports builtins only, writes with it too.
+"""
 
 from __future__ import annotations
 
-import os
+import posix
 
 
 def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view) :]
+        view = view[posix.write(fd, view) :]
 
 
 def read_all(fd: int, limit: int) -> bytes:
@@ -16,7 +19,7 @@ def read_all(fd: int, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while size < limit:
-        chunk = os.read(fd, limit - size)
+        chunk = posix.read(fd, limit - size)
         if not chunk:
             break
         chunks.append(chunk)

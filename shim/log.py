@@ -23,6 +23,8 @@ from collections import deque
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
+from shim.quickstart import RUNTIME_NAME
+
 __all__ = [
     "RUNTIME_NAME",
     "BoundLogger",
@@ -33,7 +35,6 @@ __all__ = [
     "setup",
 ]
 
-RUNTIME_NAME = "io.containerd.pyshim.v1"
 
 MAX_BUFFER = 256 * 1024
 

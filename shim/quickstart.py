@@ -108,8 +108,8 @@ def sha256(data: bytes = b"") -> "Any":
 def install_key(executable: str, root: str) -> str:
     """Names a template's link: which interpreter runs which checkout of the code.
 
-    The code digest (shim.template.code_key) is the template's to check, on every
-    request; this only keeps two installs sharing a template directory apart.
+    Whether the template's code is current is the template's to know (it watches it,
+    shim/codewatch.py); this only keeps two installs sharing a template directory apart.
     """
     return str(sha256(f"{executable}\0{root}".encode()).hexdigest()[:24])
 
@@ -207,7 +207,9 @@ def handoff(
             try:
                 reply = conn.recv(64)
             except TimeoutError:
-                _fail(stdio[2], f"no answer from the shim template's spare in {SPARE_TIMEOUT:.0f}s")
+                fail_to(
+                    stdio[2], f"no answer from the shim template's spare in {SPARE_TIMEOUT:.0f}s"
+                )
                 return 1
             except OSError:
                 reply = b""
@@ -247,9 +249,12 @@ def retire_wedged(path: str, pid: int) -> None:
             pass
 
 
-def _fail(fd: int, message: str) -> None:
+def fail_to(fd: int, message: str) -> None:
+    """The Go shim's error convention (shim.cli.fail) on ``fd``: `<runtime>: <message>`."""
+    from shim.fdio import write_all
+
     try:  # noqa: SIM105 (contextlib costs ~1-4 ms to import)
-        posix.write(fd, f"{RUNTIME_NAME}: {message}".encode())
+        write_all(fd, f"{RUNTIME_NAME}: {message}".encode())
     except OSError:
         pass
 

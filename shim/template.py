@@ -678,10 +678,7 @@ def _start_here(
         bundle = os.fsdecode(request.cwd)
         bound = start.start_here(opts, read_all(stdin_fd, start.MAX_STDIN), bundle, request.parent)
     except Exception as exc:  # the contract: a message on stderr and exit 1 (shim.cli)
-        try:  # noqa: SIM105 (contextlib: see the module docstring)
-            write_all(err_fd, f"{cli.RUNTIME_NAME}: {exc or type(exc).__name__}".encode())
-        except OSError:
-            pass
+        quickstart.fail_to(err_fd, str(exc) or type(exc).__name__)
         reply(b"1")
         return 0
     try:
