@@ -10,20 +10,20 @@ Nothing runs while the queue is empty: the sender task exits and no timer is
 armed, so an idle shim never wakes up.
 
 Durable outbox: once a container is attached (its bundle known), each of its events is
-written to ``<bundle>/pyshim/outbox/<time>-<seq>.pb`` (the serialized Envelope) before
-it is queued and removed once the Forward was acknowledged. Such an event is never
-dropped for a transient failure (containerd or pyshimd down for longer than the
-reference's ~20 s of retries): it is retried with a capped backoff for as long as the
-shim lives. A later shim attaching the same bundle queues what is left there, in
-order. Receivers see an event twice if the acknowledgement was lost; pyshimd dedupes
-exits, containerd does not (its consumers tolerate duplicate exits).
+appended to its log ``<bundle>/pyshim/outbox.log`` (shim/outbox.py) before it is queued,
+and marked delivered once the Forward was acknowledged. Such an event is never dropped
+for a transient failure (containerd or pyshimd down for longer than the reference's
+~20 s of retries): it is retried with a capped backoff for as long as the shim lives.
+A later shim attaching the same bundle queues what is left there, in order. Receivers
+see an event twice if the acknowledgement was lost; pyshimd dedupes exits, containerd
+does not (its consumers tolerate duplicate exits).
 
-An entry is written atomically (temp file + rename) but not fsynced: it is there for a
-shim that dies (SIGKILL, crash) before delivering it, and the page cache outlives any
-process. A kernel crash or power loss kills every container and the containerd state
-those events describe, so an fsync (~1-2 ms on the exec and exit paths) would protect
-nothing anyone could use; the replay skips an entry such a crash left empty or torn.
-The exit itself is fsynced in its record (shim.state) before it is published.
+The log is not fsynced: it is there for a shim that dies (SIGKILL, crash) before
+delivering an event, and the page cache outlives any process. A kernel crash or power
+loss kills every container and the containerd state those events describe, so an
+fsync (~0.1-0.5 ms on the exec and exit paths) would protect nothing anyone could use;
+the replay stops at a record such a crash left torn. The exit itself is fsynced in its
+record (shim.state) before it is published.
 """
 
 from __future__ import annotations
@@ -31,11 +31,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import itertools
 import logging
 import os
-import time
-from pathlib import Path
 
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
@@ -45,9 +42,10 @@ from protocol.proto.events import forward_pb2
 from protocol.ttrpc.address import parse_ttrpc_address
 from protocol.ttrpc.client import Client
 from protocol.ttrpc.status import Code, ConnectionClosedError, TtrpcError
+from shim.outbox import Outbox
 from shim.reaper import Reaper
 from shim.recordfile import RecordError, read_regular_file
-from shim.state import write_atomic
+from shim.state import state_dir
 
 __all__ = ["EVENTS_SERVICE", "NAMESPACE_METADATA_KEY", "PublishError", "Publisher"]
 
@@ -76,41 +74,70 @@ class PublishError(Exception):
         self.permanent = permanent
 
 
-OUTBOX_DIR = "outbox"
-OUTBOX_SUFFIX = ".pb"
+# Where shims before the log (shim/outbox.py) kept a file per undelivered event.
+LEGACY_OUTBOX_DIR = "outbox"
+LEGACY_OUTBOX_SUFFIX = ".pb"
 
 
 class _Pending:
-    __slots__ = ("attempts", "envelope", "path", "topic")
+    __slots__ = ("attempts", "envelope", "outbox", "seq", "topic")
 
     def __init__(
-        self, topic: str, envelope: forward_pb2.Envelope, path: Path | None = None
+        self,
+        topic: str,
+        envelope: forward_pb2.Envelope,
+        outbox: Outbox | None = None,
+        seq: int = 0,
     ) -> None:
         self.topic = topic
         self.envelope = envelope
         self.attempts = 0
-        # The outbox file holding this event until it is acknowledged, if any.
-        self.path = path
+        # The log holding this event (as number seq) until it is acknowledged, if any.
+        self.outbox = outbox
+        self.seq = seq
 
 
-def outbox_dir(bundle: str) -> Path:
-    return Path(bundle) / "pyshim" / OUTBOX_DIR
-
-
-def _read_entry(path: Path) -> forward_pb2.Envelope | None:
-    """The envelope in outbox file ``path``; None when it is gone.
-
-    Raises for anything the writer cannot have left complete: a symlink, fifo or other
-    non-regular file (refused unread, see read_regular_file), bytes that do not parse,
-    or an envelope without topic or event (an entry a kernel crash left empty).
-    """
-    data = read_regular_file(path)
-    if data is None:
-        return None
-    envelope = forward_pb2.Envelope.FromString(data)
+def _envelope(payload: bytes) -> forward_pb2.Envelope:
+    """The envelope a logged event holds; raises for one without topic or event."""
+    envelope = forward_pb2.Envelope.FromString(payload)
     if not envelope.topic or not envelope.HasField("event") or not envelope.event.type_url:
-        raise RecordError(f"incomplete event envelope ({len(data)} bytes)")
+        raise RecordError(f"incomplete event envelope ({len(payload)} bytes)")
     return envelope
+
+
+def _adopt_legacy(bundle: str, outbox: Outbox) -> list[tuple[int, bytes]]:
+    """Move the events a shim from before the log left undelivered (a file each) into
+    the log, oldest first; their (seq, payload).
+
+    A symlink, fifo or other non-regular file there was planted, never written by a
+    shim: it is removed unread (see read_regular_file).
+    """
+    legacy = state_dir(bundle) / LEGACY_OUTBOX_DIR
+    try:
+        names = sorted(n for n in os.listdir(legacy) if n.endswith(LEGACY_OUTBOX_SUFFIX))
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        _log.warning("cannot read event outbox %s: %s", legacy, exc)
+        return []
+    adopted: list[tuple[int, bytes]] = []
+    for name in names:
+        path = legacy / name
+        try:
+            data = read_regular_file(path)
+        except (OSError, RecordError) as exc:
+            _log.error("discarding unreadable outbox event %s: %s", path, exc)
+            data = None
+        if data:
+            seq = outbox.append(data)
+            if seq is None:
+                break  # keep the rest where they are, for a later attach
+            adopted.append((seq, data))
+        with contextlib.suppress(OSError):
+            path.unlink()
+    with contextlib.suppress(OSError):
+        legacy.rmdir()
+    return adopted
 
 
 class Publisher:
@@ -144,8 +171,7 @@ class Publisher:
         self._closed = False
         self.dropped = 0
         self.sent = 0
-        self._outboxes: dict[str, Path] = {}
-        self._seq = itertools.count()
+        self._outboxes: dict[str, Outbox] = {}
         if self._ttrpc_path is None and not (self._publish_binary and self._containerd_address):
             _log.warning("no TTRPC_ADDRESS and no publish binary: events will be dropped")
 
@@ -154,42 +180,42 @@ class Publisher:
         return len(self._queue)
 
     def attach(self, container_id: str, bundle: str) -> int:
-        """Persist ``container_id``'s events in its bundle's outbox from now on, and queue
+        """Log ``container_id``'s events in its bundle's outbox from now on, and queue
         (in their original order) any an earlier shim left undelivered there."""
-        outbox = outbox_dir(bundle)
-        self._outboxes[container_id] = outbox
+        if container_id in self._outboxes:
+            return 0
         try:
-            names = sorted(n for n in os.listdir(outbox) if n.endswith(OUTBOX_SUFFIX))
+            outbox, left = Outbox.open(bundle)
         except FileNotFoundError:
+            return 0  # the bundle is gone: its events stay in memory only
+        except (OSError, RecordError) as exc:
+            _log.warning("cannot open the event outbox of %s: %s", container_id, exc)
             return 0
-        except OSError as exc:
-            _log.warning("cannot read event outbox %s: %s", outbox, exc)
-            return 0
+        self._outboxes[container_id] = outbox
+        left += _adopt_legacy(bundle, outbox)
         replayed = 0
-        for name in names:
-            path = outbox / name
+        for seq, payload in left:
             try:
-                envelope = _read_entry(path)
+                envelope = _envelope(payload)
             except Exception as exc:
-                _log.error("discarding unreadable outbox event %s: %s", path, exc)
-                with contextlib.suppress(OSError):
-                    path.unlink()
+                _log.error("discarding unreadable event %d in %s: %s", seq, outbox.path, exc)
+                outbox.acknowledge(seq)
                 continue
-            if envelope is None:
-                continue
-            self._enqueue(_Pending(envelope.topic, envelope, path))
+            self._enqueue(_Pending(envelope.topic, envelope, outbox, seq))
             replayed += 1
         if replayed:
-            _log.info("replaying %d undelivered events from %s", replayed, outbox)
+            _log.info("replaying %d undelivered events from %s", replayed, outbox.path)
         return replayed
 
     def detach(self, container_id: str) -> None:
-        """Stop persisting new events of ``container_id``; queued ones still complete."""
-        self._outboxes.pop(container_id, None)
+        """Stop logging new events of ``container_id``; queued ones still complete."""
+        outbox = self._outboxes.pop(container_id, None)
+        if outbox is not None:
+            outbox.release()
 
     def publish(self, topic: str, event: Message) -> None:
         """Queue ``event`` under ``topic``; stamped with the current time. Never blocks
-        (beyond writing the outbox file for an attached container)."""
+        (beyond appending to the outbox of an attached container)."""
         if self._closed:
             _log.warning("publisher closed, dropping event topic=%s", topic)
             self.dropped += 1
@@ -204,26 +230,14 @@ class Publisher:
             topic=topic,
             event=anyutil.pack(event),
         )
-        path = self._persist(str(getattr(event, "container_id", "")), envelope)
-        self._enqueue(_Pending(topic, envelope, path))
-
-    def _persist(self, container_id: str, envelope: forward_pb2.Envelope) -> Path | None:
-        outbox = self._outboxes.get(container_id)
-        if outbox is None:
-            return None
-        # Time first: a later shim's names sort after ours; the counter orders our own.
-        path = outbox / f"{time.time_ns():020d}-{next(self._seq):08d}{OUTBOX_SUFFIX}"
-        try:
-            with contextlib.suppress(FileExistsError):
-                # Never create the bundle itself: containerd may have removed it.
-                outbox.parent.mkdir(mode=0o700, exist_ok=True)
-                outbox.mkdir(mode=0o700)
-            write_atomic(path, envelope.SerializeToString(), durable=False)
-        except OSError as exc:
-            # A full disk must not cost the event: it stays queued in memory only.
-            _log.warning("cannot persist event topic=%s in %s: %s", envelope.topic, outbox, exc)
-            return None
-        return path
+        item = _Pending(topic, envelope)
+        outbox = self._outboxes.get(str(getattr(event, "container_id", "")))
+        if outbox is not None:
+            # A full disk must not cost the event: it then stays queued in memory only.
+            seq = outbox.append(envelope.SerializeToString())
+            if seq is not None:
+                item.outbox, item.seq = outbox, seq
+        self._enqueue(item)
 
     def _enqueue(self, item: _Pending) -> None:
         self._queue.append(item)
@@ -243,8 +257,10 @@ class Publisher:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        logs = {item.outbox for item in self._queue if item.outbox is not None}
+        logs.update(self._outboxes.values())
         if self._queue:
-            kept = sum(1 for item in self._queue if item.path is not None)
+            kept = sum(1 for item in self._queue if item.outbox is not None)
             _log.warning(
                 "%d unpublished events at shutdown (%d stay in their outbox)",
                 len(self._queue),
@@ -252,6 +268,9 @@ class Publisher:
             )
             self.dropped += len(self._queue)
             self._queue.clear()
+        for outbox in logs:
+            outbox.close()
+        self._outboxes.clear()
         self._disconnect()
 
     # -- the single sender -----------------------------------------------------------
@@ -267,7 +286,7 @@ class Publisher:
                 item.attempts += 1
                 permanent = isinstance(exc, PublishError) and exc.permanent
                 # A persisted event waits for the receiver however long it takes.
-                gives_up = item.path is None and item.attempts >= self._max_attempts
+                gives_up = item.outbox is None and item.attempts >= self._max_attempts
                 if permanent or gives_up:
                     self._queue.popleft()
                     self._forget(item)
@@ -295,13 +314,8 @@ class Publisher:
 
     @staticmethod
     def _forget(item: _Pending) -> None:
-        if item.path is not None:
-            try:
-                item.path.unlink()
-            except FileNotFoundError:
-                pass  # the bundle was removed already
-            except OSError as exc:
-                _log.warning("cannot remove delivered event %s: %s", item.path, exc)
+        if item.outbox is not None:
+            item.outbox.acknowledge(item.seq)
 
     async def _send(self, envelope: forward_pb2.Envelope) -> None:
         if self._ttrpc_path is not None:

@@ -27,6 +27,7 @@ __all__ = [
     "RecordError",
     "UnsafePathError",
     "exit_record_path",
+    "make_private_dirs",
     "read_record",
     "state_dir",
     "write_atomic",
@@ -74,7 +75,7 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _make_private_dirs(directory: Path) -> None:
+def make_private_dirs(directory: Path) -> None:
     """Create ``directory`` like ``mkdir -p``, refusing symlinks inside the state dir.
 
     Every component from the nearest ``pyshim`` ancestor down (or just ``directory``
@@ -112,7 +113,7 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600, *, durable: bool = 
     which it may be missing or empty. For data nobody needs after a reboot.
     """
     directory = path.parent
-    _make_private_dirs(directory)
+    make_private_dirs(directory)
     tmp = directory / f".{path.name}.{os.getpid()}.tmp"
     # A leftover (or planted) tmp name is removed, never followed: O_EXCL + O_NOFOLLOW
     # make the open fail rather than truncate whatever a symlink there points to.

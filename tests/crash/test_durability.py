@@ -21,7 +21,8 @@ from protocol.proto.task.v2 import shim_pb2
 from protocol.ttrpc.server import RequestContext
 from protocol.ttrpc.status import TtrpcError
 from shim.delete import remove_dead_socket
-from shim.events import Publisher, outbox_dir
+from shim.events import Publisher
+from shim.outbox import outbox_path, undelivered
 from shim.process import DurableEventSink
 from shim.reaper import Reaper
 from tests.crash.plan import generate
@@ -48,8 +49,8 @@ def _exit(cid: str, status: int) -> events_pb2.TaskExit:
 
 
 def _outbox(bundle: Path) -> list[str]:
-    d = outbox_dir(str(bundle))
-    return sorted(os.listdir(d)) if d.is_dir() else []
+    """The topics of the events still waiting in ``bundle``'s outbox, in order."""
+    return [forward_pb2.Envelope.FromString(p).topic for p in undelivered(str(bundle))]
 
 
 async def test_exit_is_in_the_outbox_until_acknowledged(tmp_path: Path) -> None:
@@ -100,52 +101,139 @@ async def test_a_later_publisher_replays_the_outbox_in_order(tmp_path: Path) -> 
     assert _outbox(bundle) == []
 
 
-async def test_outbox_entries_are_atomic_but_not_fsynced(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_the_outbox_is_not_fsynced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Only a kernel crash loses an unsynced entry, and it takes the containers and
     # containerd's state with it; a shim crash loses nothing (see shim/events.py).
     fsyncs: list[int] = []
     monkeypatch.setattr(os, "fsync", fsyncs.append)
+    monkeypatch.setattr(os, "fdatasync", fsyncs.append)
     bundle = tmp_path / "b1"
     bundle.mkdir()
     pub = _publisher(str(tmp_path / "ttrpc.sock"))
     pub.attach("c1", str(bundle))
     pub.publish("/tasks/exit", _exit("c1", 3))
     assert fsyncs == []
-    assert [n.endswith(".pb") for n in _outbox(bundle)] == [True]
+    assert _outbox(bundle) == ["/tasks/exit"]
     await pub.close(timeout=0.05)
 
 
-async def test_replay_skips_torn_and_foreign_outbox_files(tmp_path: Path) -> None:
-    ctrd = FakeContainerd(str(tmp_path / "ttrpc.sock"))
-    bundle = tmp_path / "b1"
-    bundle.mkdir()
-    first = _publisher(ctrd.path)
+async def _left_by_a_dead_shim(tmp_path: Path, bundle: Path, *statuses: int) -> None:
+    first = _publisher(str(tmp_path / "nobody.sock"))
     first.attach("c1", str(bundle))
-    first.publish("/tasks/exit", _exit("c1", 7))
+    for status in statuses:
+        first.publish("/tasks/exit", _exit("c1", status))
     await first.close(timeout=0.05)
-    outbox = outbox_dir(str(bundle))
-    (good,) = _outbox(bundle)
-    secret = tmp_path / "secret"
-    secret.write_bytes((outbox / good).read_bytes())
-    # What a kernel crash can leave of an unsynced entry, and what only someone else
-    # can have put there: none of it is an event of ours.
-    (outbox / "00000000000000000000-00000000.pb").write_bytes(b"")
-    (outbox / "00000000000000000000-00000001.pb").write_bytes((outbox / good).read_bytes()[:9])
-    (outbox / "00000000000000000000-00000002.pb").symlink_to(secret)
-    os.mkfifo(outbox / "00000000000000000000-00000003.pb")
+
+
+async def _replayed(tmp_path: Path, bundle: Path, expect: int) -> list[int]:
+    """Exit statuses a second shim attaching ``bundle`` delivers."""
+    ctrd = FakeContainerd(str(tmp_path / "ttrpc.sock"))
     await ctrd.start()
     try:
         second = _publisher(ctrd.path)
-        assert second.attach("c1", str(bundle)) == 1
-        await ctrd.wait_for(1)
+        assert second.attach("c1", str(bundle)) == expect
+        await ctrd.wait_for(expect)
         await second.close()
     finally:
         await ctrd.stop()
-    assert ctrd.topics() == ["/tasks/exit"]
+    return [anyutil.unpack(e.event, events_pb2.TaskExit).exit_status for e in ctrd.received]
+
+
+async def test_replay_stops_at_a_torn_record_and_drops_it(tmp_path: Path) -> None:
+    bundle = tmp_path / "b1"
+    bundle.mkdir()
+    await _left_by_a_dead_shim(tmp_path, bundle, 7, 8)
+    log = outbox_path(str(bundle))
+    whole = log.read_bytes()
+    # What a kernel crash can leave of unsynced appends: the last record cut short, or
+    # zeros where the file grew but its data never reached the disk.
+    for tail in (whole[: len(whole) - 3], whole + bytes(40)):
+        log.write_bytes(tail)
+        expect = [7] if len(tail) < len(whole) else [7, 8]
+        assert await _replayed(tmp_path, bundle, len(expect)) == expect
+        assert _outbox(bundle) == [] and log.stat().st_size == 0
+
+
+async def test_replay_skips_a_record_that_fails_its_checksum(tmp_path: Path) -> None:
+    bundle = tmp_path / "b1"
+    bundle.mkdir()
+    await _left_by_a_dead_shim(tmp_path, bundle, 7, 8)
+    log = outbox_path(str(bundle))
+    data = bytearray(log.read_bytes())
+    data[-1] ^= 0xFF  # the second event's last byte
+    log.write_bytes(bytes(data))
+    assert await _replayed(tmp_path, bundle, 1) == [7]
+
+
+async def test_acknowledged_events_are_not_replayed(tmp_path: Path) -> None:
+    ctrd = FakeContainerd(str(tmp_path / "ttrpc.sock"))
+    bundle = tmp_path / "b1"
+    bundle.mkdir()
+    await ctrd.start()
+    try:
+        first = _publisher(ctrd.path)
+        first.attach("c1", str(bundle))
+        first.publish("/tasks/exit", _exit("c1", 1))
+        async with asyncio.timeout(10):
+            while first.sent < 1:
+                await asyncio.sleep(0.01)
+    finally:
+        await ctrd.stop()
+    # containerd is gone: the next two wait in the log behind the delivered one.
+    first.publish("/tasks/exit", _exit("c1", 2))
+    first.publish("/tasks/exit", _exit("c1", 3))
+    await first.close(timeout=0.05)
+    assert _outbox(bundle) == ["/tasks/exit", "/tasks/exit"]
+    assert await _replayed(tmp_path, bundle, 2) == [2, 3]
+
+
+@pytest.mark.parametrize("planted", ["symlink", "fifo"])
+async def test_a_planted_outbox_is_refused_and_events_still_flow(
+    tmp_path: Path, planted: str
+) -> None:
+    bundle = tmp_path / "b1"
+    (bundle / "pyshim").mkdir(parents=True)
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"keep")
+    log = outbox_path(str(bundle))
+    if planted == "symlink":
+        log.symlink_to(secret)
+    else:
+        os.mkfifo(log)
+    ctrd = FakeContainerd(str(tmp_path / "ttrpc.sock"))
+    await ctrd.start()
+    try:
+        pub = _publisher(ctrd.path)
+        assert pub.attach("c1", str(bundle)) == 0
+        pub.publish("/tasks/exit", _exit("c1", 4))
+        await ctrd.wait_for(1)
+        await pub.close()
+    finally:
+        await ctrd.stop()
+    assert secret.read_bytes() == b"keep"
+
+
+async def test_events_a_shim_before_the_log_left_are_adopted_in_order(tmp_path: Path) -> None:
+    bundle = tmp_path / "b1"
+    legacy = bundle / "pyshim" / "outbox"
+    legacy.mkdir(parents=True)
+    secret = tmp_path / "secret"
+
+    def envelope(status: int) -> bytes:
+        return _forward(_exit("c1", status)).envelope.SerializeToString()
+
+    # A file per event, named <time>-<seq>.pb; what a kernel crash could leave of one
+    # (empty, torn) and what only someone else can have put there are skipped.
+    (legacy / "00000000000000000002-00000001.pb").write_bytes(envelope(6))
+    (legacy / "00000000000000000001-00000005.pb").write_bytes(envelope(5))
+    (legacy / "00000000000000000003-00000000.pb").write_bytes(b"")
+    (legacy / "00000000000000000004-00000000.pb").write_bytes(envelope(9)[:9])
+    secret.write_bytes(envelope(99))
+    (legacy / "00000000000000000005-00000000.pb").symlink_to(secret)
+    os.mkfifo(legacy / "00000000000000000006-00000000.pb")
+    assert await _replayed(tmp_path, bundle, 2) == [5, 6]
+    assert not legacy.exists() and secret.exists()
     assert _outbox(bundle) == []
-    assert secret.exists()
 
 
 async def test_unwritable_outbox_still_publishes(tmp_path: Path) -> None:

@@ -38,7 +38,7 @@ from protocol.proto.types import task_pb2 as types_pb2
 from protocol.ttrpc.client import Client
 from protocol.ttrpc.server import Method, RequestContext, Server
 from protocol.ttrpc.status import Code, TtrpcError
-from shim.events import outbox_dir
+from shim.outbox import undelivered
 from shim.procfs import gone
 from tests.support.images import build_busybox_rootfs, write_oci_bundle
 
@@ -388,10 +388,9 @@ async def test_exit_is_persisted_first_and_survives_a_shim_restart() -> None:
         # when the shim dies is replayed by its successor (pyshimd dedupes). Kill only
         # once the first shim has retired every delivered event, so a second exit
         # below would be a real double report.
-        outbox = outbox_dir(str(rig.bundle))
         deadline = time.monotonic() + TIMEOUT
-        while outbox.is_dir() and any(outbox.iterdir()):
-            assert time.monotonic() < deadline, f"outbox never drained: {list(outbox.iterdir())}"
+        while left := undelivered(str(rig.bundle)):
+            assert time.monotonic() < deadline, f"outbox never drained: {len(left)} left"
             await asyncio.sleep(0.02)
 
         rig.kill_daemon(first)
