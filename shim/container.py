@@ -43,7 +43,7 @@ from shim.process import (
     unknown,
 )
 from shim.runtime import RuncOptions, Runtime, RuntimeFailure
-from shim.state import ExitRecord, RecordError, exit_record_path, read_record, write_record
+from shim.state import ExitLog, ExitRecord, read_record, write_record
 
 if TYPE_CHECKING:
     from shim.stats import Cgroup
@@ -222,9 +222,11 @@ class Container:
         stdio: StdioStrings,
         kill_all_on_exit: bool,
         rootfs_mounted: bool,
+        exits: ExitLog | None = None,
     ) -> None:
         self.id = id
         self.bundle = bundle
+        self.exits = exits or ExitLog(bundle)
         self.runtime = runtime
         self.options = options
         self.rootfs_mounted = rootfs_mounted
@@ -242,6 +244,7 @@ class Container:
             runtime=runtime,
             events=toolkit.events,
             router=toolkit.router,
+            exits=self.exits,
             kill_all_on_exit=kill_all_on_exit,
             wait_execs=self._wait_execs,
             signal_child=toolkit.signal_child,
@@ -275,6 +278,7 @@ class Container:
             rootfs_mounted=bool(req.rootfs),
         )
         async with contextlib.AsyncExitStack() as undo:
+            undo.callback(container.exits.close)
             for name, data in (
                 ("options.json", options.options_json),
                 ("runtime", options.binary_name),
@@ -316,7 +320,7 @@ class Container:
                 # Read only by a shim restarted on this bundle after a process crash,
                 # which the page cache survives; after a kernel crash the container is
                 # gone and `delete` does not read it. Exit records stay fsynced.
-                write_record(container_record_path(req.bundle), container.record(), durable=False)
+                write_record(container_record_path(req.bundle), container.record())
                 toolkit.events.publish(
                     "/tasks/create",
                     events_pb2.TaskCreate(
@@ -378,6 +382,7 @@ class Container:
                 criu_path=record.criu_path,
             )
         )
+        exit_log, exits = ExitLog.load(bundle, record.id)
         container = cls(
             id=record.id,
             bundle=record.bundle,
@@ -387,23 +392,19 @@ class Container:
             stdio=StdioStrings(record.stdin, record.stdout, record.stderr, record.terminal),
             kill_all_on_exit=record.kill_all_on_exit,
             rootfs_mounted=record.rootfs_mounted,
+            exits=exit_log,
         )
-        exits_dir = exit_record_path(bundle, record.id).parent
-        init_exit = read_record(exit_record_path(bundle, record.id), ExitRecord)
-        if init_exit is not None:
-            container.init.restore_exit(init_exit)
-        else:
-            await container._recover_live_init(record.pid)
-        if exits_dir.is_dir():
-            for path in sorted(exits_dir.glob("*.json")):
-                try:
-                    exit = read_record(path, ExitRecord)
-                except RecordError as exc:
-                    # One unreadable exec record must not cost us the container.
-                    log.warning("skipping exit record: %s", exc)
-                    continue
-                if exit is None or not exit.exec_id or exit.container_id != record.id:
-                    continue
+        try:
+            init_exit = exits.get(record.id)
+            if init_exit is not None:
+                container.init.restore_exit(init_exit)
+            else:
+                await container._recover_live_init(record.pid)
+        except BaseException:
+            exit_log.close()
+            raise
+        for exit in exits.values():
+            if exit.exec_id:
                 exec_ = container._new_exec(exit.exec_id, StdioStrings(), b"")
                 exec_.restore_exit(exit)
                 container.execs[exit.exec_id] = exec_
@@ -429,7 +430,7 @@ class Container:
                 exit_status=UNKNOWN_EXIT_STATUS,
                 exited_at_ns=time.time_ns(),
             )
-            write_record(exit_record_path(self.bundle, self.id), exit)
+            self.exits.record(exit)
             self.init.restore_exit(exit)
             return
         self.init.restore(pid, status)
@@ -516,6 +517,7 @@ class Container:
             runtime=self.runtime,
             events=toolkit.events,
             router=toolkit.router,
+            exits=self.exits,
             process_json=process_json,
             init=self.init,
             open_io=open_io,
@@ -580,6 +582,8 @@ class Container:
                 self._toolkit.unmount(self.rootfs)
             except OSError as exc:
                 raise unknown(f"failed rootfs umount: {exc}") from exc
+        # The init's record stays for `delete`; nothing records an exit any more.
+        self.exits.close()
         self._toolkit.events.publish(
             "/tasks/delete",
             events_pb2.TaskDelete(

@@ -15,6 +15,8 @@ from shim import _wire
 from shim import minijson as json
 from shim.procfs import gone
 from shim.recordfile import read_regular_file
+from shim.recordlog import log_path, read_live
+from shim.statedir import EXIT_LOG, LEGACY_EXITS_DIR, STATE_DIR_NAME
 
 TYPE_CHECKING = False  # typing costs ~3 ms at start-up; mypy honours this name
 
@@ -348,10 +350,10 @@ def _init_pid(bundle: str) -> int:
 
 def _recorded_exit(bundle: str, container_id: str) -> tuple[int, int, int] | None:
     """(pid, status, exited_at_ns) of the init as the shim persisted it, if it did."""
-    if not bundle or not os.path.isdir(os.path.join(bundle, "pyshim")):
+    if not bundle or not os.path.isdir(os.path.join(bundle, STATE_DIR_NAME)):
         return None
     try:
-        return read_exit_record(os.path.join(bundle, "pyshim", "exits", f"{container_id}.json"))
+        return read_init_exit(bundle, container_id)
     except Exception as exc:
         _warn(f"failed to read exit record: {exc}")
         return None
@@ -360,30 +362,52 @@ def _recorded_exit(bundle: str, container_id: str) -> tuple[int, int, int] | Non
 EXIT_RECORD_VERSION = 1  # shim.state.EXIT_RECORD_VERSION (msgspec costs ~25 ms to import)
 
 
-def read_exit_record(path: str) -> tuple[int, int, int] | None:
-    """(pid, exit_status, exited_at_ns) of shim.state.ExitRecord at ``path``, or None.
+def read_init_exit(bundle: str, container_id: str) -> tuple[int, int, int] | None:
+    """(pid, exit_status, exited_at_ns) of the init's record in shim.state.ExitLog, or
+    in the file a shim from before the log left; None when there is none.
 
-    Reads what shim.state.read_record(path, ExitRecord) would, with its refusals:
-    no symlink, no non-regular file, only the version it knows, typed fields.
+    Reads what ExitLog.load would, with its refusals: no symlink, no non-regular file,
+    only the version it knows, typed fields.
     """
-    data = read_regular_file(path)
+    path = log_path(bundle, EXIT_LOG)
+    found: tuple[object, str] | None = None
+    for seq, payload in read_live(path):
+        try:
+            record = json.loads(payload)
+        except ValueError:
+            continue  # whose it is cannot be told: not the init's for ExitLog either
+        if (
+            isinstance(record, dict)
+            and record.get("container_id") == container_id
+            and record.get("exec_id", "") == ""
+        ):
+            found = record, f"{path} #{seq}"  # the last one counts, as in ExitLog.load
+    if found is not None:
+        return exit_fields(*found)
+    legacy = os.path.join(bundle, STATE_DIR_NAME, LEGACY_EXITS_DIR, f"{container_id}.json")
+    data = read_regular_file(legacy)
     if data is None:
         return None
     try:
         record = json.loads(data)
     except ValueError as exc:
-        raise ValueError(f"corrupt record {path}: {exc}") from None
+        raise ValueError(f"corrupt record {legacy}: {exc}") from None
+    return exit_fields(record, legacy)
+
+
+def exit_fields(record: object, origin: str) -> tuple[int, int, int]:
+    """(pid, exit_status, exited_at_ns) of a decoded ExitRecord; ValueError if unusable."""
     if not isinstance(record, dict) or "version" not in record:
-        raise ValueError(f"corrupt record {path}: no version")
+        raise ValueError(f"corrupt record {origin}: no version")
     if record["version"] != EXIT_RECORD_VERSION:
         raise ValueError(
-            f"record {path} has version {record['version']}; "
+            f"record {origin} has version {record['version']}; "
             f"this shim reads version {EXIT_RECORD_VERSION}"
         )
     fields = (record.get("pid"), record.get("exit_status"), record.get("exited_at_ns"))
     names = (record.get("container_id"), record.get("exec_id"))
     if not all(type(v) is int for v in fields) or not all(isinstance(n, str) for n in names):
-        raise ValueError(f"corrupt record {path}")
+        raise ValueError(f"corrupt record {origin}")
     pid, status, exited_at_ns = fields
     assert isinstance(pid, int) and isinstance(status, int) and isinstance(exited_at_ns, int)
     return pid, status, exited_at_ns

@@ -10,8 +10,8 @@ Nothing runs while the queue is empty: the sender task exits and no timer is
 armed, so an idle shim never wakes up.
 
 Durable outbox: once a container is attached (its bundle known), each of its events is
-appended to its log ``<bundle>/pyshim/outbox.log`` (shim/outbox.py) before it is queued,
-and marked delivered once the Forward was acknowledged. Such an event is never dropped
+appended to its log ``<bundle>/pyshim/outbox.log`` (shim/recordlog.py) before it is
+queued, and marked done once the Forward was acknowledged. Such an event is never dropped
 for a transient failure (containerd or pyshimd down for longer than the reference's
 ~20 s of retries): it is retried with a capped backoff for as long as the shim lives.
 A later shim attaching the same bundle queues what is left there, in order. Receivers
@@ -42,10 +42,10 @@ from protocol.proto.events import forward_pb2
 from protocol.ttrpc.address import parse_ttrpc_address
 from protocol.ttrpc.client import Client
 from protocol.ttrpc.status import Code, ConnectionClosedError, TtrpcError
-from shim.outbox import Outbox
 from shim.reaper import Reaper
 from shim.recordfile import RecordError, read_regular_file
-from shim.state import state_dir
+from shim.recordlog import RecordLog
+from shim.statedir import STATE_DIR_NAME
 
 __all__ = ["EVENTS_SERVICE", "NAMESPACE_METADATA_KEY", "PublishError", "Publisher"]
 
@@ -74,7 +74,8 @@ class PublishError(Exception):
         self.permanent = permanent
 
 
-# Where shims before the log (shim/outbox.py) kept a file per undelivered event.
+OUTBOX_LOG = "outbox.log"
+# Where shims before the log kept a file per undelivered event.
 LEGACY_OUTBOX_DIR = "outbox"
 LEGACY_OUTBOX_SUFFIX = ".pb"
 
@@ -86,7 +87,7 @@ class _Pending:
         self,
         topic: str,
         envelope: forward_pb2.Envelope,
-        outbox: Outbox | None = None,
+        outbox: RecordLog | None = None,
         seq: int = 0,
     ) -> None:
         self.topic = topic
@@ -105,14 +106,22 @@ def _envelope(payload: bytes) -> forward_pb2.Envelope:
     return envelope
 
 
-def _adopt_legacy(bundle: str, outbox: Outbox) -> list[tuple[int, bytes]]:
+def _mark_done(outbox: RecordLog, seq: int) -> None:
+    try:
+        outbox.done(seq)
+    except OSError as exc:
+        # At worst a later shim delivers the event again.
+        _log.warning("cannot mark event %d done in %s: %s", seq, outbox.path, exc)
+
+
+def _adopt_legacy(bundle: str, outbox: RecordLog) -> list[tuple[int, bytes]]:
     """Move the events a shim from before the log left undelivered (a file each) into
     the log, oldest first; their (seq, payload).
 
     A symlink, fifo or other non-regular file there was planted, never written by a
     shim: it is removed unread (see read_regular_file).
     """
-    legacy = state_dir(bundle) / LEGACY_OUTBOX_DIR
+    legacy = os.path.join(bundle, STATE_DIR_NAME, LEGACY_OUTBOX_DIR)
     try:
         names = sorted(n for n in os.listdir(legacy) if n.endswith(LEGACY_OUTBOX_SUFFIX))
     except FileNotFoundError:
@@ -122,21 +131,22 @@ def _adopt_legacy(bundle: str, outbox: Outbox) -> list[tuple[int, bytes]]:
         return []
     adopted: list[tuple[int, bytes]] = []
     for name in names:
-        path = legacy / name
+        path = os.path.join(legacy, name)
         try:
             data = read_regular_file(path)
         except (OSError, RecordError) as exc:
             _log.error("discarding unreadable outbox event %s: %s", path, exc)
             data = None
         if data:
-            seq = outbox.append(data)
-            if seq is None:
-                break  # keep the rest where they are, for a later attach
-            adopted.append((seq, data))
+            try:
+                adopted.append((outbox.append(data), data))
+            except OSError as exc:
+                _log.warning("cannot move outbox event %s into the log: %s", path, exc)
+                break  # the rest stay where they are, for a later attach
         with contextlib.suppress(OSError):
-            path.unlink()
+            os.unlink(path)
     with contextlib.suppress(OSError):
-        legacy.rmdir()
+        os.rmdir(legacy)
     return adopted
 
 
@@ -171,7 +181,7 @@ class Publisher:
         self._closed = False
         self.dropped = 0
         self.sent = 0
-        self._outboxes: dict[str, Outbox] = {}
+        self._outboxes: dict[str, RecordLog] = {}
         if self._ttrpc_path is None and not (self._publish_binary and self._containerd_address):
             _log.warning("no TTRPC_ADDRESS and no publish binary: events will be dropped")
 
@@ -185,12 +195,12 @@ class Publisher:
         if container_id in self._outboxes:
             return 0
         try:
-            outbox, left = Outbox.open(bundle)
-        except FileNotFoundError:
-            return 0  # the bundle is gone: its events stay in memory only
+            outbox, left = RecordLog.load(bundle, OUTBOX_LOG)
         except (OSError, RecordError) as exc:
             _log.warning("cannot open the event outbox of %s: %s", container_id, exc)
             return 0
+        if outbox.torn:
+            _log.error("event outbox %s: discarded %d torn bytes", outbox.path, outbox.torn)
         self._outboxes[container_id] = outbox
         left += _adopt_legacy(bundle, outbox)
         replayed = 0
@@ -199,7 +209,7 @@ class Publisher:
                 envelope = _envelope(payload)
             except Exception as exc:
                 _log.error("discarding unreadable event %d in %s: %s", seq, outbox.path, exc)
-                outbox.acknowledge(seq)
+                _mark_done(outbox, seq)
                 continue
             self._enqueue(_Pending(envelope.topic, envelope, outbox, seq))
             replayed += 1
@@ -233,10 +243,13 @@ class Publisher:
         item = _Pending(topic, envelope)
         outbox = self._outboxes.get(str(getattr(event, "container_id", "")))
         if outbox is not None:
-            # A full disk must not cost the event: it then stays queued in memory only.
-            seq = outbox.append(envelope.SerializeToString())
-            if seq is not None:
-                item.outbox, item.seq = outbox, seq
+            try:
+                item.seq = outbox.append(envelope.SerializeToString())
+                item.outbox = outbox
+            except (OSError, RecordError) as exc:
+                # A full disk (or a removed bundle) must not cost the event: it then
+                # stays queued in memory only.
+                _log.warning("cannot persist event topic=%s in %s: %s", topic, outbox.path, exc)
         self._enqueue(item)
 
     def _enqueue(self, item: _Pending) -> None:
@@ -315,7 +328,7 @@ class Publisher:
     @staticmethod
     def _forget(item: _Pending) -> None:
         if item.outbox is not None:
-            item.outbox.acknowledge(item.seq)
+            _mark_done(item.outbox, item.seq)
 
     async def _send(self, envelope: forward_pb2.Envelope) -> None:
         if self._ttrpc_path is not None:

@@ -29,7 +29,7 @@ from protocol.ttrpc.status import Code, TtrpcError
 from shim.exits import Exit, ExitRouter
 from shim.procfs import stat_fields
 from shim.runtime import Runtime, RuntimeFailure
-from shim.state import ExitRecord, exit_record_path, write_record
+from shim.state import ExitLog, ExitRecord
 
 __all__ = [
     "DRAIN_TIMEOUT",
@@ -223,6 +223,7 @@ class Process:
         runtime: Runtime,
         events: EventSink,
         router: ExitRouter,
+        exits: ExitLog,
     ) -> None:
         self.container_id = container_id
         self.exec_id = exec_id
@@ -235,6 +236,7 @@ class Process:
         self._runtime = runtime
         self._events = events
         self._router = router
+        self._exits = exits
         self._state: _State = CREATED
         self._lock = asyncio.Lock()
         self._done = asyncio.Event()
@@ -328,7 +330,7 @@ class Process:
             exited_at_ns=self.exited_at_ns,
         )
         try:
-            write_record(exit_record_path(self.bundle, self.id), record)
+            self._exits.record(record)
         except OSError:
             # Still publish: losing the event too would be worse than losing the record.
             log.exception("cannot persist the exit of %s", self.id)
@@ -371,6 +373,7 @@ class InitProcess(Process):
         runtime: Runtime,
         events: EventSink,
         router: ExitRouter,
+        exits: ExitLog,
         kill_all_on_exit: bool,
         wait_execs: Callable[[], Awaitable[None]],
         signal_child: SignalChild | None = None,
@@ -383,6 +386,7 @@ class InitProcess(Process):
             runtime=runtime,
             events=events,
             router=router,
+            exits=exits,
         )
         self._kill_all_on_exit = kill_all_on_exit
         self._wait_execs = wait_execs
@@ -553,6 +557,7 @@ class ExecProcess(Process):
         runtime: Runtime,
         events: EventSink,
         router: ExitRouter,
+        exits: ExitLog,
         process_json: bytes,
         init: InitProcess,
         open_io: Callable[[ExecProcess], Awaitable[ProcessIOLike]],
@@ -565,6 +570,7 @@ class ExecProcess(Process):
             runtime=runtime,
             events=events,
             router=router,
+            exits=exits,
         )
         self.process_json = process_json
         self._init = init
@@ -659,10 +665,10 @@ class ExecProcess(Process):
             self._forget()
             await self._close_io()
             # The exit record goes too: a restarted shim must not bring a deleted exec
-            # back, and a long-lived container must not collect one file per exec.
-            for path in (self.pid_file, exit_record_path(self.bundle, self.id)):
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
+            # back, and a long-lived container must not collect one record per exec.
+            self._exits.forget(self.id)
+            with contextlib.suppress(FileNotFoundError):
+                self.pid_file.unlink()
 
 
 def _read_pid_file(path: Path) -> int:

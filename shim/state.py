@@ -1,33 +1,38 @@
 """Records the shim persists in ``<bundle>/pyshim/`` so exits survive a shim restart.
 
 Every record is a msgspec Struct with a ``version`` field; a reader refuses a version
-it does not know instead of guessing. Writes are atomic (tmp file, rename), so a crash
-never leaves a torn record, and by default durable too (fsync of the file before the
-rename and of the directory after it): an exit is on disk before anyone is told about it.
+it does not know instead of guessing.
+
+Exit records go to the container's log ``exits.log`` (shim/recordlog.py), synced
+(fdatasync) before the append returns: an exit is on disk before anyone is told about
+it. An exec's record is marked done when the exec is deleted; the init's stays for the
+`delete` subcommand. Other records are whole files written atomically (tmp file,
+rename), so a crash never leaves a torn one, and not synced: they are for a shim
+restarted after a process crash, which the page cache survives.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
-import stat
 from pathlib import Path
 from typing import TypeVar
 
 import msgspec
 
 from shim.fdio import write_all
-from shim.ids import validate_id
 from shim.recordfile import RecordError, read_regular_file
+from shim.recordlog import RecordLog, log_path
+from shim.statedir import EXIT_LOG, LEGACY_EXITS_DIR, STATE_DIR_NAME, make_private_dirs
 
 __all__ = [
     "EXIT_RECORD_VERSION",
+    "ExitLog",
     "ExitRecord",
     "RecordError",
-    "UnsafePathError",
-    "exit_record_path",
-    "make_private_dirs",
+    "decode_record",
     "read_record",
     "state_dir",
     "write_atomic",
@@ -35,9 +40,9 @@ __all__ = [
 ]
 
 EXIT_RECORD_VERSION = 1
-STATE_DIR_NAME = "pyshim"
 
 T = TypeVar("T", bound=msgspec.Struct)
+_log = logging.getLogger("shim.state")
 
 
 class ExitRecord(msgspec.Struct, kw_only=True):
@@ -49,68 +54,26 @@ class ExitRecord(msgspec.Struct, kw_only=True):
     exited_at_ns: int
 
 
-class UnsafePathError(OSError):
-    """A state path leads through something other than a real directory."""
-
-
 class _Versioned(msgspec.Struct):
     version: int
+
+
+class _Owner(msgspec.Struct):
+    """Whose exit a record is, readable whatever its version."""
+
+    container_id: str = ""
+    exec_id: str = ""
 
 
 def state_dir(bundle: str) -> Path:
     return Path(bundle) / STATE_DIR_NAME
 
 
-def exit_record_path(bundle: str, process_id: str) -> Path:
-    """``<bundle>/pyshim/exits/<process_id>.json``; refuses ids that could escape it."""
-    validate_id("process id", process_id)
-    return state_dir(bundle) / "exits" / f"{process_id}.json"
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def make_private_dirs(directory: Path) -> None:
-    """Create ``directory`` like ``mkdir -p``, refusing symlinks inside the state dir.
-
-    Every component from the nearest ``pyshim`` ancestor down (or just ``directory``
-    when there is none) must be a real directory: a symlink planted there would send
-    our root-owned writes anywhere. Components above it (the bundle path) may be
-    symlinks; hosts do link /var/lib/containerd elsewhere.
-    """
-    parts = list(directory.parts)
-    try:
-        top = len(parts) - 1 - parts[::-1].index(STATE_DIR_NAME)
-    except ValueError:
-        top = len(parts) - 1
-    made_parents = False
-    for i in range(top, len(parts)):
-        current = Path(*parts[: i + 1])
-        # lstat first: on every write but the first the directories exist already.
-        try:
-            st = os.lstat(current)
-        except FileNotFoundError:
-            if not made_parents:
-                Path(*parts[:top]).mkdir(mode=0o700, parents=True, exist_ok=True)
-                made_parents = True
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(current, 0o700)
-            st = os.lstat(current)
-        if not stat.S_ISDIR(st.st_mode):
-            raise UnsafePathError(f"refusing to write state through {current}: not a directory")
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o600, *, durable: bool = True) -> None:
+def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Replace ``path`` with ``data`` so a reader sees the old or the new file, never half.
 
-    ``durable=False`` skips both fsyncs: the file then survives the death of any
-    process (the page cache keeps it) but not a kernel crash or power loss, after
-    which it may be missing or empty. For data nobody needs after a reboot.
+    Not synced: the file survives the death of any process (the page cache keeps it)
+    but not a kernel crash or power loss, after which it may be missing or empty.
     """
     directory = path.parent
     make_private_dirs(directory)
@@ -124,8 +87,6 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600, *, durable: bool = 
     try:
         try:
             write_all(fd, data)
-            if durable:
-                os.fsync(fd)
         finally:
             os.close(fd)
         os.rename(tmp, path)
@@ -133,12 +94,10 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600, *, durable: bool = 
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    if durable:
-        _fsync_dir(directory)
 
 
-def write_record(path: Path, record: msgspec.Struct, *, durable: bool = True) -> None:
-    write_atomic(path, msgspec.json.encode(record) + b"\n", durable=durable)
+def write_record(path: Path, record: msgspec.Struct) -> None:
+    write_atomic(path, msgspec.json.encode(record) + b"\n")
 
 
 def _current_version(type_: type[msgspec.Struct]) -> int:
@@ -146,6 +105,24 @@ def _current_version(type_: type[msgspec.Struct]) -> int:
         if field.name == "version" and isinstance(field.default, int):
             return field.default
     raise TypeError(f"{type_.__name__} has no default int 'version' field")
+
+
+def decode_record(data: bytes, type_: type[T], origin: object) -> T:
+    """The record in ``data`` (from ``origin``, named in errors); ``RecordError`` when
+    unusable: corrupt, or of a version this shim does not know."""
+    expected = _current_version(type_)
+    try:
+        version = msgspec.json.decode(data, type=_Versioned).version
+    except msgspec.DecodeError as exc:
+        raise RecordError(f"corrupt record {origin}: {exc}") from exc
+    if version != expected:
+        raise RecordError(
+            f"record {origin} has version {version}; this shim reads version {expected}"
+        )
+    try:
+        return msgspec.json.decode(data, type=type_)
+    except msgspec.DecodeError as exc:
+        raise RecordError(f"corrupt record {origin}: {exc}") from exc
 
 
 def read_record(path: Path, type_: type[T]) -> T | None:
@@ -163,16 +140,110 @@ def read_record(path: Path, type_: type[T]) -> T | None:
         raise
     if data is None:
         return None
-    expected = _current_version(type_)
-    try:
-        version = msgspec.json.decode(data, type=_Versioned).version
-    except msgspec.DecodeError as exc:
-        raise RecordError(f"corrupt record {path}: {exc}") from exc
-    if version != expected:
-        raise RecordError(
-            f"record {path} has version {version}; this shim reads version {expected}"
-        )
-    try:
-        return msgspec.json.decode(data, type=type_)
-    except msgspec.DecodeError as exc:
-        raise RecordError(f"corrupt record {path}: {exc}") from exc
+    return decode_record(data, type_, path)
+
+
+def _process_id(container_id: str, exec_id: str) -> str:
+    return exec_id or container_id
+
+
+class ExitLog:
+    """A container's exit records, in ``<bundle>/pyshim/exits.log``."""
+
+    def __init__(self, bundle: str, log: RecordLog | None = None) -> None:
+        self.bundle = bundle
+        self._log = log or RecordLog(log_path(bundle, EXIT_LOG), durable=True)
+        self._seqs: dict[str, int] = {}
+
+    @classmethod
+    def load(cls, bundle: str, container_id: str) -> tuple[ExitLog, dict[str, ExitRecord]]:
+        """What a shim taking the container over finds: the log, and the exits in it by
+        process id (including those a shim from before the log left as files, which
+        move into it).
+
+        Raises ``RecordError`` when the init's record is unusable: better no container
+        than a misread exit. An unusable exec record is skipped (logged): one exec must
+        not cost the container.
+        """
+        log, live = RecordLog.load(bundle, EXIT_LOG, durable=True)
+        if log.torn:
+            _log.error("exit log %s: discarded %d torn bytes", log.path, log.torn)
+        exits = cls(bundle, log)
+        try:
+            records = exits._decode(live, container_id)
+            exits._adopt_legacy(container_id, records)
+        except BaseException:
+            exits.close()
+            raise
+        return exits, records
+
+    def _decode(self, live: list[tuple[int, bytes]], container_id: str) -> dict[str, ExitRecord]:
+        latest: dict[str, tuple[int, bytes]] = {}
+        for seq, payload in live:
+            try:
+                owner = msgspec.json.decode(payload, type=_Owner)
+            except msgspec.DecodeError:
+                continue  # whose it is cannot be told: no process's record
+            if owner.container_id == container_id:
+                latest[_process_id(owner.container_id, owner.exec_id)] = seq, payload
+        records: dict[str, ExitRecord] = {}
+        for process_id, (seq, payload) in latest.items():
+            origin = f"{self._log.path} #{seq}"
+            try:
+                record = decode_record(payload, ExitRecord, origin)
+            except RecordError:
+                if process_id == container_id:
+                    raise
+                _log.warning("skipping exit record %s: unusable", origin)
+                continue
+            records[process_id] = record
+            self._seqs[process_id] = seq
+        return records
+
+    def _adopt_legacy(self, container_id: str, records: dict[str, ExitRecord]) -> None:
+        legacy = state_dir(self.bundle) / LEGACY_EXITS_DIR
+        try:
+            names = sorted(n for n in os.listdir(legacy) if n.endswith(".json") and n[0] != ".")
+        except FileNotFoundError:
+            return
+        init_name = f"{container_id}.json"
+        for name in names:
+            path = legacy / name
+            try:
+                record = read_record(path, ExitRecord)
+            except RecordError:
+                if name == init_name:
+                    raise
+                _log.warning("skipping exit record %s: unusable", path)
+                continue  # left where it is
+            if record is not None and record.container_id == container_id:
+                process_id = _process_id(record.container_id, record.exec_id)
+                if process_id not in records:
+                    self.record(record)
+                    records[process_id] = record
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        with contextlib.suppress(OSError):
+            legacy.rmdir()
+
+    def record(self, record: ExitRecord) -> None:
+        """Append ``record``, on disk when this returns; raises OSError if it is not."""
+        process_id = _process_id(record.container_id, record.exec_id)
+        seq = self._log.append(msgspec.json.encode(record))
+        old = self._seqs.get(process_id)
+        self._seqs[process_id] = seq
+        if old is not None:
+            with contextlib.suppress(OSError):  # the newer record wins on reading
+                self._log.done(old)
+
+    def forget(self, process_id: str) -> None:
+        """A deleted exec's record: a later shim must not bring the exec back."""
+        seq = self._seqs.pop(process_id, None)
+        if seq is not None:
+            try:
+                self._log.done(seq)
+            except OSError as exc:
+                _log.warning("cannot drop the exit record of %s: %s", process_id, exc)
+
+    def close(self) -> None:
+        self._log.close()

@@ -21,10 +21,10 @@ from protocol.proto.task.v2 import shim_pb2
 from protocol.ttrpc.server import RequestContext
 from protocol.ttrpc.status import TtrpcError
 from shim.delete import remove_dead_socket
-from shim.events import Publisher
-from shim.outbox import outbox_path, undelivered
+from shim.events import OUTBOX_LOG, Publisher
 from shim.process import DurableEventSink
 from shim.reaper import Reaper
+from shim.recordlog import log_path, read_live
 from tests.crash.plan import generate
 from tests.crash.runner import Container, ProcState, Runner
 from tests.unit.test_events import FakeContainerd
@@ -50,7 +50,12 @@ def _exit(cid: str, status: int) -> events_pb2.TaskExit:
 
 def _outbox(bundle: Path) -> list[str]:
     """The topics of the events still waiting in ``bundle``'s outbox, in order."""
-    return [forward_pb2.Envelope.FromString(p).topic for p in undelivered(str(bundle))]
+    live = read_live(log_path(str(bundle), OUTBOX_LOG))
+    return [forward_pb2.Envelope.FromString(p).topic for _, p in live]
+
+
+def outbox_path(bundle: str) -> Path:
+    return Path(log_path(bundle, OUTBOX_LOG))
 
 
 async def test_exit_is_in_the_outbox_until_acknowledged(tmp_path: Path) -> None:

@@ -38,8 +38,10 @@ from protocol.proto.types import task_pb2 as types_pb2
 from protocol.ttrpc.client import Client
 from protocol.ttrpc.server import Method, RequestContext, Server
 from protocol.ttrpc.status import Code, TtrpcError
-from shim.outbox import undelivered
+from shim.events import OUTBOX_LOG
 from shim.procfs import gone
+from shim.recordlog import RECORD, encode, log_path, parse, read_live
+from shim.statedir import EXIT_LOG
 from tests.support.images import build_busybox_rootfs, write_oci_bundle
 
 pytestmark = pytest.mark.integration
@@ -79,6 +81,16 @@ def _mounts_under(prefix: Path) -> list[str]:
     return found
 
 
+def exit_record(bundle: Path, process_id: str) -> dict[str, Any] | None:
+    """The JSON of ``process_id``'s latest exit record in the bundle's exit log."""
+    found = None
+    for _, payload in read_live(log_path(str(bundle), EXIT_LOG)):
+        record = json.loads(payload)
+        if (record["exec_id"] or record["container_id"]) == process_id:
+            found = record
+    return found
+
+
 class EventSink:
     """containerd's Forward endpoint; notes what was on disk when each exit arrived."""
 
@@ -96,11 +108,7 @@ class EventSink:
         event_type = _TOPIC_TYPES.get(env.topic)
         event = anyutil.unpack(env.event, event_type) if event_type else env.event
         if isinstance(event, events_pb2.TaskExit):
-            path = self.bundle / "pyshim" / "exits" / f"{event.id}.json"
-            try:
-                self.record_at_exit[event.id] = json.loads(path.read_bytes())
-            except FileNotFoundError:
-                self.record_at_exit[event.id] = None
+            self.record_at_exit[event.id] = exit_record(self.bundle, event.id)
         self.received.append((env.topic, event))
         self.arrived.set()
         return empty_pb2.Empty()
@@ -153,8 +161,8 @@ class ShimRig:
     def runc_state_dir(self) -> Path:
         return self.runc_root / self.namespace / self.cid
 
-    def exit_record_path(self, process_id: str | None = None) -> Path:
-        return self.bundle / "pyshim" / "exits" / f"{process_id or self.cid}.json"
+    def exit_record(self, process_id: str | None = None) -> dict[str, Any] | None:
+        return exit_record(self.bundle, process_id or self.cid)
 
     # -- daemons -------------------------------------------------------------------
 
@@ -369,7 +377,7 @@ async def test_exit_is_persisted_first_and_survives_a_shim_restart() -> None:
         exited_at_ns = ns_from_timestamp(waited.exited_at)
         assert abs(exited_at_ns - time.time_ns()) < 60 * 10**9
 
-        record = json.loads(rig.exit_record_path().read_bytes())
+        record = rig.exit_record()
         assert record == {
             "version": 1,
             "container_id": "rec1",
@@ -389,7 +397,7 @@ async def test_exit_is_persisted_first_and_survives_a_shim_restart() -> None:
         # once the first shim has retired every delivered event, so a second exit
         # below would be a real double report.
         deadline = time.monotonic() + TIMEOUT
-        while left := undelivered(str(rig.bundle)):
+        while left := read_live(log_path(str(rig.bundle), OUTBOX_LOG)):
             assert time.monotonic() < deadline, f"outbox never drained: {len(left)} left"
             await asyncio.sleep(0.02)
 
@@ -454,7 +462,7 @@ async def test_running_container_outlives_its_shim_and_is_reported_honestly() ->
         await rig.start_daemon()
         state = await rig.state()
         assert (state.status, state.pid) == (types_pb2.RUNNING, pid)
-        assert not rig.exit_record_path().exists()
+        assert rig.exit_record() is None
         waiter = asyncio.ensure_future(rig.wait())
         await asyncio.sleep(0.3)
         assert not waiter.done(), "Wait returned while the container still runs"
@@ -466,7 +474,8 @@ async def test_running_container_outlives_its_shim_and_is_reported_honestly() ->
         assert rig.runc_kills(runc_log) == ["kill rec2 9"]
         waited = await waiter
         assert waited.exit_status == UNKNOWN_EXIT
-        record = json.loads(rig.exit_record_path().read_bytes())
+        record = rig.exit_record()
+        assert record is not None
         assert (record["pid"], record["exit_status"]) == (pid, UNKNOWN_EXIT)
         assert record["exited_at_ns"] == ns_from_timestamp(waited.exited_at)
         (exit_event,) = await rig.events.wait_for("/tasks/exit")
@@ -494,13 +503,22 @@ async def test_record_of_unknown_version_is_refused_not_misread(which: str) -> N
         assert (await rig.wait()).exit_status == 3
         rig.kill_daemon(first)
 
-        path = (
-            rig.exit_record_path() if which == "exit" else rig.bundle / "pyshim" / "container.json"
-        )
-        future = json.loads(path.read_bytes())
-        assert future["version"] == 1
-        future["version"] = 99
-        future_bytes = json.dumps(future).encode()
+        if which == "exit":
+            # The init's record, rewritten in place in its log as a later version would.
+            path = Path(log_path(str(rig.bundle), EXIT_LOG))
+            ((seq, payload),) = parse(path.read_bytes()).live
+            future = json.loads(payload)
+            assert future["version"] == 1
+            future["version"] = 99
+            future_bytes = encode(RECORD, seq, json.dumps(future).encode())
+            named = f"{path} #{seq}"
+        else:
+            path = rig.bundle / "pyshim" / "container.json"
+            future = json.loads(path.read_bytes())
+            assert future["version"] == 1
+            future["version"] = 99
+            future_bytes = json.dumps(future).encode()
+            named = str(path)
         path.write_bytes(future_bytes)
 
         await rig.start_daemon()
@@ -510,7 +528,7 @@ async def test_record_of_unknown_version_is_refused_not_misread(which: str) -> N
         log = await _until(
             "the refusal in the shim log", lambda: "version 99" in rig.log() and rig.log()
         )
-        assert f"record {path} has version 99; this shim reads version 1" in log
+        assert f"record {named} has version 99; this shim reads version 1" in log
         assert path.read_bytes() == future_bytes
 
         # `delete` (what containerd runs for a shim it cannot use) does not misread it either.

@@ -380,7 +380,7 @@ def test_delete_default_runc_root_and_failure_is_only_logged(
 def test_delete_reports_the_persisted_exit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfdbinary: pytest.CaptureFixture[bytes]
 ) -> None:
-    from shim.state import ExitRecord, exit_record_path, write_record
+    from shim.state import ExitLog, ExitRecord
 
     fake = _fake_runc(tmp_path)
     monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
@@ -388,7 +388,9 @@ def test_delete_reports_the_persisted_exit(
     bundle.mkdir()
     when = 1_750_000_000_123_456_789
     record = ExitRecord(container_id="c3", exec_id="", pid=777, exit_status=3, exited_at_ns=when)
-    write_record(exit_record_path(str(bundle), "c3"), record)
+    exits = ExitLog(str(bundle))
+    exits.record(record)
+    exits.close()
     argv = ["shim", "-namespace", "ns", "-id", "c3", "-bundle", str(bundle), "delete"]
     assert cli.main(argv) == 0
     resp = shim_pb2.DeleteResponse.FromString(capfdbinary.readouterr().out)

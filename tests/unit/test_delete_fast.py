@@ -17,7 +17,9 @@ import pytest
 
 from protocol.proto.task.v2 import shim_pb2
 from shim import cli, delete, minijson
-from shim.state import ExitRecord, RecordError, exit_record_path, read_record, write_record
+from shim.recordlog import RECORD, encode, log_path
+from shim.state import ExitLog, ExitRecord, RecordError
+from shim.statedir import EXIT_LOG
 
 
 def _fake_runc(tmp_path: Path) -> Path:
@@ -74,63 +76,123 @@ def test_runc_delete_runs_when_runc_state_is_there(
 
 def test_exit_record_reader_agrees_with_state(tmp_path: Path) -> None:
     when = 1_750_000_000_123_456_789
-    record = ExitRecord(container_id="c1", exec_id="", pid=77, exit_status=143, exited_at_ns=when)
-    path = exit_record_path(str(tmp_path), "c1")
-    write_record(path, record)
-    expected = read_record(path, ExitRecord)
-    assert expected is not None
-    assert delete.read_exit_record(str(path)) == (
+    exits = ExitLog(str(tmp_path))
+    exits.record(ExitRecord(container_id="c1", exec_id="e1", pid=78, exit_status=1, exited_at_ns=1))
+    exits.record(
+        ExitRecord(container_id="c1", exec_id="", pid=77, exit_status=143, exited_at_ns=when)
+    )
+    exits.record(ExitRecord(container_id="c2", exec_id="", pid=79, exit_status=2, exited_at_ns=2))
+    exits.close()
+    loaded, records = ExitLog.load(str(tmp_path), "c1")
+    loaded.close()
+    expected = records["c1"]
+    assert delete.read_init_exit(str(tmp_path), "c1") == (
         expected.pid,
         expected.exit_status,
         expected.exited_at_ns,
     )
-    assert delete.read_exit_record(str(tmp_path / "missing.json")) is None
+    assert delete.read_init_exit(str(tmp_path / "missing"), "c1") is None
+
+
+def _plant(bundle: Path, payload: bytes) -> None:
+    path = Path(log_path(str(bundle), EXIT_LOG))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "ab") as f:
+        f.write(encode(RECORD, 0, payload))
+
+
+def _legacy(bundle: Path) -> Path:
+    path = bundle / "pyshim" / "exits" / "c1.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _state_reads(bundle: Path) -> ExitRecord | None:
+    exits, records = ExitLog.load(str(bundle), "c1")
+    exits.close()
+    return records.get("c1")
 
 
 @pytest.mark.parametrize(
-    "content",
+    ("content", "owned"),
     [
-        b"",
-        b"{",
-        b"[]",
-        b'{"version":2,"container_id":"c1","exec_id":"","pid":1,"exit_status":0,"exited_at_ns":1}',
-        b'{"version":1,"container_id":"c1","exec_id":"","pid":"1","exit_status":0,"exited_at_ns":1}',
-        b'{"version":1,"container_id":"c1","exec_id":"","pid":true,"exit_status":0,"exited_at_ns":1}',
-        b'{"version":1,"exec_id":"","pid":1,"exit_status":0,"exited_at_ns":1}',
+        # Whose record it is cannot be told: in the log nobody's, in a c1.json the init's.
+        (b"", False),
+        (b"{", False),
+        (b"[]", False),
+        (b'{"version":1,"exec_id":"","pid":1,"exit_status":0,"exited_at_ns":1}', False),
+        (
+            b'{"version":2,"container_id":"c1","exec_id":"","pid":1,"exit_status":0,"exited_at_ns":1}',
+            True,
+        ),
+        (
+            b'{"version":1,"container_id":"c1","exec_id":"","pid":"1","exit_status":0,"exited_at_ns":1}',
+            True,
+        ),
+        (
+            b'{"version":1,"container_id":"c1","exec_id":"","pid":true,"exit_status":0,"exited_at_ns":1}',
+            True,
+        ),
     ],
 )
-def test_exit_record_reader_refuses_what_state_refuses(tmp_path: Path, content: bytes) -> None:
-    path = exit_record_path(str(tmp_path), "c1")
-    path.parent.mkdir(parents=True)
-    path.write_bytes(content)
-    with pytest.raises((RecordError, ValueError)):
-        read_record(path, ExitRecord)
-    with pytest.raises(ValueError):
-        delete.read_exit_record(str(path))
+@pytest.mark.parametrize("where", ["log", "legacy file"])
+def test_exit_record_reader_refuses_what_state_refuses(
+    tmp_path: Path, content: bytes, owned: bool, where: str
+) -> None:
+    if where == "log":
+        _plant(tmp_path, content)
+    else:
+        _legacy(tmp_path).write_bytes(content)
+    if owned or where == "legacy file":
+        with pytest.raises(RecordError):
+            _state_reads(tmp_path)
+        with pytest.raises(ValueError):
+            delete.read_init_exit(str(tmp_path), "c1")
+    else:
+        assert _state_reads(tmp_path) is None
+        assert delete.read_init_exit(str(tmp_path), "c1") is None
 
 
-def test_exit_record_reader_refuses_symlinks_and_fifos(tmp_path: Path) -> None:
-    target = tmp_path / "elsewhere.json"
-    target.write_text(
-        '{"version":1,"container_id":"c1","exec_id":"","pid":1,"exit_status":0,"exited_at_ns":1}'
+def test_exit_record_reader_names_an_unknown_version(tmp_path: Path) -> None:
+    _plant(
+        tmp_path,
+        b'{"version":99,"container_id":"c1","exec_id":"","pid":1,"exit_status":0,"exited_at_ns":1}',
     )
-    link = tmp_path / "link.json"
-    link.symlink_to(target)
+    with pytest.raises(ValueError, match="has version 99; this shim reads version 1"):
+        delete.read_init_exit(str(tmp_path), "c1")
+
+
+def test_exit_record_reader_reads_a_shim_before_the_log(tmp_path: Path) -> None:
+    _legacy(tmp_path).write_bytes(
+        b'{"version":1,"container_id":"c1","exec_id":"","pid":5,"exit_status":9,"exited_at_ns":7}'
+    )
+    assert delete.read_init_exit(str(tmp_path), "c1") == (5, 9, 7)
+
+
+@pytest.mark.parametrize("where", ["log", "legacy file"])
+def test_exit_record_reader_refuses_symlinks_and_fifos(tmp_path: Path, where: str) -> None:
+    target = tmp_path / "elsewhere"
+    record = (
+        b'{"version":1,"container_id":"c1","exec_id":"","pid":1,"exit_status":0,"exited_at_ns":1}'
+    )
+    target.write_bytes(record if where == "legacy file" else encode(RECORD, 0, record))
+    bundle = tmp_path / "b"
+    path = Path(log_path(str(bundle), EXIT_LOG)) if where == "log" else _legacy(bundle)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.symlink_to(target)
     with pytest.raises(OSError):
-        delete.read_exit_record(str(link))
-    fifo = tmp_path / "fifo.json"
-    os.mkfifo(fifo)
+        delete.read_init_exit(str(bundle), "c1")
+    path.unlink()
+    os.mkfifo(path)
     with pytest.raises(ValueError, match="not a regular file"):
-        delete.read_exit_record(str(fifo))
+        delete.read_init_exit(str(bundle), "c1")
 
 
 def test_corrupt_exit_record_falls_back_to_unknown_status(
     tmp_path: Path, capfdbinary: pytest.CaptureFixture[bytes]
 ) -> None:
     bundle = tmp_path / "c1"
-    path = exit_record_path(str(bundle), "c1")
-    path.parent.mkdir(parents=True)
-    path.write_text("{not json")
+    _plant(bundle, b'{"version":1,"container_id":"c1","exec_id":"","pid":"x"}')
     argv = ["shim", "-namespace", "ns", "-id", "c1", "-bundle", str(bundle), "delete"]
     assert cli.main(argv) == 0
     captured = capfdbinary.readouterr()
@@ -237,15 +299,6 @@ def test_minijson_dumps_refuses_what_it_cannot_encode() -> None:
         minijson.dumps(object())
     with pytest.raises(ValueError):
         minijson.dumps(float("nan"))
-
-
-def test_exit_record_reader_names_an_unknown_version(tmp_path: Path) -> None:
-    path = tmp_path / "c1.json"
-    path.write_text(
-        '{"version":99,"container_id":"c1","exec_id":"","pid":1,"exit_status":0,"exited_at_ns":1}'
-    )
-    with pytest.raises(ValueError, match="has version 99; this shim reads version 1"):
-        delete.read_exit_record(str(path))
 
 
 def test_a_runc_create_that_outlived_its_shim_is_killed_before_the_state_check(

@@ -36,14 +36,14 @@ from shim.container import MAX_EXECS_PER_CONTAINER
 from shim.ids import MAX_LENGTH, InvalidIdentifierError, validate_id
 from shim.service import SERVICE_NAMES, TaskService
 from shim.state import (
+    ExitLog,
     ExitRecord,
     RecordError,
-    UnsafePathError,
-    exit_record_path,
     read_record,
     write_atomic,
     write_record,
 )
+from shim.statedir import UnsafePathError
 from shim.stdio import InvalidStdioError, StdioSpec, open_process_io
 from tests.unit.test_service import FakeReaper, FakeRuntime, Harness, Shared, make_harness
 
@@ -338,29 +338,30 @@ def _record() -> ExitRecord:
     return ExitRecord(container_id="c1", exec_id="", pid=1, exit_status=0, exited_at_ns=1)
 
 
-@pytest.mark.parametrize("pid", ["..", "../x", "a/b", "/etc/passwd", "", "."])
-def test_exit_record_path_refuses_escaping_process_ids(tmp_path: Path, pid: str) -> None:
-    with pytest.raises(InvalidIdentifierError):
-        exit_record_path(str(tmp_path), pid)
+def _record_path(bundle: Path) -> Path:
+    return bundle / "pyshim" / "records" / "c1.json"
 
 
-@pytest.mark.parametrize("link", ["pyshim", "pyshim/exits"])
+@pytest.mark.parametrize("link", ["pyshim", "pyshim/records"])
 def test_state_write_refuses_a_symlinked_state_dir(tmp_path: Path, link: str) -> None:
     bundle, outside = tmp_path / "bundle", tmp_path / "outside"
     bundle.mkdir()
     outside.mkdir()
-    if link == "pyshim/exits":
+    if link == "pyshim/records":
         (bundle / "pyshim").mkdir()
     (bundle / link).symlink_to(outside)
     with pytest.raises(UnsafePathError):
-        write_record(exit_record_path(str(bundle), "c1"), _record())
+        write_record(_record_path(bundle), _record())
+    if link == "pyshim":
+        with pytest.raises(UnsafePathError):
+            ExitLog(str(bundle)).record(_record())
     assert list(outside.iterdir()) == []
 
 
 def test_state_write_never_follows_a_planted_tmp_symlink(tmp_path: Path) -> None:
     victim = tmp_path / "victim"
     victim.write_text("precious")
-    path = exit_record_path(str(tmp_path / "bundle"), "c1")
+    path = _record_path(tmp_path / "bundle")
     path.parent.mkdir(parents=True)
     (path.parent / f".{path.name}.{os.getpid()}.tmp").symlink_to(victim)
     write_record(path, _record())
@@ -374,9 +375,12 @@ def test_state_write_allows_symlinks_above_the_bundle(tmp_path: Path) -> None:
     real = tmp_path / "real"
     (real / "bundle").mkdir(parents=True)
     (tmp_path / "alias").symlink_to(real)
-    path = exit_record_path(str(tmp_path / "alias" / "bundle"), "c1")
-    write_record(path, _record())
-    assert read_record(real / "bundle" / "pyshim" / "exits" / "c1.json", ExitRecord) == _record()
+    write_record(_record_path(tmp_path / "alias" / "bundle"), _record())
+    assert read_record(_record_path(real / "bundle"), ExitRecord) == _record()
+    exits = ExitLog(str(tmp_path / "alias" / "bundle"))
+    exits.record(_record())
+    exits.close()
+    assert ExitLog.load(str(real / "bundle"), "c1")[1] == {"c1": _record()}
 
 
 def test_write_atomic_refuses_a_file_where_a_state_dir_belongs(tmp_path: Path) -> None:
@@ -388,7 +392,7 @@ def test_write_atomic_refuses_a_file_where_a_state_dir_belongs(tmp_path: Path) -
 def test_read_record_refuses_a_planted_symlink(tmp_path: Path) -> None:
     secret = tmp_path / "secret.json"
     write_record(secret, _record())  # a valid record: following the link would "work"
-    path = exit_record_path(str(tmp_path / "bundle"), "c1")
+    path = _record_path(tmp_path / "bundle")
     path.parent.mkdir(parents=True)
     path.symlink_to(secret)
     with pytest.raises(RecordError, match=r"refusing record .*c1\.json: it is a symlink"):
@@ -400,7 +404,7 @@ def test_read_record_refuses_a_planted_symlink(tmp_path: Path) -> None:
 
 
 def test_read_record_refuses_a_fifo_without_blocking(tmp_path: Path) -> None:
-    path = exit_record_path(str(tmp_path), "c1")
+    path = _record_path(tmp_path)
     path.parent.mkdir(parents=True)
     os.mkfifo(path)
     with pytest.raises(RecordError, match="not a regular file"):

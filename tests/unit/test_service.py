@@ -663,7 +663,12 @@ async def test_register_maps_all_methods_under_v2_and_v3(h: Harness) -> None:
 
 
 async def test_deleted_exec_leaves_no_exit_record(h: Harness) -> None:
-    from shim.state import exit_record_path
+    from shim.state import ExitLog
+
+    def records() -> list[str]:
+        exits, found = ExitLog.load(h.bundle(), "c1")
+        exits.close()
+        return sorted(found)
 
     await h.run()
     await h.exec()
@@ -671,12 +676,10 @@ async def test_deleted_exec_leaves_no_exit_record(h: Harness) -> None:
     h.reaper.exit(exec_pid, 4)
     resp = await h.service.wait(shim_pb2.WaitRequest(id="c1", exec_id="e1"))
     assert resp.exit_status == 4
-    record = exit_record_path(h.bundle(), "e1")
-    assert record.is_file()  # persisted before Wait returned
+    assert records() == ["e1"]  # persisted before Wait returned
     await h.service.delete(shim_pb2.DeleteRequest(id="c1", exec_id="e1"))
-    # A restarted shim reads every record in exits/: a deleted exec must not come back.
-    assert not record.exists()
-    assert exit_record_path(h.bundle(), "c1").parent.is_dir()
+    # A restarted shim reads every record in the log: a deleted exec must not come back.
+    assert records() == []
 
 
 async def test_only_exit_records_are_fsynced(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -685,18 +688,19 @@ async def test_only_exit_records_are_fsynced(h: Harness, monkeypatch: pytest.Mon
     from shim.container import container_record_path
 
     synced: list[str] = []
-    real = os.fsync
+    for name in ("fsync", "fdatasync"):
+        real = getattr(os, name)
 
-    def fsync(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real(fd)
+        def sync(fd: int, real: Callable[[int], None] = real) -> None:
+            synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+            real(fd)
 
-    monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, name, sync)
     pid = await h.run()
-    # The container record (and the events' outbox entries) survive a process crash
-    # without fsync; only an exit is fsynced, file and directory.
+    # The container record (and the events' outbox) survive a process crash without
+    # a sync; only an exit is synced: the exit log, and its directory when it is new.
     assert container_record_path(h.bundle()).is_file()
     assert synced == []
     h.reaper.exit(pid, 0)
     await h.service.wait(shim_pb2.WaitRequest(id="c1"))
-    assert [os.path.basename(p) for p in synced] == [f".c1.json.{os.getpid()}.tmp", "exits"]
+    assert synced == ["pyshim", "exits.log"]

@@ -15,7 +15,7 @@ from protocol.proto.timeutil import ns_from_timestamp
 from protocol.proto.types import task_pb2 as types_pb2
 from protocol.ttrpc.status import Code
 from shim.exits import ExitRouter
-from shim.state import ExitRecord, exit_record_path, read_record
+from shim.state import ExitLog, ExitRecord
 from tests.unit.test_service import Harness, expect_error, make_harness, settle
 
 
@@ -90,12 +90,14 @@ async def test_unknown_pids_outside_a_start_are_ignored(h: Harness) -> None:
 
 async def test_exit_is_persisted_before_publish_and_wait(h: Harness) -> None:
     pid = await h.run()
-    record_path = exit_record_path(h.service._containers["c1"].bundle, "c1")
+    bundle = h.service._containers["c1"].bundle
     at_publish: list[ExitRecord | None] = []
 
     def check(topic: str, event: Message) -> None:
         if topic == "/tasks/exit":
-            at_publish.append(read_record(record_path, ExitRecord))
+            exits, records = ExitLog.load(bundle, "c1")
+            exits.close()
+            at_publish.append(records.get("c1"))
 
     h.publisher.on_publish = check
     waiter = asyncio.create_task(h.service.wait(shim_pb2.WaitRequest(id="c1")))

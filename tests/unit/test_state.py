@@ -7,15 +7,16 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from shim.ids import InvalidIdentifierError
+from shim.recordlog import RECORD, encode, log_path
 from shim.state import (
+    ExitLog,
     ExitRecord,
     RecordError,
-    exit_record_path,
     read_record,
     write_atomic,
     write_record,
 )
+from shim.statedir import EXIT_LOG
 
 
 def _record(**kw: object) -> ExitRecord:
@@ -31,8 +32,7 @@ def _record(**kw: object) -> ExitRecord:
 
 
 def test_round_trip(tmp_path: Path) -> None:
-    path = exit_record_path(str(tmp_path), "c1")
-    assert path == tmp_path / "pyshim" / "exits" / "c1.json"
+    path = tmp_path / "pyshim" / "r.json"
     assert read_record(path, ExitRecord) is None
     write_record(path, _record())
     assert read_record(path, ExitRecord) == _record()
@@ -41,13 +41,74 @@ def test_round_trip(tmp_path: Path) -> None:
     got = read_record(path, ExitRecord)
     assert got is not None and got.exit_status == 0 and got.version == 1
     # No temporary files left behind.
-    assert os.listdir(path.parent) == ["c1.json"]
+    assert os.listdir(path.parent) == ["r.json"]
 
 
-def test_refuses_bad_process_ids(tmp_path: Path) -> None:
-    for bad in ("../x", "a/b", "..", "", "."):
-        with pytest.raises(InvalidIdentifierError):
-            exit_record_path(str(tmp_path), bad)
+def test_exit_log_round_trip(tmp_path: Path) -> None:
+    bundle = str(tmp_path)
+    exits = ExitLog(bundle)
+    exits.record(_record(exec_id="e1", pid=7, exit_status=1))
+    exits.record(_record())
+    exits.record(_record(exec_id="e2", pid=8))
+    exits.forget("e2")  # a deleted exec
+    exits.forget("never-recorded")
+    exits.close()
+    again, records = ExitLog.load(bundle, "c1")
+    assert records == {"e1": _record(exec_id="e1", pid=7, exit_status=1), "c1": _record()}
+    again.forget("e1")
+    again.close()
+    assert ExitLog.load(bundle, "c1")[1] == {"c1": _record()}
+    # Another container's records in the same bundle are not this one's.
+    assert ExitLog.load(bundle, "c2")[1] == {}
+
+
+def test_exit_log_keeps_the_latest_record_of_a_process(tmp_path: Path) -> None:
+    exits = ExitLog(str(tmp_path))
+    exits.record(_record(exit_status=255))
+    exits.record(_record(exit_status=3))
+    exits.close()
+    assert ExitLog.load(str(tmp_path), "c1")[1]["c1"].exit_status == 3
+
+
+def _plant(bundle: Path, payload: bytes, seq: int = 0) -> None:
+    path = Path(log_path(str(bundle), EXIT_LOG))
+    path.parent.mkdir(exist_ok=True)
+    with open(path, "ab") as f:
+        f.write(encode(RECORD, seq, payload))
+
+
+def _future(**kw: object) -> bytes:
+    return msgspec.json.encode({**msgspec.structs.asdict(_record(**kw)), "version": 2})
+
+
+def test_exit_log_refuses_an_unusable_init_record_and_skips_an_exec_one(tmp_path: Path) -> None:
+    _plant(tmp_path, _future(exec_id="e1"), 0)
+    _plant(tmp_path, msgspec.json.encode(_record(exec_id="e2")), 1)
+    _plant(tmp_path, b"{not json", 2)  # whose it is cannot be told: nobody's
+    exits, records = ExitLog.load(str(tmp_path), "c1")
+    exits.close()
+    assert list(records) == ["e2"]
+    _plant(tmp_path, _future(), 3)
+    with pytest.raises(RecordError, match="has version 2; this shim reads version 1"):
+        ExitLog.load(str(tmp_path), "c1")
+
+
+def test_exit_records_of_a_shim_before_the_log_move_into_it(tmp_path: Path) -> None:
+    legacy = tmp_path / "pyshim" / "exits"
+    legacy.mkdir(parents=True)
+    (legacy / "c1.json").write_bytes(msgspec.json.encode(_record()))
+    (legacy / "e1.json").write_bytes(msgspec.json.encode(_record(exec_id="e1")))
+    (legacy / "e2.json").write_bytes(_future(exec_id="e2"))  # unusable: stays
+    (legacy / ".e3.json.1.tmp").write_bytes(msgspec.json.encode(_record(exec_id="e3")))
+    exits, records = ExitLog.load(str(tmp_path), "c1")
+    exits.close()
+    assert records == {"c1": _record(), "e1": _record(exec_id="e1")}
+    assert sorted(os.listdir(legacy)) == [".e3.json.1.tmp", "e2.json"]
+    # Now in the log: a later load finds them without the files.
+    assert ExitLog.load(str(tmp_path), "c1")[1] == records
+    (legacy / "c1.json").write_bytes(_future())
+    with pytest.raises(RecordError, match="version 2"):
+        ExitLog.load(str(tmp_path), "c1")
 
 
 def test_corrupt_and_unknown_version(tmp_path: Path) -> None:
@@ -77,34 +138,15 @@ def test_failed_write_keeps_the_old_file(tmp_path: Path) -> None:
     assert sorted(os.listdir(path.parent)) == ["f"]
 
 
-def _count_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+def test_a_whole_file_record_is_atomic_without_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls: list[int] = []
-    real = os.fsync
-
-    def fsync(fd: int) -> None:
-        calls.append(fd)
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    return calls
-
-
-def test_records_are_fsynced_file_and_directory(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    calls = _count_fsyncs(monkeypatch)
-    write_record(exit_record_path(str(tmp_path), "c1"), _record())
-    assert len(calls) == 2
-
-
-def test_a_write_that_need_not_be_durable_is_atomic_without_fsync(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    calls = _count_fsyncs(monkeypatch)
-    path = tmp_path / "pyshim" / "outbox" / "e.pb"
-    write_atomic(path, b"old", durable=False)
-    write_atomic(path, b"new", durable=False)
+    monkeypatch.setattr(os, "fsync", calls.append)
+    path = tmp_path / "pyshim" / "container.json"
+    write_atomic(path, b"old")
+    write_atomic(path, b"new")
     assert calls == []
     assert path.read_bytes() == b"new"
-    assert os.listdir(path.parent) == ["e.pb"]
+    assert os.listdir(path.parent) == ["container.json"]
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
