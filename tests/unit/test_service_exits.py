@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -86,6 +87,24 @@ async def test_unknown_pids_outside_a_start_are_ignored(h: Harness) -> None:
     await h.service.start(shim_pb2.StartRequest(id="c1", exec_id="e1"))
     await settle()
     assert (await h.state("c1", "e1")).status == types_pb2.RUNNING
+
+
+async def test_an_exit_that_cannot_be_recorded_is_still_told(
+    h: Harness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A full disk loses the record, never the exit: publishing it and answering Wait
+    # is what containerd needs now; the record is for a later shim.
+    def full(self: ExitLog, record: ExitRecord) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ExitLog, "record", full)
+    pid = await h.run()
+    h.reaper.exit(pid, 9)
+    resp = await h.service.wait(shim_pb2.WaitRequest(id="c1"))
+    assert resp.exit_status == 9
+    assert exits(h) == [("c1", 9)]
+    assert "cannot persist the exit of c1" in caplog.text
+    assert (await h.state("c1")).status == types_pb2.STOPPED
 
 
 async def test_exit_is_persisted_before_publish_and_wait(h: Harness) -> None:
