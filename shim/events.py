@@ -22,8 +22,8 @@ The log is not fsynced: it is there for a shim that dies (SIGKILL, crash) before
 delivering an event, and the page cache outlives any process. A kernel crash or power
 loss kills every container and the containerd state those events describe, so an
 fsync (~0.1-0.5 ms on the exec and exit paths) would protect nothing anyone could use;
-the replay stops at a record such a crash left torn. The exit itself is fsynced in its
-record (shim.state) before it is published.
+the replay stops at a record such a crash left torn. The exit itself is synced in the
+container's exit log (shim.state.ExitLog) before it is published.
 """
 
 from __future__ import annotations

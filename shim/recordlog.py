@@ -22,6 +22,7 @@ callers log what goes wrong.
 from __future__ import annotations
 
 import binascii
+import errno
 import os
 import stat
 import struct
@@ -152,7 +153,7 @@ class RecordLog:
     def _file(self) -> int:
         if self._fd is None:
             if self._closed:
-                raise RecordError(f"record log {self.path} is closed")
+                raise OSError(errno.EBADF, f"record log {self.path} is closed")
             directory = os.path.dirname(self.path)
             # Never creates the bundle itself (FileNotFoundError): containerd may have
             # removed it already.
@@ -161,9 +162,19 @@ class RecordLog:
             except FileExistsError:
                 pass
             make_private_dirs(directory)
-            self._fd = _open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
-            if self._durable:
-                fsync_dir(directory)
+            fd = _open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
+            try:
+                # Records already there (this object did not load them) stay someone
+                # else's; ours are numbered after them and appended after whole ones.
+                parsed, size = _read(fd)
+                if parsed.end < size:
+                    os.ftruncate(fd, parsed.end)
+                if self._durable:
+                    fsync_dir(directory)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fd, self._size, self._next_seq = fd, parsed.end, parsed.next_seq
         return self._fd
 
     def append(self, payload: bytes) -> int:

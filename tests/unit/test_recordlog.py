@@ -201,3 +201,26 @@ def test_refuses_a_log_that_is_not_a_regular_file(tmp_path: Path, planted: str) 
     with pytest.raises(OSError if planted == "symlink" else RecordError):
         read_live(str(path))
     assert secret.read_bytes() == encode(RECORD, 0, b"not ours")
+
+
+def test_a_log_it_did_not_load_is_appended_after_what_is_there(tmp_path: Path) -> None:
+    bundle = _bundle(tmp_path)
+    first, _ = RecordLog.load(bundle, "t.log")
+    first.append(b"theirs")
+    first.close()
+    with open(log_path(bundle, "t.log"), "ab") as f:
+        f.write(encode(RECORD, 1, b"torn")[:-1])
+    mine = RecordLog(log_path(bundle, "t.log"))
+    assert mine.append(b"mine") == 1  # numbered after theirs, the torn record cut off
+    assert _live(bundle) == [b"theirs", b"mine"]
+    mine.done(1)  # nothing of its own left: the file is emptied, theirs with it
+    assert _live(bundle) == []
+    mine.close()
+
+
+def test_a_closed_log_refuses_appends_as_an_os_error(tmp_path: Path) -> None:
+    log, _ = RecordLog.load(_bundle(tmp_path), "t.log")
+    log.close()
+    with pytest.raises(OSError, match="is closed") as info:
+        log.append(b"late")
+    assert info.value.errno == errno.EBADF
