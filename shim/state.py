@@ -219,8 +219,12 @@ class ExitLog:
             if record is not None and record.container_id == container_id:
                 process_id = _process_id(record.container_id, record.exec_id)
                 if process_id not in records:
-                    self.record(record)
                     records[process_id] = record
+                    try:
+                        self.record(record)
+                    except OSError as exc:
+                        _log.warning("cannot move exit record %s into the log: %s", path, exc)
+                        continue  # read from the file again next time
             with contextlib.suppress(OSError):
                 os.unlink(path)
         with contextlib.suppress(OSError):

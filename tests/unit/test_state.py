@@ -150,3 +150,20 @@ def test_a_whole_file_record_is_atomic_without_fsync(
     assert path.read_bytes() == b"new"
     assert os.listdir(path.parent) == ["container.json"]
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_an_exit_record_that_cannot_move_into_the_log_is_still_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    legacy = tmp_path / "pyshim" / "exits"
+    legacy.mkdir(parents=True)
+    (legacy / "c1.json").write_bytes(msgspec.json.encode(_record()))
+
+    def full(self: ExitLog, record: ExitRecord) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ExitLog, "record", full)
+    exits, records = ExitLog.load(str(tmp_path), "c1")
+    exits.close()
+    assert records == {"c1": _record()}
+    assert os.listdir(legacy) == ["c1.json"]  # kept for the next try
