@@ -95,15 +95,22 @@ def test_a_later_load_continues_the_numbers_and_gets_what_is_left(tmp_path: Path
     again.close()
 
 
+def _one_record_and_a_torn_one(bundle: str, payload: bytes) -> int:
+    """A log holding ``payload`` (seq 0), then a record cut short; the torn length."""
+    log, _ = RecordLog.load(bundle, "t.log")
+    log.append(payload)
+    log.close()
+    torn = encode(RECORD, 1, b"torn")[:-2]
+    with open(log_path(bundle, "t.log"), "ab") as f:
+        f.write(torn)
+    return len(torn)
+
+
 def test_load_cuts_a_torn_tail_so_later_records_stay_readable(tmp_path: Path) -> None:
     bundle = _bundle(tmp_path)
-    log, _ = RecordLog.load(bundle, "t.log")
-    log.append(b"a")
-    log.close()
-    with open(log_path(bundle, "t.log"), "ab") as f:
-        f.write(encode(RECORD, 1, b"torn")[:-2])
+    torn = _one_record_and_a_torn_one(bundle, b"a")
     again, left = RecordLog.load(bundle, "t.log")
-    assert left == [(0, b"a")] and again.torn == len(encode(RECORD, 1, b"torn")) - 2
+    assert left == [(0, b"a")] and again.torn == torn
     again.append(b"b")
     assert _live(bundle) == [b"a", b"b"]
     again.close()
@@ -205,11 +212,7 @@ def test_refuses_a_log_that_is_not_a_regular_file(tmp_path: Path, planted: str) 
 
 def test_a_log_it_did_not_load_is_appended_after_what_is_there(tmp_path: Path) -> None:
     bundle = _bundle(tmp_path)
-    first, _ = RecordLog.load(bundle, "t.log")
-    first.append(b"theirs")
-    first.close()
-    with open(log_path(bundle, "t.log"), "ab") as f:
-        f.write(encode(RECORD, 1, b"torn")[:-1])
+    _one_record_and_a_torn_one(bundle, b"theirs")
     mine = RecordLog(log_path(bundle, "t.log"))
     assert mine.append(b"mine") == 1  # numbered after theirs, the torn record cut off
     assert _live(bundle) == [b"theirs", b"mine"]
