@@ -15,7 +15,22 @@ from __future__ import annotations
 import os
 import sys
 
-from shim import syscalls
+from shim.inotify import (
+    IN_ATTRIB,
+    IN_CLOSE_WRITE,
+    IN_CREATE,
+    IN_DELETE,
+    IN_DELETE_SELF,
+    IN_IGNORED,
+    IN_ISDIR,
+    IN_MODIFY,
+    IN_MOVE_SELF,
+    IN_MOVED_FROM,
+    IN_MOVED_TO,
+    IN_ONLYDIR,
+    IN_Q_OVERFLOW,
+    Inotify,
+)
 from shim.template import CODE_EXTENSIONS, CODE_PACKAGES
 from shim.template import site_dirs as template_site_dirs
 
@@ -24,22 +39,6 @@ TYPE_CHECKING = False  # typing costs ~3 ms at start-up; mypy honours this name
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
 
-IN_MODIFY = 0x2
-IN_ATTRIB = 0x4
-IN_CLOSE_WRITE = 0x8
-IN_MOVED_FROM = 0x40
-IN_MOVED_TO = 0x80
-IN_CREATE = 0x100
-IN_DELETE = 0x200
-IN_DELETE_SELF = 0x400
-IN_MOVE_SELF = 0x800
-IN_Q_OVERFLOW = 0x4000
-IN_IGNORED = 0x8000
-IN_ONLYDIR = 0x1000000
-IN_ISDIR = 0x40000000
-IN_NONBLOCK = os.O_NONBLOCK
-IN_CLOEXEC = os.O_CLOEXEC
-
 _ENTRIES = IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO
 _SELF = IN_DELETE_SELF | IN_MOVE_SELF
 CODE_MASK = _ENTRIES | _SELF | IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_ONLYDIR
@@ -47,7 +46,6 @@ SITE_MASK = _ENTRIES | _SELF | IN_ONLYDIR
 FILE_MASK = IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | _SELF
 # Whatever says the watch itself is gone or lost events: nothing can be vouched for.
 _LOST = IN_Q_OVERFLOW | IN_IGNORED | _SELF
-_HEADER = 16  # struct inotify_event: int wd; uint32 mask, cookie, len
 _CODE_NAMES = tuple(ext.encode() for ext in CODE_EXTENSIONS)
 
 
@@ -68,7 +66,7 @@ class CodeWatch:
     """Once ``changed()`` says True it stays True: the watcher's owner is stale."""
 
     def __init__(self, code: Iterable[str], sites: Iterable[str], files: Iterable[str]) -> None:
-        self._fd = syscalls.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        self._inotify = Inotify()
         self._kinds: dict[int, str] = {}
         self._stale = False
         try:
@@ -78,24 +76,21 @@ class CodeWatch:
                 ("file", files, FILE_MASK),
             ):
                 for path in paths:
-                    self._kinds[syscalls.inotify_add_watch(self._fd, path, mask)] = kind
+                    self._kinds[self._inotify.add_watch(path, mask)] = kind
         except BaseException:
-            os.close(self._fd)
+            self._inotify.close()
             raise
 
     def fileno(self) -> int:
-        return self._fd
+        return self._inotify.fd
 
     def changed(self) -> bool:
         """Read what is queued (never blocks); whether any of it touched the code."""
         while not self._stale:
-            try:
-                data = os.read(self._fd, 64 * 1024)
-            except BlockingIOError:
+            events = self._inotify.read_events()
+            if not events:
                 break
-            if not data:
-                break
-            self._stale = any(self._relevant(*event) for event in _events(data))
+            self._stale = any(self._relevant(*event) for event in events)
         return self._stale
 
     def _relevant(self, wd: int, mask: int, name: bytes) -> bool:
@@ -113,20 +108,7 @@ class CodeWatch:
         return False
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-
-def _events(data: bytes) -> Iterator[tuple[int, int, bytes]]:
-    offset = 0
-    while offset + _HEADER <= len(data):
-        wd = int.from_bytes(data[offset : offset + 4], sys.byteorder, signed=True)
-        mask = int.from_bytes(data[offset + 4 : offset + 8], sys.byteorder)
-        length = int.from_bytes(data[offset + 12 : offset + 16], sys.byteorder)
-        name = data[offset + _HEADER : offset + _HEADER + length].rstrip(b"\0")
-        offset += _HEADER + length
-        yield wd, mask, name
+        self._inotify.close()
 
 
 def watch_code(root: str) -> CodeWatch | None:

@@ -9,26 +9,18 @@ its ``oom_kill`` counter. Nothing here polls (io.md §6).
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import logging
 import os
-import struct
 from dataclasses import dataclass
 
 from protocol.proto.events import task_pb2 as events_pb2
+from shim.inotify import IN_IGNORED, IN_MODIFY, Inotify
 from shim.process import EventSink
 from shim.stats import Cgroup
 
-__all__ = ["Inotify", "OomWatcher", "read_oom_kills"]
+__all__ = ["OomWatcher", "read_oom_kills"]
 
 log = logging.getLogger(__name__)
-
-IN_MODIFY = 0x00000002
-IN_IGNORED = 0x00008000
-IN_CLOEXEC = 0o2000000
-IN_NONBLOCK = 0o4000
-_INOTIFY_EVENT = struct.Struct("iIII")
 
 
 def read_oom_kills(memory_events: str) -> int | None:
@@ -41,54 +33,6 @@ def read_oom_kills(memory_events: str) -> int | None:
     except (OSError, ValueError):
         return None
     return 0
-
-
-class Inotify:
-    """A non-blocking inotify instance (ctypes: the stdlib has no binding)."""
-
-    def __init__(self) -> None:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        self._add = libc.inotify_add_watch
-        self._add.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
-        self._add.restype = ctypes.c_int
-        self._rm = libc.inotify_rm_watch
-        self._rm.argtypes = [ctypes.c_int, ctypes.c_int]
-        self._rm.restype = ctypes.c_int
-        init = libc.inotify_init1
-        init.argtypes = [ctypes.c_int]
-        init.restype = ctypes.c_int
-        fd = init(IN_CLOEXEC | IN_NONBLOCK)
-        if fd < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"inotify_init1: {os.strerror(err)}")
-        self.fd: int = fd
-
-    def add_watch(self, path: str, mask: int) -> int:
-        wd: int = self._add(self.fd, os.fsencode(path), mask)
-        if wd < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"inotify_add_watch {path}: {os.strerror(err)}", path)
-        return wd
-
-    def rm_watch(self, wd: int) -> None:
-        self._rm(self.fd, wd)  # fails harmlessly once the kernel dropped the watch
-
-    def read_events(self) -> list[tuple[int, int]]:
-        """(wd, mask) of every queued event; [] when none are pending."""
-        try:
-            data = os.read(self.fd, 64 * 1024)
-        except BlockingIOError:
-            return []
-        events = []
-        offset = 0
-        while offset + _INOTIFY_EVENT.size <= len(data):
-            wd, mask, _cookie, name_len = _INOTIFY_EVENT.unpack_from(data, offset)
-            events.append((wd, mask))
-            offset += _INOTIFY_EVENT.size + name_len
-        return events
-
-    def close(self) -> None:
-        os.close(self.fd)
 
 
 @dataclass
@@ -203,7 +147,7 @@ class OomWatcher:
         assert self._inotify is not None
         events = self._inotify.read_events()
         by_wd = {w.wd: cid for cid, w in self._v2.items()}
-        for wd, mask in events:
+        for wd, mask, _ in events:
             container_id = by_wd.get(wd)
             if container_id is None:
                 continue

@@ -32,6 +32,7 @@ __all__ = [
     "get_child_subreaper",
     "inotify_add_watch",
     "inotify_init1",
+    "inotify_rm_watch",
     "load_libc",
     "mount",
     "prctl",
@@ -173,3 +174,10 @@ def inotify_add_watch(fd: int, path: str, mask: int) -> int:
     fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
     fn.restype = ctypes.c_int
     return _check(fn(fd, os.fsencode(path), mask), "inotify_add_watch", path)
+
+
+def inotify_rm_watch(fd: int, wd: int) -> None:
+    fn = _lib().inotify_rm_watch
+    fn.argtypes = [ctypes.c_int, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    _check(fn(fd, wd), "inotify_rm_watch")
