@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -18,6 +17,7 @@ import pytest
 
 from shim import quickstart
 from shim.quickstart import Request
+from tests.support.imports import printed_by_isolated
 
 KEY = "q" * 24
 
@@ -70,10 +70,7 @@ def test_the_quick_path_imports_builtins_only() -> None:
         "q.handoff([b'x'], '/nonexistent', 'k')\n"
         "print(' '.join(sorted(set(sys.modules) - before)))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, check=True
-    )
-    loaded = set(out.stdout.split())
+    loaded = printed_by_isolated(code)
     assert loaded - set(sys.builtin_module_names) == {"shim", "shim.quickstart"}
 
 

@@ -9,7 +9,6 @@ import shutil
 import signal
 import socket
 import stat
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,6 +21,7 @@ from protocol.proto import anyutil
 from protocol.proto.runc import options_pb2
 from shim import _wire, start
 from shim.cli import parse_flags
+from tests.support.imports import printed_by_isolated
 
 SPEC_HASH = "1edd1a9a40eab4863a4065f09a93cf7db08f16c567337ba3e5937b4636ae16dd"
 
@@ -386,9 +386,6 @@ def test_start_imports_stay_lean() -> None:
         "shim.template.code_key()\n"
         "print(' '.join(sorted(sys.modules)))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, check=True
-    )
-    loaded = set(out.stdout.split())
+    loaded = printed_by_isolated(code)
     heavy = {"socket", "signal", "enum", "contextlib", "collections", "json", "re", "typing"}
     assert loaded & heavy == set()
