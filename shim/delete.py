@@ -16,7 +16,7 @@ from shim import minijson as json
 from shim.procfs import gone
 from shim.recordfile import read_regular_file
 from shim.recordlog import log_path, read_live
-from shim.statedir import EXIT_LOG, LEGACY_EXITS_DIR, STATE_DIR_NAME
+from shim.statedir import EXIT_LOG, EXIT_RECORD_VERSION, LEGACY_EXITS_DIR, STATE_DIR_NAME
 
 TYPE_CHECKING = False  # typing costs ~3 ms at start-up; mypy honours this name
 
@@ -357,9 +357,6 @@ def _recorded_exit(bundle: str, container_id: str) -> tuple[int, int, int] | Non
     except Exception as exc:
         _warn(f"failed to read exit record: {exc}")
         return None
-
-
-EXIT_RECORD_VERSION = 1  # shim.state.EXIT_RECORD_VERSION (msgspec costs ~25 ms to import)
 
 
 def read_init_exit(bundle: str, container_id: str) -> tuple[int, int, int] | None:

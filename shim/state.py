@@ -25,10 +25,15 @@ import msgspec
 from shim.fdio import write_all
 from shim.recordfile import RecordError, read_regular_file
 from shim.recordlog import RecordLog, log_path
-from shim.statedir import EXIT_LOG, LEGACY_EXITS_DIR, STATE_DIR_NAME, make_private_dirs
+from shim.statedir import (
+    EXIT_LOG,
+    EXIT_RECORD_VERSION,
+    LEGACY_EXITS_DIR,
+    STATE_DIR_NAME,
+    make_private_dirs,
+)
 
 __all__ = [
-    "EXIT_RECORD_VERSION",
     "ExitLog",
     "ExitRecord",
     "RecordError",
@@ -39,7 +44,6 @@ __all__ = [
     "write_record",
 ]
 
-EXIT_RECORD_VERSION = 1
 
 T = TypeVar("T", bound=msgspec.Struct)
 _log = logging.getLogger("shim.state")

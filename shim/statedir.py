@@ -12,6 +12,7 @@ import stat
 
 __all__ = [
     "EXIT_LOG",
+    "EXIT_RECORD_VERSION",
     "LEGACY_EXITS_DIR",
     "STATE_DIR_NAME",
     "UnsafePathError",
@@ -20,8 +21,9 @@ __all__ = [
 ]
 
 STATE_DIR_NAME = "pyshim"
-# The container's exit records (shim.state.ExitLog).
+# The container's exit records (shim.state.ExitLog), and the version of their format.
 EXIT_LOG = "exits.log"
+EXIT_RECORD_VERSION = 1
 # Where shims before that log kept a file per exit: <bundle>/pyshim/exits/<id>.json.
 LEGACY_EXITS_DIR = "exits"
 
