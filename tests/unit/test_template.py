@@ -430,6 +430,38 @@ def test_meanwhile_failure_propagates_and_the_daemon_never_runs(
     assert serve.exited(timeout=0.05) is None
 
 
+def _hand_over_pair() -> tuple[socket.socket, socket.socket]:
+    """(the daemon-to-be's end, `start`'s end) of a hand-over connection."""
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+
+def test_go_is_read_when_start_closed_with_an_answer_unread() -> None:
+    # Seen under load: the spare's "0" reached `start` before the template's
+    # "taken"; `start` said go and exited with "taken" unread, which resets the
+    # connection. The go queued before the reset is still the answer.
+    mine, starts = _hand_over_pair()
+
+    def start_says_go_and_leaves_taken_unread() -> None:
+        assert starts.recv(16) == b"0"
+        starts.send(quickstart.GO)
+        mine.send(quickstart.TAKEN)  # the template's copy of the same connection
+        starts.close()
+
+    answer = template._await_go(mine, b"0", None, meanwhile=start_says_go_and_leaves_taken_unread)
+    assert answer == quickstart.GO
+
+
+def test_start_gone_without_go_after_a_reset_is_eof() -> None:
+    mine, starts = _hand_over_pair()
+
+    def start_leaves_without_go() -> None:
+        assert starts.recv(16) == b"0"
+        mine.send(quickstart.TAKEN)
+        starts.close()
+
+    assert template._await_go(mine, b"0", None, meanwhile=start_leaves_without_go) == b""
+
+
 def test_meanwhile_is_not_run_without_a_template(
     tdir: Path, listener: socket.socket, monkeypatch: pytest.MonkeyPatch
 ) -> None:
