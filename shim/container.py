@@ -316,6 +316,10 @@ class Container:
                 pid = read_pid_file(pid_file)
                 container.init.created(pid, io)
                 container.cgroup = toolkit.find_cgroup(pid)
+                # From create on, as the Go shim since containerd 2.2: a container
+                # that allocates past its limit at once is killed before Start returns.
+                container.watch_oom()
+                undo.callback(container.unwatch_oom)
                 undo.callback(_unlink, container_record_path(req.bundle))
                 # Read only by a shim restarted on this bundle after a process crash,
                 # which the page cache survives; after a kernel crash the container is
@@ -435,8 +439,7 @@ class Container:
             return
         self.init.restore(pid, status)
         self.cgroup = self._toolkit.find_cgroup(pid)
-        if status != "created":
-            self.watch_oom()
+        self.watch_oom()
         self._toolkit.router.register(pid, self.init, None)
         if pidfd is not None:
             self._watch_orphan(pid, pidfd)
@@ -540,9 +543,13 @@ class Container:
     # -- cgroup -----------------------------------------------------------------------
 
     def watch_oom(self) -> None:
-        """After the init started (the reference watches from Start on)."""
+        """Once the init is created: its cgroup exists from then on."""
         if self.cgroup is not None and self._toolkit.oom is not None:
             self._toolkit.oom.watch(self.id, self.cgroup)
+
+    def unwatch_oom(self) -> None:
+        if self._toolkit.oom is not None:
+            self._toolkit.oom.unwatch(self.id)
 
     def stats(self) -> any_pb2.Any:
         if self.cgroup is None:
@@ -571,8 +578,7 @@ class Container:
         """Delete the init (created or stopped) and everything the container holds."""
         await self.init.delete()
         self._unwatch_orphan()
-        if self._toolkit.oom is not None:
-            self._toolkit.oom.unwatch(self.id)
+        self.unwatch_oom()
         for exec_ in list(self.execs.values()):
             with contextlib.suppress(TtrpcError):
                 await exec_.delete()

@@ -14,6 +14,7 @@ import pytest
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
+import shim.container
 from protocol.proto import anyutil
 from protocol.proto.runc import options_pb2
 from protocol.proto.task.v2 import shim_pb2
@@ -25,6 +26,7 @@ from shim.container import CreateOptions, container_record_path
 from shim.process import ProcessIOLike, SignalChild, StdioStrings
 from shim.runtime import RuncOptions, Runtime, RuntimeFailure
 from shim.service import SERVICE_NAMES, TaskService
+from shim.stats import Cgroup
 
 # ----------------------------------------------------------------------------- fakes
 
@@ -219,7 +221,10 @@ class Harness:
 
 
 def make_harness(
-    tmp: Path, reaper: FakeReaper | None = None, signal_child: SignalChild | None = None
+    tmp: Path,
+    reaper: FakeReaper | None = None,
+    signal_child: SignalChild | None = None,
+    **collaborators: Any,
 ) -> Harness:
     shared = Shared()
     publisher = FakePublisher()
@@ -255,6 +260,7 @@ def make_harness(
         mount=mount,
         unmount=unmount,
         signal_child=signal_child,
+        **collaborators,
     )
     return Harness(service, reaper, publisher, shared, shutdowns, tmp)
 
@@ -704,3 +710,48 @@ async def test_only_exit_records_are_fsynced(h: Harness, monkeypatch: pytest.Mon
     h.reaper.exit(pid, 0)
     await h.service.wait(shim_pb2.WaitRequest(id="c1"))
     assert synced == ["pyshim", "exits.log"]
+
+
+@dataclass
+class RecordingOomWatch:
+    calls: list[tuple[str, str]] = field(default_factory=list)
+
+    def watch(self, container_id: str, cgroup: Cgroup) -> None:
+        self.calls.append(("watch", container_id))
+
+    def flush(self, container_id: str) -> None:
+        self.calls.append(("flush", container_id))
+
+    def unwatch(self, container_id: str) -> None:
+        self.calls.append(("unwatch", container_id))
+
+
+def _oom_harness(tmp: Path) -> tuple[Harness, RecordingOomWatch]:
+    oom = RecordingOomWatch()
+    cgroup = Cgroup(unified=True, dirs={"": str(tmp)})
+    return make_harness(tmp, oom=oom, find_cgroup=lambda pid: cgroup), oom
+
+
+async def test_oom_is_watched_from_create_not_only_from_start(tmp_path: Path) -> None:
+    # A container that allocates past its limit at once is killed before Start
+    # returns: the watch must already be there (the Go shim watches from create).
+    h, oom = _oom_harness(tmp_path)
+    await h.create()
+    assert oom.calls == [("watch", "c1")]
+    await h.service.start(shim_pb2.StartRequest(id="c1"))
+    # Watching again at Start would take a new baseline and miss a kill in between.
+    assert oom.calls == [("watch", "c1")]
+
+
+async def test_failed_create_stops_watching(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h, oom = _oom_harness(tmp_path)
+
+    def disk_full(path: Path, record: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shim.container, "write_record", disk_full)
+    with pytest.raises(OSError):
+        await h.create()
+    assert oom.calls == [("watch", "c1"), ("unwatch", "c1")]
