@@ -128,6 +128,28 @@ def test_run_reports_exit_codes(containerd: Containerd, image: str) -> None:
     assert_nothing_left(containerd, ["ok", "three", "killed"], sockets)
 
 
+@pytest.mark.parametrize("runtime", [RUNTIME, "io.containerd.runc.v2"])
+def test_failed_create_and_exec_show_runcs_message_once(
+    containerd: Containerd, image: str, runtime: str
+) -> None:
+    """As the Go shim: runc's error in ctr's message, not also in the process's stderr."""
+    res = containerd.ctr("run", "--rm", "--runtime", runtime, image, "nope", "/nope", check=False)
+    assert res.returncode != 0
+    assert res.stderr.count("no such file or directory") == 1, res.stderr
+    assert res.stdout == "", res.stdout
+    containerd.ctr("run", "-d", "--runtime", runtime, image, "host", "sleep", "300")
+    try:
+        res = containerd.ctr("task", "exec", "--exec-id", "e1", "host", "/nope", check=False)
+        assert res.returncode != 0
+        assert res.stderr.count("no such file or directory") == 1, res.stderr
+        assert res.stdout == "", res.stdout
+    finally:
+        containerd.ctr("task", "kill", "-s", "SIGKILL", "host", check=False)
+        wait_until("task 'host' to stop", _stopped(containerd, "host"))
+        containerd.ctr("task", "delete", "host", check=False)
+        containerd.ctr("container", "delete", "host", check=False)
+
+
 def test_detached_lifecycle_pause_resume_ps_exec(containerd: Containerd, image: str) -> None:
     res = run(containerd, image, "c1", "sleep", "1000", detach=True)
     assert res.returncode == 0, res.stderr
