@@ -25,6 +25,7 @@ from google.protobuf.json_format import MessageToDict
 from protocol.proto import anyutil
 from protocol.proto.events import task_pb2 as events_pb2
 from protocol.proto.runc import options_pb2
+from protocol.proto.runctypes import runc_pb2
 from protocol.proto.runtimeoptions.v1 import api_pb2 as runtimeoptions_pb2
 from protocol.proto.task.v2 import shim_pb2
 from protocol.proto.types import mount_pb2
@@ -171,8 +172,23 @@ def decode_options(value: any_pb2.Any | None) -> CreateOptions:
                 MessageToDict(opts, preserving_proto_field_name=True), separators=(",", ":")
             ),
         )
+    if anyutil.is_type(value, runc_pb2.CreateOptions):
+        # What containerd's Go client sends a runtime not named io.containerd.runc.*;
+        # shim_cgroup is start's. The rest (open_tcp ... criu_image_path) matter only
+        # for a restore from a checkpoint, which Create refuses.
+        try:
+            legacy = anyutil.unpack(value, runc_pb2.CreateOptions)
+        except anyutil.AnyTypeError as exc:
+            raise TtrpcError(Code.INVALID_ARGUMENT, f"invalid runtime options: {exc}") from exc
+        return CreateOptions(
+            runc=RuncOptions(),
+            no_pivot=legacy.no_pivot_root,
+            no_new_keyring=legacy.no_new_keyring,
+            io_uid=legacy.io_uid or None,
+            io_gid=legacy.io_gid or None,
+        )
     if not anyutil.is_type(value, runtimeoptions_pb2.Options):
-        # Other runtimes' option types (e.g. ctr --no-pivot's CreateOptions) are not ours.
+        # Other runtimes' option types are not ours.
         log.info("ignoring runtime options of type %s", value.type_url)
     return CreateOptions(runc=RuncOptions())
 

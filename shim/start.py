@@ -29,7 +29,10 @@ if TYPE_CHECKING:
 SOCKET_DIR = "/run/containerd/s"
 GROUP_ANNOTATION = "io.containerd.pyshim.v1.group"
 CRI_SANDBOX_ANNOTATION = "io.kubernetes.cri.sandbox-id"
-RUNC_OPTIONS_TYPE = "containerd.runc.v1.Options"
+# Option types that carry a shim cgroup, and its field number in each: the runc
+# shim's own, and the legacy linux runtime's, which containerd's Go client sends to
+# any runtime not named io.containerd.runc.* (WithShimCgroup).
+SHIM_CGROUP_FIELDS = {"containerd.runc.v1.Options": 3, "containerd.linux.runc.CreateOptions": 9}
 # The Go shim's limit: sun_path holds 108 bytes including the NUL.
 MAX_SOCKET_PATH = 106
 DIAL_TIMEOUT = 0.1
@@ -94,9 +97,8 @@ class StdinOptions:
 
 def _options_from_any(data: bytes) -> str:
     type_url, value = _wire.decode_any(data)
-    if type_url.rsplit("/", 1)[-1] == RUNC_OPTIONS_TYPE:
-        return _wire.string_field(value, 3)
-    return ""
+    number = SHIM_CGROUP_FIELDS.get(type_url.rsplit("/", 1)[-1])
+    return _wire.string_field(value, number) if number else ""
 
 
 def parse_stdin(data: bytes, *, container_id: str, namespace: str) -> StdinOptions:

@@ -17,6 +17,7 @@ from google.protobuf.message import Message
 import shim.container
 from protocol.proto import anyutil
 from protocol.proto.runc import options_pb2
+from protocol.proto.runctypes import runc_pb2
 from protocol.proto.task.v2 import shim_pb2
 from protocol.proto.timeutil import GO_ZERO_TIME_SECONDS
 from protocol.proto.types import mount_pb2
@@ -167,6 +168,7 @@ class FakeRuntime:
 class Shared:
     calls: list[tuple[Any, ...]] = field(default_factory=list)
     failures: dict[str, str] = field(default_factory=dict)
+    create_options: list[CreateOptions] = field(default_factory=list)
     hooks: dict[str, Hook] = field(default_factory=dict)
     next_pid: int = 1000
     ps: list[int] = field(default_factory=list)
@@ -238,6 +240,7 @@ def make_harness(
     async def open_io(
         stdio: StdioStrings, process_id: str, options: CreateOptions
     ) -> ProcessIOLike:
+        shared.create_options.append(options)
         if shared.io_fails:
             raise TtrpcError(Code.UNKNOWN, "cannot open stdio")
         io = FakeIO(process_id)
@@ -326,8 +329,23 @@ async def test_create_decodes_runc_options(h: Harness) -> None:
 
 
 async def test_create_ignores_unknown_option_types(h: Harness) -> None:
-    await h.create(options=any_pb2.Any(type_url="containerd.linux.runc.CreateOptions", value=b""))
+    await h.create(options=any_pb2.Any(type_url="example.com.OtherRuntimeOptions", value=b"\x08"))
     assert h.shared.runc_options[-1] == RuncOptions()
+
+
+async def test_create_decodes_legacy_create_options(h: Harness) -> None:
+    # containerd's Go client sends this type to a runtime not named io.containerd.runc.*
+    # (WithUIDOwner/WithGIDOwner, ctr --no-pivot); shim_cgroup is start's.
+    legacy = runc_pb2.CreateOptions(
+        no_pivot_root=True, no_new_keyring=True, shim_cgroup="/g", io_uid=7, io_gid=8
+    )
+    bundle = h.bundle()
+    await h.create(bundle=bundle, options=anyutil.pack(legacy))
+    assert h.shared.runc_options[-1] == RuncOptions()
+    assert h.shared.create_options[-1] == CreateOptions(
+        runc=RuncOptions(), no_pivot=True, no_new_keyring=True, io_uid=7, io_gid=8
+    )
+    assert Path(bundle, "options.json").read_text() == "{}"
 
 
 @pytest.mark.parametrize("bad", ["a/b", "..", "x" * 77, ""])
