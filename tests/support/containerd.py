@@ -160,12 +160,15 @@ class Containerd:
         tmp: Path | None = None,
         log_level: str = "debug",
         start: bool = True,
+        template_dir: Path | None = None,
     ) -> None:
         """``extra_config(tmp)`` returns TOML appended to the config (e.g. the CRI plugin's).
 
         ``tmp``: an empty directory to own instead of a new one under /tmp;
-        ``start=False`` leaves starting to the caller.
+        ``start=False`` leaves starting to the caller; ``template_dir``: the shims'
+        template directory, when several containerds are to share one.
         """
+        self._template_dir = template_dir
         self.tmp = (
             tmp if tmp is not None else Path(tempfile.mkdtemp(prefix="pyshim-ctrd-", dir="/tmp"))
         )
@@ -201,7 +204,7 @@ class Containerd:
     @property
     def template_dir(self) -> Path:
         # Our own shim template (shim/template.py), so close() can stop it.
-        return self.tmp / "template"
+        return self._template_dir or self.tmp / "template"
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
