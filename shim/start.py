@@ -12,6 +12,7 @@ import _socket
 import errno
 import fcntl
 import os
+import stat
 import sys
 
 from shim import _wire, minijson
@@ -140,6 +141,49 @@ def _dial(path: str) -> bool:
     finally:
         s.close()
     return True
+
+
+def _refused(path: str) -> bool:
+    """Nothing listens there: a stopped shim still accepts (the kernel queues)."""
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+    try:
+        s.settimeout(DIAL_TIMEOUT)
+        s.connect(path)
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False  # missing, or not ours to judge
+    finally:
+        s.close()
+    return False
+
+
+def remove_if_dead(path: str, ino: int | None = None) -> bool:
+    """Unlink the socket file at ``path`` when nothing listens on it (and, given
+    ``ino``, it is still that file); whether it did. Under the socket directory's
+    lock, so a `start` binding there is never caught between its bind and listen.
+    An unlink that fails for another reason than a missing file raises."""
+    try:
+        lock_fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return False
+        if not stat.S_ISSOCK(st.st_mode) or (ino is not None and st.st_ino != ino):
+            return False
+        if not _refused(path):
+            return False
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+        return True
+    finally:
+        os.close(lock_fd)
 
 
 def bind_or_find(path: str) -> _socket.socket | None:
