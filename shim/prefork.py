@@ -23,8 +23,9 @@ shim's environment; merged pages open a timing side channel between every proces
 that marks memory, so never by default), a forked daemon offers its memory to the
 kernel's same-page merging (KSM) once its first container has started
 (`mark_after_start`, `started`), so that where the node runs ksmd, identical copies
-are folded back into one page. The template itself is not offered: ksmd scans at a fixed rate whenever
-any memory is, so a node with a template but no shims would pay for nothing.
+are folded back into one page. The template itself is not offered: ksmd scans at a
+fixed rate whenever any memory is, so a node with a template but no shims would pay
+for nothing.
 """
 
 from __future__ import annotations

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import json
 import os
 import shutil
 import signal
@@ -27,12 +26,15 @@ from pathlib import Path
 import pytest
 from google.protobuf import empty_pb2
 
+from protocol.proto import anyutil
+from protocol.proto.runc import options_pb2
 from protocol.proto.task.v2 import shim_pb2
 from protocol.ttrpc.client import Client
 from protocol.ttrpc.frame import MAX_MESSAGE_SIZE, MessageType, encode_frame, encode_header
 from protocol.ttrpc.messages import RequestMessage, decode_response, encode_request
 from protocol.ttrpc.status import Code, ConnectionClosedError
 from shim import _wire
+from tests.support.images import write_oci_bundle
 from tests.support.template import stop_templates
 
 pytestmark = pytest.mark.integration
@@ -68,8 +70,10 @@ class Shim:
         self.tmp = Path(tempfile.mkdtemp(prefix="pyshim-rb-", dir="/tmp"))
         self.id = "rb" + self.tmp.name.rsplit("-", 1)[-1].lower().replace("_", "0")
         self.bundle = self.tmp / "bundle"
-        self.bundle.mkdir()
-        (self.bundle / "config.json").write_text(json.dumps({"ociVersion": "1.0.2"}))
+        # A container the daemon serves through the whole module: an empty shim leaves
+        # by itself after 10 s, and under load a module takes longer than that.
+        write_oci_bundle(self.bundle, ["sleep", "3600"], cgroups_path=f"/pyshim-rb/{self.id}")
+        self.runc_root = self.tmp / "runc"
         os.mkfifo(self.bundle / "log", 0o600)
         # containerd holds the log fifo read-write and non-blocking; so do we.
         self.log_fd = os.open(self.bundle / "log", os.O_RDWR | os.O_NONBLOCK)
@@ -111,6 +115,25 @@ class Shim:
         assert address.startswith(f"unix://{self.socket_dir}/"), address
         self.socket_path = address.removeprefix("unix://")
 
+    async def run_container(self) -> None:
+        options = anyutil.pack(options_pb2.Options(root=str(self.runc_root)))
+        async with await Client.connect(self.socket_path, timeout=PROMPT) as client:
+            req = shim_pb2.CreateTaskRequest(id=self.id, bundle=str(self.bundle), options=options)
+            await client.call(TASK, "Create", req, shim_pb2.CreateTaskResponse, timeout=60)
+            start = shim_pb2.StartRequest(id=self.id)
+            await client.call(TASK, "Start", start, shim_pb2.StartResponse, timeout=60)
+
+    async def remove_container(self) -> None:
+        async with await Client.connect(self.socket_path, timeout=PROMPT) as client:
+            kill = shim_pb2.KillRequest(id=self.id, signal=signal.SIGKILL, all=True)
+            with contextlib.suppress(Exception):
+                await client.call(TASK, "Kill", kill, empty_pb2.Empty, timeout=30)
+            wait = shim_pb2.WaitRequest(id=self.id)
+            with contextlib.suppress(Exception):
+                await client.call(TASK, "Wait", wait, shim_pb2.WaitResponse, timeout=30)
+            delete = shim_pb2.DeleteRequest(id=self.id)
+            await client.call(TASK, "Delete", delete, shim_pb2.DeleteResponse, timeout=30)
+
     async def connect(self) -> shim_pb2.ConnectResponse:
         async with asyncio.timeout(PROMPT):
             client = await Client.connect(self.socket_path)
@@ -148,6 +171,8 @@ class Shim:
             if self.pid and self.alive():
                 # Cleanup must go on whatever the RPC does; the signals below back it up.
                 with contextlib.suppress(Exception):
+                    asyncio.run(self.remove_container())
+                with contextlib.suppress(Exception):
                     asyncio.run(self._shutdown())
                 if not self._wait_gone(5):
                     with contextlib.suppress(ProcessLookupError):
@@ -159,6 +184,15 @@ class Shim:
         finally:
             os.close(self.log_fd)
             stop_templates(self.tmp / "template")
+            # Whatever the shim could not remove (it was killed): the container first.
+            subprocess.run(["runc", "--root", str(self.runc_root / NAMESPACE), "delete",
+                            "--force", self.id], capture_output=True, check=False)  # fmt: skip
+            for cgroup in Path("/sys/fs/cgroup").glob(f"**/pyshim-rb/{self.id}"):
+                for d in (cgroup, cgroup.parent):  # the parent stays while others use it
+                    with contextlib.suppress(OSError):
+                        d.rmdir()
+            with contextlib.suppress(OSError):
+                (self.bundle / "rootfs").rmdir()  # unmounted: runc mounted nothing there
             shutil.rmtree(self.tmp, ignore_errors=True)
 
     async def _shutdown(self) -> None:
@@ -183,6 +217,7 @@ def shim() -> Iterator[Shim]:
     s = Shim()
     try:
         s.start()
+        asyncio.run(s.run_container())
         s.pid = asyncio.run(s.connect()).shim_pid
         s.log()
         assert s.pid > 0 and s.alive()

@@ -290,8 +290,35 @@ def ksmd_fast() -> Iterator[None]:
             (KSM / name).write_text(saved[name])
 
 
+@pytest.fixture
+def ksm_opted_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PYSHIM_KSM=1 in containerd's environment (ask for it before `containerd`)."""
+    monkeypatch.setenv("PYSHIM_KSM", "1")
+
+
+@pytest.fixture
+def ksm_not_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PYSHIM_KSM", raising=False)
+
+
+def test_forked_shims_mark_nothing_unless_the_operator_asked(
+    ksm_not_asked: None, containerd: Containerd, busybox_image: str, ksmd_fast: None
+) -> None:
+    # Merged pages are a timing side channel: opt-in only (scripts/ksm.sh).
+    _run_d(containerd, busybox_image, "c1")
+    _template(containerd)
+    _wait(lambda: len(spare_pids(containerd.template_dir)) == 1, "the template's spare")
+    daemon = _run_d(containerd, busybox_image, "c2")
+    assert _forked(containerd, daemon)
+    # Marked just after the Start reply when asked: an exec's reply comes after that.
+    assert containerd.ctr("tasks", "exec", "--exec-id", "e1", "c2", "true").returncode == 0
+    assert _mergeable_mappings(daemon) == 0
+    for cid in ("c1", "c2"):
+        _remove(containerd, cid)
+
+
 def test_forked_shims_merge_identical_pages_and_containers_are_not_marked(
-    containerd: Containerd, busybox_image: str, ksmd_fast: None
+    ksm_opted_in: None, containerd: Containerd, busybox_image: str, ksmd_fast: None
 ) -> None:
     first = _run_d(containerd, busybox_image, "c1")
     template = _template(containerd)
