@@ -46,6 +46,7 @@ PROMPT = 2.0
 # Growth of the daemon's RSS any single abuse may cause.
 RSS_BUDGET_KB = 48 * 1024
 NOBODY = 65534
+CGROUP_PARENT = "pyshim-rb"
 
 
 def _binary() -> str:
@@ -72,7 +73,7 @@ class Shim:
         self.bundle = self.tmp / "bundle"
         # A container the daemon serves through the whole module: an empty shim leaves
         # by itself after 10 s, and under load a module takes longer than that.
-        write_oci_bundle(self.bundle, ["sleep", "3600"], cgroups_path=f"/pyshim-rb/{self.id}")
+        write_oci_bundle(self.bundle, ["sleep", "3600"], cgroups_path=f"/{CGROUP_PARENT}/{self.id}")
         self.runc_root = self.tmp / "runc"
         os.mkfifo(self.bundle / "log", 0o600)
         # containerd holds the log fifo read-write and non-blocking; so do we.
@@ -187,8 +188,9 @@ class Shim:
             # Whatever the shim could not remove (it was killed): the container first.
             subprocess.run(["runc", "--root", str(self.runc_root / NAMESPACE), "delete",
                             "--force", self.id], capture_output=True, check=False)  # fmt: skip
-            for cgroup in Path("/sys/fs/cgroup").glob(f"**/pyshim-rb/{self.id}"):
-                for d in (cgroup, cgroup.parent):  # the parent stays while others use it
+            root = Path("/sys/fs/cgroup")
+            for parent in [root / CGROUP_PARENT, *root.glob(f"*/{CGROUP_PARENT}")]:
+                for d in (parent / self.id, parent):  # the parent stays while others use it
                     with contextlib.suppress(OSError):
                         d.rmdir()
             with contextlib.suppress(OSError):
