@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from ptyprocess import PtyProcess
 
-from tests.support.containerd import CTR, Containerd
+from tests.support.containerd import Containerd
 
 pytestmark = pytest.mark.integration
 
@@ -22,7 +22,7 @@ TIMEOUT = 60.0
 
 
 def ctr_argv(ctrd: Containerd, *args: str) -> list[str]:
-    return [CTR, "--address", ctrd.address, "-n", ctrd.namespace, *args]
+    return ctrd.ctr_argv(*args)
 
 
 def ctr_bytes(

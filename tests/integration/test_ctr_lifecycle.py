@@ -19,6 +19,7 @@ from protocol.proto.task.v2 import shim_pb2
 from protocol.ttrpc.client import Client
 from protocol.ttrpc.status import Code, TtrpcError
 from tests.support.containerd import Containerd
+from tests.support.hosts import every_host
 from tests.support.images import build_busybox_rootfs, oci_config, write_oci_bundle
 from tests.support.proc import children
 
@@ -103,6 +104,7 @@ def image(busybox_image: str) -> str:
     return busybox_image
 
 
+@every_host
 def test_run_reports_exit_codes(containerd: Containerd, image: str) -> None:
     sockets: list[Path] = []
     res = run(containerd, image, "ok", "true")
@@ -112,8 +114,8 @@ def test_run_reports_exit_codes(containerd: Containerd, image: str) -> None:
     assert "out" in res.stdout
 
     # pid 1 of a pid namespace ignores even SIGKILL from inside: kill it from the host.
-    argv = ["ctr", "--address", containerd.address, "-n", containerd.namespace, "run", "--rm",
-            "--runtime", RUNTIME, image, "killed", "sleep", "1000"]  # fmt: skip
+    argv = containerd.ctr_argv("run", "--rm", "--runtime", RUNTIME, image, "killed", "sleep",
+                               "1000")  # fmt: skip
     proc = subprocess.Popen(argv, env=containerd.env(), stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     try:
@@ -128,6 +130,7 @@ def test_run_reports_exit_codes(containerd: Containerd, image: str) -> None:
     assert_nothing_left(containerd, ["ok", "three", "killed"], sockets)
 
 
+@every_host
 def test_detached_lifecycle_pause_resume_ps_exec(containerd: Containerd, image: str) -> None:
     res = run(containerd, image, "c1", "sleep", "1000", detach=True)
     assert res.returncode == 0, res.stderr
@@ -153,6 +156,7 @@ def test_detached_lifecycle_pause_resume_ps_exec(containerd: Containerd, image: 
     assert_nothing_left(containerd, ["c1"], [sock])
 
 
+@every_host
 def test_containerd_killed_and_restarted(containerd: Containerd, image: str) -> None:
     ids = ["r1", "r2", "r3"]
     for cid in ids:
@@ -170,8 +174,13 @@ def test_containerd_killed_and_restarted(containerd: Containerd, image: str) -> 
     assert sorted(containerd.shim_pids()) == sorted(shims)
     assert task_status(containerd, "r1") == "RUNNING"
     assert task_status(containerd, "r3") == "RUNNING"
-    wait_until("r2 to be STOPPED", lambda: task_status(containerd, "r2") == "STOPPED")
-    assert delete_task(containerd, "r2") == 137
+    if containerd.host.v2:
+        # containerd 1.7+ calls Pids after reconnecting; a task with no process left is
+        # a leaked shim to it, deleted at once, as with the Go shim (shim-cli.md).
+        wait_until("r2 to be cleaned up", lambda: task_status(containerd, "r2") == "<missing>")
+    else:
+        wait_until("r2 to be STOPPED", lambda: task_status(containerd, "r2") == "STOPPED")
+        assert delete_task(containerd, "r2") == 137
     for cid in ("r1", "r3"):
         containerd.ctr("task", "kill", "-s", "SIGKILL", cid)
         wait_until(f"{cid} to stop", _stopped(containerd, cid))
