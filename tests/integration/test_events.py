@@ -14,6 +14,7 @@ from shim.events import Publisher
 from shim.reaper import Reaper
 from tests.support.containerd import Containerd
 from tests.support.ctr_events import CtrEvents
+from tests.support.hosts import every_host
 from tests.support.reaper import installed_reaper
 
 pytestmark = pytest.mark.integration
@@ -122,6 +123,7 @@ async def test_publish_binary(
     assert pub.dropped == 0
 
 
+@every_host
 def test_task_lifecycle_events_from_the_shim(
     containerd: Containerd, ctr_events: CtrEvents, busybox_image: str
 ) -> None:

@@ -255,7 +255,12 @@ class Containerd:
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env["PATH"] = _venv_bin() + os.pathsep + env.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        path = env.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        if self.host.bin_dir is not None:
+            # Its own containerd-shim-runc-v2 before Debian's (a 1.6 shim cannot read
+            # 2.3's BootstrapParams), and its ctr for anything that runs `ctr`.
+            path = str(self.host.bin_dir) + os.pathsep + path
+        env["PATH"] = _venv_bin() + os.pathsep + path
         env.setdefault("PYSHIM_TEMPLATE_DIR", str(self.template_dir))
         # ctr 2.x warns on stderr about every deprecation (cgroup v1 here) at each call.
         env["CONTAINERD_SUPPRESS_DEPRECATION_WARNINGS"] = "1"
