@@ -353,6 +353,9 @@ def test_ctr_run_rm(containerd: Containerd, busybox_image: str) -> None:
     log = containerd.log_text()
     assert "failed to delete" not in log
     assert "cleanup warnings" not in log or "level=warning" not in log
+    # The daemon removed its socket (containerd 2.3: in the socket_dir it was given).
+    sock = socket_address(containerd.address, containerd.namespace, "c1", containerd.socket_dir)
+    assert not os.path.exists(sock.removeprefix("unix://"))
 
 
 def _task_pid(ctrd: Containerd, cid: str) -> tuple[int, str]:
