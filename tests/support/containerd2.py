@@ -113,8 +113,16 @@ def _unpack(tarball: Path, cache: Path) -> Path:
             partial.rmdir()
         partial.mkdir()
         with tarfile.open(tarball, "r:xz") as tar:
-            members = [m for m in tar.getmembers() if m.isfile() or m.isdir()]
-            tar.extractall(partial, members=members, filter="data")
+            # Plain files and directories inside the destination only (Debian's 3.11.2
+            # predates extractall's filter=).
+            members = [
+                m
+                for m in tar.getmembers()
+                if (m.isfile() or m.isdir())
+                and not m.name.startswith("/")
+                and ".." not in Path(m.name).parts
+            ]
+            tar.extractall(partial, members=members)
         partial.rename(dest)
     found = _bin_dir_in(dest)
     if found is None:
