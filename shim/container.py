@@ -25,6 +25,7 @@ from google.protobuf.json_format import MessageToDict
 from protocol.proto import anyutil
 from protocol.proto.events import task_pb2 as events_pb2
 from protocol.proto.runc import options_pb2
+from protocol.proto.runctypes import runc_pb2
 from protocol.proto.runtimeoptions.v1 import api_pb2 as runtimeoptions_pb2
 from protocol.proto.task.v2 import shim_pb2
 from protocol.proto.types import mount_pb2
@@ -171,8 +172,23 @@ def decode_options(value: any_pb2.Any | None) -> CreateOptions:
                 MessageToDict(opts, preserving_proto_field_name=True), separators=(",", ":")
             ),
         )
+    if anyutil.is_type(value, runc_pb2.CreateOptions):
+        # What containerd's Go client sends a runtime not named io.containerd.runc.*;
+        # shim_cgroup is start's. The rest (open_tcp ... criu_image_path) matter only
+        # for a restore from a checkpoint, which Create refuses.
+        try:
+            legacy = anyutil.unpack(value, runc_pb2.CreateOptions)
+        except anyutil.AnyTypeError as exc:
+            raise TtrpcError(Code.INVALID_ARGUMENT, f"invalid runtime options: {exc}") from exc
+        return CreateOptions(
+            runc=RuncOptions(),
+            no_pivot=legacy.no_pivot_root,
+            no_new_keyring=legacy.no_new_keyring,
+            io_uid=legacy.io_uid or None,
+            io_gid=legacy.io_gid or None,
+        )
     if not anyutil.is_type(value, runtimeoptions_pb2.Options):
-        # Other runtimes' option types (e.g. ctr --no-pivot's CreateOptions) are not ours.
+        # Other runtimes' option types are not ours.
         log.info("ignoring runtime options of type %s", value.type_url)
     return CreateOptions(runc=RuncOptions())
 
@@ -316,6 +332,10 @@ class Container:
                 pid = read_pid_file(pid_file)
                 container.init.created(pid, io)
                 container.cgroup = toolkit.find_cgroup(pid)
+                # From create on, as the Go shim since containerd 2.2: a container
+                # that allocates past its limit at once is killed before Start returns.
+                container.watch_oom()
+                undo.callback(container.unwatch_oom)
                 undo.callback(_unlink, container_record_path(req.bundle))
                 # Read only by a shim restarted on this bundle after a process crash,
                 # which the page cache survives; after a kernel crash the container is
@@ -435,8 +455,7 @@ class Container:
             return
         self.init.restore(pid, status)
         self.cgroup = self._toolkit.find_cgroup(pid)
-        if status != "created":
-            self.watch_oom()
+        self.watch_oom()
         self._toolkit.router.register(pid, self.init, None)
         if pidfd is not None:
             self._watch_orphan(pid, pidfd)
@@ -540,9 +559,13 @@ class Container:
     # -- cgroup -----------------------------------------------------------------------
 
     def watch_oom(self) -> None:
-        """After the init started (the reference watches from Start on)."""
+        """Once the init is created: its cgroup exists from then on."""
         if self.cgroup is not None and self._toolkit.oom is not None:
             self._toolkit.oom.watch(self.id, self.cgroup)
+
+    def unwatch_oom(self) -> None:
+        if self._toolkit.oom is not None:
+            self._toolkit.oom.unwatch(self.id)
 
     def stats(self) -> any_pb2.Any:
         if self.cgroup is None:
@@ -571,8 +594,7 @@ class Container:
         """Delete the init (created or stopped) and everything the container holds."""
         await self.init.delete()
         self._unwatch_orphan()
-        if self._toolkit.oom is not None:
-            self._toolkit.oom.unwatch(self.id)
+        self.unwatch_oom()
         for exec_ in list(self.execs.values()):
             with contextlib.suppress(TtrpcError):
                 await exec_.delete()

@@ -101,6 +101,30 @@ def _open_log_fifo() -> None:
     )
 
 
+def warn_unusable_template() -> None:
+    """Say why the template directory is not used, where it exists but is not ours
+    alone (shim.quickstart.private_dir): every start then silently pays a whole
+    interpreter start-up and every shim its own copy of the code."""
+    from shim import quickstart
+
+    if os.environ.get(quickstart.ENABLE_ENV, "1") == "0":
+        return
+    directory = os.environ.get(quickstart.DIR_ENV) or quickstart.DEFAULT_DIR
+    try:
+        st = os.lstat(directory)
+    except OSError:
+        return  # the first start makes it
+    if not quickstart.private_dir(directory):
+        _log.warning(
+            "shim template directory %s is not used: it must be a directory owned by uid %d "
+            "with no access for group or others (it has mode %o, owner uid %d)",
+            directory,
+            os.geteuid(),
+            stat.S_IMODE(st.st_mode),
+            st.st_uid,
+        )
+
+
 def _read_socket_path() -> str | None:
     try:
         with open("address") as f:
@@ -271,6 +295,7 @@ def run_daemon(opts: Options, early_signals: list[int] | None = None) -> int:
     )
     _open_log_fifo()
     shimlog.setup(debug=cfg.debug, namespace=cfg.namespace)
+    warn_unusable_template()
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     syscalls.set_child_subreaper(True)
     if opts.socket:

@@ -319,21 +319,11 @@ def _remove_if_dead(address: str) -> None:
         return  # abstract sockets vanish with their owner
     path = address[len("unix://") :]
     if not os.path.lexists(path):
-        return  # removed by the shim at shutdown; spares importing socket
-    import socket
+        return  # removed by the shim at shutdown; spares importing shim.start
+    from shim.start import remove_if_dead
 
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(path)
-            return
-        except ConnectionRefusedError:
-            pass
-        except OSError:
-            return  # missing, or not ours to judge
     try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+        remove_if_dead(path)
     except OSError as exc:
         _warn(f"failed to remove dead shim socket {path}: {exc}")
 

@@ -216,7 +216,6 @@ class TaskService:
         container = self._container(req.id)
         pid = await container.process(req.exec_id).start()
         if not req.exec_id:
-            container.watch_oom()
             # Runs once this reply is written (the server writes it in this task step).
             asyncio.get_running_loop().call_soon(prefork.started)
         return shim_pb2.StartResponse(pid=pid)
@@ -430,7 +429,7 @@ def _no_pidfd(pid: int) -> int | None:
 
 
 class _LazyOomWatcher:
-    """Creates the real watcher (and imports it) on the first container started."""
+    """Creates the real watcher (and imports it) on the first container created."""
 
     def __init__(self, events: EventSink) -> None:
         self._events = events

@@ -12,6 +12,7 @@ import _socket
 import errno
 import fcntl
 import os
+import stat
 import sys
 
 from shim import _wire, bootstrap, minijson
@@ -29,7 +30,10 @@ if TYPE_CHECKING:
 SOCKET_DIR = "/run/containerd/s"
 GROUP_ANNOTATION = "io.containerd.pyshim.v1.group"
 CRI_SANDBOX_ANNOTATION = "io.kubernetes.cri.sandbox-id"
-RUNC_OPTIONS_TYPE = "containerd.runc.v1.Options"
+# Option types that carry a shim cgroup, and its field number in each: the runc
+# shim's own, and the legacy linux runtime's, which containerd's Go client sends to
+# any runtime not named io.containerd.runc.* (WithShimCgroup).
+SHIM_CGROUP_FIELDS = {"containerd.runc.v1.Options": 3, "containerd.linux.runc.CreateOptions": 9}
 # The Go shim's limit: sun_path holds 108 bytes including the NUL.
 MAX_SOCKET_PATH = 106
 DIAL_TIMEOUT = 0.1
@@ -98,9 +102,8 @@ class StdinOptions:
 
 def _options_from_any(data: bytes) -> str:
     type_url, value = _wire.decode_any(data)
-    if type_url.rsplit("/", 1)[-1] == RUNC_OPTIONS_TYPE:
-        return _wire.string_field(value, 3)
-    return ""
+    number = SHIM_CGROUP_FIELDS.get(type_url.rsplit("/", 1)[-1])
+    return _wire.string_field(value, number) if number else ""
 
 
 def parse_stdin(data: bytes, *, container_id: str, namespace: str) -> StdinOptions:
@@ -142,6 +145,49 @@ def _dial(path: str) -> bool:
     finally:
         s.close()
     return True
+
+
+def _refused(path: str) -> bool:
+    """Nothing listens there: a stopped shim still accepts (the kernel queues)."""
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+    try:
+        s.settimeout(DIAL_TIMEOUT)
+        s.connect(path)
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False  # missing, or not ours to judge
+    finally:
+        s.close()
+    return False
+
+
+def remove_if_dead(path: str, ino: int | None = None) -> bool:
+    """Unlink the socket file at ``path`` when nothing listens on it (and, given
+    ``ino``, it is still that file); whether it did. Under the socket directory's
+    lock, so a `start` binding there is never caught between its bind and listen.
+    An unlink that fails for another reason than a missing file raises."""
+    try:
+        lock_fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return False
+        if not stat.S_ISSOCK(st.st_mode) or (ino is not None and st.st_ino != ino):
+            return False
+        if not _refused(path):
+            return False
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+        return True
+    finally:
+        os.close(lock_fd)
 
 
 def bind_or_find(path: str) -> _socket.socket | None:

@@ -238,6 +238,10 @@ class ProcessIO:
         self._stdin_closer: int | None = None
         self._stdin_copier: Copier | None = None
         self._outputs: list[Copier] = []
+        # Copies that start once the runtime made the process: what runc itself wrote
+        # to a failed create's or exec's stdio is its error, which the caller reports
+        # (the Go shim copies only after create succeeds, too).
+        self._pending_outputs: list[tuple[int, _Dest, str]] = []
         self._dests: dict[int, _Dest] = {}
         self._console: ConsoleSocket | None = None
         self._master: int | None = None
@@ -259,6 +263,9 @@ class ProcessIO:
         for fd in self._container_ends:
             self._close(fd)
         self._container_ends = []
+        for src, dest, name in self._pending_outputs:
+            self._start_output(src, dest, name)
+        self._pending_outputs = []
         if self._console is not None:
             await self._attach_console(self._console)
 
@@ -356,7 +363,7 @@ class ProcessIO:
             read_end, write_end = self._pipe()
             set_nonblocking(read_end)
             out_ends.append(write_end)
-            self._start_output(read_end, target, name)
+            self._pending_outputs.append((read_end, target, name))
         self._stdio = (stdin_r, out_ends[0], out_ends[1])
         self._container_ends = [fd for fd in self._stdio if fd is not None]
         if stdin_w is not None:

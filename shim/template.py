@@ -68,6 +68,7 @@ from shim.quickstart import (
 TYPE_CHECKING = False  # typing costs ~3 ms at start-up; mypy honours this name
 
 if TYPE_CHECKING:
+    import select
     import socket
     from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
     from typing import Any
@@ -92,6 +93,9 @@ TEMPLATE_COMM = b"pyshim-template"
 SPARE_COMM = b"pyshim-spare"
 # Appended to the template's command line in a spare's /proc/<pid>/cmdline.
 SPARE_ARG = "spare"
+# A spare's word to the template once it serves: b"serving\0<pid>\0<inode>\0<path>".
+SERVING = b"serving"
+MAX_REPORT = 4096
 SIGKILL = 9
 # Niceness added while a spare is being made (off `start`'s path, but beside it).
 SPARE_NICE = 19
@@ -579,7 +583,7 @@ def _become_daemon(
     os.umask(int(request["umask"]))
     _assume(argv, env)
 
-    answer = _await_go(conn, minijson.dumps({"pid": os.getpid()}).encode(), link)
+    answer = _await_go(conn, minijson.dumps({"pid": os.getpid()}).encode(), link, serving=request)
     if answer != GO:
         if answer == b"":
             # `start` is gone without a word (containerd killed it): nobody will
@@ -602,25 +606,46 @@ def _await_go(
     message: bytes,
     link: socket.socket | None,
     meanwhile: Callable[[], object] | None = None,
+    serving: Mapping[str, Any] | None = None,
 ) -> bytes | None:
     """Tell `start` ``message``, run ``meanwhile``, and wait for its answer: GO, b""
     when `start` is gone (EOF, or closed before reading), None on a timeout or other
-    error. Closes the connection and a spare's link to the template."""
+    error. Closes the connection and a spare's link to the template, telling the
+    template first, after a GO, which socket file we serve (``serving``: its
+    "socket" and "socket_ino"), so that it can remove the file if we die without."""
     conn.settimeout(GO_TIMEOUT)
     answer: bytes | None
     try:
         conn.send(message)
         if meanwhile is not None:
             meanwhile()
-        answer = conn.recv(16)
+        try:
+            answer = conn.recv(16)
+        except ConnectionResetError:
+            # `start` closed with a message still unread (the template's "taken" may
+            # arrive after our answer): the kernel reports that reset once, ahead of
+            # what `start` sent before it closed, "go" included. EOF if nothing.
+            answer = conn.recv(16)
     except (BrokenPipeError, ConnectionResetError):
         answer = b""
     except OSError:
         answer = None
     conn.close()
     if link is not None:
+        if answer == GO and serving is not None:
+            _report_serving(link, serving)
         link.close()
     return answer
+
+
+def _report_serving(link: socket.socket, socket_file: Mapping[str, Any]) -> None:
+    path, ino = socket_file.get("socket"), socket_file.get("socket_ino")
+    if not isinstance(path, str) or not isinstance(ino, int):
+        return
+    try:  # noqa: SIM105 (contextlib: see the module docstring)
+        link.send(b"\0".join([SERVING, b"%d" % os.getpid(), b"%d" % ino, os.fsencode(path)]))
+    except OSError:
+        pass  # the template is gone: nobody to tell
 
 
 def _serve_as_daemon(argv: list[str], env: Mapping[str, str]) -> int:
@@ -701,7 +726,8 @@ def _start_here(
     daemon_argv = start.daemon_argv(opts, argv[0])
 
     # While `start` exits and containerd reads the address: not needed before "go".
-    if _await_go(conn, b"0", link, meanwhile=lambda: _assume(daemon_argv, env)) != GO:
+    assume = lambda: _assume(daemon_argv, env)  # noqa: E731
+    if _await_go(conn, b"0", link, meanwhile=assume, serving=socket_file) != GO:
         # `start` died before saying go (or never will): containerd has no daemon
         # here; the socket file is ours to remove (the address file is harmless).
         _remove_socket_file(socket_file)
@@ -882,6 +908,22 @@ class _Spares:
             self.wanted = False
             self.idle = _make_spare()
 
+    def readable(self, link: socket.socket, on_report: Callable[[bytes], None]) -> None:
+        """A busy spare's report (what it serves), or EOF on a link."""
+        import socket
+
+        while True:
+            try:
+                data = link.recv(MAX_REPORT, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self.closed(link)
+                return
+            on_report(data)
+
     def closed(self, link: socket.socket) -> None:
         """EOF on a link: an idle spare died, or a busy one is done."""
         link.close()
@@ -912,6 +954,49 @@ class _Spares:
         for link in self.links():
             link.close()  # an idle spare reads EOF and exits
         self.idle = self.busy = None
+
+
+class _Janitor:
+    """Removes the socket file of a daemon that died without removing it.
+
+    A SIGKILLed daemon runs nothing more, and containerd's clean-up (the shim's
+    `delete`) may never run either: containerd runs it in the bundle, which a task
+    delete of the dead shim may have removed first. Each daemon a spare became is
+    watched through a pidfd in the template's poll set (no polling); at its death
+    its socket file goes if it is still that file and nothing listens on it.
+    """
+
+    def __init__(self, poller: select.poll) -> None:
+        self._poller = poller
+        self.watched: dict[int, tuple[str, int]] = {}
+
+    def adopt(self, report: bytes) -> None:
+        parts = report.split(b"\0", 3)
+        if len(parts) != 4 or parts[0] != SERVING:
+            return
+        try:
+            pid, ino, path = int(parts[1]), int(parts[2]), os.fsdecode(parts[3])
+            fd = os.pidfd_open(pid)
+        except (ValueError, OSError):
+            return  # gone already (its `delete` may still come), or out of fds
+        self.watched[fd] = (path, ino)
+        self._poller.register(fd, 1)  # POLLIN: the process exited
+
+    def exited(self, fd: int) -> None:
+        from shim.start import remove_if_dead
+
+        path, ino = self.watched.pop(fd)
+        self._poller.unregister(fd)
+        os.close(fd)
+        try:  # noqa: SIM105 (contextlib: see the module docstring)
+            remove_if_dead(path, ino)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        for fd in self.watched:
+            os.close(fd)
+        self.watched.clear()
 
 
 def _handle(conn: socket.socket, key: str, spares: _Spares, watch: CodeWatch | None = None) -> bool:
@@ -1052,6 +1137,7 @@ def _serve_requests(listener: socket.socket, key: str, watch: CodeWatch | None =
     poller.register(listener, select.POLLIN)
     if watch is not None:
         poller.register(watch.fileno(), select.POLLIN)
+    janitor = _Janitor(poller)
     try:
         while True:
             spares.refill()
@@ -1065,7 +1151,9 @@ def _serve_requests(listener: socket.socket, key: str, watch: CodeWatch | None =
                     poller.unregister(fd)
             for fd, _ in events:
                 if fd in watched:
-                    spares.closed(watched[fd])
+                    spares.readable(watched[fd], janitor.adopt)
+                elif fd in janitor.watched:
+                    janitor.exited(fd)
             if watch is not None and watch.changed():
                 return  # stale: the next start spawns a template of the new code
             if not any(fd == listener.fileno() for fd, _ in events):
@@ -1083,6 +1171,7 @@ def _serve_requests(listener: socket.socket, key: str, watch: CodeWatch | None =
                         raise
     finally:
         spares.close()
+        janitor.close()
 
 
 def serve(directory: str, key: str | None = None) -> int:

@@ -254,3 +254,25 @@ def test_update_pause_resume_ps_checkpoint(
     ctr("task", "delete", "c1")
     # The cgroup is gone with the container; so is the task.
     assert not memory_cgroup(containerd, "c1").exists()
+
+
+OOM_AT_ONCE_RUNS = 50
+
+
+def test_oom_at_once_is_reported_every_time(
+    containerd: Containerd, busybox_image: str, events: Events
+) -> None:
+    # The process allocates past its limit as soon as it runs, so the kill often lands
+    # before Start has returned: the watch must be there from Create on.
+    missing = []
+    for i in range(OOM_AT_ONCE_RUNS):
+        cid = f"oomnow{i}"
+        argv = ["run", "--rm", "--memory-limit", str(8 * MiB), "--runtime", PYSHIM,
+                busybox_image, cid, "tail", "/dev/zero"]  # fmt: skip
+        res = containerd.ctr(*argv, check=False, timeout=120)
+        assert res.returncode == 137, (cid, res.returncode, res.stdout, res.stderr)
+        events.wait_topic(cid, "/tasks/delete")
+        topics = events.topics(cid)
+        if "/tasks/oom" not in topics or topics.index("/tasks/oom") > topics.index("/tasks/exit"):
+            missing.append((cid, topics))
+    assert not missing, f"{len(missing)} of {OOM_AT_ONCE_RUNS} without /tasks/oom first: {missing}"

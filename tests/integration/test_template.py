@@ -164,6 +164,26 @@ def test_forked_shim_survives_template_sigkill(containerd: Containerd, busybox_i
         _remove(containerd, cid)
 
 
+def test_socket_of_a_sigkilled_forked_shim_is_removed_without_containerd(
+    containerd: Containerd, busybox_image: str
+) -> None:
+    # Finding 10 (docs/crash-recovery.md): containerd may remove the bundle before the
+    # shim's `delete` can run in it, and nothing of a SIGKILLed shim runs again. The
+    # template that made the shim removes its socket file then.
+    _run_d(containerd, busybox_image, "c1")
+    _template(containerd)
+    _wait(lambda: len(spare_pids(containerd.template_dir)) == 1, "the template's spare")
+    daemon = _run_d(containerd, busybox_image, "c2")
+    assert _forked(containerd, daemon)
+    address = (containerd.bundle("c2") / "address").read_text().strip()
+    sock = Path(address.removeprefix("unix://"))
+    assert sock.exists()
+    containerd.kill9(start_again=False)  # no clean-up from containerd at all
+    os.kill(daemon, signal.SIGKILL)
+    _wait(lambda: not sock.exists(), "the template to remove the dead shim's socket file")
+    containerd.start()  # so that close() cleans up through it
+
+
 def test_wedged_template_falls_back(containerd: Containerd, busybox_image: str) -> None:
     """A template that accepts but never forks costs one timeout, then is replaced."""
     _run_d(containerd, busybox_image, "c1")

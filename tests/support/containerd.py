@@ -203,13 +203,17 @@ class Containerd:
         tmp: Path | None = None,
         log_level: str = "debug",
         start: bool = True,
+        template_dir: Path | None = None,
         host: Host = DEBIAN,
     ) -> None:
         """``extra_config(tmp)`` returns TOML appended to the config (e.g. the CRI plugin's).
 
         ``tmp``: an empty directory to own instead of a new one under /tmp;
-        ``start=False`` leaves starting to the caller; ``host``: which containerd.
+        ``start=False`` leaves starting to the caller; ``template_dir``: the shims'
+        template directory, when several containerds are to share one; ``host``:
+        which containerd.
         """
+        self._template_dir = template_dir
         self.host = host
         self.tmp = (
             tmp if tmp is not None else Path(tempfile.mkdtemp(prefix="pyshim-ctrd-", dir="/tmp"))
@@ -251,7 +255,7 @@ class Containerd:
     @property
     def template_dir(self) -> Path:
         # Our own shim template (shim/template.py), so close() can stop it.
-        return self.tmp / "template"
+        return self._template_dir or self.tmp / "template"
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)

@@ -14,8 +14,10 @@ import pytest
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
+import shim.container
 from protocol.proto import anyutil
 from protocol.proto.runc import options_pb2
+from protocol.proto.runctypes import runc_pb2
 from protocol.proto.task.v2 import shim_pb2
 from protocol.proto.timeutil import GO_ZERO_TIME_SECONDS
 from protocol.proto.types import mount_pb2
@@ -25,6 +27,7 @@ from shim.container import CreateOptions, container_record_path
 from shim.process import ProcessIOLike, SignalChild, StdioStrings
 from shim.runtime import RuncOptions, Runtime, RuntimeFailure
 from shim.service import SERVICE_NAMES, TaskService
+from shim.stats import Cgroup
 
 # ----------------------------------------------------------------------------- fakes
 
@@ -165,6 +168,7 @@ class FakeRuntime:
 class Shared:
     calls: list[tuple[Any, ...]] = field(default_factory=list)
     failures: dict[str, str] = field(default_factory=dict)
+    create_options: list[CreateOptions] = field(default_factory=list)
     hooks: dict[str, Hook] = field(default_factory=dict)
     next_pid: int = 1000
     ps: list[int] = field(default_factory=list)
@@ -219,7 +223,10 @@ class Harness:
 
 
 def make_harness(
-    tmp: Path, reaper: FakeReaper | None = None, signal_child: SignalChild | None = None
+    tmp: Path,
+    reaper: FakeReaper | None = None,
+    signal_child: SignalChild | None = None,
+    **collaborators: Any,
 ) -> Harness:
     shared = Shared()
     publisher = FakePublisher()
@@ -233,6 +240,7 @@ def make_harness(
     async def open_io(
         stdio: StdioStrings, process_id: str, options: CreateOptions
     ) -> ProcessIOLike:
+        shared.create_options.append(options)
         if shared.io_fails:
             raise TtrpcError(Code.UNKNOWN, "cannot open stdio")
         io = FakeIO(process_id)
@@ -255,6 +263,7 @@ def make_harness(
         mount=mount,
         unmount=unmount,
         signal_child=signal_child,
+        **collaborators,
     )
     return Harness(service, reaper, publisher, shared, shutdowns, tmp)
 
@@ -320,8 +329,23 @@ async def test_create_decodes_runc_options(h: Harness) -> None:
 
 
 async def test_create_ignores_unknown_option_types(h: Harness) -> None:
-    await h.create(options=any_pb2.Any(type_url="containerd.linux.runc.CreateOptions", value=b""))
+    await h.create(options=any_pb2.Any(type_url="example.com.OtherRuntimeOptions", value=b"\x08"))
     assert h.shared.runc_options[-1] == RuncOptions()
+
+
+async def test_create_decodes_legacy_create_options(h: Harness) -> None:
+    # containerd's Go client sends this type to a runtime not named io.containerd.runc.*
+    # (WithUIDOwner/WithGIDOwner, ctr --no-pivot); shim_cgroup is start's.
+    legacy = runc_pb2.CreateOptions(
+        no_pivot_root=True, no_new_keyring=True, shim_cgroup="/g", io_uid=7, io_gid=8
+    )
+    bundle = h.bundle()
+    await h.create(bundle=bundle, options=anyutil.pack(legacy))
+    assert h.shared.runc_options[-1] == RuncOptions()
+    assert h.shared.create_options[-1] == CreateOptions(
+        runc=RuncOptions(), no_pivot=True, no_new_keyring=True, io_uid=7, io_gid=8
+    )
+    assert Path(bundle, "options.json").read_text() == "{}"
 
 
 @pytest.mark.parametrize("bad", ["a/b", "..", "x" * 77, ""])
@@ -704,3 +728,48 @@ async def test_only_exit_records_are_fsynced(h: Harness, monkeypatch: pytest.Mon
     h.reaper.exit(pid, 0)
     await h.service.wait(shim_pb2.WaitRequest(id="c1"))
     assert synced == ["pyshim", "exits.log"]
+
+
+@dataclass
+class RecordingOomWatch:
+    calls: list[tuple[str, str]] = field(default_factory=list)
+
+    def watch(self, container_id: str, cgroup: Cgroup) -> None:
+        self.calls.append(("watch", container_id))
+
+    def flush(self, container_id: str) -> None:
+        self.calls.append(("flush", container_id))
+
+    def unwatch(self, container_id: str) -> None:
+        self.calls.append(("unwatch", container_id))
+
+
+def _oom_harness(tmp: Path) -> tuple[Harness, RecordingOomWatch]:
+    oom = RecordingOomWatch()
+    cgroup = Cgroup(unified=True, dirs={"": str(tmp)})
+    return make_harness(tmp, oom=oom, find_cgroup=lambda pid: cgroup), oom
+
+
+async def test_oom_is_watched_from_create_not_only_from_start(tmp_path: Path) -> None:
+    # A container that allocates past its limit at once is killed before Start
+    # returns: the watch must already be there (the Go shim watches from create).
+    h, oom = _oom_harness(tmp_path)
+    await h.create()
+    assert oom.calls == [("watch", "c1")]
+    await h.service.start(shim_pb2.StartRequest(id="c1"))
+    # Watching again at Start would take a new baseline and miss a kill in between.
+    assert oom.calls == [("watch", "c1")]
+
+
+async def test_failed_create_stops_watching(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h, oom = _oom_harness(tmp_path)
+
+    def disk_full(path: Path, record: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shim.container, "write_record", disk_full)
+    with pytest.raises(OSError):
+        await h.create()
+    assert oom.calls == [("watch", "c1"), ("unwatch", "c1")]

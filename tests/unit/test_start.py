@@ -19,6 +19,7 @@ import pytest
 
 from protocol.proto import anyutil
 from protocol.proto.runc import options_pb2
+from protocol.proto.runctypes import runc_pb2
 from shim import _wire, start
 from shim.cli import parse_flags
 from tests.support.imports import printed_by_isolated
@@ -152,6 +153,13 @@ def test_stdin_runc_options_shim_cgroup() -> None:
     any_ = anyutil.pack(options_pb2.Options(shim_cgroup="/pyshim/c1", binary_name="runc"))
     opts = start.parse_stdin(any_.SerializeToString(), container_id="c1", namespace="ns")
     assert opts.shim_cgroup == "/pyshim/c1"
+
+
+def test_stdin_legacy_create_options_shim_cgroup() -> None:
+    # containerd's Go client (WithShimCgroup) for a runtime not named io.containerd.runc.*
+    legacy = runc_pb2.CreateOptions(shim_cgroup="/pyshim/c1", no_pivot_root=True, io_uid=5)
+    raw = anyutil.pack(legacy).SerializeToString()
+    assert start.parse_stdin(raw, container_id="c1", namespace="ns").shim_cgroup == "/pyshim/c1"
 
 
 def test_stdin_other_options_ignored() -> None:

@@ -254,6 +254,51 @@ def test_output_reaches_late_reader(run: Runner, tmp_path: Path) -> None:
     run(body())
 
 
+def test_what_the_runtime_wrote_before_a_failed_create_is_not_copied(
+    run: Runner, tmp_path: Path
+) -> None:
+    # runc prints its error on the stderr it was given too; the caller reports the
+    # error, so copying it would show the user the same message twice.
+    async def body() -> None:
+        out, err = mkfifo(tmp_path, "out"), mkfifo(tmp_path, "err")
+        readers = [asyncio.ensure_future(asyncio.to_thread(read_fifo, p)) for p in (out, err)]
+        pio = await open_io(StdioSpec("", out, err, False))
+        c = Container(pio)
+        try:
+            c.write(2, b"runc create failed: no such file\n")
+            await asyncio.sleep(0.2)  # time a running copy would take to pass it on
+        finally:
+            c.close()
+            await pio.close()
+        assert await asyncio.wait_for(asyncio.gather(*readers), 5) == [b"", b""]
+
+    run(body())
+
+
+def test_what_the_runtime_wrote_before_start_is_copied_once_started(
+    run: Runner, tmp_path: Path
+) -> None:
+    async def body() -> None:
+        err = mkfifo(tmp_path, "err")
+        reader = asyncio.ensure_future(asyncio.to_thread(read_fifo, err))
+        pio = await open_io(StdioSpec("", "", err, False))
+        c = Container(pio)
+        try:
+            c.write(2, b"a warning from a create that worked\n")
+            await pio.started()
+            c.write(2, b"then the process\n")
+            c.end(2)
+            await asyncio.wait_for(pio.drain(5), 6)
+            assert await asyncio.wait_for(reader, 5) == (
+                b"a warning from a create that worked\nthen the process\n"
+            )
+        finally:
+            c.close()
+            await pio.close()
+
+    run(body())
+
+
 def test_client_goes_away_and_comes_back(run: Runner, tmp_path: Path) -> None:
     async def body() -> None:
         out = mkfifo(tmp_path, "out")

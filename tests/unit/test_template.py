@@ -430,6 +430,38 @@ def test_meanwhile_failure_propagates_and_the_daemon_never_runs(
     assert serve.exited(timeout=0.05) is None
 
 
+def _hand_over_pair() -> tuple[socket.socket, socket.socket]:
+    """(the daemon-to-be's end, `start`'s end) of a hand-over connection."""
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+
+def test_go_is_read_when_start_closed_with_an_answer_unread() -> None:
+    # Seen under load: the spare's "0" reached `start` before the template's
+    # "taken"; `start` said go and exited with "taken" unread, which resets the
+    # connection. The go queued before the reset is still the answer.
+    mine, starts = _hand_over_pair()
+
+    def start_says_go_and_leaves_taken_unread() -> None:
+        assert starts.recv(16) == b"0"
+        starts.send(quickstart.GO)
+        mine.send(quickstart.TAKEN)  # the template's copy of the same connection
+        starts.close()
+
+    answer = template._await_go(mine, b"0", None, meanwhile=start_says_go_and_leaves_taken_unread)
+    assert answer == quickstart.GO
+
+
+def test_start_gone_without_go_after_a_reset_is_eof() -> None:
+    mine, starts = _hand_over_pair()
+
+    def start_leaves_without_go() -> None:
+        assert starts.recv(16) == b"0"
+        mine.send(quickstart.TAKEN)
+        starts.close()
+
+    assert template._await_go(mine, b"0", None, meanwhile=start_leaves_without_go) == b""
+
+
 def test_meanwhile_is_not_run_without_a_template(
     tdir: Path, listener: socket.socket, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1027,3 +1059,82 @@ def test_template_quits_as_soon_as_its_code_changes(code_tree: Path, serve: Runn
     (code_tree / "b.py").write_text("")  # no request needed: the watch is polled
     assert serve.exited() is not None
     assert not serve.socket.exists() and not link.exists()
+
+
+# -- daemons that die without removing their socket file --------------------------
+
+
+def test_quick_start_daemon_dead_without_removing_its_socket_file_has_it_removed(
+    sockdir: Path, serve: Running, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _spare(serve.directory)
+    bundle = _bundle_dir(tmp_path, "b1")
+    res = _quick(serve.directory, bundle, ["-id", "c1", "start"], monkeypatch)
+    assert res.code == 0, res.err
+    path = Path(res.out.decode().removeprefix("unix://"))
+    # The probe stands in for the daemon's main and returns without removing it, as
+    # a SIGKILLed daemon would.
+    _wait_for(tmp_path / "probe.json")
+    _until(lambda: not path.exists(), "the template to remove the dead daemon's socket file")
+
+
+def _bound_elsewhere(path: Path) -> subprocess.Popen[bytes]:
+    """A process listening on ``path`` (it says "ok" once it does)."""
+    code = (
+        "import socket, sys, time\n"
+        "s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen()\n"
+        "print('ok', flush=True); time.sleep(600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline() == b"ok\n"
+    return proc
+
+
+def _janitor_after_death(path: Path, *, replace: bool) -> bool:
+    """A daemon serving ``path`` dies (replaced first by a live one, if asked); whether
+    the janitor then found the file gone."""
+    import select
+
+    poller = select.poll()
+    janitor = template._Janitor(poller)
+    daemon = _bound_elsewhere(path)
+    successor: subprocess.Popen[bytes] | None = None
+    try:
+        ino = path.stat().st_ino
+        janitor.adopt(b"\0".join([template.SERVING, b"%d" % daemon.pid, b"%d" % ino,
+                                  os.fsencode(path)]))  # fmt: skip
+        assert len(janitor.watched) == 1
+        if replace:
+            path.unlink()
+            successor = _bound_elsewhere(path)
+        daemon.kill()
+        daemon.wait()
+        ((fd, _),) = poller.poll(10_000)
+        janitor.exited(fd)
+        assert janitor.watched == {}
+        return not path.exists()
+    finally:
+        for proc in (daemon, successor):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        janitor.close()
+
+
+def test_janitor_removes_a_dead_daemons_socket_file(tmp_path: Path) -> None:
+    assert _janitor_after_death(tmp_path / "s.sock", replace=False)
+
+
+def test_janitor_leaves_a_socket_file_a_new_daemon_bound_in_its_place(tmp_path: Path) -> None:
+    assert not _janitor_after_death(tmp_path / "s.sock", replace=True)
+
+
+@pytest.mark.parametrize(
+    "report", [b"", b"serving", b"serving\0x\0y\0/p", b"other\0%d\0%d\0/p" % (os.getpid(), 1)]
+)
+def test_janitor_ignores_a_malformed_report(report: bytes) -> None:
+    import select
+
+    janitor = template._Janitor(select.poll())
+    janitor.adopt(report)
+    assert janitor.watched == {}
