@@ -45,6 +45,7 @@ async def _subscribed(ev: CtrEvents, pub: Publisher) -> None:
             await asyncio.sleep(0.3)
 
 
+@every_host
 async def test_forward_over_ttrpc(
     containerd: Containerd, ctr_events: CtrEvents, reaper: Reaper
 ) -> None:
@@ -100,10 +101,11 @@ async def test_forward_survives_containerd_restart(containerd: Containerd, reape
         await pub.close()
 
 
+@every_host
 async def test_publish_binary(
     containerd: Containerd, ctr_events: CtrEvents, reaper: Reaper
 ) -> None:
-    binary = shutil.which("containerd")
+    binary = shutil.which(containerd.host.containerd)
     assert binary is not None
     pub = Publisher(
         namespace=containerd.namespace,
