@@ -47,22 +47,8 @@ fi
 # an explicit sys.path (skips site and the editable finder, ~20 ms per invocation).
 .venv/bin/python -m shim.launcher .venv/bin/containerd-shim-pyshim-v1
 
-# Same-page merging (KSM): shims forked from one template copy the same pages with
-# the same writes, and ksmd folds the copies back together (idle shim PSS 7.8 -> ~2.2
-# MB here, for ~2.5% of one core spent by ksmd while any shim runs; bench/README.md
-# "Same-page merging"). Only memory that asks for it is scanned: pyshim's forked
-# shims, never containers. PYSHIM_KSM=0 leaves the node's setting alone (and, in
-# containerd's environment, stops the shims asking).
-if [ "${PYSHIM_KSM:-1}" != 0 ]; then
-    if [ -w /sys/kernel/mm/ksm/run ]; then
-        echo 1 > /sys/kernel/mm/ksm/run
-        if [ -d /etc/tmpfiles.d ]; then  # again at every boot
-            echo 'w /sys/kernel/mm/ksm/run - - - - 1' > /etc/tmpfiles.d/pyshim-ksm.conf
-        fi
-    else
-        echo "install.sh: no KSM in this kernel; shims will not share identical pages" >&2
-    fi
-fi
+# Same-page merging is opt-in (PYSHIM_KSM=1): scripts/ksm.sh says why.
+bash scripts/ksm.sh
 
 for cmd in containerd-shim-pyshim-v1 pyshimd pyshim; do
     ln -sf "$PWD/.venv/bin/$cmd" "/usr/local/bin/$cmd"

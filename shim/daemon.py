@@ -219,7 +219,15 @@ async def serve(
     reaper = Reaper()
     reaper.install(loop)
     stop = asyncio.Event()
-    publisher, server, service = _assemble(cfg, reaper, service_factory, stop.set)
+
+    def request_shutdown() -> None:
+        # As the Go shim: the socket file is gone before Shutdown is answered, so
+        # whoever reads the answer finds nothing left to dial or to clean up, whatever
+        # becomes of this process afterwards.
+        _unlink_socket(cfg.socket_path, inode)
+        stop.set()
+
+    publisher, server, service = _assemble(cfg, reaper, service_factory, request_shutdown)
     if cfg.bundle:
         # A shim restarted on a bundle an earlier shim served answers State/Wait
         # from that shim's persisted records instead of forgetting the container.
@@ -241,8 +249,8 @@ async def serve(
         _log.info("starting signal loop")
         await stop.wait()
         _log.info("shutting down")
+        _unlink_socket(cfg.socket_path, inode)  # after a signal: not done yet
         await server.shutdown(SERVER_SHUTDOWN_TIMEOUT)
-        _unlink_socket(cfg.socket_path, inode)
         await publisher.close(PUBLISHER_FLUSH_TIMEOUT)
     finally:
         server.close()

@@ -18,10 +18,12 @@ It also builds what the daemon's hand-over would otherwise build in every child
 
 What cannot be avoided can still be shared again: daemons forked from one template run
 the same code from the same state, so the pages they copy are mostly byte-identical
-from one daemon to the next. A forked daemon offers its memory to the kernel's
-same-page merging (KSM) once its first container has started (`mark_after_start`,
-`started`), so that where the node runs ksmd, identical copies are folded back into
-one page. The template itself is not offered: ksmd scans at a fixed rate whenever
+from one daemon to the next. Where the operator asked for it (`PYSHIM_KSM=1` in the
+shim's environment; merged pages open a timing side channel between every process
+that marks memory, so never by default), a forked daemon offers its memory to the
+kernel's same-page merging (KSM) once its first container has started
+(`mark_after_start`, `started`), so that where the node runs ksmd, identical copies
+are folded back into one page. The template itself is not offered: ksmd scans at a fixed rate whenever
 any memory is, so a node with a template but no shims would pay for nothing.
 """
 

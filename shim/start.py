@@ -135,31 +135,24 @@ def parse_stdin(data: bytes, *, container_id: str, namespace: str) -> StdinOptio
         raise StartError(f"failed to decode runtime options: {exc}") from None
 
 
+def _connect_errno(path: str) -> int:
+    """0 when something listens at ``path``, else the connect's errno (a stopped shim
+    still counts as listening: the kernel queues the connection)."""
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+    try:
+        s.settimeout(DIAL_TIMEOUT)
+        s.connect(path)
+    except TimeoutError:
+        return errno.ETIMEDOUT
+    except OSError as exc:
+        return exc.errno or errno.EIO
+    finally:
+        s.close()
+    return 0
+
+
 def _dial(path: str) -> bool:
-    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
-    try:
-        s.settimeout(DIAL_TIMEOUT)
-        s.connect(path)
-    except OSError:
-        return False
-    finally:
-        s.close()
-    return True
-
-
-def _refused(path: str) -> bool:
-    """Nothing listens there: a stopped shim still accepts (the kernel queues)."""
-    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
-    try:
-        s.settimeout(DIAL_TIMEOUT)
-        s.connect(path)
-    except ConnectionRefusedError:
-        return True
-    except OSError:
-        return False  # missing, or not ours to judge
-    finally:
-        s.close()
-    return False
+    return _connect_errno(path) == 0
 
 
 def remove_if_dead(path: str, ino: int | None = None) -> bool:
@@ -179,8 +172,8 @@ def remove_if_dead(path: str, ino: int | None = None) -> bool:
             return False
         if not stat.S_ISSOCK(st.st_mode) or (ino is not None and st.st_ino != ino):
             return False
-        if not _refused(path):
-            return False
+        if _connect_errno(path) != errno.ECONNREFUSED:
+            return False  # alive, missing, or not ours to judge
         try:
             os.unlink(path)
         except FileNotFoundError:

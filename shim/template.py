@@ -75,7 +75,8 @@ if TYPE_CHECKING:
 
     from shim.codewatch import CodeWatch
 
-# "0": forked daemons do not offer their memory to same-page merging (shim/prefork.py).
+# "1" (the operator's choice, in containerd's environment): forked daemons offer their
+# memory to same-page merging (shim/prefork.py). Anything else, or unset: they do not.
 KSM_ENV = "PYSHIM_KSM"
 QUICK_PREFIX = OP + b"\0"  # a shim/quickstart.py request, not JSON
 ACTION = "template"
@@ -652,7 +653,7 @@ def _serve_as_daemon(argv: list[str], env: Mapping[str, str]) -> int:
     from shim import prefork
     from shim.cli import main
 
-    if env.get(KSM_ENV, "1") != "0":
+    if env.get(KSM_ENV) == "1":
         prefork.mark_after_start()
     return main(argv)
 

@@ -780,7 +780,7 @@ def test_start_skips_the_template(env: dict[str, str], monkeypatch: pytest.Monke
 
 
 @pytest.mark.parametrize("setting", [None, "1", "0"])
-def test_forked_daemon_is_marked_after_start_unless_told_not_to(
+def test_forked_daemon_is_marked_after_start_only_when_asked(
     serve: Running,
     listener: socket.socket,
     tmp_path: Path,
@@ -797,7 +797,7 @@ def test_forked_daemon_is_marked_after_start_unless_told_not_to(
     forked.go()
     probe = tmp_path / "probe.json"
     _wait_for(probe)
-    assert json.loads(probe.read_text())["ksm_pending"] is (setting != "0")
+    assert json.loads(probe.read_text())["ksm_pending"] is (setting == "1")
 
 
 # -- `start` handed whole to the template (shim/quickstart.py) ------------------
