@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from bench.procfs import find_shims
-from shim.start import SOCKET_DIR, socket_address
+from shim.start import socket_address
 from tests.support.containerd import Containerd, ContainerdError, socket_accepts
+from tests.support.containerd2 import DEBIAN, Host
 
 __all__ = ["CtrError", "Event", "EventWatcher", "PrivateContainerd"]
 
 REPO = Path(__file__).resolve().parent.parent
-SHIM_SOCKET_DIR = Path(SOCKET_DIR)
 
 
 class CtrError(ContainerdError):
@@ -37,8 +37,12 @@ class PrivateContainerd(Containerd):
     # Readiness is the gRPC socket accepting, checked often: start() is measured.
     ready_poll_interval = 0.002
 
-    def __init__(self, workdir: Path, *, namespace: str, log_level: str = "info") -> None:
-        super().__init__(namespace=namespace, tmp=workdir, log_level=log_level, start=False)
+    def __init__(
+        self, workdir: Path, *, namespace: str, log_level: str = "info", host: Host = DEBIAN
+    ) -> None:
+        super().__init__(
+            namespace=namespace, tmp=workdir, log_level=log_level, start=False, host=host
+        )
         self.fifo_dir = workdir / "fifo"
         self.fifo_dir.mkdir()
         # Every container id ever used, so cleanup can find shim sockets whose bundle
@@ -100,7 +104,8 @@ class PrivateContainerd(Containerd):
 
     def shim_socket_path(self, cid: str) -> Path:
         """Where a shim of the Go/pyshim address formula listens for container ``cid``."""
-        return Path(socket_address(self.address, self.namespace, cid).removeprefix("unix://"))
+        address = socket_address(self.address, self.namespace, cid, self.socket_dir)
+        return Path(address.removeprefix("unix://"))
 
     def _remember_shim_sockets(self) -> None:
         super()._remember_shim_sockets()
@@ -109,7 +114,7 @@ class PrivateContainerd(Containerd):
     def _may_unlink_shim_socket(self, path: str) -> bool:
         # Never unlink anything outside the shim socket directory, nor a non-socket.
         p = Path(path)
-        return p.parent == SHIM_SOCKET_DIR and stat.S_ISSOCK(p.lstat().st_mode)
+        return p.parent == Path(self.socket_dir) and stat.S_ISSOCK(p.lstat().st_mode)
 
     def close(self) -> None:
         """Leave the machine as we found it, whatever state the run ended in."""
@@ -172,7 +177,7 @@ class EventWatcher:
 
     def start(self) -> None:
         self._proc = subprocess.Popen(
-            ["ctr", "--address", self._env.address, "events"],
+            [self._env.host.ctr, "--address", self._env.address, "events"],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,

@@ -36,6 +36,7 @@ from bench.scenarios import (
     run_scenario,
 )
 from bench.stats import format_markdown, format_table, parse_counts, rows_from_results
+from tests.support.containerd2 import DEBIAN, Containerd2NotFound, locate
 from tests.support.images import build_busybox_oci_archive
 
 __all__ = ["main"]
@@ -76,8 +77,8 @@ def machine_info(env: PrivateContainerd) -> dict[str, Any]:
         "loadavg_start": os.getloadavg(),
         "python": platform.python_version(),
         "runc": _version(["runc", "--version"]).splitlines()[0],
-        "containerd": _version(["containerd", "--version"]),
-        "go_shim": _version(["containerd-shim-runc-v2", "-v"]).replace("\n", " "),
+        "containerd": _version([env.host.containerd, "--version"]),
+        "go_shim": _version([env.host.go_shim, "-v"]).replace("\n", " "),
         "pyshim": _version([str(REPO / ".venv/bin/containerd-shim-pyshim-v1"), "-v"]).replace(
             "\n", " "
         ),
@@ -155,6 +156,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--plot", type=Path, default=None, help="PNG (default: beside --out's dir)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--keep", action="store_true", help="copy containerd's log out of the temp dir")
+    p.add_argument(
+        "--containerd",
+        choices=("1.6", "2.3"),
+        default="1.6",
+        help="1.6: containerd, ctr and the Go shim from PATH; 2.3: from "
+        "$PYSHIM_CONTAINERD2_DIR or ../shared/containerd's tarball (unpacked in the temp dir)",
+    )
     args = p.parse_args(argv)
     unknown = set(args.scenarios.split(",")) - set(ALL_SCENARIOS)
     if unknown:
@@ -205,7 +213,13 @@ def main(argv: list[str] | None = None) -> int:
     scenarios = [s for s in ALL_SCENARIOS if s in args.scenarios.split(",")]
     # Short path: the shim socket path and containerd's 108-byte sun_path limit.
     workdir = Path(tempfile.mkdtemp(prefix="pyshim-bench-", dir="/tmp"))
-    env = PrivateContainerd(workdir, namespace=f"pyshim-bench-{os.getpid()}")
+    try:
+        host = DEBIAN if args.containerd == DEBIAN.name else locate(workdir / "containerd2")
+    except Containerd2NotFound as exc:
+        shutil.rmtree(workdir, ignore_errors=True)
+        _log(str(exc))
+        return 2
+    env = PrivateContainerd(workdir, namespace=f"pyshim-bench-{os.getpid()}", host=host)
     events = EventWatcher(env)
     ctx = Context(env=env, events=events, cfg=cfg)
     started = time.perf_counter()

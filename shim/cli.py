@@ -157,11 +157,14 @@ def run_info() -> int:
     import subprocess
 
     from shim import _wire
+    from shim.info import features_binary
 
     options = sys.stdin.buffer.read()
     features = b""
     try:
-        res = subprocess.run(["runc", "features"], capture_output=True, timeout=10, check=False)
+        res = subprocess.run(
+            [features_binary(options), "features"], capture_output=True, timeout=10, check=False
+        )
     except (OSError, subprocess.TimeoutExpired):
         pass
     else:

@@ -15,7 +15,7 @@ import os
 import stat
 import sys
 
-from shim import _wire, minijson
+from shim import _wire, bootstrap, minijson
 from shim.quickstart import sha256
 
 TYPE_CHECKING = False  # typing costs ~3 ms at start-up; mypy honours this name
@@ -91,9 +91,13 @@ def _go_path_join(*parts: str) -> str:
 class StdinOptions:
     """What `start` needs from its stdin: runtime options (legacy Any or 2.3+ bootstrap)."""
 
-    def __init__(self, shim_cgroup: str = "", socket_dir: str | None = None) -> None:
+    def __init__(
+        self, shim_cgroup: str = "", socket_dir: str | None = None, bootstrap: bool = False
+    ) -> None:
         self.shim_cgroup = shim_cgroup
         self.socket_dir = socket_dir
+        # containerd sent BootstrapParams (2.3+), so it reads a BootstrapResult back.
+        self.bootstrap = bootstrap
 
 
 def _options_from_any(data: bytes) -> str:
@@ -124,7 +128,7 @@ def parse_stdin(data: bytes, *, container_id: str, namespace: str) -> StdinOptio
                     cgroup = _options_from_any(opts)
             elif n == 9 and w == _wire.LEN and isinstance(v, bytes):
                 socket_dir = v.decode()
-        return StdinOptions(cgroup, socket_dir or None)
+        return StdinOptions(cgroup, socket_dir or None, bootstrap=True)
     try:
         return StdinOptions(_options_from_any(data))
     except (ValueError, UnicodeDecodeError) as exc:
@@ -356,6 +360,10 @@ class Bound:
         self.listener = listener
         self.options = options
 
+    def answer(self) -> bytes:
+        """What `start` prints on stdout for this address (shim/bootstrap.py)."""
+        return bootstrap.answer(self.address, bootstrap=self.options.bootstrap)
+
     def abandon(self) -> None:
         """Close and remove the socket: no daemon will serve it."""
         if self.listener is None:
@@ -411,8 +419,7 @@ def run_start(opts: Options) -> int:
     address, listener, stdin = bound.address, bound.listener, bound.options
     if listener is None:
         write_address(bundle, address)
-        sys.stdout.write(address)
-        sys.stdout.flush()
+        _print_answer(bound)
         return 0
 
     pid = 0
@@ -451,6 +458,11 @@ def run_start(opts: Options) -> int:
         raise
     finally:
         listener.close()
-    sys.stdout.write(address)
-    sys.stdout.flush()
+    _print_answer(bound)
     return 0
+
+
+def _print_answer(bound: Bound) -> None:
+    sys.stdout.flush()
+    sys.stdout.buffer.write(bound.answer())
+    sys.stdout.buffer.flush()

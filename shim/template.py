@@ -710,7 +710,7 @@ def _start_here(
     try:
         # The inode first: the file `_remove_socket_file` may remove is this one only.
         inode = os.stat(bound.path).st_ino if bound.listener is not None else 0
-        write_all(out_fd, bound.address.encode())
+        write_all(out_fd, bound.answer())
     except OSError:
         bound.abandon()  # containerd stopped reading: it will not use this address
         reply(b"1")

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from tests.support.containerd import Containerd
+from tests.support.containerd2 import DEBIAN
+from tests.support.hosts import require
 
 BUSYBOX_REF = "docker.io/library/busybox:latest"
 REQUIRED_BINARIES = ("runc", "containerd", "ctr")
@@ -44,10 +46,21 @@ def _integration_prereqs(request: pytest.FixtureRequest) -> None:
         request.getfixturevalue("integration_env")
 
 
+@pytest.fixture(scope="session")
+def containerd2_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the shared containerd 2.3 tarball is unpacked, once per session."""
+    return tmp_path_factory.mktemp("containerd2")
+
+
 @pytest.fixture
-def containerd(integration_env: None) -> Iterator[Containerd]:
-    """A containerd of this test's own (own dirs, sockets and namespace), stopped by PID."""
-    ctrd = Containerd()
+def containerd(request: pytest.FixtureRequest, integration_env: None) -> Iterator[Containerd]:
+    """A containerd of this test's own (own dirs, sockets and namespace), stopped by PID.
+
+    Indirectly parametrized with a host name ("1.6", "2.3"), it is that containerd.
+    """
+    name = getattr(request, "param", DEBIAN.name)
+    host = require(name, request.getfixturevalue("containerd2_cache"))
+    ctrd = Containerd(host=host)
     try:
         yield ctrd
     finally:

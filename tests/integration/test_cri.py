@@ -16,6 +16,7 @@ import pytest
 from protocol.proto.cri.runtime.v1 import api_pb2 as cri
 from tests.support.cri import (
     BUSYBOX_REF,
+    CRI_NAMESPACE,
     PAUSE_REF,
     CriNode,
     build_pause_archive,
@@ -23,6 +24,7 @@ from tests.support.cri import (
     wait_until,
     ws_exec,
 )
+from tests.support.hosts import HOST_NAMES, require
 
 pytestmark = pytest.mark.integration
 
@@ -36,9 +38,17 @@ def pause_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_pause_archive(tmp_path_factory.mktemp("pause") / "pause-oci.tar")
 
 
-@pytest.fixture
-def node(integration_env: None, busybox_archive: Path, pause_archive: Path) -> Iterator[CriNode]:
-    n = CriNode(busybox_archive=busybox_archive, pause_archive=pause_archive)
+@pytest.fixture(params=HOST_NAMES)
+def node(
+    request: pytest.FixtureRequest,
+    integration_env: None,
+    busybox_archive: Path,
+    pause_archive: Path,
+    containerd2_cache: Path,
+) -> Iterator[CriNode]:
+    """A CRI node on each containerd of the matrix (tests/support/hosts.py)."""
+    host = require(request.param, containerd2_cache)
+    n = CriNode(busybox_archive=busybox_archive, pause_archive=pause_archive, host=host)
     try:
         yield n
     finally:
@@ -71,6 +81,17 @@ def container_pid(node: CriNode, container_id: str) -> int:
     info = node.client.container_status(container_id, verbose=True).info
     pid: int = json.loads(info["info"])["pid"]
     return pid
+
+
+def task_api_versions(node: CriNode, ids: list[str]) -> list[int | None]:
+    """The task API version containerd 2.x recorded per task (None: no bootstrap.json)."""
+    assert node.containerd is not None
+    tasks = node.containerd.state / "io.containerd.runtime.v2.task" / CRI_NAMESPACE
+    found: list[int | None] = []
+    for cid in ids:
+        path = tasks / cid / "bootstrap.json"
+        found.append(json.loads(path.read_text())["version"] if path.exists() else None)
+    return found
 
 
 def test_pod_lifecycle_on_pyshim(node: CriNode) -> None:
@@ -125,6 +146,13 @@ def test_pod_lifecycle_on_pyshim(node: CriNode) -> None:
         st = c.container_status(cid).status
         assert st.state == cri.CONTAINER_RUNNING and st.started_at > 0, st
     assert {x.id for x in c.list_containers(pod)} == {web, tool}
+
+    # One pyshim serves the pod. containerd 2.3 speaks task API v3 to it, for the
+    # sandbox and the containers it joins to it (the bootstrap.json it writes in each
+    # bundle); 1.6 writes none and speaks v2.
+    assert len(node.shim_binaries()) == 1, node.shim_binaries()
+    expected = 3 if node.host.v2 else None
+    assert task_api_versions(node, [pod, web, tool]) == [expected] * 3
 
     web_pid, tool_pid = container_pid(node, web), container_pid(node, tool)
     assert netns_inode(web_pid) == netns_inode(tool_pid) != netns_inode(os.getpid())

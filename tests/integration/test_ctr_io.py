@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from ptyprocess import PtyProcess
 
-from tests.support.containerd import CTR, Containerd
+from tests.support.containerd import Containerd
+from tests.support.hosts import every_host
 
 pytestmark = pytest.mark.integration
 
@@ -22,7 +23,7 @@ TIMEOUT = 60.0
 
 
 def ctr_argv(ctrd: Containerd, *args: str) -> list[str]:
-    return [CTR, "--address", ctrd.address, "-n", ctrd.namespace, *args]
+    return ctrd.ctr_argv(*args)
 
 
 def ctr_bytes(
@@ -108,6 +109,7 @@ def children(pid: int) -> list[int]:
     return found
 
 
+@every_host
 def test_run_tty_shell_resize_and_exit_code(containerd: Containerd, busybox_image: str) -> None:
     term = Terminal(containerd, "run", "-t", "--rm", "--runtime", RUNTIME, busybox_image,
                     "tty1", "sh")  # fmt: skip
@@ -135,6 +137,7 @@ def test_run_tty_shell_resize_and_exit_code(containerd: Containerd, busybox_imag
         term.close()
 
 
+@every_host
 def test_exec_with_and_without_tty(containerd: Containerd, busybox_image: str) -> None:
     containerd.ctr("run", "-d", "--runtime", RUNTIME, busybox_image, "ex1", "sleep", "300")
     res = ctr_bytes(containerd, "task", "exec", "--exec-id", "plain", "ex1",
@@ -182,6 +185,7 @@ def test_twenty_execs_leave_nothing_behind(containerd: Containerd, busybox_image
     assert children(shim) == kids
 
 
+@every_host
 def test_piped_stdin_reaches_the_container(containerd: Containerd, busybox_image: str) -> None:
     data = os.urandom(3 * 1024 * 1024 + 17)
     res = ctr_bytes(containerd, "run", "--rm", "--runtime", RUNTIME, busybox_image, "in1",
@@ -200,6 +204,7 @@ def test_fifty_megabytes_of_stdout_in_order(containerd: Containerd, busybox_imag
     assert hashlib.sha256(res.stdout).hexdigest() == expect.hexdigest()
 
 
+@every_host
 def test_output_right_before_exit(containerd: Containerd, busybox_image: str) -> None:
     script = "dd if=/dev/zero bs=65536 count=8 2>/dev/null | tr '\\0' x; echo -n END; exit 9"
     res = ctr_bytes(containerd, "run", "--rm", "--runtime", RUNTIME, busybox_image, "last1",
@@ -228,6 +233,7 @@ def test_log_uri_file(containerd: Containerd, busybox_image: str, tmp_path: Path
     assert sorted(log.read_text().splitlines()) == ["to-err", "to-out"]
 
 
+@every_host
 def test_log_uri_binary(containerd: Containerd, busybox_image: str, tmp_path: Path) -> None:
     out = tmp_path / "logged"
     logger = tmp_path / "logger.sh"

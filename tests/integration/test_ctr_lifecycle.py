@@ -20,6 +20,7 @@ from protocol.proto.task.v2 import shim_pb2
 from protocol.ttrpc.client import Client
 from protocol.ttrpc.status import Code, TtrpcError
 from tests.support.containerd import Containerd
+from tests.support.hosts import every_host
 from tests.support.images import build_busybox_rootfs, oci_config, write_oci_bundle
 from tests.support.proc import children
 
@@ -77,6 +78,13 @@ def shim_socket(ctrd: Containerd, cid: str) -> Path:
     return Path(address.removeprefix("unix://"))
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        return b"\0" + Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def cgroup_dirs(ctrd: Containerd, cid: str) -> list[Path]:
     root = Path("/sys/fs/cgroup")
     candidates = [root / ctrd.namespace / cid]
@@ -104,6 +112,7 @@ def image(busybox_image: str) -> str:
     return busybox_image
 
 
+@every_host
 def test_run_reports_exit_codes(containerd: Containerd, image: str) -> None:
     sockets: list[Path] = []
     res = run(containerd, image, "ok", "true")
@@ -113,8 +122,8 @@ def test_run_reports_exit_codes(containerd: Containerd, image: str) -> None:
     assert "out" in res.stdout
 
     # pid 1 of a pid namespace ignores even SIGKILL from inside: kill it from the host.
-    argv = ["ctr", "--address", containerd.address, "-n", containerd.namespace, "run", "--rm",
-            "--runtime", RUNTIME, image, "killed", "sleep", "1000"]  # fmt: skip
+    argv = containerd.ctr_argv("run", "--rm", "--runtime", RUNTIME, image, "killed", "sleep",
+                               "1000")  # fmt: skip
     proc = subprocess.Popen(argv, env=containerd.env(), stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     try:
@@ -151,6 +160,7 @@ def test_failed_create_and_exec_show_runcs_message_once(
         containerd.ctr("container", "delete", "host", check=False)
 
 
+@every_host
 def test_detached_lifecycle_pause_resume_ps_exec(containerd: Containerd, image: str) -> None:
     res = run(containerd, image, "c1", "sleep", "1000", detach=True)
     assert res.returncode == 0, res.stderr
@@ -176,6 +186,7 @@ def test_detached_lifecycle_pause_resume_ps_exec(containerd: Containerd, image: 
     assert_nothing_left(containerd, ["c1"], [sock])
 
 
+@every_host
 def test_containerd_killed_and_restarted(containerd: Containerd, image: str) -> None:
     ids = ["r1", "r2", "r3"]
     for cid in ids:
@@ -183,6 +194,7 @@ def test_containerd_killed_and_restarted(containerd: Containerd, image: str) -> 
         assert res.returncode == 0, res.stderr
     sockets = [shim_socket(containerd, cid) for cid in ids]
     shims = containerd.shim_pids()
+    r2_shim = [p for p in shims if b"\0-id\0r2\0" in _cmdline(p)]
     victim = task_pid(containerd, "r2")
 
     containerd.kill9(start_again=False)
@@ -190,11 +202,21 @@ def test_containerd_killed_and_restarted(containerd: Containerd, image: str) -> 
     wait_until("r2's init to be reaped", lambda: not Path(f"/proc/{victim}").exists())
     containerd.start()
 
-    assert sorted(containerd.shim_pids()) == sorted(shims)
+    if containerd.host.v2:
+        # containerd 1.7+ calls Pids after reconnecting; a task with no process left is
+        # a leaked shim to it, deleted at once (its shim shut down), as with the Go
+        # shim (shim-cli.md). That may happen while containerd is still starting.
+        wait_until("r2 to be cleaned up", lambda: task_status(containerd, "r2") == "<missing>")
+        wait_until("r2's shim to exit", lambda: not set(r2_shim) & set(containerd.shim_pids()))
+        assert len(r2_shim) == 1
+        assert sorted(containerd.shim_pids()) == sorted(set(shims) - set(r2_shim))
+    else:
+        assert sorted(containerd.shim_pids()) == sorted(shims)
     assert task_status(containerd, "r1") == "RUNNING"
     assert task_status(containerd, "r3") == "RUNNING"
-    wait_until("r2 to be STOPPED", lambda: task_status(containerd, "r2") == "STOPPED")
-    assert delete_task(containerd, "r2") == 137
+    if not containerd.host.v2:
+        wait_until("r2 to be STOPPED", lambda: task_status(containerd, "r2") == "STOPPED")
+        assert delete_task(containerd, "r2") == 137
     for cid in ("r1", "r3"):
         containerd.ctr("task", "kill", "-s", "SIGKILL", cid)
         wait_until(f"{cid} to stop", _stopped(containerd, cid))

@@ -47,7 +47,7 @@ from protocol.proto.task.v2 import shim_pb2
 from protocol.proto.types import task_pb2 as types_pb2
 from protocol.ttrpc.client import Client
 from shim.procfs import gone
-from tests.support.containerd import CTR, Containerd
+from tests.support.containerd import Containerd
 
 pytestmark = pytest.mark.integration
 
@@ -72,7 +72,7 @@ def _script(pad: int) -> str:
 
 
 def _ctr_argv(ctrd: Containerd, *args: str) -> list[str]:
-    return [CTR, "--address", ctrd.address, "-n", ctrd.namespace, *args]
+    return ctrd.ctr_argv(*args)
 
 
 def _wait(what: str, check: Callable[[], T], timeout: float = TIMEOUT) -> T:

@@ -14,6 +14,7 @@ from shim.events import Publisher
 from shim.reaper import Reaper
 from tests.support.containerd import Containerd
 from tests.support.ctr_events import CtrEvents
+from tests.support.hosts import every_host
 from tests.support.reaper import installed_reaper
 
 pytestmark = pytest.mark.integration
@@ -44,6 +45,7 @@ async def _subscribed(ev: CtrEvents, pub: Publisher) -> None:
             await asyncio.sleep(0.3)
 
 
+@every_host
 async def test_forward_over_ttrpc(
     containerd: Containerd, ctr_events: CtrEvents, reaper: Reaper
 ) -> None:
@@ -99,10 +101,11 @@ async def test_forward_survives_containerd_restart(containerd: Containerd, reape
         await pub.close()
 
 
+@every_host
 async def test_publish_binary(
     containerd: Containerd, ctr_events: CtrEvents, reaper: Reaper
 ) -> None:
-    binary = shutil.which("containerd")
+    binary = shutil.which(containerd.host.containerd)
     assert binary is not None
     pub = Publisher(
         namespace=containerd.namespace,
@@ -122,6 +125,7 @@ async def test_publish_binary(
     assert pub.dropped == 0
 
 
+@every_host
 def test_task_lifecycle_events_from_the_shim(
     containerd: Containerd, ctr_events: CtrEvents, busybox_image: str
 ) -> None:

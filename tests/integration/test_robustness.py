@@ -28,6 +28,7 @@ from google.protobuf import empty_pb2
 
 from protocol.proto import anyutil
 from protocol.proto.runc import options_pb2
+from protocol.proto.runtime.bootstrap.v1 import bootstrap_pb2
 from protocol.proto.task.v2 import shim_pb2
 from protocol.ttrpc.client import Client
 from protocol.ttrpc.frame import MAX_MESSAGE_SIZE, MessageType, encode_frame, encode_header
@@ -112,7 +113,8 @@ class Shim:
         )
         if done.returncode != 0:
             pytest.fail(f"shim start failed ({done.returncode}): {done.stderr!r}", pytrace=False)
-        address = done.stdout.decode().strip()
+        # BootstrapParams in, so a BootstrapResult out (shim/bootstrap.py).
+        address = bootstrap_pb2.BootstrapResult.FromString(done.stdout).address
         assert address.startswith(f"unix://{self.socket_dir}/"), address
         self.socket_path = address.removeprefix("unix://")
 

@@ -21,6 +21,7 @@ from protocol.proto.task.v2 import shim_pb2
 from protocol.ttrpc.client import Client
 from shim.start import socket_address
 from tests.support.containerd import Containerd
+from tests.support.hosts import every_host
 
 pytestmark = pytest.mark.integration
 
@@ -338,6 +339,7 @@ def test_delete_without_bundle_twice(containerd: Containerd, where: str) -> None
 RUNTIME = "io.containerd.pyshim.v1"
 
 
+@every_host
 def test_ctr_run_rm(containerd: Containerd, busybox_image: str) -> None:
     res = containerd.ctr(
         "run", "--rm", "--runtime", RUNTIME, busybox_image, "c1", "echo", "hello", timeout=60
@@ -351,6 +353,9 @@ def test_ctr_run_rm(containerd: Containerd, busybox_image: str) -> None:
     log = containerd.log_text()
     assert "failed to delete" not in log
     assert "cleanup warnings" not in log or "level=warning" not in log
+    # The daemon removed its socket (containerd 2.3: in the socket_dir it was given).
+    sock = socket_address(containerd.address, containerd.namespace, "c1", containerd.socket_dir)
+    assert not os.path.exists(sock.removeprefix("unix://"))
 
 
 def _task_pid(ctrd: Containerd, cid: str) -> tuple[int, str]:
@@ -361,6 +366,7 @@ def _task_pid(ctrd: Containerd, cid: str) -> tuple[int, str]:
     raise AssertionError(f"task {cid} not listed")
 
 
+@every_host
 def test_containerd_restart_reconnects_through_address_file(
     containerd: Containerd, busybox_image: str
 ) -> None:
@@ -381,6 +387,7 @@ def test_containerd_restart_reconnects_through_address_file(
         time.sleep(0.2)
 
 
+@every_host
 def test_shim_killed_is_cleaned_up_with_delete(containerd: Containerd, busybox_image: str) -> None:
     containerd.ctr("run", "-d", "--runtime", RUNTIME, busybox_image, "c1", "sleep", "300")
     pid, _ = _task_pid(containerd, "c1")

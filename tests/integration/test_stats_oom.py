@@ -13,6 +13,7 @@ import pytest
 
 from tests.support.containerd import Containerd
 from tests.support.ctr_events import CtrEvents
+from tests.support.hosts import every_host
 
 pytestmark = pytest.mark.integration
 
@@ -115,6 +116,7 @@ def update_memory(ctrd: Containerd, cid: str, limit: int) -> None:
         update(request, metadata=[("containerd-namespace", ctrd.namespace)], timeout=30)
 
 
+@every_host
 def test_metrics_are_real_and_shaped_like_the_go_shims(
     containerd: Containerd, busybox_image: str
 ) -> None:
@@ -161,6 +163,7 @@ def test_metrics_are_real_and_shaped_like_the_go_shims(
     assert sections <= {"memory", "cpu", "pids", "blkio", "hugetlb", "memory_oom_control"}
 
 
+@every_host
 def test_oom_kill_publishes_oom_before_exit_137(
     containerd: Containerd, busybox_image: str, events: Events
 ) -> None:
@@ -188,6 +191,7 @@ def test_no_oom_event_for_a_plain_kill(
     assert "/tasks/oom" not in events.topics("k1"), events.topics("k1")
 
 
+@every_host
 def test_update_pause_resume_ps_checkpoint(
     containerd: Containerd, busybox_image: str, events: Events
 ) -> None:
@@ -234,7 +238,9 @@ def test_update_pause_resume_ps_checkpoint(
     # Checkpoint is refused with the reason, and the container keeps running.
     cp = ctr("task", "checkpoint", "c1", check=False)
     assert cp.returncode != 0
-    assert "not implemented" in cp.stderr and "CRIU" in cp.stderr, cp.stderr
+    assert "CRIU" in cp.stderr, cp.stderr
+    # containerd 1.6 names the code (12) in the text; 2.x passes the message alone.
+    assert containerd.host.v2 or "not implemented" in cp.stderr, cp.stderr
     assert task_status(containerd, "c1") == "RUNNING"
 
     ctr("task", "kill", "-s", "SIGKILL", "c1")

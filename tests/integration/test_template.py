@@ -6,6 +6,7 @@ sets PYSHIM_TEMPLATE_DIR), and its close() stops the template by PID.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.containerd import Containerd
+from tests.support.hosts import every_host
 from tests.support.template import spare_pids
 
 pytestmark = pytest.mark.integration
@@ -82,6 +84,7 @@ def _remove(ctrd: Containerd, cid: str) -> None:
     ctrd.ctr("containers", "delete", cid, check=False)
 
 
+@every_host
 def test_first_start_falls_back_then_shims_are_forked(
     containerd: Containerd, busybox_image: str
 ) -> None:
@@ -132,6 +135,12 @@ def test_first_start_falls_back_then_shims_are_forked(
     assert int(Path(f"/proc/{second}/oom_score_adj").read_text()) == min(parent_adj + 1, 1000)
     res = containerd.ctr("tasks", "exec", "--exec-id", "e1", "c3", "echo", "exec-ok")
     assert res.stdout == "exec-ok\n"
+    if containerd.host.v2:
+        # Both paths answered containerd 2.3's bootstrap alike (task API v3): the
+        # re-executed start (c1) and the spare that ran start itself (c3).
+        for cid in ("c1", "c3"):
+            recorded = json.loads((containerd.bundle(cid) / "bootstrap.json").read_text())
+            assert (recorded["version"], recorded["protocol"]) == (3, "ttrpc"), recorded
     for cid in ("c1", "c3"):
         _remove(containerd, cid)
     _wait(lambda: not os.path.exists(f"/proc/{second}"), "the forked shim to exit")

@@ -1,4 +1,5 @@
-"""A private containerd 1.6 for integration tests.
+"""A private containerd (Debian's 1.6, or 2.3: tests/support/containerd2.py) for
+integration tests.
 
 Every instance owns a temp dir (root, state, sockets, config, log) and a unique
 namespace, so tests of several engineers can run side by side: containerd 1.6
@@ -21,7 +22,8 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from shim.start import socket_address
+from shim.start import SOCKET_DIR, socket_address
+from tests.support.containerd2 import DEBIAN, Host
 from tests.support.template import spare_pids, stop_templates, template_pids
 
 CONTAINERD = "containerd"
@@ -42,7 +44,14 @@ def _venv_bin() -> str:
     return os.path.dirname(sys.executable)
 
 
-def _config(tmp: Path, *, cri: bool, log_level: str, extra: str = "") -> str:
+# containerd 2.x splits CRI in three plugins; without CRI none of them is wanted.
+CRI_PLUGINS_2 = ("io.containerd.grpc.v1.cri", "io.containerd.cri.v1.runtime",
+                 "io.containerd.cri.v1.images")  # fmt: skip
+
+
+def _config(tmp: Path, *, cri: bool, log_level: str, extra: str = "", host: Host = DEBIAN) -> str:
+    if host.v2:
+        return _config_v3(tmp, cri=cri, log_level=log_level, extra=extra)
     disabled = "[]" if cri else '["io.containerd.grpc.v1.cri"]'
     return f"""version = 2
 root = "{tmp / "root"}"
@@ -64,6 +73,40 @@ disabled_plugins = {disabled}
 
 [plugins."io.containerd.internal.v1.opt"]
   path = "{tmp / "opt"}"
+{extra}"""
+
+
+def _config_v3(tmp: Path, *, cri: bool, log_level: str, extra: str = "") -> str:
+    """containerd 2.x: config version 3. NRI would share one socket with every other
+    2.x containerd on the host: off. Shim sockets go to our temp dir (socket_dir,
+    which 2.3 hands the shim in its BootstrapParams)."""
+    disabled = "[]" if cri else "[" + ", ".join(f'"{p}"' for p in CRI_PLUGINS_2) + "]"
+    return f"""version = 3
+root = "{tmp / "root"}"
+state = "{tmp / "state"}"
+disabled_plugins = {disabled}
+
+[grpc]
+  address = "{tmp / "containerd.sock"}"
+
+[ttrpc]
+  address = "{tmp / "containerd.sock.ttrpc"}"
+
+[debug]
+  address = "{tmp / "debug.sock"}"
+  level = "{log_level}"
+
+[metrics]
+  address = ""
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{tmp / "opt"}"
+
+[plugins."io.containerd.nri.v1.nri"]
+  disable = true
+
+[plugins."io.containerd.shim.v1.manager"]
+  socket_dir = "{tmp / "s"}"
 {extra}"""
 
 
@@ -161,14 +204,17 @@ class Containerd:
         log_level: str = "debug",
         start: bool = True,
         template_dir: Path | None = None,
+        host: Host = DEBIAN,
     ) -> None:
         """``extra_config(tmp)`` returns TOML appended to the config (e.g. the CRI plugin's).
 
         ``tmp``: an empty directory to own instead of a new one under /tmp;
         ``start=False`` leaves starting to the caller; ``template_dir``: the shims'
-        template directory, when several containerds are to share one.
+        template directory, when several containerds are to share one; ``host``:
+        which containerd.
         """
         self._template_dir = template_dir
+        self.host = host
         self.tmp = (
             tmp if tmp is not None else Path(tempfile.mkdtemp(prefix="pyshim-ctrd-", dir="/tmp"))
         )
@@ -182,7 +228,12 @@ class Containerd:
         for d in (self.root, self.state, self.tmp / "opt"):
             d.mkdir(mode=0o711)
         extra = extra_config(self.tmp) if extra_config is not None else ""
-        self.config_path.write_text(_config(self.tmp, cri=cri, log_level=log_level, extra=extra))
+        # Where shim sockets go: containerd 2.3 tells the shim (socket_dir); 1.6 shims
+        # use the host-wide default.
+        self.socket_dir = str(self.tmp / "s") if host.v2 else SOCKET_DIR
+        self.config_path.write_text(
+            _config(self.tmp, cri=cri, log_level=log_level, extra=extra, host=host)
+        )
         self.proc: subprocess.Popen[bytes] | None = None
         # Shim sockets live outside the temp dir (/run/containerd/s); remember
         # every one we learn of so close() can remove them.
@@ -208,8 +259,15 @@ class Containerd:
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env["PATH"] = _venv_bin() + os.pathsep + env.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        path = env.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        if self.host.bin_dir is not None:
+            # Its own containerd-shim-runc-v2 before Debian's (a 1.6 shim cannot read
+            # 2.3's BootstrapParams), and its ctr for anything that runs `ctr`.
+            path = str(self.host.bin_dir) + os.pathsep + path
+        env["PATH"] = _venv_bin() + os.pathsep + path
         env.setdefault("PYSHIM_TEMPLATE_DIR", str(self.template_dir))
+        # ctr 2.x warns on stderr about every deprecation (cgroup v1 here) at each call.
+        env["CONTAINERD_SUPPRESS_DEPRECATION_WARNINGS"] = "1"
         return env
 
     def template_pids(self) -> list[int]:
@@ -229,7 +287,7 @@ class Containerd:
             log.flush()
             t0 = time.perf_counter()
             self.proc = subprocess.Popen(
-                [CONTAINERD, "--config", str(self.config_path)],
+                [self.host.containerd, "--config", str(self.config_path)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
@@ -298,7 +356,7 @@ class Containerd:
     # -- helpers for tests -------------------------------------------------
 
     def ctr_argv(self, *args: str, namespace: str | None = None) -> list[str]:
-        return [CTR, "--address", self.address, "-n", namespace or self.namespace, *args]
+        return [self.host.ctr, "--address", self.address, "-n", namespace or self.namespace, *args]
 
     def ctr(
         self,
@@ -389,7 +447,7 @@ class Containerd:
             for cid in ctrs.stdout.split() if ctrs.returncode == 0 else []:
                 # A shim killed by the test leaves its socket and containerd has
                 # removed the bundle naming it; ungrouped, the address is derivable.
-                path = _unix_path(socket_address(self.address, ns, cid))
+                path = _unix_path(socket_address(self.address, ns, cid, self.socket_dir))
                 if path:
                     self._shim_sockets.add(path)
                 self.ctr("containers", "rm", cid, check=False, timeout=30, namespace=ns)
@@ -494,8 +552,10 @@ class Containerd:
 
 
 @contextlib.contextmanager
-def private_containerd(*, namespace: str | None = None, cri: bool = False) -> Iterator[Containerd]:
-    c = Containerd(namespace=namespace, cri=cri)
+def private_containerd(
+    *, namespace: str | None = None, cri: bool = False, host: Host = DEBIAN
+) -> Iterator[Containerd]:
+    c = Containerd(namespace=namespace, cri=cri, host=host)
     try:
         yield c
     finally:

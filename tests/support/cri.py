@@ -35,6 +35,7 @@ from google.protobuf.message import Message
 from protocol.proto.cri.runtime.v1 import api_pb2 as cri
 from tests.support import images
 from tests.support.containerd import CGROUP_ROOT, RUNC_ROOT, Containerd
+from tests.support.containerd2 import DEBIAN, Host
 
 __all__ = [
     "BUSYBOX_REF",
@@ -343,7 +344,9 @@ class Network:
         return f"{self.prefix}.0/24"
 
 
-def _cri_config(tmp: Path, *, net_conf_dir: Path, stream_port: int) -> str:
+def _cri_config(tmp: Path, *, net_conf_dir: Path, stream_port: int, host: Host = DEBIAN) -> str:
+    if host.v2:
+        return _cri_config_v3(net_conf_dir=net_conf_dir, stream_port=stream_port)
     cri_plugin = '[plugins."io.containerd.grpc.v1.cri"]'
     return f"""
 {cri_plugin}
@@ -369,10 +372,44 @@ def _cri_config(tmp: Path, *, net_conf_dir: Path, stream_port: int) -> str:
 """
 
 
+def _cri_config_v3(*, net_conf_dir: Path, stream_port: int) -> str:
+    """containerd 2.x (config version 3): CRI is split into a runtime plugin (runtimes,
+    CNI, OOM score, ...) and an images plugin (snapshotter, the pinned pause image);
+    the streaming server stays with io.containerd.grpc.v1.cri."""
+    runtime = '[plugins."io.containerd.cri.v1.runtime"]'
+    images = '[plugins."io.containerd.cri.v1.images"]'
+    return f"""
+{images}
+  snapshotter = "overlayfs"
+  [plugins."io.containerd.cri.v1.images".pinned_images]
+    sandbox = "{PAUSE_REF}"
+{runtime}
+  restrict_oom_score_adj = true
+  disable_apparmor = true
+  enable_selinux = false
+  netns_mounts_under_state_dir = true
+  [plugins."io.containerd.cri.v1.runtime".containerd]
+    default_runtime_name = "pyshim"
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.pyshim]
+      runtime_type = "{PYSHIM_RUNTIME}"
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
+      runtime_type = "{GO_RUNTIME}"
+  [plugins."io.containerd.cri.v1.runtime".cni]
+    bin_dirs = ["{CNI_BIN_DIR}"]
+    conf_dir = "{net_conf_dir}"
+    max_conf_num = 1
+[plugins."io.containerd.grpc.v1.cri"]
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "{stream_port}"
+  enable_tls_streaming = false
+"""
+
+
 class CriNode:
     """A private containerd + CRI + CNI bridge; ``close()`` removes every trace."""
 
-    def __init__(self, *, busybox_archive: Path, pause_archive: Path) -> None:
+    def __init__(self, *, busybox_archive: Path, pause_archive: Path, host: Host = DEBIAN) -> None:
+        self.host = host
         token = secrets.token_hex(3)
         self.network = Network(name=f"pyshim-{token}", bridge=f"pysh{token}", prefix=_free_subnet())
         self.cgroup_parent = f"/pyshim-cri-{token}"
@@ -381,7 +418,7 @@ class CriNode:
         self.client: CriClient | None = None
         self._closed = False
         try:
-            self.containerd = Containerd(cri=True, extra_config=self._write_config)
+            self.containerd = Containerd(cri=True, extra_config=self._write_config, host=host)
             self.log_dir = self.containerd.tmp / "pod-logs"
             self.log_dir.mkdir()
             for archive in (pause_archive, busybox_archive):
@@ -418,7 +455,7 @@ class CriNode:
             ],
         }
         (conf_dir / "10-pyshim.conflist").write_text(json.dumps(conflist, indent=2))
-        return _cri_config(tmp, net_conf_dir=conf_dir, stream_port=self.stream_port)
+        return _cri_config(tmp, net_conf_dir=conf_dir, stream_port=self.stream_port, host=self.host)
 
     def _wait_ready(self, timeout: float = 30.0) -> None:
         assert self.client is not None

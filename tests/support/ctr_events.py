@@ -17,7 +17,7 @@ class CtrEvents:
 
     def __init__(self, ctrd: Containerd) -> None:
         self.proc = subprocess.Popen(
-            ["ctr", "--address", ctrd.address, "events"],
+            [ctrd.host.ctr, "--address", ctrd.address, "events"],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -30,3 +30,10 @@ def test_pods_defaults_and_flags() -> None:
 def test_scale_ksm_is_off_unless_asked() -> None:
     assert parse_args([]).scale_ksm is False
     assert parse_args(["--scale-ksm"]).scale_ksm is True
+
+
+def test_containerd_host_is_1_6_unless_asked() -> None:
+    assert parse_args([]).containerd == "1.6"
+    assert parse_args(["--containerd", "2.3"]).containerd == "2.3"
+    with pytest.raises(SystemExit):
+        parse_args(["--containerd", "1.7"])

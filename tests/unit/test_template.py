@@ -824,12 +824,19 @@ class Quick:
         self.code, self.out, self.err = code, out, err
 
 
-def _quick(tdir: Path, bundle: Path, args: list[str], monkeypatch: pytest.MonkeyPatch) -> Quick:
+def _quick(
+    tdir: Path,
+    bundle: Path,
+    args: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+    stdin: bytes = b"",
+) -> Quick:
     monkeypatch.chdir(bundle)
     in_r, in_w = os.pipe()
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
-    os.close(in_w)  # containerd's options: none
+    os.write(in_w, stdin)  # containerd's options or bootstrap params (small: fits the pipe)
+    os.close(in_w)
     try:
         key = quickstart.install_key(sys.executable, quickstart.package_root())
         argv = [a.encode() for a in [*QUICK_ARGV, *args]]
@@ -916,6 +923,30 @@ def test_quick_start_runs_in_the_spare_which_becomes_the_daemon(
     assert info["comm"] == "containerd-shim"
     # Nothing of `start`'s stdio stays open in the daemon.
     assert _only_libuv_signal_pipe(info["fd_targets"]), info["fd_targets"]
+
+
+@pytest.mark.parametrize("spare", [True, False], ids=["spare", "no-spare"])
+def test_quick_start_answers_bootstrap_params_like_start(
+    sockdir: Path,
+    serve: Running,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    spare: bool,
+) -> None:
+    """containerd 2.3 sends BootstrapParams: the spare answers a BootstrapResult, as
+    the ordinary `start` does (tests/unit/test_bootstrap.py)."""
+    from protocol.proto.runtime.bootstrap.v1 import bootstrap_pb2
+
+    _ = _spare(serve.directory) if spare else _no_spare(serve)
+    params = bootstrap_pb2.BootstrapParams(instance_id="c1", namespace="ns").SerializeToString()
+    bundle = _bundle_dir(tmp_path, "b1")
+    res = _quick(serve.directory, bundle, ["-id", "c1", "start"], monkeypatch, stdin=params)
+    assert (res.code, res.err) == (0, b"")
+    address = start.socket_address("/a.sock", "ns", "c1", str(sockdir))
+    result = bootstrap_pb2.BootstrapResult.FromString(res.out)
+    assert (result.version, result.address, result.protocol) == (3, address, "ttrpc")
+    assert (bundle / "address").read_text() == address
+    _wait_for(tmp_path / "probe.json")
 
 
 def test_quick_start_failure_reads_like_start(
