@@ -10,10 +10,12 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from google.protobuf import empty_pb2
 from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
 
 from manager.apiclient import ManagerClient, ManagerNotRunning
 from manager.paths import Paths
@@ -36,21 +38,61 @@ class CommandError(Exception):
     """The request was understood but cannot be done (exit status 125)."""
 
 
-def parse_memory(text: str) -> int:
-    """``67108864``, ``64m``, ``64MiB``, ``1g`` (powers of 1024, as docker)."""
+def parse_size(text: str) -> int:
+    """``67108864``, ``64m``, ``64MiB``, ``1g``, ``1.5G`` (powers of 1024, as docker)."""
     t = text.strip().lower().removesuffix("ib").removesuffix("b") if text else ""
     num = t.rstrip("kmgt")
     unit = t[len(num) :]
     if not num or len(unit) > 1:
-        raise argparse.ArgumentTypeError(f"invalid memory size {text!r} (e.g. 64m, 1g)")
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (e.g. 512m, 1g)")
     try:
         value = float(num)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid memory size {text!r} (e.g. 64m, 1g)") from None
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (e.g. 512m, 1g)") from None
     size = int(value * _UNITS[unit])
     if size <= 0:
-        raise argparse.ArgumentTypeError(f"memory size must be positive: {text!r}")
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
     return size
+
+
+def parse_restart(text: str) -> tuple[str, int]:
+    """``no``, ``always``, ``unless-stopped``, ``on-failure`` or ``on-failure:N``."""
+    policy, sep, count = text.partition(":")
+    if policy in ("no", "always", "unless-stopped") and not sep:
+        return policy, 0
+    if policy == "on-failure":
+        if not sep:
+            return policy, 0
+        if count.isdigit() and int(count) > 0:
+            return policy, int(count)
+    raise argparse.ArgumentTypeError(
+        f"invalid restart policy {text!r}: no, on-failure[:N], always, unless-stopped"
+    )
+
+
+def parse_publish(text: str) -> pb.PortMapping:
+    """``HOST:CONTAINER[/tcp|udp]`` or ``IP:HOST:CONTAINER[/tcp|udp]``."""
+    spec, _, proto = text.partition("/")
+    proto = proto or "tcp"
+    parts = spec.split(":")
+    host_ip = parts.pop(0) if len(parts) == 3 else ""
+    if len(parts) != 2 or proto not in ("tcp", "udp"):
+        raise argparse.ArgumentTypeError(
+            f"invalid -p {text!r}: expected HOST:CONTAINER[/tcp|udp], e.g. 8080:80"
+        )
+    try:
+        host, container = int(parts[0]), int(parts[1])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid -p {text!r}: ports are numbers") from None
+    if not (0 < host < 65536 and 0 < container < 65536):
+        raise argparse.ArgumentTypeError(f"invalid -p {text!r}: ports are 1-65535")
+    return pb.PortMapping(host_port=host, container_port=container, protocol=proto, host_ip=host_ip)
+
+
+def parse_timeout(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"invalid timeout {text!r}: whole seconds, e.g. 10")
+    return int(text)
 
 
 def parse_cpus(text: str) -> float:
@@ -104,8 +146,36 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-e", "--env", action="append", default=[], type=parse_env, metavar="K=V")
     run.add_argument("-w", "--workdir", default="")
     run.add_argument("-u", "--user", default="", metavar="UID[:GID]")
-    run.add_argument("-m", "--memory", type=parse_memory, default=0, metavar="BYTES")
+    run.add_argument(
+        "-m", "--memory", type=parse_size, default=0, metavar="SIZE", help="limit, e.g. 512m, 1g"
+    )
     run.add_argument("--cpus", type=parse_cpus, default=0.0)
+    run.add_argument(
+        "--restart",
+        type=parse_restart,
+        default=("no", 0),
+        metavar="POLICY",
+        help="no (default), on-failure[:N], always, unless-stopped",
+    )
+    run.add_argument(
+        "--network",
+        "--net",
+        default="bridge",
+        choices=["bridge", "host", "none"],
+        help="bridge (default: pyshimd's bridge, NAT to the outside), host, none",
+    )
+    run.add_argument(
+        "-p",
+        "--publish",
+        action="append",
+        default=[],
+        type=parse_publish,
+        metavar="HOST:CONTAINER[/PROTO]",
+        help="publish a container port on the host (bridge network)",
+    )
+    run.add_argument(
+        "--stop-signal", default="", metavar="SIGNAL", help="for stop (default: the image's)"
+    )
     run.add_argument("--rootfs", default="", help="use this directory as the root")
     run.add_argument("image_and_cmd", nargs=argparse.REMAINDER, metavar="[IMAGE] -- CMD")
 
@@ -142,6 +212,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     ins = sub.add_parser("inspect", help="a container's details as JSON")
     ins.add_argument("container")
+
+    st = sub.add_parser(
+        "stop", help="stop containers: the stop signal, then SIGKILL after the timeout"
+    )
+    st.add_argument(
+        "-t", "--time", type=parse_timeout, default=-1, metavar="SECONDS", help="default 10"
+    )
+    st.add_argument("containers", nargs="+", metavar="container")
+    sa = sub.add_parser("start", help="start stopped containers again (same id, same log)")
+    sa.add_argument("containers", nargs="+", metavar="container")
+    rs = sub.add_parser("restart", help="stop, then start containers")
+    rs.add_argument(
+        "-t", "--time", type=parse_timeout, default=-1, metavar="SECONDS", help="default 10"
+    )
+    rs.add_argument("containers", nargs="+", metavar="container")
+    pa = sub.add_parser("pause", help="freeze every process of containers")
+    pa.add_argument("containers", nargs="+", metavar="container")
+    up = sub.add_parser("unpause", help="thaw paused containers")
+    up.add_argument("containers", nargs="+", metavar="container")
 
     img = sub.add_parser("image", help="manage images")
     isub = img.add_subparsers(dest="image_command", required=True, metavar="COMMAND")
@@ -258,7 +347,14 @@ async def cmd_run(mc: ManagerClient, args: argparse.Namespace) -> int:
         stdin=args.interactive,
         # Foreground --rm is done here, after the last output has been read.
         auto_remove=args.rm and args.detach,
+        restart_policy=args.restart[0],
+        restart_max=args.restart[1],
+        stop_signal=args.stop_signal,
+        network=args.network,
+        ports=args.publish,
     )
+    if args.rm and args.restart[0] != "no":
+        raise UsageError("--rm and --restart cannot be combined")
     if args.tty:
         cfg.tty_width, cfg.tty_height = terminal_size(sys.stdin.fileno())
     resp = await mc.call("Run", pb.RunRequest(config=cfg), pb.RunResponse)
@@ -338,9 +434,13 @@ def _ago(ts_ns: int) -> str:
 
 
 def status_text(c: pb.Container) -> str:
+    oom = " OOMKilled" if c.oom_killed else ""
     if c.exited:
-        return f"exited ({c.exit_status}) {_ago(timeutil.ns_from_timestamp(c.exited_at))}"
-    return c.status
+        ago = _ago(timeutil.ns_from_timestamp(c.exited_at))
+        if c.status == "restarting":
+            return f"restarting ({c.exit_status}){oom} {ago}"
+        return f"exited ({c.exit_status}){oom} {ago}"
+    return c.status + oom
 
 
 def container_json(c: pb.Container) -> dict[str, object]:
@@ -421,6 +521,58 @@ async def cmd_rm(mc: ManagerClient, args: argparse.Namespace) -> int:
     return rc
 
 
+async def _each(
+    mc: ManagerClient, refs: Sequence[str], method: str, make: Callable[[str], Message]
+) -> int:
+    """One request per container, docker's way: print each that worked, report the rest."""
+    rc = 0
+    for ref in refs:
+        try:
+            await mc.call(method, make(ref), _RESPONSES.get(method, empty_pb2.Empty))
+        except TtrpcError as exc:
+            sys.stderr.write(f"pyshim: {exc.message}\n")
+            rc = EXIT_MANAGER_ERROR
+            continue
+        print(ref)
+    return rc
+
+
+_RESPONSES: dict[str, type[Message]] = {
+    "Start": pb.StartResponse,
+    "Restart": pb.StartResponse,
+}
+
+
+async def cmd_stop(mc: ManagerClient, args: argparse.Namespace) -> int:
+    return await _each(
+        mc,
+        args.containers,
+        "Stop",
+        lambda r: pb.StopRequest(container=r, timeout_seconds=args.time),
+    )
+
+
+async def cmd_start(mc: ManagerClient, args: argparse.Namespace) -> int:
+    return await _each(mc, args.containers, "Start", lambda r: pb.StartRequest(container=r))
+
+
+async def cmd_restart(mc: ManagerClient, args: argparse.Namespace) -> int:
+    return await _each(
+        mc,
+        args.containers,
+        "Restart",
+        lambda r: pb.StopRequest(container=r, timeout_seconds=args.time),
+    )
+
+
+async def cmd_pause(mc: ManagerClient, args: argparse.Namespace) -> int:
+    return await _each(mc, args.containers, "Pause", lambda r: pb.PauseRequest(container=r))
+
+
+async def cmd_unpause(mc: ManagerClient, args: argparse.Namespace) -> int:
+    return await _each(mc, args.containers, "Unpause", lambda r: pb.PauseRequest(container=r))
+
+
 async def cmd_inspect(mc: ManagerClient, args: argparse.Namespace) -> int:
     resp = await mc.inspect(args.container)
     out = container_json(resp.container)
@@ -472,6 +624,11 @@ COMMANDS = {
     "wait": cmd_wait,
     "rm": cmd_rm,
     "inspect": cmd_inspect,
+    "stop": cmd_stop,
+    "start": cmd_start,
+    "restart": cmd_restart,
+    "pause": cmd_pause,
+    "unpause": cmd_unpause,
     "image": cmd_image,
 }
 

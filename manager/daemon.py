@@ -23,6 +23,7 @@ from pathlib import Path
 
 from google.protobuf import any_pb2, empty_pb2
 
+from manager import network
 from manager.images import ImageStore
 from manager.launcher import ShimLauncher, ShimLaunchError, find_shim_binary
 from manager.paths import Paths
@@ -47,6 +48,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--state-dir", help="records, logs, images (env PYSHIM_STATE_DIR)")
     p.add_argument("--shim-binary", help="path of containerd-shim-pyshim-v1 (default: PATH)")
     p.add_argument("--group", help="group allowed to use the API socket (default: root only)")
+    p.add_argument(
+        "--bridge",
+        default=network.DEFAULT_BRIDGE,
+        help=f"bridge of the default network (default {network.DEFAULT_BRIDGE})",
+    )
+    p.add_argument(
+        "--subnet",
+        default=network.DEFAULT_SUBNET,
+        help=f"its addresses, host-local IPAM (default {network.DEFAULT_SUBNET})",
+    )
+    p.add_argument(
+        "--cni-path",
+        default=network.DEFAULT_CNI_PATH,
+        help=f"CNI plugin binaries (default {network.DEFAULT_CNI_PATH})",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p.parse_args(argv)
 
@@ -115,7 +131,13 @@ async def serve(paths: Paths, args: argparse.Namespace) -> None:
         paths=paths,
         publish_binary=str(Path(sys.argv[0]).absolute()),
     )
-    sup = Supervisor(paths, store, launcher, images)
+    bridge = network.BridgeNetwork(
+        bridge=args.bridge,
+        subnet=args.subnet,
+        cni_path=args.cni_path,
+        ipam_dir=str(paths.cni_ipam_dir),
+    )
+    sup = Supervisor(paths, store, launcher, images, bridge)
 
     # Events first: shims that queued exits while we were down deliver them as we recover.
     events = Server(peer_check=root_or_same_user_peer_check)
@@ -177,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     lock_fd = _lock(paths)
     try:
         asyncio.run(serve(paths, args))
-    except ShimLaunchError as exc:
+    except (ShimLaunchError, network.NetworkError) as exc:
         sys.stderr.write(f"pyshimd: {exc}\n")
         return 1
     finally:

@@ -71,6 +71,7 @@ class ResolvedImage:
     ref: str
     layer_dirs: list[Path]  # lowest first
     defaults: ImageDefaults
+    stop_signal: str = ""  # the image's StopSignal ("" = SIGTERM)
 
 
 def normalize_ref(ref: str) -> str:
@@ -454,6 +455,7 @@ class ImageStore:
                 workdir=cfg.get("WorkingDir") or "",
                 user=cfg.get("User") or "",
             ),
+            stop_signal=cfg.get("StopSignal") or "",
         )
 
     def overlay_mount(self, image: ResolvedImage, scratch: Path) -> mount_pb2.Mount:

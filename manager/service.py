@@ -45,6 +45,10 @@ def _image_error(exc: ImageError) -> TtrpcError:
     return TtrpcError(code, str(exc))
 
 
+def _timeout(req: pb.StopRequest) -> float | None:
+    return None if req.timeout_seconds < 0 else float(req.timeout_seconds)
+
+
 class ManagerService:
     def __init__(self, supervisor: Supervisor, images: ImageStore) -> None:
         self.sup = supervisor
@@ -124,6 +128,26 @@ class ManagerService:
             raise _image_error(exc) from exc
         return empty_pb2.Empty()
 
+    async def stop(self, ctx: RequestContext, req: pb.StopRequest) -> empty_pb2.Empty:
+        await self.sup.stop(req.container, _timeout(req))
+        return empty_pb2.Empty()
+
+    async def start(self, ctx: RequestContext, req: pb.StartRequest) -> pb.StartResponse:
+        c = await self.sup.start(req.container)
+        return pb.StartResponse(container=container_message(c, self.sup.paths))
+
+    async def restart(self, ctx: RequestContext, req: pb.StopRequest) -> pb.StartResponse:
+        c = await self.sup.restart(req.container, _timeout(req))
+        return pb.StartResponse(container=container_message(c, self.sup.paths))
+
+    async def pause(self, ctx: RequestContext, req: pb.PauseRequest) -> empty_pb2.Empty:
+        await self.sup.pause(req.container)
+        return empty_pb2.Empty()
+
+    async def unpause(self, ctx: RequestContext, req: pb.PauseRequest) -> empty_pb2.Empty:
+        await self.sup.unpause(req.container)
+        return empty_pb2.Empty()
+
     def register(self, server: Server) -> None:
         server.register(
             MANAGER_SERVICE,
@@ -140,6 +164,11 @@ class ManagerService:
                 "ImageImport": Method(pb.ImageImportRequest, self.image_import),
                 "ImageList": Method(pb.ImageListRequest, self.image_list),
                 "ImageRemove": Method(pb.ImageRemoveRequest, self.image_remove),
+                "Stop": Method(pb.StopRequest, self.stop),
+                "Start": Method(pb.StartRequest, self.start),
+                "Restart": Method(pb.StopRequest, self.restart),
+                "Pause": Method(pb.PauseRequest, self.pause),
+                "Unpause": Method(pb.PauseRequest, self.unpause),
             },
         )
 
@@ -217,7 +246,11 @@ class EventsService:
                 ev.container_id, ev.id, ev.exit_status, timeutil.ns_from_timestamp(ev.exited_at)
             )
         elif env.topic == "/tasks/oom":
-            log.warning("event %s %s", env.topic, env.event.value.hex())
+            try:
+                oom = anyutil.unpack(env.event, events_pb2.TaskOOM)
+            except Exception as exc:
+                raise TtrpcError(Code.INVALID_ARGUMENT, f"bad /tasks/oom event: {exc}") from exc
+            self.sup.on_oom(oom.container_id)
         return empty_pb2.Empty()
 
     def register(self, server: Server) -> None:

@@ -174,6 +174,19 @@ def resources(memory_bytes: int, cpus: float) -> dict[str, Any]:
     return res
 
 
+def _namespaces(network: str, netns_path: str) -> list[dict[str, str]]:
+    spaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
+    if network == "bridge":
+        if not netns_path:
+            raise SpecError("a bridge network needs its namespace's path")
+        spaces.append({"type": "network", "path": netns_path})
+    elif network == "none":
+        spaces.append({"type": "network"})
+    elif network != "host":
+        raise SpecError(f"unknown network {network!r}: bridge, host or none")
+    return spaces
+
+
 def container_spec(
     process: ProcessOptions,
     root: RootView,
@@ -182,7 +195,11 @@ def container_spec(
     memory_bytes: int = 0,
     cpus: float = 0.0,
     cgroups_path: str | None = None,
+    network: str = "none",
+    netns_path: str = "",
 ) -> dict[str, Any]:
+    """``network``: host (the host's namespace), none (a new, empty one), bridge (the
+    namespace at ``netns_path``, which CNI has set up)."""
     mounts = _base_mounts()
     if root.host_view:
         mounts += [
@@ -197,7 +214,7 @@ def container_spec(
         )  # fmt: skip
     linux: dict[str, Any] = {
         "resources": resources(memory_bytes, cpus),
-        "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")],
+        "namespaces": _namespaces(network, netns_path),
         "maskedPaths": ["/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys",
                         "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
                         "/proc/sched_debug", "/sys/firmware", "/proc/scsi"],
