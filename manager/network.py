@@ -15,6 +15,7 @@ import errno
 import ipaddress
 import json
 import os
+import shlex
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,3 +259,55 @@ def check_host_port(port: int, protocol: str, host_ip: str) -> None:
                     f"host port {port}/{protocol} is already in use on this host"
                 ) from None
             raise NetworkError(f"host port {port}/{protocol}: {exc.strerror}") from None
+
+
+# ---------------------------------------------------------------------- portmap's chains
+
+HOSTPORT_CHAIN = "CNI-HOSTPORT-DNAT"
+HOSTPORT_PREFIX = "CNI-HOSTPORT-"
+
+
+async def _iptables(*args: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        "iptables",
+        "-w",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(errors="replace")
+
+
+async def hostport_chains_exist() -> bool:
+    code, _ = await _iptables("-t", "nat", "-S", HOSTPORT_CHAIN)
+    return code == 0
+
+
+async def prune_hostport_chains() -> bool:
+    """Remove portmap's shared chains (and the jumps to them) once no mapping is left
+    in them. Only called when pyshimd created them: another CNI user's are left alone.
+    Returns whether they were removed."""
+    code, rules = await _iptables("-t", "nat", "-S", HOSTPORT_CHAIN)
+    if code != 0:
+        return False
+    if any(line.startswith("-A ") for line in rules.splitlines()):
+        return False  # someone maps ports through them right now
+    code, everything = await _iptables("-t", "nat", "-S")
+    if code != 0:
+        return False
+    chains: list[str] = []
+    for line in everything.splitlines():
+        words = shlex.split(line)
+        if words[:1] == ["-N"] and words[1].startswith(HOSTPORT_PREFIX):
+            chains.append(words[1])
+        elif words[:1] == ["-A"] and not words[1].startswith(HOSTPORT_PREFIX):
+            target = words[words.index("-j") + 1] if "-j" in words[:-1] else ""
+            if target.startswith(HOSTPORT_PREFIX):
+                await _iptables("-t", "nat", "-D", *words[1:])
+    for chain in chains:
+        await _iptables("-t", "nat", "-F", chain)
+    for chain in chains:
+        await _iptables("-t", "nat", "-X", chain)
+    return True

@@ -425,6 +425,10 @@ class Supervisor:
             os.mkfifo(fifo_dir / "stdin", 0o600)
         return mounts
 
+    @property
+    def _hostport_marker(self) -> Path:
+        return self.paths.state_dir / "cni" / "hostport-chains-created"
+
     def _check_ports(self, cfg: manager_pb2.ContainerConfig, network: str) -> list[PortSpec]:
         ports: list[PortSpec] = []
         if cfg.ports and network != "bridge":
@@ -470,6 +474,10 @@ class Supervisor:
             return
         rec.cni_config = self.network.conflist()
         self.store.save(rec)
+        if rec.ports and not await cni.hostport_chains_exist():
+            # portmap is about to create its shared chains: ours to remove when done.
+            self._hostport_marker.parent.mkdir(parents=True, exist_ok=True)
+            self._hostport_marker.touch()
         netns = self.paths.netns(c.id)
         await cni.create_netns(netns)
         rec.cni_result = await cni.add(
@@ -492,6 +500,13 @@ class Supervisor:
                 )
             except cni.NetworkError as exc:
                 log.warning("container %s: releasing its network: %s", c.id, exc)
+        if rec.ports and self._hostport_marker.exists():
+            others = any(
+                o.record.ports for o in self.containers.values() if o is not c and not o.removing
+            )
+            if not others and await cni.prune_hostport_chains():
+                self._hostport_marker.unlink()
+                log.info("removed portmap's chains (no port is published any more)")
         try:
             cni.remove_netns(netns)
         except cni.NetworkError as exc:

@@ -6,9 +6,12 @@ PID; containers, shims and mounts are removed even when a test fails.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
+import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -52,11 +55,18 @@ class Manager:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = root / "pyshimd.log"
         self.shim_pids: set[int] = set()
+        # The bridge network is this test's own: its bridge, its /24, its iptables
+        # comments (the CNI network is named after the bridge).
+        self.bridge = f"psm{secrets.token_hex(4)}"
+        self.subnet = free_subnet()
 
     def start(self) -> None:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [PYSHIMD, "--log-level", "debug"], env=self.env, stdout=log, stderr=log
+            [PYSHIMD, "--log-level", "debug", "--bridge", self.bridge, "--subnet", self.subnet],
+            env=self.env,
+            stdout=log,
+            stderr=log,
         )
         log.close()
         # Written once serving; a SIGKILLed predecessor leaves its socket file behind.
@@ -157,7 +167,43 @@ class Manager:
                 target = line.split()[1]
                 if target.startswith(str(self.root)):
                     subprocess.run(["umount", "-l", target], capture_output=True, check=False)
+        self.remove_network_traces()
         shutil.rmtree(self.root, ignore_errors=True)
+
+    def network_traces(self) -> list[str]:
+        """iptables rules (any table) that name this test's network, bridge or subnet."""
+        out = subprocess.run(["iptables-save"], capture_output=True, text=True, check=False)
+        keys = (f'"{self.bridge}"', self.bridge, self.subnet)
+        return [ln for ln in out.stdout.splitlines() if any(k in ln for k in keys)]
+
+    def remove_network_traces(self) -> None:
+        """What CNI DEL should have removed, removed by force after a failed test: rules
+        naming this network and the per-container chains they jump to; portmap's shared
+        chains when this pyshimd created them and they are empty; the bridge."""
+        for table in ("nat", "filter"):
+            rules = subprocess.run(
+                ["iptables", "-w", "-t", table, "-S"], capture_output=True, text=True, check=False
+            ).stdout.splitlines()
+            chains: list[str] = []
+            for line in rules:
+                if self.bridge not in line and self.subnet not in line:
+                    continue
+                words = shlex.split(line)
+                if words[:1] != ["-A"]:
+                    continue
+                subprocess.run(["iptables", "-w", "-t", table, "-D", *words[1:]], check=False)
+                if "-j" in words[:-1]:
+                    target = words[words.index("-j") + 1]
+                    if target.startswith("CNI-") and not target.startswith("CNI-HOSTPORT-"):
+                        chains.append(target)
+            for chain in chains:
+                subprocess.run(["iptables", "-w", "-t", table, "-F", chain], check=False)
+                subprocess.run(["iptables", "-w", "-t", table, "-X", chain], check=False)
+        if (self.state_dir / "cni" / "hostport-chains-created").exists():
+            from manager.network import prune_hostport_chains
+
+            asyncio.run(prune_hostport_chains())
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, check=False)
 
 
 @contextlib.contextmanager
@@ -171,6 +217,16 @@ def manager_session() -> Iterator[Manager]:
         yield m
     finally:
         m.cleanup()
+
+
+def free_subnet() -> str:
+    """A /24 in 10.87.0.0/16 (pyshimd's default range) that no route uses yet."""
+    routes = subprocess.run(["ip", "-4", "route"], capture_output=True, text=True, check=True)
+    for _ in range(50):
+        candidate = f"10.87.{secrets.randbelow(150) + 100}."
+        if candidate not in routes.stdout:
+            return candidate + "0/24"
+    raise RuntimeError("no free 10.87.x.0/24 subnet found")
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = 20.0) -> None:
