@@ -17,6 +17,7 @@ from google.protobuf import empty_pb2
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
+from manager import units
 from manager.apiclient import ManagerClient, ManagerNotRunning
 from manager.paths import Paths
 from manager.streams import LogTail, forward_stdin
@@ -27,7 +28,6 @@ from protocol.ttrpc.status import TtrpcError
 
 # docker's convention: the manager failed, as opposed to the container's own status.
 EXIT_MANAGER_ERROR = 125
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 class UsageError(Exception):
@@ -39,20 +39,11 @@ class CommandError(Exception):
 
 
 def parse_size(text: str) -> int:
-    """``67108864``, ``64m``, ``64MiB``, ``1g``, ``1.5G`` (powers of 1024, as docker)."""
-    t = text.strip().lower().removesuffix("ib").removesuffix("b") if text else ""
-    num = t.rstrip("kmgt")
-    unit = t[len(num) :]
-    if not num or len(unit) > 1:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r} (e.g. 512m, 1g)")
+    """``67108864``, ``64m``, ``64MiB``, ``1g`` (powers of 1024, as docker)."""
     try:
-        value = float(num)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r} (e.g. 512m, 1g)") from None
-    size = int(value * _UNITS[unit])
-    if size <= 0:
-        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
-    return size
+        return units.parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_restart(text: str) -> tuple[str, int]:
@@ -87,6 +78,31 @@ def parse_publish(text: str) -> pb.PortMapping:
     if not (0 < host < 65536 and 0 < container < 65536):
         raise argparse.ArgumentTypeError(f"invalid -p {text!r}: ports are 1-65535")
     return pb.PortMapping(host_port=host, container_port=container, protocol=proto, host_ip=host_ip)
+
+
+def parse_volume(text: str) -> pb.MountRequest:
+    """``-v /host:/dest[:ro|rw]`` (a bind) or ``-v NAME:/dest[:ro|rw]`` (a named volume)."""
+    parts = text.split(":")
+    mode = parts.pop() if len(parts) == 3 else ""
+    if len(parts) != 2 or not parts[0] or not parts[1] or mode not in ("", "ro", "rw"):
+        raise argparse.ArgumentTypeError(
+            f"invalid -v {text!r}: expected HOST-DIR:DEST[:ro] or VOLUME:DEST[:ro]"
+        )
+    source, dest = parts
+    if not dest.startswith("/"):
+        raise argparse.ArgumentTypeError(f"invalid -v {text!r}: {dest} is not an absolute path")
+    kind = "bind" if source.startswith(("/", ".")) else "volume"
+    if kind == "bind":
+        source = os.path.abspath(source)
+    return pb.MountRequest(type=kind, source=source, destination=dest, readonly=mode == "ro")
+
+
+def parse_tmpfs(text: str) -> pb.MountRequest:
+    """``--tmpfs /dest[:size=64m,mode=1777,noexec]``."""
+    dest, _, options = text.partition(":")
+    if not dest.startswith("/"):
+        raise argparse.ArgumentTypeError(f"invalid --tmpfs {text!r}: {dest} is not absolute")
+    return pb.MountRequest(type="tmpfs", destination=dest, options=options)
 
 
 def parse_timeout(text: str) -> int:
@@ -174,6 +190,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="publish a container port on the host (bridge network)",
     )
     run.add_argument(
+        "-v",
+        "--volume",
+        action="append",
+        default=[],
+        type=parse_volume,
+        metavar="SRC:DEST[:ro]",
+        help="bind a host dir (absolute or ./relative SRC) or a named volume (SRC=NAME)",
+    )
+    run.add_argument(
+        "--tmpfs",
+        action="append",
+        default=[],
+        type=parse_tmpfs,
+        metavar="DEST[:OPTS]",
+        help="a tmpfs, e.g. /cache:size=64m,mode=1777",
+    )
+    run.add_argument(
         "--stop-signal", default="", metavar="SIGNAL", help="for stop (default: the image's)"
     )
     run.add_argument("--rootfs", default="", help="use this directory as the root")
@@ -231,6 +264,15 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("containers", nargs="+", metavar="container")
     up = sub.add_parser("unpause", help="thaw paused containers")
     up.add_argument("containers", nargs="+", metavar="container")
+
+    vol = sub.add_parser("volume", help="manage named volumes")
+    vsub = vol.add_subparsers(dest="volume_command", required=True, metavar="COMMAND")
+    vc = vsub.add_parser("create", help="create a volume (run -v NAME:/dir also does)")
+    vc.add_argument("name")
+    vls = vsub.add_parser("ls", help="list volumes")
+    vls.add_argument("--json", action="store_true")
+    vrm = vsub.add_parser("rm", help="remove volumes no container uses")
+    vrm.add_argument("names", nargs="+", metavar="name")
 
     img = sub.add_parser("image", help="manage images")
     isub = img.add_subparsers(dest="image_command", required=True, metavar="COMMAND")
@@ -352,6 +394,7 @@ async def cmd_run(mc: ManagerClient, args: argparse.Namespace) -> int:
         stop_signal=args.stop_signal,
         network=args.network,
         ports=args.publish,
+        mounts=[*args.volume, *args.tmpfs],
     )
     if args.rm and args.restart[0] != "no":
         raise UsageError("--rm and --restart cannot be combined")
@@ -605,6 +648,36 @@ async def cmd_image(mc: ManagerClient, args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_volume(mc: ManagerClient, args: argparse.Namespace) -> int:
+    if args.volume_command == "create":
+        v = await mc.call("VolumeCreate", pb.VolumeCreateRequest(name=args.name), pb.Volume)
+        print(v.name)
+        return 0
+    if args.volume_command == "ls":
+        listed = await mc.call("VolumeList", pb.VolumeListRequest(), pb.VolumeListResponse)
+        if args.json:
+            print(json.dumps([_message_json(v) for v in listed.volumes], indent=2))
+            return 0
+        _table(
+            [("NAME", "USED BY", "MOUNTPOINT")]
+            + [(v.name, ",".join(v.used_by) or "-", v.mountpoint) for v in listed.volumes]
+        )
+        return 0
+    return await _each(mc, args.names, "VolumeRemove", lambda n: pb.VolumeRemoveRequest(name=n))
+
+
+def _message_json(msg: Message) -> dict[str, object]:
+    return MessageToDict(
+        msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+
+
+def _table(rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+
+
 def _size(n: int) -> str:
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -629,6 +702,7 @@ COMMANDS = {
     "restart": cmd_restart,
     "pause": cmd_pause,
     "unpause": cmd_unpause,
+    "volume": cmd_volume,
     "image": cmd_image,
 }
 

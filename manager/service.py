@@ -6,6 +6,7 @@ Thin: each handler maps a request onto the Supervisor or the ImageStore.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import collections
 import json
 import logging
@@ -16,6 +17,7 @@ from google.protobuf.message import Message
 
 from manager.images import ImageEntry, ImageError, ImageNotFound, ImageStore
 from manager.supervisor import Supervisor, container_message
+from manager.volumes import VolumeError, VolumeInfo, VolumeNotFound
 from protocol.proto import anyutil, timeutil
 from protocol.proto.events import forward_pb2
 from protocol.proto.events import task_pb2 as events_pb2
@@ -148,6 +150,45 @@ class ManagerService:
         await self.sup.unpause(req.container)
         return empty_pb2.Empty()
 
+    def _volume_users(self, name: str) -> builtins.list[str]:
+        return sorted(
+            c.record.name
+            for c in self.sup.containers.values()
+            if any(m.type == "volume" and m.source == name for m in c.record.mounts)
+        )
+
+    def _volume_message(self, v: VolumeInfo) -> pb.Volume:
+        msg = pb.Volume(
+            name=v.name, mountpoint=str(v.mountpoint), used_by=self._volume_users(v.name)
+        )
+        msg.created_at.CopyFrom(timeutil.timestamp_from_ns(v.created_at_ns))
+        return msg
+
+    async def volume_create(self, ctx: RequestContext, req: pb.VolumeCreateRequest) -> pb.Volume:
+        try:
+            info, _ = self.sup.volumes.create(req.name)
+        except VolumeError as exc:
+            raise TtrpcError(Code.INVALID_ARGUMENT, str(exc)) from exc
+        return self._volume_message(info)
+
+    async def volume_list(
+        self, ctx: RequestContext, req: pb.VolumeListRequest
+    ) -> pb.VolumeListResponse:
+        return pb.VolumeListResponse(
+            volumes=[self._volume_message(v) for v in self.sup.volumes.all()]
+        )
+
+    async def volume_remove(
+        self, ctx: RequestContext, req: pb.VolumeRemoveRequest
+    ) -> empty_pb2.Empty:
+        try:
+            self.sup.volumes.remove(req.name, self._volume_users(req.name))
+        except VolumeNotFound as exc:
+            raise TtrpcError(Code.NOT_FOUND, str(exc)) from exc
+        except VolumeError as exc:
+            raise TtrpcError(Code.FAILED_PRECONDITION, str(exc)) from exc
+        return empty_pb2.Empty()
+
     def register(self, server: Server) -> None:
         server.register(
             MANAGER_SERVICE,
@@ -169,6 +210,9 @@ class ManagerService:
                 "Restart": Method(pb.StopRequest, self.restart),
                 "Pause": Method(pb.PauseRequest, self.pause),
                 "Unpause": Method(pb.PauseRequest, self.unpause),
+                "VolumeCreate": Method(pb.VolumeCreateRequest, self.volume_create),
+                "VolumeList": Method(pb.VolumeListRequest, self.volume_list),
+                "VolumeRemove": Method(pb.VolumeRemoveRequest, self.volume_remove),
             },
         )
 

@@ -26,12 +26,14 @@ from google.protobuf import any_pb2
 
 from manager import network as cni
 from manager import spec as ocispec
+from manager import units
 from manager.images import ImageStore
 from manager.launcher import ShimLauncher, ShimLaunchError
 from manager.paths import Paths
-from manager.records import ContainerRecord, MountSpec, PortSpec, RecordStore
+from manager.records import ContainerRecord, MountSpec, PortSpec, RecordStore, UserMount
 from manager.shimclient import ShimClient
 from manager.shimlog import LogRelay, make_log_fifo
+from manager.volumes import VolumeError, VolumeStore
 from protocol.proto import anyutil, timeutil
 from protocol.proto.manager.v1 import manager_pb2
 from protocol.proto.runc import options_pb2
@@ -131,6 +133,7 @@ class Supervisor:
     ) -> None:
         self.paths = paths
         self.network = network or cni.BridgeNetwork(ipam_dir=str(paths.cni_ipam_dir))
+        self.volumes = VolumeStore(paths.volumes_dir, valid_identifier)
         self.store = store
         self.launcher = launcher
         self.images = images
@@ -326,6 +329,7 @@ class Supervisor:
                 Code.INVALID_ARGUMENT, f"unknown network {network!r}: bridge, host or none"
             )
         ports = self._check_ports(cfg, network)
+        mounts = self._check_mounts(cfg)
         bundle = self.paths.bundle(cid)
         record = ContainerRecord(
             id=cid,
@@ -341,6 +345,7 @@ class Supervisor:
             restart_max=cfg.restart_max if policy == "on-failure" else 0,
             network=network,
             ports=ports,
+            mounts=mounts,
         )
         c = Container(record)
         # Reserve the name before the first await so a concurrent run cannot take it.
@@ -412,6 +417,7 @@ class Supervisor:
             cgroups_path=cgroups_path,
             network=c.record.network,
             netns_path=str(self.paths.netns(cid)),
+            extra_mounts=self._spec_mounts(c.record),
         )
         bundle.mkdir(parents=True, exist_ok=True, mode=0o711)
         (bundle / "rootfs").mkdir(exist_ok=True, mode=0o711)
@@ -424,6 +430,58 @@ class Supervisor:
             fifo_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             os.mkfifo(fifo_dir / "stdin", 0o600)
         return mounts
+
+    def _check_mounts(self, cfg: manager_pb2.ContainerConfig) -> list[UserMount]:
+        found: list[UserMount] = []
+        seen: set[str] = set()
+        for m in cfg.mounts:
+            dest = m.destination
+            if not dest.startswith("/") or os.path.normpath(dest) == "/":
+                raise TtrpcError(
+                    Code.INVALID_ARGUMENT,
+                    f"mount destination {dest!r} must be an absolute path other than /",
+                )
+            dest = os.path.normpath(dest)
+            if dest in seen:
+                raise TtrpcError(Code.INVALID_ARGUMENT, f"two mounts on {dest}")
+            seen.add(dest)
+            if m.type == "bind":
+                if not m.source.startswith("/"):
+                    raise TtrpcError(
+                        Code.INVALID_ARGUMENT, f"bind source {m.source!r} must be absolute"
+                    )
+                # docker's -v: a missing host directory is created.
+                os.makedirs(m.source, exist_ok=True)
+            elif m.type == "volume":
+                try:
+                    self.volumes.create(m.source)
+                except VolumeError as exc:
+                    raise TtrpcError(Code.INVALID_ARGUMENT, str(exc)) from exc
+            elif m.type == "tmpfs":
+                _check_tmpfs_options(m.options)
+            else:
+                raise TtrpcError(Code.INVALID_ARGUMENT, f"unknown mount type {m.type!r}")
+            found.append(
+                UserMount(
+                    type=m.type,
+                    source=m.source,
+                    destination=dest,
+                    readonly=m.readonly,
+                    options=m.options,
+                )
+            )
+        return found
+
+    def _spec_mounts(self, rec: ContainerRecord) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for m in rec.mounts:
+            if m.type == "tmpfs":
+                opts = [o for o in m.options.split(",") if o]
+                out.append(ocispec.tmpfs_mount(m.destination, opts + ["ro"] * m.readonly))
+            else:
+                source = m.source if m.type == "bind" else str(self.volumes.path(m.source))
+                out.append(ocispec.bind_mount(source, m.destination, m.readonly))
+        return out
 
     @property
     def _hostport_marker(self) -> Path:
@@ -1087,6 +1145,27 @@ def container_message(c: Container, paths: Paths) -> manager_pb2.Container:
     if rec.exited:
         msg.exited_at.CopyFrom(timeutil.timestamp_from_ns(rec.exited_at_ns))
     return msg
+
+
+_TMPFS_FLAGS = frozenset({"ro", "rw", "exec", "noexec", "suid", "nosuid", "dev", "nodev"})
+
+
+def _check_tmpfs_options(options: str) -> None:
+    """--tmpfs /dir:size=64m,mode=1777,noexec: what the kernel takes, checked first so
+    a typo is an error here rather than runc's."""
+    for opt in filter(None, options.split(",")):
+        key, sep, value = opt.partition("=")
+        try:
+            if key == "size" and sep:
+                units.parse_size(value)
+            elif key == "mode" and sep:
+                int(value, 8)
+            elif key in ("uid", "gid") and sep:
+                int(value)
+            elif sep or key not in _TMPFS_FLAGS:
+                raise ValueError(f"unknown option {opt!r}")
+        except ValueError as exc:
+            raise TtrpcError(Code.INVALID_ARGUMENT, f"--tmpfs: {exc}") from None
 
 
 def _cni_ports(rec: ContainerRecord) -> list[dict[str, Any]]:
