@@ -105,6 +105,14 @@ def parse_tmpfs(text: str) -> pb.MountRequest:
     return pb.MountRequest(type="tmpfs", destination=dest, options=options)
 
 
+def parse_tail(text: str) -> int:
+    if text == "all":
+        return -1
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"invalid --tail {text!r}: a number of lines or all")
+    return int(text)
+
+
 def parse_timeout(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"invalid timeout {text!r}: whole seconds, e.g. 10")
@@ -230,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     lg = sub.add_parser("logs", help="print a container's output")
     lg.add_argument("-f", "--follow", action="store_true")
+    lg.add_argument(
+        "-n", "--tail", type=parse_tail, default=-1, metavar="N", help="only the last N lines"
+    )
     lg.add_argument("container")
 
     k = sub.add_parser("kill", help="signal a container")
@@ -264,6 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("containers", nargs="+", metavar="container")
     up = sub.add_parser("unpause", help="thaw paused containers")
     up.add_argument("containers", nargs="+", metavar="container")
+
+    sts = sub.add_parser("stats", help="CPU, memory, pids and network I/O of containers")
+    sts.add_argument("--no-stream", action="store_true", help="one sample, then exit")
+    sts.add_argument("--json", action="store_true", help="with --no-stream: as JSON")
+    sts.add_argument("containers", nargs="*", metavar="container", help="default: all running")
+    tp = sub.add_parser("top", help="the processes of a container")
+    tp.add_argument("--json", action="store_true")
+    tp.add_argument("container")
 
     vol = sub.add_parser("volume", help="manage named volumes")
     vsub = vol.add_subparsers(dest="volume_command", required=True, metavar="COMMAND")
@@ -523,6 +542,8 @@ async def cmd_ps(mc: ManagerClient, args: argparse.Namespace) -> int:
 async def cmd_logs(mc: ManagerClient, args: argparse.Namespace) -> int:
     c = (await mc.inspect(args.container)).container
     tail = LogTail(Path(c.log_path), sys.stdout.fileno())
+    if args.tail >= 0:
+        tail.seek_last_lines(args.tail)
     try:
         if not args.follow or c.exited:
             tail.pump()
@@ -648,6 +669,94 @@ async def cmd_image(mc: ManagerClient, args: argparse.Namespace) -> int:
     return 0
 
 
+# How often live stats refresh (docker's too).
+STATS_INTERVAL = 1.0
+# --no-stream's two samples for CPU %, this far apart.
+STATS_SAMPLE_GAP = 0.5
+
+
+def _cpu_percent(before: pb.ContainerStats | None, now: pb.ContainerStats) -> float:
+    """Share of one CPU used between two samples (docker's: 200% = two CPUs busy)."""
+    if before is None:
+        return 0.0
+    dt = timeutil.ns_from_timestamp(now.read_at) - timeutil.ns_from_timestamp(before.read_at)
+    used = now.cpu_usage_ns - before.cpu_usage_ns
+    return 100.0 * used / dt if dt > 0 and used > 0 else 0.0
+
+
+def _stats_rows(
+    before: dict[str, pb.ContainerStats], now: Sequence[pb.ContainerStats]
+) -> list[dict[str, object]]:
+    rows: list[dict[str, object]] = []
+    for s in now:
+        d = _message_json(s)
+        d["cpu_percent"] = round(_cpu_percent(before.get(s.id), s), 2)
+        d["memory_percent"] = (
+            round(100.0 * s.memory_usage / s.memory_limit, 2) if s.memory_limit else None
+        )
+        rows.append(d)
+    return rows
+
+
+def _stats_table(before: dict[str, pb.ContainerStats], now: Sequence[pb.ContainerStats]) -> str:
+    rows = [("CONTAINER ID", "NAME", "CPU %", "MEM USAGE / LIMIT", "MEM %", "NET I/O", "PIDS")]
+    for s, d in zip(now, _stats_rows(before, now), strict=True):
+        limit = _size(s.memory_limit) if s.memory_limit else "-"
+        mem_pct = d["memory_percent"]
+        rows.append(
+            (
+                s.id[:12],
+                s.name,
+                f"{d['cpu_percent']:.2f}%",
+                f"{_size(s.memory_usage)} / {limit}",
+                f"{mem_pct:.2f}%" if mem_pct is not None else "-",
+                f"{_size(s.net_rx_bytes)} / {_size(s.net_tx_bytes)}",
+                str(s.pids),
+            )
+        )
+    return _format_table(rows)
+
+
+async def cmd_stats(mc: ManagerClient, args: argparse.Namespace) -> int:
+    if args.json and not args.no_stream:
+        raise UsageError("--json needs --no-stream")
+    req = pb.StatsRequest(containers=args.containers)
+
+    async def sample() -> list[pb.ContainerStats]:
+        return list((await mc.call("Stats", req, pb.StatsResponse)).stats)
+
+    first = await sample()
+    if args.no_stream:
+        await asyncio.sleep(STATS_SAMPLE_GAP)
+        now = await sample()
+        before = {s.id: s for s in first}
+        if args.json:
+            print(json.dumps(_stats_rows(before, now), indent=2))
+        else:
+            sys.stdout.write(_stats_table(before, now))
+        return 0
+    clear = "\x1b[2J\x1b[H" if os.isatty(sys.stdout.fileno()) else ""
+    before = {s.id: s for s in first}
+    while True:
+        await asyncio.sleep(STATS_INTERVAL)
+        now = await sample()
+        sys.stdout.write(clear + _stats_table(before, now))
+        sys.stdout.flush()
+        before = {s.id: s for s in now}
+
+
+async def cmd_top(mc: ManagerClient, args: argparse.Namespace) -> int:
+    resp = await mc.call("Top", pb.TopRequest(container=args.container), pb.TopResponse)
+    if args.json:
+        print(json.dumps([_message_json(p) for p in resp.processes], indent=2))
+        return 0
+    _table(
+        [("PID", "PPID", "USER", "COMMAND")]
+        + [(str(p.pid), str(p.ppid), p.user, p.command) for p in resp.processes]
+    )
+    return 0
+
+
 async def cmd_volume(mc: ManagerClient, args: argparse.Namespace) -> int:
     if args.volume_command == "create":
         v = await mc.call("VolumeCreate", pb.VolumeCreateRequest(name=args.name), pb.Volume)
@@ -672,10 +781,15 @@ def _message_json(msg: Message) -> dict[str, object]:
     )
 
 
-def _table(rows: Sequence[Sequence[str]]) -> None:
+def _format_table(rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+    return "".join(
+        "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() + "\n" for r in rows
+    )
+
+
+def _table(rows: Sequence[Sequence[str]]) -> None:
+    sys.stdout.write(_format_table(rows))
 
 
 def _size(n: int) -> str:
@@ -703,6 +817,8 @@ COMMANDS = {
     "pause": cmd_pause,
     "unpause": cmd_unpause,
     "volume": cmd_volume,
+    "stats": cmd_stats,
+    "top": cmd_top,
     "image": cmd_image,
 }
 

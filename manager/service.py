@@ -150,6 +150,17 @@ class ManagerService:
         await self.sup.unpause(req.container)
         return empty_pb2.Empty()
 
+    async def stats(self, ctx: RequestContext, req: pb.StatsRequest) -> pb.StatsResponse:
+        return pb.StatsResponse(stats=await self.sup.stats(list(req.containers)))
+
+    async def top(self, ctx: RequestContext, req: pb.TopRequest) -> pb.TopResponse:
+        rows = await self.sup.top(req.container)
+        return pb.TopResponse(
+            processes=[
+                pb.TopProcess(pid=r.pid, ppid=r.ppid, user=r.user, command=r.command) for r in rows
+            ]
+        )
+
     def _volume_users(self, name: str) -> builtins.list[str]:
         return sorted(
             c.record.name
@@ -210,6 +221,8 @@ class ManagerService:
                 "Restart": Method(pb.StopRequest, self.restart),
                 "Pause": Method(pb.PauseRequest, self.pause),
                 "Unpause": Method(pb.PauseRequest, self.unpause),
+                "Stats": Method(pb.StatsRequest, self.stats),
+                "Top": Method(pb.TopRequest, self.top),
                 "VolumeCreate": Method(pb.VolumeCreateRequest, self.volume_create),
                 "VolumeList": Method(pb.VolumeListRequest, self.volume_list),
                 "VolumeRemove": Method(pb.VolumeRemoveRequest, self.volume_remove),

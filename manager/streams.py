@@ -39,6 +39,29 @@ class LogTail:
             self._f.seek(0, os.SEEK_END)
         self._out = out_fd
 
+    def seek_last_lines(self, count: int) -> None:
+        """Start ``count`` lines before the end (a last line without its newline counts)."""
+        end = self._f.seek(0, os.SEEK_END)
+        if count == 0:
+            return
+        pos = end
+        need = count
+        while pos > 0:
+            step = min(CHUNK, pos)
+            pos -= step
+            self._f.seek(pos)
+            chunk = self._f.read(step)
+            i = len(chunk)
+            while (i := chunk.rfind(b"\n", 0, i)) >= 0:
+                # A newline as the very last byte ends the last line, starts none.
+                if pos + i == end - 1:
+                    continue
+                need -= 1
+                if need == 0:
+                    self._f.seek(pos + i + 1)
+                    return
+        self._f.seek(0)
+
     def pump(self) -> int:
         """Copy whatever is new; returns how many bytes."""
         total = 0

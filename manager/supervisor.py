@@ -24,9 +24,9 @@ from typing import Any
 
 from google.protobuf import any_pb2
 
+from manager import metrics, units
 from manager import network as cni
 from manager import spec as ocispec
-from manager import units
 from manager.images import ImageStore
 from manager.launcher import ShimLauncher, ShimLaunchError
 from manager.paths import Paths
@@ -800,6 +800,50 @@ class Supervisor:
         await self._client(c).resume(c.id)
         c.record.status = "running"
         self.store.save(c.record)
+
+    # ------------------------------------------------------------------ stats / top
+
+    def _running(self, ref: str) -> Container:
+        c = self.lookup(ref)
+        if c.record.status not in ("running", "paused"):
+            raise TtrpcError(Code.FAILED_PRECONDITION, f"container {c.record.name} is not running")
+        return c
+
+    async def stats(self, refs: list[str]) -> list[manager_pb2.ContainerStats]:
+        if refs:
+            targets = [self._running(r) for r in refs]
+        else:
+            targets = [
+                c for c in self.containers_list(False) if c.record.status in ("running", "paused")
+            ]
+
+        async def one(c: Container) -> manager_pb2.ContainerStats:
+            resp = await self._client(c).stats(c.id)
+            try:
+                u = metrics.usage(resp.stats)
+            except ValueError as exc:
+                raise TtrpcError(Code.INTERNAL, f"container {c.record.name}: {exc}") from exc
+            rx, tx = metrics.net_io(c.record.pid)
+            out = manager_pb2.ContainerStats(
+                id=c.id,
+                name=c.record.name,
+                cpu_usage_ns=u.cpu_ns,
+                memory_usage=u.memory,
+                memory_limit=u.memory_limit,
+                pids=u.pids,
+                net_rx_bytes=rx,
+                net_tx_bytes=tx,
+            )
+            out.read_at.CopyFrom(timeutil.timestamp_now())
+            return out
+
+        return list(await asyncio.gather(*(one(c) for c in targets)))
+
+    async def top(self, ref: str) -> list[metrics.ProcessRow]:
+        c = self._running(ref)
+        resp = await self._client(c).pids(c.id)
+        rows = [metrics.process_row(p.pid) for p in resp.processes]
+        return sorted((r for r in rows if r is not None), key=lambda r: r.pid)
 
     # ------------------------------------------------------------------ process control
 
