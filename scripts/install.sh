@@ -8,7 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 apt_packages=(runc containerd golang-go golang-github-containerd-ttrpc-dev
-              busybox-static containernetworking-plugins iptables python3-venv iproute2 procps)
+              busybox-static containernetworking-plugins iptables curl python3-venv
+              iproute2 procps)
 missing=()
 for p in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
