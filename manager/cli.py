@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -19,6 +21,7 @@ from google.protobuf.message import Message
 
 from manager import units
 from manager.apiclient import ManagerClient, ManagerNotRunning
+from manager.logindex import LineTimes
 from manager.paths import Paths
 from manager.streams import LogTail, forward_stdin
 from manager.terminal import raw_mode, terminal_size
@@ -103,6 +106,32 @@ def parse_tmpfs(text: str) -> pb.MountRequest:
     if not dest.startswith("/"):
         raise argparse.ArgumentTypeError(f"invalid --tmpfs {text!r}: {dest} is not absolute")
     return pb.MountRequest(type="tmpfs", destination=dest, options=options)
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_DURATION_UNITS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_since(text: str) -> int:
+    """docker's --since: a duration before now (Go's form: 1h30m, 45s), an RFC 3339
+    time, or unix seconds; returned as unix ns."""
+    t = text.strip()
+    if t and _DURATION.sub("", t) == "" and _DURATION.match(t):
+        secs = sum(float(n) * _DURATION_UNITS[u] for n, u in _DURATION.findall(t))
+        return time.time_ns() - int(secs * 1e9)
+    try:
+        return int(float(t) * 1e9)
+    except ValueError:
+        pass
+    try:
+        when = datetime.datetime.fromisoformat(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid --since {text!r}: e.g. 10m, 1h30m, 2026-12-06T20:00:00Z, 1765051200"
+        ) from None
+    if when.tzinfo is None:
+        when = when.astimezone()  # a time without a zone is local, as docker reads it
+    return int(when.timestamp() * 1e9)
 
 
 def parse_tail(text: str) -> int:
@@ -240,6 +269,14 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("-f", "--follow", action="store_true")
     lg.add_argument(
         "-n", "--tail", type=parse_tail, default=-1, metavar="N", help="only the last N lines"
+    )
+    lg.add_argument("-t", "--timestamps", action="store_true", help="when each line was written")
+    lg.add_argument(
+        "--since",
+        type=parse_since,
+        default=0,
+        metavar="WHEN",
+        help="lines written since: 10m, 1h30m, 2026-12-06T20:00:00Z or unix seconds",
     )
     lg.add_argument("container")
 
@@ -541,12 +578,21 @@ async def cmd_ps(mc: ManagerClient, args: argparse.Namespace) -> int:
 
 async def cmd_logs(mc: ManagerClient, args: argparse.Namespace) -> int:
     c = (await mc.inspect(args.container)).container
-    tail = LogTail(Path(c.log_path), sys.stdout.fileno())
+    path = Path(c.log_path)
+    stamped = args.timestamps or args.since
+    tail = LogTail(
+        path,
+        sys.stdout.fileno(),
+        times=LineTimes.for_log(path) if stamped else None,
+        timestamps=args.timestamps,
+        since_ns=args.since,
+    )
     if args.tail >= 0:
         tail.seek_last_lines(args.tail)
     try:
         if not args.follow or c.exited:
             tail.pump()
+            tail.flush()
             return 0
         done = asyncio.Event()
         follower = asyncio.create_task(tail.follow(done))

@@ -26,6 +26,7 @@ from google.protobuf import any_pb2, empty_pb2
 from manager import network
 from manager.images import ImageStore
 from manager.launcher import ShimLauncher, ShimLaunchError, find_shim_binary
+from manager.logindex import LogIndexer
 from manager.paths import Paths
 from manager.records import RecordStore
 from manager.service import EVENTS_SERVICE, EventsService, ManagerService
@@ -138,6 +139,7 @@ async def serve(paths: Paths, args: argparse.Namespace) -> None:
         ipam_dir=str(paths.cni_ipam_dir),
     )
     sup = Supervisor(paths, store, launcher, images, bridge)
+    sup.log_index = LogIndexer()
 
     # Events first: shims that queued exits while we were down deliver them as we recover.
     events = Server(peer_check=root_or_same_user_peer_check)

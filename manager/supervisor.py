@@ -29,6 +29,7 @@ from manager import network as cni
 from manager import spec as ocispec
 from manager.images import ImageStore
 from manager.launcher import ShimLauncher, ShimLaunchError
+from manager.logindex import LogIndexer
 from manager.paths import Paths
 from manager.records import ContainerRecord, MountSpec, PortSpec, RecordStore, UserMount
 from manager.shimclient import ShimClient
@@ -134,6 +135,8 @@ class Supervisor:
         self.paths = paths
         self.network = network or cni.BridgeNetwork(ipam_dir=str(paths.cni_ipam_dir))
         self.volumes = VolumeStore(paths.volumes_dir, valid_identifier)
+        # Set by pyshimd once its loop runs; None = no `logs -t` times (unit tests).
+        self.log_index: LogIndexer | None = None
         self.store = store
         self.launcher = launcher
         self.images = images
@@ -588,6 +591,8 @@ class Supervisor:
         ]
         if c.relay is None:
             c.relay = LogRelay(cid, make_log_fifo(bundle))
+        if self.log_index is not None:
+            self.log_index.watch(self.paths.log(cid))
         rec.started_at_ns = _now_ns()
         address = await self.launcher.start(cid, bundle)
         c.record.shim_address = address
@@ -632,6 +637,8 @@ class Supervisor:
             c.restart_task.cancel()
         await self._release_shim(c)
         await self._release_network(c)
+        if self.log_index is not None:
+            self.log_index.unwatch(self.paths.log(c.id))
         if c.relay is not None:
             c.relay.close()
             c.relay = None
@@ -966,6 +973,8 @@ class Supervisor:
             if rec.exited:
                 c.exited.set()
             self.containers[rec.id] = c
+            if self.log_index is not None and not rec.exited:
+                self.log_index.watch(self.paths.log(rec.id))
         await asyncio.gather(*(self._reconnect(c) for c in list(self.containers.values())))
         for c in list(self.containers.values()):
             rec = c.record
@@ -1045,6 +1054,8 @@ class Supervisor:
                 c.relay.close()
         for task in list(self._tasks):
             task.cancel()
+        if self.log_index is not None:
+            self.log_index.close()
 
 
 async def _delete_task(client: ShimClient, cid: str) -> None:

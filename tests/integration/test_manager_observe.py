@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
 import json
+import os
 import signal
 import subprocess
 import time
@@ -107,3 +109,52 @@ def test_logs_tail(manager: Manager) -> None:
     assert manager.ok("logs", "--tail", "all", "lines") == "".join(f"{i}\n" for i in range(1, 11))
     res = manager.cli("logs", "--tail", "x", "lines")
     assert res.returncode == 2 and "invalid --tail" in res.stderr
+
+
+USR1_PRINTS = (
+    "trap 'echo second' USR1; trap 'echo third' USR2; echo first; while :; do sleep 0.1; done"
+)
+
+
+def _stamped(m: Manager, *args: str) -> list[tuple[int, str]]:
+    """`logs -t` lines as (unix ns, text)."""
+    out = []
+    for line in m.ok("logs", "-t", *args).splitlines():
+        stamp, _, text = line.partition(" ")
+        when = datetime.datetime.fromisoformat(stamp[:26] + "+00:00")
+        out.append((int(when.timestamp()) * 10**9 + int(stamp[20:29]), text))
+    return out
+
+
+def test_logs_timestamps_and_since(manager: Manager) -> None:
+    cid = manager.ok("run", "-d", "--name", "ts", "--", "sh", "-c", USR1_PRINTS).strip()
+    index = manager.state_dir / "containers" / cid / "ctr.log.idx"
+    wait_for(lambda: index.exists() and index.read_text().startswith("6 "))  # "first\n"
+    mid = time.time_ns()
+    manager.ok("kill", "-s", "USR1", "ts")
+    wait_for(lambda: manager.ok("logs", "ts") == "first\nsecond\n")
+    wait_for(lambda: len(index.read_text().splitlines()) >= 2)
+    (t1, l1), (t2, l2) = _stamped(manager, "ts")
+    assert (l1, l2) == ("first", "second")
+    assert t1 < mid < t2 <= time.time_ns()
+    assert manager.ok("logs", "--since", f"{mid / 1e9:.9f}", "ts") == "second\n"
+    assert manager.ok("logs", "--since", "1h", "ts") == "first\nsecond\n"
+    assert manager.ok("logs", "--since", "2999-01-01T00:00:00Z", "ts") == ""
+    assert [t for t, _ in _stamped(manager, "--tail", "1", "ts")] == [t2]
+
+    # Written while pyshimd is down: stamped with the log's last write, not made up.
+    manager.kill(signal.SIGKILL)
+    down = time.time_ns()
+    os.kill(int(json.loads(_record(manager, cid))["pid"]), signal.SIGUSR2)
+    log = manager.state_dir / "containers" / cid / "ctr.log"
+    wait_for(lambda: log.read_text().endswith("third\n"))
+    manager.start()
+    lines = _stamped(manager, "ts")
+    assert [t for _, t in lines] == ["first", "second", "third"]
+    assert down <= lines[2][0] <= time.time_ns()
+    res = manager.cli("logs", "--since", "yesterday", "ts")
+    assert res.returncode == 2 and "invalid --since" in res.stderr
+
+
+def _record(m: Manager, cid: str) -> str:
+    return (m.state_dir / "containers" / cid / "record.json").read_text()
