@@ -27,7 +27,7 @@ from manager.streams import LogTail, forward_stdin
 from manager.terminal import raw_mode, terminal_size
 from protocol.proto import timeutil
 from protocol.proto.manager.v1 import manager_pb2 as pb
-from protocol.ttrpc.status import TtrpcError
+from protocol.ttrpc.status import Code, TtrpcError
 
 # docker's convention: the manager failed, as opposed to the container's own status.
 EXIT_MANAGER_ERROR = 125
@@ -321,6 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--json", action="store_true")
     tp.add_argument("container")
 
+    pl = sub.add_parser("pull", help="fetch an image from a registry (OCI distribution API)")
+    pl.add_argument("ref", metavar="IMAGE", help="e.g. busybox, registry.example:5000/app:1")
+    lo = sub.add_parser("login", help="keep credentials for a registry (checked first)")
+    lo.add_argument("registry", metavar="HOST[:PORT]")
+    lo.add_argument("-u", "--username", required=True)
+    lo.add_argument("-p", "--password", help="prefer --password-stdin")
+    lo.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+
     vol = sub.add_parser("volume", help="manage named volumes")
     vsub = vol.add_subparsers(dest="volume_command", required=True, metavar="COMMAND")
     vc = vsub.add_parser("create", help="create a volume (run -v NAME:/dir also does)")
@@ -456,7 +464,15 @@ async def cmd_run(mc: ManagerClient, args: argparse.Namespace) -> int:
         raise UsageError("--rm and --restart cannot be combined")
     if args.tty:
         cfg.tty_width, cfg.tty_height = terminal_size(sys.stdin.fileno())
-    resp = await mc.call("Run", pb.RunRequest(config=cfg), pb.RunResponse)
+    try:
+        resp = await mc.call("Run", pb.RunRequest(config=cfg), pb.RunResponse)
+    except TtrpcError as exc:
+        if not (image and exc.code == Code.NOT_FOUND and exc.message.startswith("image ")):
+            raise
+        # docker's way: an image that is not here is pulled, then run.
+        sys.stderr.write(f"Unable to find image {image!r} locally\n")
+        await _pull(mc, image)
+        resp = await mc.call("Run", pb.RunRequest(config=cfg), pb.RunResponse)
     c = resp.container
     if args.detach:
         print(c.id)
@@ -803,6 +819,53 @@ async def cmd_top(mc: ManagerClient, args: argparse.Namespace) -> int:
     return 0
 
 
+# How often a pull's progress is redrawn on a terminal.
+PROGRESS_INTERVAL = 0.2
+
+
+def _bar(lp: pb.LayerProgress, width: int = 30) -> str:
+    name = lp.digest.removeprefix("sha256:")[:12]
+    if lp.state in ("downloading", "waiting") and lp.size:
+        filled = min(width, width * lp.done // lp.size)
+        bar = "=" * filled + (">" if filled < width else "") + " " * (width - filled - 1)
+        return f"{name}: {lp.state:<11} [{bar[:width]}] {_size(lp.done)}/{_size(lp.size)}"
+    return f"{name}: {lp.state}"
+
+
+async def _pull(mc: ManagerClient, ref: str) -> pb.Image:
+    """Pull, drawing a bar per layer while it runs when stdout is a terminal."""
+    pulling = asyncio.create_task(mc.call("Pull", pb.PullRequest(ref=ref), pb.PullResponse))
+    if os.isatty(sys.stdout.fileno()):
+        drawn = 0
+        while not pulling.done():
+            await asyncio.wait({pulling}, timeout=PROGRESS_INTERVAL)
+            prog = await mc.call(
+                "PullProgress", pb.PullProgressRequest(ref=ref), pb.PullProgressResponse
+            )
+            lines = [_bar(lp) for lp in prog.layers]
+            sys.stdout.write(("\x1b[F" * drawn) + "".join(f"\x1b[2K{ln}\n" for ln in lines))
+            sys.stdout.flush()
+            drawn = len(lines)
+    image = (await pulling).image
+    print(f"{image.ref} {image.digest}")
+    return image
+
+
+async def cmd_pull(mc: ManagerClient, args: argparse.Namespace) -> int:
+    await _pull(mc, args.ref)
+    return 0
+
+
+async def cmd_login(mc: ManagerClient, args: argparse.Namespace) -> int:
+    if args.password_stdin == (args.password is not None):
+        raise UsageError("give the password with exactly one of -p and --password-stdin")
+    password = sys.stdin.readline().rstrip("\n") if args.password_stdin else args.password
+    req = pb.LoginRequest(registry=args.registry, username=args.username, password=password)
+    await mc.empty("Login", req)
+    print("Login Succeeded")
+    return 0
+
+
 async def cmd_volume(mc: ManagerClient, args: argparse.Namespace) -> int:
     if args.volume_command == "create":
         v = await mc.call("VolumeCreate", pb.VolumeCreateRequest(name=args.name), pb.Volume)
@@ -864,6 +927,8 @@ COMMANDS = {
     "unpause": cmd_unpause,
     "volume": cmd_volume,
     "stats": cmd_stats,
+    "pull": cmd_pull,
+    "login": cmd_login,
     "top": cmd_top,
     "image": cmd_image,
 }

@@ -28,6 +28,7 @@ from manager.images import ImageStore
 from manager.launcher import ShimLauncher, ShimLaunchError, find_shim_binary
 from manager.logindex import LogIndexer
 from manager.paths import Paths
+from manager.pulls import Puller
 from manager.records import RecordStore
 from manager.service import EVENTS_SERVICE, EventsService, ManagerService
 from manager.supervisor import Supervisor
@@ -63,6 +64,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--cni-path",
         default=network.DEFAULT_CNI_PATH,
         help=f"CNI plugin binaries (default {network.DEFAULT_CNI_PATH})",
+    )
+    p.add_argument(
+        "--certs-dir",
+        default="/etc/pyshim/certs.d",
+        help="extra registry CAs as DIR/HOST[:PORT]/*.crt (default /etc/pyshim/certs.d)",
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p.parse_args(argv)
@@ -148,7 +154,8 @@ async def serve(paths: Paths, args: argparse.Namespace) -> None:
     await sup.recover()
 
     api = Server(peer_check=api_peer_check(gid))
-    ManagerService(sup, images).register(api)
+    puller = Puller(images, paths.state_dir, Path(args.certs_dir))
+    ManagerService(sup, images, puller).register(api)
     await api.serve_socket(_bind_socket(paths.socket, 0o660 if gid is not None else 0o600, gid))
     paths.pid_file.write_text(f"{os.getpid()}\n")
     log.info("pyshimd %d serving %s (state %s)", os.getpid(), paths.socket, paths.state_dir)

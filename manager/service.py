@@ -16,6 +16,7 @@ from google.protobuf import empty_pb2, json_format
 from google.protobuf.message import Message
 
 from manager.images import ImageEntry, ImageError, ImageNotFound, ImageStore
+from manager.pulls import Puller
 from manager.supervisor import Supervisor, container_message
 from manager.volumes import VolumeError, VolumeInfo, VolumeNotFound
 from protocol.proto import anyutil, timeutil
@@ -52,9 +53,10 @@ def _timeout(req: pb.StopRequest) -> float | None:
 
 
 class ManagerService:
-    def __init__(self, supervisor: Supervisor, images: ImageStore) -> None:
+    def __init__(self, supervisor: Supervisor, images: ImageStore, puller: Puller) -> None:
         self.sup = supervisor
         self.images = images
+        self.puller = puller
 
     async def run(self, ctx: RequestContext, req: pb.RunRequest) -> pb.RunResponse:
         if not req.config.args and not req.config.image:
@@ -161,6 +163,38 @@ class ManagerService:
             ]
         )
 
+    async def pull(self, ctx: RequestContext, req: pb.PullRequest) -> pb.PullResponse:
+        try:
+            entry = await self.puller.pull(req.ref)
+        except ImageError as exc:
+            raise TtrpcError(Code.FAILED_PRECONDITION, f"pull {req.ref}: {exc}") from exc
+        except OSError as exc:
+            raise TtrpcError(Code.UNKNOWN, f"pull {req.ref}: {exc}") from exc
+        return pb.PullResponse(image=_image_message(entry))
+
+    async def pull_progress(
+        self, ctx: RequestContext, req: pb.PullProgressRequest
+    ) -> pb.PullProgressResponse:
+        p = self.puller.progress(req.ref)
+        if p is None:
+            return pb.PullProgressResponse()
+        return pb.PullProgressResponse(
+            active=not p.finished,
+            layers=[
+                pb.LayerProgress(digest=lp.digest, size=lp.size, done=lp.done, state=lp.state)
+                for lp in p.layers
+            ],
+        )
+
+    async def login(self, ctx: RequestContext, req: pb.LoginRequest) -> empty_pb2.Empty:
+        if not req.registry or not req.username:
+            raise TtrpcError(Code.INVALID_ARGUMENT, "login needs a registry and a user name")
+        try:
+            await self.puller.login(req.registry, req.username, req.password)
+        except ImageError as exc:
+            raise TtrpcError(Code.PERMISSION_DENIED, str(exc)) from exc
+        return empty_pb2.Empty()
+
     def _volume_users(self, name: str) -> builtins.list[str]:
         return sorted(
             c.record.name
@@ -223,6 +257,9 @@ class ManagerService:
                 "Unpause": Method(pb.PauseRequest, self.unpause),
                 "Stats": Method(pb.StatsRequest, self.stats),
                 "Top": Method(pb.TopRequest, self.top),
+                "Pull": Method(pb.PullRequest, self.pull),
+                "PullProgress": Method(pb.PullProgressRequest, self.pull_progress),
+                "Login": Method(pb.LoginRequest, self.login),
                 "VolumeCreate": Method(pb.VolumeCreateRequest, self.volume_create),
                 "VolumeList": Method(pb.VolumeListRequest, self.volume_list),
                 "VolumeRemove": Method(pb.VolumeRemoveRequest, self.volume_remove),

@@ -85,8 +85,10 @@ def test_clear_errors(manager: Manager) -> None:
     for args in (["wait", "ghost"], ["logs", "ghost"], ["kill", "ghost"], ["inspect", "ghost"]):
         res = manager.cli(*args)
         assert res.returncode == 125 and "no such container: ghost" in res.stderr, res.stderr
-    res = manager.cli("run", "no-such-image:1", "--", "true")
-    assert res.returncode == 125 and "pyshim image import" in res.stderr
+    # Pulled when missing: from a loopback port nothing listens on (no outside traffic).
+    res = manager.cli("run", "127.0.0.1:9/no-such-image:1", "--", "true")
+    assert res.returncode == 125 and "Unable to find image" in res.stderr, res.stderr
+    assert "pull 127.0.0.1:9/no-such-image:1: 127.0.0.1:9:" in res.stderr, res.stderr
     res = manager.cli("run", "--memory", "huge", "--", "true")
     assert res.returncode == 2
 

@@ -59,11 +59,13 @@ class Manager:
         # comments (the CNI network is named after the bridge).
         self.bridge = f"psm{secrets.token_hex(4)}"
         self.subnet = free_subnet()
+        # Registry CAs, as <certs_dir>/<host:port>/ca.crt.
+        self.certs_dir = root / "certs.d"
 
     def start(self) -> None:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [PYSHIMD, "--log-level", "debug", "--bridge", self.bridge, "--subnet", self.subnet],
+            [PYSHIMD, "--log-level", "debug", *self.daemon_flags()],
             env=self.env,
             stdout=log,
             stderr=log,
@@ -78,6 +80,12 @@ class Manager:
             if time.monotonic() > deadline:
                 pytest.fail(f"pyshimd did not start:\n{self.daemon_log()}")
             time.sleep(0.05)
+
+    def daemon_flags(self) -> list[str]:
+        return [
+            *("--bridge", self.bridge, "--subnet", self.subnet),
+            *("--certs-dir", str(self.certs_dir)),
+        ]
 
     def daemon_log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
