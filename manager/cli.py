@@ -14,20 +14,22 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from google.protobuf import empty_pb2
-from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
 from manager import units
 from manager.apiclient import ManagerClient, ManagerNotRunning
-from manager.logindex import LineTimes
 from manager.paths import Paths
 from manager.streams import LogTail, forward_stdin
 from manager.terminal import raw_mode, terminal_size
 from protocol.proto import timeutil
 from protocol.proto.manager.v1 import manager_pb2 as pb
 from protocol.ttrpc.status import Code, TtrpcError
+
+if TYPE_CHECKING:
+    from manager.logindex import LineTimes
 
 # docker's convention: the manager failed, as opposed to the container's own status.
 EXIT_MANAGER_ERROR = 125
@@ -540,6 +542,22 @@ async def cmd_attach(mc: ManagerClient, args: argparse.Namespace) -> int:
     return res.exit_status
 
 
+def _to_dict(msg: Message) -> dict[str, object]:
+    """Proto field names, every field (as `--json` and `inspect` show them)."""
+    # Imported when asked for: json_format costs every other command ~10 ms.
+    from google.protobuf.json_format import MessageToDict
+
+    return MessageToDict(
+        msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+
+
+def _line_times(path: Path) -> LineTimes:
+    from manager.logindex import LineTimes
+
+    return LineTimes.for_log(path)
+
+
 def _ago(ts_ns: int) -> str:
     secs = max(0, int(time.time() - ts_ns / 1e9))
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
@@ -559,9 +577,7 @@ def status_text(c: pb.Container) -> str:
 
 
 def container_json(c: pb.Container) -> dict[str, object]:
-    d = MessageToDict(
-        c, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
+    d = _to_dict(c)
     if not c.exited:
         d.pop("exited_at", None)
     return d
@@ -599,7 +615,7 @@ async def cmd_logs(mc: ManagerClient, args: argparse.Namespace) -> int:
     tail = LogTail(
         path,
         sys.stdout.fileno(),
-        times=LineTimes.for_log(path) if stamped else None,
+        times=_line_times(path) if stamped else None,
         timestamps=args.timestamps,
         since_ns=args.since,
     )
@@ -751,7 +767,7 @@ def _stats_rows(
 ) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
     for s in now:
-        d = _message_json(s)
+        d = _to_dict(s)
         d["cpu_percent"] = round(_cpu_percent(before.get(s.id), s), 2)
         d["memory_percent"] = (
             round(100.0 * s.memory_usage / s.memory_limit, 2) if s.memory_limit else None
@@ -810,7 +826,7 @@ async def cmd_stats(mc: ManagerClient, args: argparse.Namespace) -> int:
 async def cmd_top(mc: ManagerClient, args: argparse.Namespace) -> int:
     resp = await mc.call("Top", pb.TopRequest(container=args.container), pb.TopResponse)
     if args.json:
-        print(json.dumps([_message_json(p) for p in resp.processes], indent=2))
+        print(json.dumps([_to_dict(p) for p in resp.processes], indent=2))
         return 0
     _table(
         [("PID", "PPID", "USER", "COMMAND")]
@@ -874,7 +890,7 @@ async def cmd_volume(mc: ManagerClient, args: argparse.Namespace) -> int:
     if args.volume_command == "ls":
         listed = await mc.call("VolumeList", pb.VolumeListRequest(), pb.VolumeListResponse)
         if args.json:
-            print(json.dumps([_message_json(v) for v in listed.volumes], indent=2))
+            print(json.dumps([_to_dict(v) for v in listed.volumes], indent=2))
             return 0
         _table(
             [("NAME", "USED BY", "MOUNTPOINT")]
@@ -882,12 +898,6 @@ async def cmd_volume(mc: ManagerClient, args: argparse.Namespace) -> int:
         )
         return 0
     return await _each(mc, args.names, "VolumeRemove", lambda n: pb.VolumeRemoveRequest(name=n))
-
-
-def _message_json(msg: Message) -> dict[str, object]:
-    return MessageToDict(
-        msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
 
 
 def _format_table(rows: Sequence[Sequence[str]]) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 from google.protobuf import empty_pb2, json_format
 from google.protobuf.message import Message
 
+from manager.apiclient import MANAGER_SERVICE
 from manager.images import ImageEntry, ImageError, ImageNotFound, ImageStore
 from manager.pulls import Puller
 from manager.supervisor import Supervisor, container_message
@@ -28,7 +29,6 @@ from protocol.ttrpc.status import Code, TtrpcError
 
 log = logging.getLogger("pyshimd")
 
-MANAGER_SERVICE = "pyshim.manager.v1.Manager"
 EVENTS_SERVICE = "containerd.services.events.ttrpc.v1.Events"
 SEEN_EXITS_MAX = 4096
 

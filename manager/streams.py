@@ -13,8 +13,10 @@ import select
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from manager.logindex import LineTimes
+if TYPE_CHECKING:
+    from manager.logindex import LineTimes
 
 # Only while following: how often a quiet log is looked at again.
 POLL_INTERVAL = 0.05

@@ -656,11 +656,14 @@ class Supervisor:
             c.monitor = None
         client = c.client
         shim_done = c.record.shim_gone or not c.record.shim_address
+        clean = False
         if client is not None and not client.closed:
-            shim_done = await _stop_shim(client, c.id)
+            shim_done, clean = await _stop_shim(client, c.id)
             client.close()
         c.client = None
-        if not shim_done or Path(c.record.bundle, "address").exists():
+        # After a clean Delete + Shutdown there is nothing left for the shim's `delete`
+        # (containerd does not run it then either): one process start saved per rm.
+        if not clean and (not shim_done or Path(c.record.bundle, "address").exists()):
             # The shim's own cleanup for whatever the RPCs could not do (runc state,
             # rootfs mounts); harmless when they already did.
             try:
@@ -1077,22 +1080,25 @@ async def _delete_task(client: ShimClient, cid: str) -> None:
     await client.delete(cid)
 
 
-async def _stop_shim(client: ShimClient, cid: str) -> bool:
-    """Delete + Shutdown as containerd does; True once the shim has gone away."""
+async def _stop_shim(client: ShimClient, cid: str) -> tuple[bool, bool]:
+    """Delete + Shutdown as containerd does: (the shim has gone away, and the task was
+    deleted first)."""
+    deleted = True
     try:
         await _delete_task(client, cid)
     except ConnectionClosedError:
-        return False
+        return False, False
     except TtrpcError as exc:
         log.warning("container %s: Delete: %s", cid, exc)
+        deleted = False
     with contextlib.suppress(TtrpcError):
         await client.shutdown(cid)
     try:
         async with asyncio.timeout(SHIM_EXIT_WAIT):
             await client.wait_closed()
     except TimeoutError:
-        return False
-    return True
+        return False, False
+    return True, deleted
 
 
 def _stop_shim_processes(container_id: str, manager_address: str) -> None:
