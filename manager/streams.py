@@ -20,9 +20,6 @@ if TYPE_CHECKING:
 
 # Only while following: how often a quiet log is looked at again.
 POLL_INTERVAL = 0.05
-# After the process exited, the shim may still be copying its last output.
-SETTLE_QUIET = 0.2
-SETTLE_MAX = 2.0
 CHUNK = 65536
 
 
@@ -132,18 +129,9 @@ class LogTail:
             if not self.pump():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(done.wait(), POLL_INTERVAL)
-        await self.settle()
-
-    async def settle(self) -> None:
-        loop = asyncio.get_running_loop()
-        end = loop.time() + SETTLE_MAX
-        quiet_since = loop.time()
-        while loop.time() < end:
-            if self.pump():
-                quiet_since = loop.time()
-            elif loop.time() - quiet_since >= SETTLE_QUIET:
-                break
-            await asyncio.sleep(POLL_INTERVAL)
+        # The shim drains a process's output into the log before it reports the exit
+        # (up to its own drain timeout), so what is there now is all there is.
+        self.pump()
         self.flush()
 
     def close(self) -> None:
