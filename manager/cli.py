@@ -345,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     imp = isub.add_parser("import", help="import an OCI image layout or docker-archive tar")
     imp.add_argument("archive")
     imp.add_argument("--ref", default="", help="name for an image the archive leaves unnamed")
-    isub.add_parser("ls", help="list images")
+    ils = isub.add_parser("ls", help="list images")
+    ils.add_argument("--json", action="store_true")
     irm = isub.add_parser("rm", help="remove an image")
     irm.add_argument("ref")
     return p
@@ -735,12 +736,16 @@ async def cmd_image(mc: ManagerClient, args: argparse.Namespace) -> int:
         return 0
     if args.image_command == "ls":
         listed = await mc.call("ImageList", pb.ImageListRequest(), pb.ImageListResponse)
-        rows = [("REF", "DIGEST", "LAYERS", "SIZE")]
-        for im in listed.images:
-            rows.append((im.ref, im.digest[:19], str(len(im.layers)), _size(im.size)))
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        for r in rows:
-            print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+        if args.json:
+            print(json.dumps([_to_dict(im) for im in listed.images], indent=2))
+            return 0
+        _table(
+            [("REF", "DIGEST", "LAYERS", "SIZE")]
+            + [
+                (im.ref, im.digest[:19], str(len(im.layers)), _size(im.size))
+                for im in listed.images
+            ]
+        )
         return 0
     await mc.empty("ImageRemove", pb.ImageRemoveRequest(ref=args.ref))
     print(args.ref)

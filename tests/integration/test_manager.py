@@ -141,6 +141,8 @@ def test_image_import_run_and_remove(manager: Manager) -> None:
     out = manager.ok("image", "import", str(archive))
     assert out.startswith("docker.io/library/bb:1 sha256:")
     assert "docker.io/library/bb:1" in manager.ok("image", "ls")
+    listed = json.loads(manager.ok("image", "ls", "--json"))
+    assert [(im["ref"], len(im["layers"])) for im in listed] == [("docker.io/library/bb:1", 1)]
     res = manager.cli("run", "--name", "b1", "bb:1", "--", "sh", "-c", "echo img > /f; cat /f")
     assert (res.returncode, res.stdout) == (0, "img\n"), res.stderr + manager.daemon_log()
     # A second container from the same image sees the image, not b1's writes.
