@@ -68,7 +68,7 @@ def test_stop_timeout_then_sigkill_and_stop_signal(manager: Manager) -> None:
     manager.ok("stop", "-t", "1", "deaf")
     took = time.monotonic() - t0
     assert _field(manager, "deaf", "exit_status") == 137
-    assert 1.0 <= took < 10, took
+    assert 1.0 <= took < 30, took  # at least the grace; a busy CI machine adds to it
 
     manager.ok(
         "run", "-d", "--name", "usr1", "--stop-signal", "USR1", "--", "sh", "-c",
