@@ -162,3 +162,30 @@ def test_network_errors_are_clear(manager: Manager) -> None:
     assert res.returncode == 125 and "needs the bridge network" in res.stderr, res.stderr
     assert json.loads(manager.ok("ps", "--all", "--json")) == []
     assert manager.network_traces() == []
+
+
+def test_udp_port(manager: Manager) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # busybox's nc has no UDP; the host view (no image) has the host's python3.
+    server = (
+        "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM);"
+        " s.bind(('0.0.0.0', 9000))\nwhile True: print(s.recv(100).decode(), end='', flush=True)"
+    )
+    manager.ok(
+        "run", "-d", "--name", "udp", "-p", f"{port}:9000/udp", "--", "python3", "-c", server
+    )
+    assert manager.inspect("udp")["ports"] == [
+        {"host_port": port, "container_port": 9000, "protocol": "udp", "host_ip": ""}
+    ]
+
+    def delivered() -> bool:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(b"ping over udp\n", ("127.0.0.1", port))
+        return "ping over udp" in manager.ok("logs", "udp")
+
+    wait_for(delivered)
+    ip = str(manager.inspect("udp")["ip_address"])
+    manager.ok("rm", "-f", "udp")
+    assert _leftovers(manager, ip) == []
