@@ -8,11 +8,13 @@ from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 
 from manager.paths import Paths
-from manager.service import MANAGER_SERVICE
 from protocol.proto.manager.v1 import manager_pb2 as pb
 from protocol.ttrpc.client import Client
 
 R = TypeVar("R", bound=Message)
+# The API's ttrpc service name; here, not in service.py, so the CLI does not import the
+# daemon's side (supervisor, images, registry...) to learn it.
+MANAGER_SERVICE = "pyshim.manager.v1.Manager"
 CONNECT_TIMEOUT = 5.0
 
 

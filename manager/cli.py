@@ -5,27 +5,34 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime
 import json
 import os
+import re
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from google.protobuf.json_format import MessageToDict
+from google.protobuf import empty_pb2
+from google.protobuf.message import Message
 
+from manager import units
 from manager.apiclient import ManagerClient, ManagerNotRunning
 from manager.paths import Paths
 from manager.streams import LogTail, forward_stdin
 from manager.terminal import raw_mode, terminal_size
 from protocol.proto import timeutil
 from protocol.proto.manager.v1 import manager_pb2 as pb
-from protocol.ttrpc.status import TtrpcError
+from protocol.ttrpc.status import Code, TtrpcError
+
+if TYPE_CHECKING:
+    from manager.logindex import LineTimes
 
 # docker's convention: the manager failed, as opposed to the container's own status.
 EXIT_MANAGER_ERROR = 125
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 class UsageError(Exception):
@@ -36,21 +43,111 @@ class CommandError(Exception):
     """The request was understood but cannot be done (exit status 125)."""
 
 
-def parse_memory(text: str) -> int:
+def parse_size(text: str) -> int:
     """``67108864``, ``64m``, ``64MiB``, ``1g`` (powers of 1024, as docker)."""
-    t = text.strip().lower().removesuffix("ib").removesuffix("b") if text else ""
-    num = t.rstrip("kmgt")
-    unit = t[len(num) :]
-    if not num or len(unit) > 1:
-        raise argparse.ArgumentTypeError(f"invalid memory size {text!r} (e.g. 64m, 1g)")
     try:
-        value = float(num)
+        return units.parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def parse_restart(text: str) -> tuple[str, int]:
+    """``no``, ``always``, ``unless-stopped``, ``on-failure`` or ``on-failure:N``."""
+    policy, sep, count = text.partition(":")
+    if policy in ("no", "always", "unless-stopped") and not sep:
+        return policy, 0
+    if policy == "on-failure":
+        if not sep:
+            return policy, 0
+        if count.isdigit() and int(count) > 0:
+            return policy, int(count)
+    raise argparse.ArgumentTypeError(
+        f"invalid restart policy {text!r}: no, on-failure[:N], always, unless-stopped"
+    )
+
+
+def parse_publish(text: str) -> pb.PortMapping:
+    """``HOST:CONTAINER[/tcp|udp]`` or ``IP:HOST:CONTAINER[/tcp|udp]``."""
+    spec, _, proto = text.partition("/")
+    proto = proto or "tcp"
+    parts = spec.split(":")
+    host_ip = parts.pop(0) if len(parts) == 3 else ""
+    if len(parts) != 2 or proto not in ("tcp", "udp"):
+        raise argparse.ArgumentTypeError(
+            f"invalid -p {text!r}: expected HOST:CONTAINER[/tcp|udp], e.g. 8080:80"
+        )
+    try:
+        host, container = int(parts[0]), int(parts[1])
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid memory size {text!r} (e.g. 64m, 1g)") from None
-    size = int(value * _UNITS[unit])
-    if size <= 0:
-        raise argparse.ArgumentTypeError(f"memory size must be positive: {text!r}")
-    return size
+        raise argparse.ArgumentTypeError(f"invalid -p {text!r}: ports are numbers") from None
+    if not (0 < host < 65536 and 0 < container < 65536):
+        raise argparse.ArgumentTypeError(f"invalid -p {text!r}: ports are 1-65535")
+    return pb.PortMapping(host_port=host, container_port=container, protocol=proto, host_ip=host_ip)
+
+
+def parse_volume(text: str) -> pb.MountRequest:
+    """``-v /host:/dest[:ro|rw]`` (a bind) or ``-v NAME:/dest[:ro|rw]`` (a named volume)."""
+    parts = text.split(":")
+    mode = parts.pop() if len(parts) == 3 else ""
+    if len(parts) != 2 or not parts[0] or not parts[1] or mode not in ("", "ro", "rw"):
+        raise argparse.ArgumentTypeError(
+            f"invalid -v {text!r}: expected HOST-DIR:DEST[:ro] or VOLUME:DEST[:ro]"
+        )
+    source, dest = parts
+    if not dest.startswith("/"):
+        raise argparse.ArgumentTypeError(f"invalid -v {text!r}: {dest} is not an absolute path")
+    kind = "bind" if source.startswith(("/", ".")) else "volume"
+    if kind == "bind":
+        source = os.path.abspath(source)
+    return pb.MountRequest(type=kind, source=source, destination=dest, readonly=mode == "ro")
+
+
+def parse_tmpfs(text: str) -> pb.MountRequest:
+    """``--tmpfs /dest[:size=64m,mode=1777,noexec]``."""
+    dest, _, options = text.partition(":")
+    if not dest.startswith("/"):
+        raise argparse.ArgumentTypeError(f"invalid --tmpfs {text!r}: {dest} is not absolute")
+    return pb.MountRequest(type="tmpfs", destination=dest, options=options)
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_DURATION_UNITS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_since(text: str) -> int:
+    """docker's --since: a duration before now (Go's form: 1h30m, 45s), an RFC 3339
+    time, or unix seconds; returned as unix ns."""
+    t = text.strip()
+    if t and _DURATION.sub("", t) == "" and _DURATION.match(t):
+        secs = sum(float(n) * _DURATION_UNITS[u] for n, u in _DURATION.findall(t))
+        return time.time_ns() - int(secs * 1e9)
+    try:
+        return int(float(t) * 1e9)
+    except ValueError:
+        pass
+    try:
+        when = datetime.datetime.fromisoformat(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid --since {text!r}: e.g. 10m, 1h30m, 2026-12-06T20:00:00Z, 1765051200"
+        ) from None
+    if when.tzinfo is None:
+        when = when.astimezone()  # a time without a zone is local, as docker reads it
+    return int(when.timestamp() * 1e9)
+
+
+def parse_tail(text: str) -> int:
+    if text == "all":
+        return -1
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"invalid --tail {text!r}: a number of lines or all")
+    return int(text)
+
+
+def parse_timeout(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"invalid timeout {text!r}: whole seconds, e.g. 10")
+    return int(text)
 
 
 def parse_cpus(text: str) -> float:
@@ -104,8 +201,53 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-e", "--env", action="append", default=[], type=parse_env, metavar="K=V")
     run.add_argument("-w", "--workdir", default="")
     run.add_argument("-u", "--user", default="", metavar="UID[:GID]")
-    run.add_argument("-m", "--memory", type=parse_memory, default=0, metavar="BYTES")
+    run.add_argument(
+        "-m", "--memory", type=parse_size, default=0, metavar="SIZE", help="limit, e.g. 512m, 1g"
+    )
     run.add_argument("--cpus", type=parse_cpus, default=0.0)
+    run.add_argument(
+        "--restart",
+        type=parse_restart,
+        default=("no", 0),
+        metavar="POLICY",
+        help="no (default), on-failure[:N], always, unless-stopped",
+    )
+    run.add_argument(
+        "--network",
+        "--net",
+        default="bridge",
+        choices=["bridge", "host", "none"],
+        help="bridge (default: pyshimd's bridge, NAT to the outside), host, none",
+    )
+    run.add_argument(
+        "-p",
+        "--publish",
+        action="append",
+        default=[],
+        type=parse_publish,
+        metavar="HOST:CONTAINER[/PROTO]",
+        help="publish a container port on the host (bridge network)",
+    )
+    run.add_argument(
+        "-v",
+        "--volume",
+        action="append",
+        default=[],
+        type=parse_volume,
+        metavar="SRC:DEST[:ro]",
+        help="bind a host dir (absolute or ./relative SRC) or a named volume (SRC=NAME)",
+    )
+    run.add_argument(
+        "--tmpfs",
+        action="append",
+        default=[],
+        type=parse_tmpfs,
+        metavar="DEST[:OPTS]",
+        help="a tmpfs, e.g. /cache:size=64m,mode=1777",
+    )
+    run.add_argument(
+        "--stop-signal", default="", metavar="SIGNAL", help="for stop (default: the image's)"
+    )
     run.add_argument("--rootfs", default="", help="use this directory as the root")
     run.add_argument("image_and_cmd", nargs=argparse.REMAINDER, metavar="[IMAGE] -- CMD")
 
@@ -127,6 +269,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     lg = sub.add_parser("logs", help="print a container's output")
     lg.add_argument("-f", "--follow", action="store_true")
+    lg.add_argument(
+        "-n", "--tail", type=parse_tail, default=-1, metavar="N", help="only the last N lines"
+    )
+    lg.add_argument("-t", "--timestamps", action="store_true", help="when each line was written")
+    lg.add_argument(
+        "--since",
+        type=parse_since,
+        default=0,
+        metavar="WHEN",
+        help="lines written since: 10m, 1h30m, 2026-12-06T20:00:00Z or unix seconds",
+    )
     lg.add_argument("container")
 
     k = sub.add_parser("kill", help="signal a container")
@@ -143,12 +296,57 @@ def build_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="a container's details as JSON")
     ins.add_argument("container")
 
+    st = sub.add_parser(
+        "stop", help="stop containers: the stop signal, then SIGKILL after the timeout"
+    )
+    st.add_argument(
+        "-t", "--time", type=parse_timeout, default=-1, metavar="SECONDS", help="default 10"
+    )
+    st.add_argument("containers", nargs="+", metavar="container")
+    sa = sub.add_parser("start", help="start stopped containers again (same id, same log)")
+    sa.add_argument("containers", nargs="+", metavar="container")
+    rs = sub.add_parser("restart", help="stop, then start containers")
+    rs.add_argument(
+        "-t", "--time", type=parse_timeout, default=-1, metavar="SECONDS", help="default 10"
+    )
+    rs.add_argument("containers", nargs="+", metavar="container")
+    pa = sub.add_parser("pause", help="freeze every process of containers")
+    pa.add_argument("containers", nargs="+", metavar="container")
+    up = sub.add_parser("unpause", help="thaw paused containers")
+    up.add_argument("containers", nargs="+", metavar="container")
+
+    sts = sub.add_parser("stats", help="CPU, memory, pids and network I/O of containers")
+    sts.add_argument("--no-stream", action="store_true", help="one sample, then exit")
+    sts.add_argument("--json", action="store_true", help="with --no-stream: as JSON")
+    sts.add_argument("containers", nargs="*", metavar="container", help="default: all running")
+    tp = sub.add_parser("top", help="the processes of a container")
+    tp.add_argument("--json", action="store_true")
+    tp.add_argument("container")
+
+    pl = sub.add_parser("pull", help="fetch an image from a registry (OCI distribution API)")
+    pl.add_argument("ref", metavar="IMAGE", help="e.g. busybox, registry.example:5000/app:1")
+    lo = sub.add_parser("login", help="keep credentials for a registry (checked first)")
+    lo.add_argument("registry", metavar="HOST[:PORT]")
+    lo.add_argument("-u", "--username", required=True)
+    lo.add_argument("-p", "--password", help="prefer --password-stdin")
+    lo.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+
+    vol = sub.add_parser("volume", help="manage named volumes")
+    vsub = vol.add_subparsers(dest="volume_command", required=True, metavar="COMMAND")
+    vc = vsub.add_parser("create", help="create a volume (run -v NAME:/dir also does)")
+    vc.add_argument("name")
+    vls = vsub.add_parser("ls", help="list volumes")
+    vls.add_argument("--json", action="store_true")
+    vrm = vsub.add_parser("rm", help="remove volumes no container uses")
+    vrm.add_argument("names", nargs="+", metavar="name")
+
     img = sub.add_parser("image", help="manage images")
     isub = img.add_subparsers(dest="image_command", required=True, metavar="COMMAND")
     imp = isub.add_parser("import", help="import an OCI image layout or docker-archive tar")
     imp.add_argument("archive")
     imp.add_argument("--ref", default="", help="name for an image the archive leaves unnamed")
-    isub.add_parser("ls", help="list images")
+    ils = isub.add_parser("ls", help="list images")
+    ils.add_argument("--json", action="store_true")
     irm = isub.add_parser("rm", help="remove an image")
     irm.add_argument("ref")
     return p
@@ -258,10 +456,26 @@ async def cmd_run(mc: ManagerClient, args: argparse.Namespace) -> int:
         stdin=args.interactive,
         # Foreground --rm is done here, after the last output has been read.
         auto_remove=args.rm and args.detach,
+        restart_policy=args.restart[0],
+        restart_max=args.restart[1],
+        stop_signal=args.stop_signal,
+        network=args.network,
+        ports=args.publish,
+        mounts=[*args.volume, *args.tmpfs],
     )
+    if args.rm and args.restart[0] != "no":
+        raise UsageError("--rm and --restart cannot be combined")
     if args.tty:
         cfg.tty_width, cfg.tty_height = terminal_size(sys.stdin.fileno())
-    resp = await mc.call("Run", pb.RunRequest(config=cfg), pb.RunResponse)
+    try:
+        resp = await mc.call("Run", pb.RunRequest(config=cfg), pb.RunResponse)
+    except TtrpcError as exc:
+        if not (image and exc.code == Code.NOT_FOUND and exc.message.startswith("image ")):
+            raise
+        # docker's way: an image that is not here is pulled, then run.
+        sys.stderr.write(f"Unable to find image {image!r} locally\n")
+        await _pull(mc, image)
+        resp = await mc.call("Run", pb.RunRequest(config=cfg), pb.RunResponse)
     c = resp.container
     if args.detach:
         print(c.id)
@@ -329,6 +543,22 @@ async def cmd_attach(mc: ManagerClient, args: argparse.Namespace) -> int:
     return res.exit_status
 
 
+def _to_dict(msg: Message) -> dict[str, object]:
+    """Proto field names, every field (as `--json` and `inspect` show them)."""
+    # Imported when asked for: json_format costs every other command ~10 ms.
+    from google.protobuf.json_format import MessageToDict
+
+    return MessageToDict(
+        msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+
+
+def _line_times(path: Path) -> LineTimes:
+    from manager.logindex import LineTimes
+
+    return LineTimes.for_log(path)
+
+
 def _ago(ts_ns: int) -> str:
     secs = max(0, int(time.time() - ts_ns / 1e9))
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
@@ -338,15 +568,17 @@ def _ago(ts_ns: int) -> str:
 
 
 def status_text(c: pb.Container) -> str:
+    oom = " OOMKilled" if c.oom_killed else ""
     if c.exited:
-        return f"exited ({c.exit_status}) {_ago(timeutil.ns_from_timestamp(c.exited_at))}"
-    return c.status
+        ago = _ago(timeutil.ns_from_timestamp(c.exited_at))
+        if c.status == "restarting":
+            return f"restarting ({c.exit_status}){oom} {ago}"
+        return f"exited ({c.exit_status}){oom} {ago}"
+    return c.status + oom
 
 
 def container_json(c: pb.Container) -> dict[str, object]:
-    d = MessageToDict(
-        c, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
+    d = _to_dict(c)
     if not c.exited:
         d.pop("exited_at", None)
     return d
@@ -379,10 +611,21 @@ async def cmd_ps(mc: ManagerClient, args: argparse.Namespace) -> int:
 
 async def cmd_logs(mc: ManagerClient, args: argparse.Namespace) -> int:
     c = (await mc.inspect(args.container)).container
-    tail = LogTail(Path(c.log_path), sys.stdout.fileno())
+    path = Path(c.log_path)
+    stamped = args.timestamps or args.since
+    tail = LogTail(
+        path,
+        sys.stdout.fileno(),
+        times=_line_times(path) if stamped else None,
+        timestamps=args.timestamps,
+        since_ns=args.since,
+    )
+    if args.tail >= 0:
+        tail.seek_last_lines(args.tail)
     try:
         if not args.follow or c.exited:
             tail.pump()
+            tail.flush()
             return 0
         done = asyncio.Event()
         follower = asyncio.create_task(tail.follow(done))
@@ -421,6 +664,58 @@ async def cmd_rm(mc: ManagerClient, args: argparse.Namespace) -> int:
     return rc
 
 
+async def _each(
+    mc: ManagerClient, refs: Sequence[str], method: str, make: Callable[[str], Message]
+) -> int:
+    """One request per container, docker's way: print each that worked, report the rest."""
+    rc = 0
+    for ref in refs:
+        try:
+            await mc.call(method, make(ref), _RESPONSES.get(method, empty_pb2.Empty))
+        except TtrpcError as exc:
+            sys.stderr.write(f"pyshim: {exc.message}\n")
+            rc = EXIT_MANAGER_ERROR
+            continue
+        print(ref)
+    return rc
+
+
+_RESPONSES: dict[str, type[Message]] = {
+    "Start": pb.StartResponse,
+    "Restart": pb.StartResponse,
+}
+
+
+async def cmd_stop(mc: ManagerClient, args: argparse.Namespace) -> int:
+    return await _each(
+        mc,
+        args.containers,
+        "Stop",
+        lambda r: pb.StopRequest(container=r, timeout_seconds=args.time),
+    )
+
+
+async def cmd_start(mc: ManagerClient, args: argparse.Namespace) -> int:
+    return await _each(mc, args.containers, "Start", lambda r: pb.StartRequest(container=r))
+
+
+async def cmd_restart(mc: ManagerClient, args: argparse.Namespace) -> int:
+    return await _each(
+        mc,
+        args.containers,
+        "Restart",
+        lambda r: pb.StopRequest(container=r, timeout_seconds=args.time),
+    )
+
+
+async def cmd_pause(mc: ManagerClient, args: argparse.Namespace) -> int:
+    return await _each(mc, args.containers, "Pause", lambda r: pb.PauseRequest(container=r))
+
+
+async def cmd_unpause(mc: ManagerClient, args: argparse.Namespace) -> int:
+    return await _each(mc, args.containers, "Unpause", lambda r: pb.PauseRequest(container=r))
+
+
 async def cmd_inspect(mc: ManagerClient, args: argparse.Namespace) -> int:
     resp = await mc.inspect(args.container)
     out = container_json(resp.container)
@@ -441,16 +736,184 @@ async def cmd_image(mc: ManagerClient, args: argparse.Namespace) -> int:
         return 0
     if args.image_command == "ls":
         listed = await mc.call("ImageList", pb.ImageListRequest(), pb.ImageListResponse)
-        rows = [("REF", "DIGEST", "LAYERS", "SIZE")]
-        for im in listed.images:
-            rows.append((im.ref, im.digest[:19], str(len(im.layers)), _size(im.size)))
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        for r in rows:
-            print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+        if args.json:
+            print(json.dumps([_to_dict(im) for im in listed.images], indent=2))
+            return 0
+        _table(
+            [("REF", "DIGEST", "LAYERS", "SIZE")]
+            + [
+                (im.ref, im.digest[:19], str(len(im.layers)), _size(im.size))
+                for im in listed.images
+            ]
+        )
         return 0
     await mc.empty("ImageRemove", pb.ImageRemoveRequest(ref=args.ref))
     print(args.ref)
     return 0
+
+
+# How often live stats refresh (docker's too).
+STATS_INTERVAL = 1.0
+# --no-stream's two samples for CPU %, this far apart.
+STATS_SAMPLE_GAP = 0.5
+
+
+def _cpu_percent(before: pb.ContainerStats | None, now: pb.ContainerStats) -> float:
+    """Share of one CPU used between two samples (docker's: 200% = two CPUs busy)."""
+    if before is None:
+        return 0.0
+    dt = timeutil.ns_from_timestamp(now.read_at) - timeutil.ns_from_timestamp(before.read_at)
+    used = now.cpu_usage_ns - before.cpu_usage_ns
+    return 100.0 * used / dt if dt > 0 and used > 0 else 0.0
+
+
+def _stats_rows(
+    before: dict[str, pb.ContainerStats], now: Sequence[pb.ContainerStats]
+) -> list[dict[str, object]]:
+    rows: list[dict[str, object]] = []
+    for s in now:
+        d = _to_dict(s)
+        d["cpu_percent"] = round(_cpu_percent(before.get(s.id), s), 2)
+        d["memory_percent"] = (
+            round(100.0 * s.memory_usage / s.memory_limit, 2) if s.memory_limit else None
+        )
+        rows.append(d)
+    return rows
+
+
+def _stats_table(before: dict[str, pb.ContainerStats], now: Sequence[pb.ContainerStats]) -> str:
+    rows = [("CONTAINER ID", "NAME", "CPU %", "MEM USAGE / LIMIT", "MEM %", "NET I/O", "PIDS")]
+    for s, d in zip(now, _stats_rows(before, now), strict=True):
+        limit = _size(s.memory_limit) if s.memory_limit else "-"
+        mem_pct = d["memory_percent"]
+        rows.append(
+            (
+                s.id[:12],
+                s.name,
+                f"{d['cpu_percent']:.2f}%",
+                f"{_size(s.memory_usage)} / {limit}",
+                f"{mem_pct:.2f}%" if mem_pct is not None else "-",
+                f"{_size(s.net_rx_bytes)} / {_size(s.net_tx_bytes)}",
+                str(s.pids),
+            )
+        )
+    return _format_table(rows)
+
+
+async def cmd_stats(mc: ManagerClient, args: argparse.Namespace) -> int:
+    if args.json and not args.no_stream:
+        raise UsageError("--json needs --no-stream")
+    req = pb.StatsRequest(containers=args.containers)
+
+    async def sample() -> list[pb.ContainerStats]:
+        return list((await mc.call("Stats", req, pb.StatsResponse)).stats)
+
+    first = await sample()
+    if args.no_stream:
+        await asyncio.sleep(STATS_SAMPLE_GAP)
+        now = await sample()
+        before = {s.id: s for s in first}
+        if args.json:
+            print(json.dumps(_stats_rows(before, now), indent=2))
+        else:
+            sys.stdout.write(_stats_table(before, now))
+        return 0
+    clear = "\x1b[2J\x1b[H" if os.isatty(sys.stdout.fileno()) else ""
+    before = {s.id: s for s in first}
+    while True:
+        await asyncio.sleep(STATS_INTERVAL)
+        now = await sample()
+        sys.stdout.write(clear + _stats_table(before, now))
+        sys.stdout.flush()
+        before = {s.id: s for s in now}
+
+
+async def cmd_top(mc: ManagerClient, args: argparse.Namespace) -> int:
+    resp = await mc.call("Top", pb.TopRequest(container=args.container), pb.TopResponse)
+    if args.json:
+        print(json.dumps([_to_dict(p) for p in resp.processes], indent=2))
+        return 0
+    _table(
+        [("PID", "PPID", "USER", "COMMAND")]
+        + [(str(p.pid), str(p.ppid), p.user, p.command) for p in resp.processes]
+    )
+    return 0
+
+
+# How often a pull's progress is redrawn on a terminal.
+PROGRESS_INTERVAL = 0.2
+
+
+def _bar(lp: pb.LayerProgress, width: int = 30) -> str:
+    name = lp.digest.removeprefix("sha256:")[:12]
+    if lp.state in ("downloading", "waiting") and lp.size:
+        filled = min(width, width * lp.done // lp.size)
+        bar = "=" * filled + (">" if filled < width else "") + " " * (width - filled - 1)
+        return f"{name}: {lp.state:<11} [{bar[:width]}] {_size(lp.done)}/{_size(lp.size)}"
+    return f"{name}: {lp.state}"
+
+
+async def _pull(mc: ManagerClient, ref: str) -> pb.Image:
+    """Pull, drawing a bar per layer while it runs when stdout is a terminal."""
+    pulling = asyncio.create_task(mc.call("Pull", pb.PullRequest(ref=ref), pb.PullResponse))
+    if os.isatty(sys.stdout.fileno()):
+        drawn = 0
+        while not pulling.done():
+            await asyncio.wait({pulling}, timeout=PROGRESS_INTERVAL)
+            prog = await mc.call(
+                "PullProgress", pb.PullProgressRequest(ref=ref), pb.PullProgressResponse
+            )
+            lines = [_bar(lp) for lp in prog.layers]
+            sys.stdout.write(("\x1b[F" * drawn) + "".join(f"\x1b[2K{ln}\n" for ln in lines))
+            sys.stdout.flush()
+            drawn = len(lines)
+    image = (await pulling).image
+    print(f"{image.ref} {image.digest}")
+    return image
+
+
+async def cmd_pull(mc: ManagerClient, args: argparse.Namespace) -> int:
+    await _pull(mc, args.ref)
+    return 0
+
+
+async def cmd_login(mc: ManagerClient, args: argparse.Namespace) -> int:
+    if args.password_stdin == (args.password is not None):
+        raise UsageError("give the password with exactly one of -p and --password-stdin")
+    password = sys.stdin.readline().rstrip("\n") if args.password_stdin else args.password
+    req = pb.LoginRequest(registry=args.registry, username=args.username, password=password)
+    await mc.empty("Login", req)
+    print("Login Succeeded")
+    return 0
+
+
+async def cmd_volume(mc: ManagerClient, args: argparse.Namespace) -> int:
+    if args.volume_command == "create":
+        v = await mc.call("VolumeCreate", pb.VolumeCreateRequest(name=args.name), pb.Volume)
+        print(v.name)
+        return 0
+    if args.volume_command == "ls":
+        listed = await mc.call("VolumeList", pb.VolumeListRequest(), pb.VolumeListResponse)
+        if args.json:
+            print(json.dumps([_to_dict(v) for v in listed.volumes], indent=2))
+            return 0
+        _table(
+            [("NAME", "USED BY", "MOUNTPOINT")]
+            + [(v.name, ",".join(v.used_by) or "-", v.mountpoint) for v in listed.volumes]
+        )
+        return 0
+    return await _each(mc, args.names, "VolumeRemove", lambda n: pb.VolumeRemoveRequest(name=n))
+
+
+def _format_table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "".join(
+        "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() + "\n" for r in rows
+    )
+
+
+def _table(rows: Sequence[Sequence[str]]) -> None:
+    sys.stdout.write(_format_table(rows))
 
 
 def _size(n: int) -> str:
@@ -472,6 +935,16 @@ COMMANDS = {
     "wait": cmd_wait,
     "rm": cmd_rm,
     "inspect": cmd_inspect,
+    "stop": cmd_stop,
+    "start": cmd_start,
+    "restart": cmd_restart,
+    "pause": cmd_pause,
+    "unpause": cmd_unpause,
+    "volume": cmd_volume,
+    "stats": cmd_stats,
+    "pull": cmd_pull,
+    "login": cmd_login,
+    "top": cmd_top,
     "image": cmd_image,
 }
 

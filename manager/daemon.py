@@ -23,9 +23,12 @@ from pathlib import Path
 
 from google.protobuf import any_pb2, empty_pb2
 
+from manager import network
 from manager.images import ImageStore
 from manager.launcher import ShimLauncher, ShimLaunchError, find_shim_binary
+from manager.logindex import LogIndexer
 from manager.paths import Paths
+from manager.pulls import Puller
 from manager.records import RecordStore
 from manager.service import EVENTS_SERVICE, EventsService, ManagerService
 from manager.supervisor import Supervisor
@@ -47,6 +50,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--state-dir", help="records, logs, images (env PYSHIM_STATE_DIR)")
     p.add_argument("--shim-binary", help="path of containerd-shim-pyshim-v1 (default: PATH)")
     p.add_argument("--group", help="group allowed to use the API socket (default: root only)")
+    p.add_argument(
+        "--bridge",
+        default=network.DEFAULT_BRIDGE,
+        help=f"bridge of the default network (default {network.DEFAULT_BRIDGE})",
+    )
+    p.add_argument(
+        "--subnet",
+        default=network.DEFAULT_SUBNET,
+        help=f"its addresses, host-local IPAM (default {network.DEFAULT_SUBNET})",
+    )
+    p.add_argument(
+        "--cni-path",
+        default=network.DEFAULT_CNI_PATH,
+        help=f"CNI plugin binaries (default {network.DEFAULT_CNI_PATH})",
+    )
+    p.add_argument(
+        "--certs-dir",
+        default="/etc/pyshim/certs.d",
+        help="extra registry CAs as DIR/HOST[:PORT]/*.crt (default /etc/pyshim/certs.d)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p.parse_args(argv)
 
@@ -115,7 +138,14 @@ async def serve(paths: Paths, args: argparse.Namespace) -> None:
         paths=paths,
         publish_binary=str(Path(sys.argv[0]).absolute()),
     )
-    sup = Supervisor(paths, store, launcher, images)
+    bridge = network.BridgeNetwork(
+        bridge=args.bridge,
+        subnet=args.subnet,
+        cni_path=args.cni_path,
+        ipam_dir=str(paths.cni_ipam_dir),
+    )
+    sup = Supervisor(paths, store, launcher, images, bridge)
+    sup.log_index = LogIndexer()
 
     # Events first: shims that queued exits while we were down deliver them as we recover.
     events = Server(peer_check=root_or_same_user_peer_check)
@@ -124,7 +154,8 @@ async def serve(paths: Paths, args: argparse.Namespace) -> None:
     await sup.recover()
 
     api = Server(peer_check=api_peer_check(gid))
-    ManagerService(sup, images).register(api)
+    puller = Puller(images, paths.state_dir, Path(args.certs_dir))
+    ManagerService(sup, images, puller).register(api)
     await api.serve_socket(_bind_socket(paths.socket, 0o660 if gid is not None else 0o600, gid))
     paths.pid_file.write_text(f"{os.getpid()}\n")
     log.info("pyshimd %d serving %s (state %s)", os.getpid(), paths.socket, paths.state_dir)
@@ -177,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     lock_fd = _lock(paths)
     try:
         asyncio.run(serve(paths, args))
-    except ShimLaunchError as exc:
+    except (ShimLaunchError, network.NetworkError) as exc:
         sys.stderr.write(f"pyshimd: {exc}\n")
         return 1
     finally:

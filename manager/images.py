@@ -9,6 +9,7 @@ when the layers are stacked and no layer is ever copied per container.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
 import hashlib
 import io
@@ -20,7 +21,7 @@ import shutil
 import stat
 import tarfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -35,11 +36,11 @@ WHITEOUT_PREFIX = ".wh."
 OPAQUE_WHITEOUT = ".wh..wh..opq"
 OPAQUE_XATTR = "trusted.overlay.opaque"
 INDEX_VERSION = 1
-_MANIFEST_TYPES = {
+MANIFEST_TYPES = {
     "application/vnd.oci.image.manifest.v1+json",
     "application/vnd.docker.distribution.manifest.v2+json",
 }
-_INDEX_TYPES = {
+INDEX_TYPES = {
     "application/vnd.oci.image.index.v1+json",
     "application/vnd.docker.distribution.manifest.list.v2+json",
 }
@@ -71,6 +72,7 @@ class ResolvedImage:
     ref: str
     layer_dirs: list[Path]  # lowest first
     defaults: ImageDefaults
+    stop_signal: str = ""  # the image's StopSignal ("" = SIGTERM)
 
 
 def normalize_ref(ref: str) -> str:
@@ -87,6 +89,22 @@ def normalize_ref(ref: str) -> str:
     elif "." not in first and ":" not in first and first != "localhost":
         name = "docker.io/" + name
     return name + (digest_sep + digest if digest_sep else "")
+
+
+def pick_platform(index: dict[str, Any], where: str) -> dict[str, Any]:
+    """The descriptor for this machine (linux/<arch>) in an index or manifest list."""
+    for m in index.get("manifests", []):
+        platform_ = m.get("platform", {})
+        if (
+            platform_.get("os", "linux") == "linux"
+            and platform_.get("architecture", _oci_arch()) == _oci_arch()
+        ):
+            return dict(m)
+    found = sorted(
+        f"{m.get('platform', {}).get('os')}/{m.get('platform', {}).get('architecture')}"
+        for m in index.get("manifests", [])
+    )
+    raise ImageError(f"no manifest for linux/{_oci_arch()} in {where} (has: {', '.join(found)})")
 
 
 def _oci_arch() -> str:
@@ -203,6 +221,10 @@ def _open_uncompressed(raw: IO[bytes]) -> IO[bytes]:
     return raw
 
 
+def _open_binary(path: Path) -> IO[bytes]:
+    return path.open("rb")
+
+
 def _dir_size(path: Path) -> int:
     total = 0
     for dirpath, _, files in os.walk(path):
@@ -263,18 +285,10 @@ def _pick_manifest(archive: _Archive, desc: dict[str, Any]) -> dict[str, Any]:
     for _ in range(8):
         media = desc.get("mediaType", "")
         body = json.loads(archive.read(_blob_name(desc["digest"])))
-        if media in _INDEX_TYPES or "manifests" in body:
-            candidates = [
-                m
-                for m in body.get("manifests", [])
-                if m.get("platform", {}).get("os", "linux") == "linux"
-                and m.get("platform", {}).get("architecture", _oci_arch()) == _oci_arch()
-            ]
-            if not candidates:
-                raise ImageError(f"no manifest for linux/{_oci_arch()} in the archive")
-            desc = candidates[0]
+        if media in INDEX_TYPES or "manifests" in body:
+            desc = pick_platform(body, "the archive")
             continue
-        if media and media not in _MANIFEST_TYPES:
+        if media and media not in MANIFEST_TYPES:
             raise ImageError(f"unsupported manifest type {media}")
         body["_digest"] = desc["digest"]
         return dict(body)
@@ -356,7 +370,9 @@ class ImageStore:
             raise ImageError(f"unsupported layer id {diff_id!r}")
         return self.layers_dir / hexpart
 
-    def _unpack(self, archive: _Archive, blob: str, expected: str | None) -> tuple[str, int]:
+    def _unpack(
+        self, open_blob: Callable[[], IO[bytes]], blob: str, expected: str | None
+    ) -> tuple[str, int]:
         """Unpack one layer unless already present; returns (diff id, unpacked bytes)."""
         if expected:
             done = self.layer_dir(expected)
@@ -365,7 +381,7 @@ class ImageStore:
         self.layers_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.layers_dir / f".tmp-{uuid.uuid4().hex}"
         try:
-            reader = _DigestReader(_open_uncompressed(archive.open(blob)))
+            reader = _DigestReader(_open_uncompressed(open_blob()))
             unpack_layer(io.BufferedReader(reader), tmp)
             # tarfile stops at the end-of-archive marker; the diff id covers the padding.
             while reader.read(65536):
@@ -404,7 +420,9 @@ class ImageStore:
                 size = 0
                 for i, blob in enumerate(image.layer_blobs):
                     expected = image.diff_ids[i] if image.diff_ids else None
-                    diff_id, layer_size = self._unpack(archive, blob, expected)
+                    diff_id, layer_size = self._unpack(
+                        functools.partial(archive.open, blob), blob, expected
+                    )
                     diff_ids.append(diff_id)
                     size += layer_size
                 imported.append(
@@ -416,11 +434,34 @@ class ImageStore:
                         size=size,
                     )
                 )
+        self._add(imported)
+        return imported
+
+    def _add(self, entries: list[ImageEntry]) -> None:
         index = self._load()
-        for entry in imported:
+        for entry in entries:
             index.images[entry.ref] = entry
         self._save(index)
-        return imported
+
+    def add_pulled(
+        self, ref: str, digest: str, config: dict[str, Any], layer_files: list[Path]
+    ) -> ImageEntry:
+        """An image whose blobs a pull verified and left in files: unpack and name it."""
+        diff_ids = list(config.get("rootfs", {}).get("diff_ids", []))
+        if diff_ids and len(diff_ids) != len(layer_files):
+            raise ImageError(f"{ref}: config and manifest disagree on layers")
+        layers: list[str] = []
+        size = 0
+        for i, path in enumerate(layer_files):
+            expected = diff_ids[i] if diff_ids else None
+            diff_id, layer_size = self._unpack(
+                functools.partial(_open_binary, path), path.name, expected
+            )
+            layers.append(diff_id)
+            size += layer_size
+        entry = ImageEntry(ref=ref, digest=digest, layers=layers, config=config, size=size)
+        self._add([entry])
+        return entry
 
     def list(self) -> list[ImageEntry]:
         return sorted(self._load().images.values(), key=lambda e: e.ref)
@@ -433,7 +474,7 @@ class ImageStore:
                 entry = images.get(normalize_ref(ref))
         if entry is None:
             raise ImageNotFound(
-                f"image {ref!r} not found: import it with `pyshim image import ARCHIVE`"
+                f"image {ref!r} not found: `pyshim pull` it or `pyshim image import ARCHIVE`"
             )
         return entry
 
@@ -454,6 +495,7 @@ class ImageStore:
                 workdir=cfg.get("WorkingDir") or "",
                 user=cfg.get("User") or "",
             ),
+            stop_signal=cfg.get("StopSignal") or "",
         )
 
     def overlay_mount(self, image: ResolvedImage, scratch: Path) -> mount_pb2.Mount:

@@ -53,6 +53,9 @@ class Paths:
     def bundle(self, container_id: str) -> Path:
         return self.run_dir / "bundles" / NAMESPACE / container_id
 
+    def netns(self, container_id: str) -> Path:
+        return self.run_dir / "netns" / container_id
+
     def fifo_dir(self, container_id: str) -> Path:
         return self.run_dir / "fifo" / container_id
 
@@ -71,6 +74,14 @@ class Paths:
 
     def exec_log(self, container_id: str, exec_id: str) -> Path:
         return self.container_dir(container_id) / f"exec-{exec_id}.log"
+
+    @property
+    def cni_ipam_dir(self) -> Path:
+        return self.state_dir / "cni" / "ipam"
+
+    @property
+    def volumes_dir(self) -> Path:
+        return self.state_dir / "volumes"
 
     @property
     def images_dir(self) -> Path:

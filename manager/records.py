@@ -5,12 +5,38 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
 from manager.paths import Paths
 
 RECORD_VERSION = 1
+
+
+class MountSpec(msgspec.Struct, kw_only=True):
+    """A rootfs mount handed to the shim's Create."""
+
+    type: str
+    source: str
+    options: list[str] = msgspec.field(default_factory=list)
+
+
+class PortSpec(msgspec.Struct, kw_only=True):
+    host_port: int
+    container_port: int
+    protocol: str = "tcp"
+    host_ip: str = ""
+
+
+class UserMount(msgspec.Struct, kw_only=True):
+    """-v / --tmpfs as given: bind (host path), volume (name) or tmpfs."""
+
+    type: str
+    source: str
+    destination: str
+    readonly: bool = False
+    options: str = ""
 
 
 class ContainerRecord(msgspec.Struct, kw_only=True):
@@ -35,6 +61,26 @@ class ContainerRecord(msgspec.Struct, kw_only=True):
     auto_remove: bool = False
     # The shim was torn down (Delete/Shutdown/delete subcommand); never reconnect.
     shim_gone: bool = False
+    # When the current run started (exits from before it belong to an earlier run).
+    started_at_ns: int = 0
+    # What run was given, kept so a stopped container starts again the same way.
+    rootfs_mounts: list[MountSpec] = msgspec.field(default_factory=list)
+    stop_signal: int = 15
+    # --restart: no, on-failure, always, unless-stopped; restart_max is on-failure's N.
+    restart_policy: str = "no"
+    restart_max: int = 0
+    restart_count: int = 0
+    # `stop` (not the container's own exit): no restart policy brings it back.
+    manually_stopped: bool = False
+    oom_killed: bool = False
+    network: str = "none"
+    ports: list[PortSpec] = msgspec.field(default_factory=list)
+    ip_address: str = ""
+    # The CNI result of ADD, which DEL is given back (CNI's prevResult).
+    cni_result: dict[str, Any] = msgspec.field(default_factory=dict)
+    # The CNI config ADD ran with (DEL must get the same); empty = no CNI network.
+    cni_config: dict[str, Any] = msgspec.field(default_factory=dict)
+    mounts: list[UserMount] = msgspec.field(default_factory=list)
 
     @property
     def exited(self) -> bool:

@@ -6,6 +6,7 @@ Thin: each handler maps a request onto the Supervisor or the ImageStore.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import collections
 import json
 import logging
@@ -14,8 +15,11 @@ from pathlib import Path
 from google.protobuf import empty_pb2, json_format
 from google.protobuf.message import Message
 
+from manager.apiclient import MANAGER_SERVICE
 from manager.images import ImageEntry, ImageError, ImageNotFound, ImageStore
+from manager.pulls import Puller
 from manager.supervisor import Supervisor, container_message
+from manager.volumes import VolumeError, VolumeInfo, VolumeNotFound
 from protocol.proto import anyutil, timeutil
 from protocol.proto.events import forward_pb2
 from protocol.proto.events import task_pb2 as events_pb2
@@ -25,7 +29,6 @@ from protocol.ttrpc.status import Code, TtrpcError
 
 log = logging.getLogger("pyshimd")
 
-MANAGER_SERVICE = "pyshim.manager.v1.Manager"
 EVENTS_SERVICE = "containerd.services.events.ttrpc.v1.Events"
 SEEN_EXITS_MAX = 4096
 
@@ -45,10 +48,15 @@ def _image_error(exc: ImageError) -> TtrpcError:
     return TtrpcError(code, str(exc))
 
 
+def _timeout(req: pb.StopRequest) -> float | None:
+    return None if req.timeout_seconds < 0 else float(req.timeout_seconds)
+
+
 class ManagerService:
-    def __init__(self, supervisor: Supervisor, images: ImageStore) -> None:
+    def __init__(self, supervisor: Supervisor, images: ImageStore, puller: Puller) -> None:
         self.sup = supervisor
         self.images = images
+        self.puller = puller
 
     async def run(self, ctx: RequestContext, req: pb.RunRequest) -> pb.RunResponse:
         if not req.config.args and not req.config.image:
@@ -124,6 +132,108 @@ class ManagerService:
             raise _image_error(exc) from exc
         return empty_pb2.Empty()
 
+    async def stop(self, ctx: RequestContext, req: pb.StopRequest) -> empty_pb2.Empty:
+        await self.sup.stop(req.container, _timeout(req))
+        return empty_pb2.Empty()
+
+    async def start(self, ctx: RequestContext, req: pb.StartRequest) -> pb.StartResponse:
+        c = await self.sup.start(req.container)
+        return pb.StartResponse(container=container_message(c, self.sup.paths))
+
+    async def restart(self, ctx: RequestContext, req: pb.StopRequest) -> pb.StartResponse:
+        c = await self.sup.restart(req.container, _timeout(req))
+        return pb.StartResponse(container=container_message(c, self.sup.paths))
+
+    async def pause(self, ctx: RequestContext, req: pb.PauseRequest) -> empty_pb2.Empty:
+        await self.sup.pause(req.container)
+        return empty_pb2.Empty()
+
+    async def unpause(self, ctx: RequestContext, req: pb.PauseRequest) -> empty_pb2.Empty:
+        await self.sup.unpause(req.container)
+        return empty_pb2.Empty()
+
+    async def stats(self, ctx: RequestContext, req: pb.StatsRequest) -> pb.StatsResponse:
+        return pb.StatsResponse(stats=await self.sup.stats(list(req.containers)))
+
+    async def top(self, ctx: RequestContext, req: pb.TopRequest) -> pb.TopResponse:
+        rows = await self.sup.top(req.container)
+        return pb.TopResponse(
+            processes=[
+                pb.TopProcess(pid=r.pid, ppid=r.ppid, user=r.user, command=r.command) for r in rows
+            ]
+        )
+
+    async def pull(self, ctx: RequestContext, req: pb.PullRequest) -> pb.PullResponse:
+        try:
+            entry = await self.puller.pull(req.ref)
+        except ImageError as exc:
+            raise TtrpcError(Code.FAILED_PRECONDITION, f"pull {req.ref}: {exc}") from exc
+        except OSError as exc:
+            raise TtrpcError(Code.UNKNOWN, f"pull {req.ref}: {exc}") from exc
+        return pb.PullResponse(image=_image_message(entry))
+
+    async def pull_progress(
+        self, ctx: RequestContext, req: pb.PullProgressRequest
+    ) -> pb.PullProgressResponse:
+        p = self.puller.progress(req.ref)
+        if p is None:
+            return pb.PullProgressResponse()
+        return pb.PullProgressResponse(
+            active=not p.finished,
+            layers=[
+                pb.LayerProgress(digest=lp.digest, size=lp.size, done=lp.done, state=lp.state)
+                for lp in p.layers
+            ],
+        )
+
+    async def login(self, ctx: RequestContext, req: pb.LoginRequest) -> empty_pb2.Empty:
+        if not req.registry or not req.username:
+            raise TtrpcError(Code.INVALID_ARGUMENT, "login needs a registry and a user name")
+        try:
+            await self.puller.login(req.registry, req.username, req.password)
+        except ImageError as exc:
+            raise TtrpcError(Code.PERMISSION_DENIED, str(exc)) from exc
+        return empty_pb2.Empty()
+
+    def _volume_users(self, name: str) -> builtins.list[str]:
+        return sorted(
+            c.record.name
+            for c in self.sup.containers.values()
+            if any(m.type == "volume" and m.source == name for m in c.record.mounts)
+        )
+
+    def _volume_message(self, v: VolumeInfo) -> pb.Volume:
+        msg = pb.Volume(
+            name=v.name, mountpoint=str(v.mountpoint), used_by=self._volume_users(v.name)
+        )
+        msg.created_at.CopyFrom(timeutil.timestamp_from_ns(v.created_at_ns))
+        return msg
+
+    async def volume_create(self, ctx: RequestContext, req: pb.VolumeCreateRequest) -> pb.Volume:
+        try:
+            info, _ = self.sup.volumes.create(req.name)
+        except VolumeError as exc:
+            raise TtrpcError(Code.INVALID_ARGUMENT, str(exc)) from exc
+        return self._volume_message(info)
+
+    async def volume_list(
+        self, ctx: RequestContext, req: pb.VolumeListRequest
+    ) -> pb.VolumeListResponse:
+        return pb.VolumeListResponse(
+            volumes=[self._volume_message(v) for v in self.sup.volumes.all()]
+        )
+
+    async def volume_remove(
+        self, ctx: RequestContext, req: pb.VolumeRemoveRequest
+    ) -> empty_pb2.Empty:
+        try:
+            self.sup.volumes.remove(req.name, self._volume_users(req.name))
+        except VolumeNotFound as exc:
+            raise TtrpcError(Code.NOT_FOUND, str(exc)) from exc
+        except VolumeError as exc:
+            raise TtrpcError(Code.FAILED_PRECONDITION, str(exc)) from exc
+        return empty_pb2.Empty()
+
     def register(self, server: Server) -> None:
         server.register(
             MANAGER_SERVICE,
@@ -140,6 +250,19 @@ class ManagerService:
                 "ImageImport": Method(pb.ImageImportRequest, self.image_import),
                 "ImageList": Method(pb.ImageListRequest, self.image_list),
                 "ImageRemove": Method(pb.ImageRemoveRequest, self.image_remove),
+                "Stop": Method(pb.StopRequest, self.stop),
+                "Start": Method(pb.StartRequest, self.start),
+                "Restart": Method(pb.StopRequest, self.restart),
+                "Pause": Method(pb.PauseRequest, self.pause),
+                "Unpause": Method(pb.PauseRequest, self.unpause),
+                "Stats": Method(pb.StatsRequest, self.stats),
+                "Top": Method(pb.TopRequest, self.top),
+                "Pull": Method(pb.PullRequest, self.pull),
+                "PullProgress": Method(pb.PullProgressRequest, self.pull_progress),
+                "Login": Method(pb.LoginRequest, self.login),
+                "VolumeCreate": Method(pb.VolumeCreateRequest, self.volume_create),
+                "VolumeList": Method(pb.VolumeListRequest, self.volume_list),
+                "VolumeRemove": Method(pb.VolumeRemoveRequest, self.volume_remove),
             },
         )
 
@@ -217,7 +340,11 @@ class EventsService:
                 ev.container_id, ev.id, ev.exit_status, timeutil.ns_from_timestamp(ev.exited_at)
             )
         elif env.topic == "/tasks/oom":
-            log.warning("event %s %s", env.topic, env.event.value.hex())
+            try:
+                oom = anyutil.unpack(env.event, events_pb2.TaskOOM)
+            except Exception as exc:
+                raise TtrpcError(Code.INVALID_ARGUMENT, f"bad /tasks/oom event: {exc}") from exc
+            self.sup.on_oom(oom.container_id)
         return empty_pb2.Empty()
 
     def register(self, server: Server) -> None:

@@ -91,6 +91,22 @@ class ShimClient:
         req = shim_pb2.DeleteRequest(id=container_id, exec_id=exec_id)
         return await self._call("Delete", req, shim_pb2.DeleteResponse, CALL_TIMEOUT)
 
+    async def pause(self, container_id: str) -> None:
+        req = shim_pb2.PauseRequest(id=container_id)
+        await self._call("Pause", req, empty_pb2.Empty, CALL_TIMEOUT)
+
+    async def resume(self, container_id: str) -> None:
+        req = shim_pb2.ResumeRequest(id=container_id)
+        await self._call("Resume", req, empty_pb2.Empty, CALL_TIMEOUT)
+
+    async def pids(self, container_id: str) -> shim_pb2.PidsResponse:
+        req = shim_pb2.PidsRequest(id=container_id)
+        return await self._call("Pids", req, shim_pb2.PidsResponse, CALL_TIMEOUT)
+
+    async def stats(self, container_id: str) -> shim_pb2.StatsResponse:
+        req = shim_pb2.StatsRequest(id=container_id)
+        return await self._call("Stats", req, shim_pb2.StatsResponse, CALL_TIMEOUT)
+
     async def shutdown(self, container_id: str) -> None:
         req = shim_pb2.ShutdownRequest(id=container_id)
         await self._call("Shutdown", req, empty_pb2.Empty, SHUTDOWN_TIMEOUT)

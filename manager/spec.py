@@ -174,6 +174,31 @@ def resources(memory_bytes: int, cpus: float) -> dict[str, Any]:
     return res
 
 
+def bind_mount(source: str, destination: str, readonly: bool) -> dict[str, Any]:
+    options = ["rbind", "rprivate"] + (["ro"] if readonly else [])
+    return {"destination": destination, "type": "bind", "source": source, "options": options}
+
+
+def tmpfs_mount(destination: str, options: Sequence[str]) -> dict[str, Any]:
+    opts = ["nosuid", "nodev", *options]
+    if not any(o.startswith("mode=") for o in options):
+        opts.append("mode=1777")
+    return {"destination": destination, "type": "tmpfs", "source": "tmpfs", "options": opts}
+
+
+def _namespaces(network: str, netns_path: str) -> list[dict[str, str]]:
+    spaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
+    if network == "bridge":
+        if not netns_path:
+            raise SpecError("a bridge network needs its namespace's path")
+        spaces.append({"type": "network", "path": netns_path})
+    elif network == "none":
+        spaces.append({"type": "network"})
+    elif network != "host":
+        raise SpecError(f"unknown network {network!r}: bridge, host or none")
+    return spaces
+
+
 def container_spec(
     process: ProcessOptions,
     root: RootView,
@@ -182,7 +207,12 @@ def container_spec(
     memory_bytes: int = 0,
     cpus: float = 0.0,
     cgroups_path: str | None = None,
+    network: str = "none",
+    netns_path: str = "",
+    extra_mounts: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
+    """``network``: host (the host's namespace), none (a new, empty one), bridge (the
+    namespace at ``netns_path``, which CNI has set up)."""
     mounts = _base_mounts()
     if root.host_view:
         mounts += [
@@ -195,9 +225,11 @@ def container_spec(
             {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
              "options": ["nosuid", "nodev", "mode=1777", "size=65536k"]}
         )  # fmt: skip
+    # After the base and host-view mounts, so a user's mount can cover any of them.
+    mounts += extra_mounts
     linux: dict[str, Any] = {
         "resources": resources(memory_bytes, cpus),
-        "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")],
+        "namespaces": _namespaces(network, netns_path),
         "maskedPaths": ["/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys",
                         "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
                         "/proc/sched_debug", "/sys/firmware", "/proc/scsi"],

@@ -10,14 +10,16 @@ import contextlib
 import errno
 import os
 import select
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from manager.logindex import LineTimes
 
 # Only while following: how often a quiet log is looked at again.
 POLL_INTERVAL = 0.05
-# After the process exited, the shim may still be copying its last output.
-SETTLE_QUIET = 0.2
-SETTLE_MAX = 2.0
 CHUNK = 65536
 
 
@@ -32,12 +34,81 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
+def rfc3339_ns(ns: int) -> str:
+    """docker's `logs -t` format: 2026-12-06T20:48:01.123456789Z."""
+    secs, frac = divmod(ns, 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{frac:09d}Z"
+
+
 class LogTail:
-    def __init__(self, path: Path, out_fd: int, *, from_end: bool = False) -> None:
+    """Copies a log file to ``out_fd``; with ``times``, line by line, each stamped
+    (``timestamps``) and/or kept only if written at or after ``since_ns``."""
+
+    def __init__(
+        self,
+        path: Path,
+        out_fd: int,
+        *,
+        from_end: bool = False,
+        times: LineTimes | None = None,
+        timestamps: bool = False,
+        since_ns: int = 0,
+    ) -> None:
         self._f = path.open("rb")
         if from_end:
             self._f.seek(0, os.SEEK_END)
         self._out = out_fd
+        self._times = times
+        self._timestamps = timestamps
+        self._since = since_ns
+        self._partial = b""
+
+    def _emit(self, line: bytes, end_offset: int) -> None:
+        assert self._times is not None
+        at = self._times.at(end_offset)
+        if at < self._since:
+            return
+        if self._timestamps:
+            line = rfc3339_ns(at).encode() + b" " + line
+        _write_all(self._out, line)
+
+    def _lines(self, data: bytes) -> None:
+        buf = self._partial + data
+        start = self._f.tell() - len(buf)
+        pos = 0
+        while (nl := buf.find(b"\n", pos)) >= 0:
+            self._emit(buf[pos : nl + 1], start + nl + 1)
+            pos = nl + 1
+        self._partial = buf[pos:]
+
+    def flush(self) -> None:
+        """The last line, written without its newline (yet)."""
+        if self._times is not None and self._partial:
+            self._emit(self._partial + b"\n", self._f.tell())
+            self._partial = b""
+
+    def seek_last_lines(self, count: int) -> None:
+        """Start ``count`` lines before the end (a last line without its newline counts)."""
+        end = self._f.seek(0, os.SEEK_END)
+        if count == 0:
+            return
+        pos = end
+        need = count
+        while pos > 0:
+            step = min(CHUNK, pos)
+            pos -= step
+            self._f.seek(pos)
+            chunk = self._f.read(step)
+            i = len(chunk)
+            while (i := chunk.rfind(b"\n", 0, i)) >= 0:
+                # A newline as the very last byte ends the last line, starts none.
+                if pos + i == end - 1:
+                    continue
+                need -= 1
+                if need == 0:
+                    self._f.seek(pos + i + 1)
+                    return
+        self._f.seek(0)
 
     def pump(self) -> int:
         """Copy whatever is new; returns how many bytes."""
@@ -46,7 +117,10 @@ class LogTail:
             data = self._f.read(CHUNK)
             if not data:
                 return total
-            _write_all(self._out, data)
+            if self._times is None:
+                _write_all(self._out, data)
+            else:
+                self._lines(data)
             total += len(data)
 
     async def follow(self, done: asyncio.Event) -> None:
@@ -55,18 +129,10 @@ class LogTail:
             if not self.pump():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(done.wait(), POLL_INTERVAL)
-        await self.settle()
-
-    async def settle(self) -> None:
-        loop = asyncio.get_running_loop()
-        end = loop.time() + SETTLE_MAX
-        quiet_since = loop.time()
-        while loop.time() < end:
-            if self.pump():
-                quiet_since = loop.time()
-            elif loop.time() - quiet_since >= SETTLE_QUIET:
-                return
-            await asyncio.sleep(POLL_INTERVAL)
+        # The shim drains a process's output into the log before it reports the exit
+        # (up to its own drain timeout), so what is there now is all there is.
+        self.pump()
+        self.flush()
 
     def close(self) -> None:
         self._f.close()

@@ -15,6 +15,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -23,13 +24,17 @@ from typing import Any
 
 from google.protobuf import any_pb2
 
+from manager import metrics, units
+from manager import network as cni
 from manager import spec as ocispec
 from manager.images import ImageStore
 from manager.launcher import ShimLauncher, ShimLaunchError
+from manager.logindex import LogIndexer
 from manager.paths import Paths
-from manager.records import ContainerRecord, RecordStore
+from manager.records import ContainerRecord, MountSpec, PortSpec, RecordStore, UserMount
 from manager.shimclient import ShimClient
 from manager.shimlog import LogRelay, make_log_fifo
+from manager.volumes import VolumeError, VolumeStore
 from protocol.proto import anyutil, timeutil
 from protocol.proto.manager.v1 import manager_pb2
 from protocol.proto.runc import options_pb2
@@ -48,6 +53,14 @@ FORCE_KILL_WAIT = 10.0
 # After Shutdown the shim closes its socket as it exits; past this it is stopped by force.
 SHIM_EXIT_WAIT = 3.0
 MNT_DETACH = 2
+# `stop`'s grace before SIGKILL when none is given (docker's).
+DEFAULT_STOP_TIMEOUT = 10.0
+# Restart back-off (docker's): doubles from the first delay up to the cap; a run that
+# lasted RESTART_RESET seconds starts the series again.
+RESTART_FIRST_DELAY = 0.1
+RESTART_MAX_DELAY = 60.0
+RESTART_RESET = 10.0
+RESTART_POLICIES = ("no", "on-failure", "always", "unless-stopped")
 
 
 def valid_identifier(value: str) -> bool:
@@ -73,10 +86,37 @@ class Container:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # exec id -> the one task that waits for and deletes it; every waiter shares it.
     exec_waits: dict[str, asyncio.Task[shim_pb2.WaitResponse]] = field(default_factory=dict)
+    # A restart the policy scheduled (sleeping out its back-off); cancelled by stop/rm.
+    restart_task: asyncio.Task[None] | None = None
+    restart_delay: float = RESTART_FIRST_DELAY
 
     @property
     def id(self) -> str:
         return self.record.id
+
+
+def wants_restart(rec: ContainerRecord) -> bool:
+    """Whether the restart policy brings this exited container back (docker's rules)."""
+    if rec.manually_stopped or rec.auto_remove or rec.exit_status is None:
+        return False
+    if rec.restart_policy in ("always", "unless-stopped"):
+        return True
+    if rec.restart_policy == "on-failure":
+        return rec.exit_status != 0 and (
+            rec.restart_max == 0 or rec.restart_count < rec.restart_max
+        )
+    return False
+
+
+def signal_number(text: str) -> int:
+    """``SIGQUIT``, ``QUIT`` or ``3`` (an image's StopSignal, --stop-signal)."""
+    t = text.strip().upper()
+    if t.isdigit() and 0 < int(t) < signal.NSIG:
+        return int(t)
+    try:
+        return int(signal.Signals[t if t.startswith("SIG") else "SIG" + t])
+    except KeyError:
+        raise ocispec.SpecError(f"unknown signal {text!r}") from None
 
 
 def _not_found(ref: str) -> TtrpcError:
@@ -85,9 +125,18 @@ def _not_found(ref: str) -> TtrpcError:
 
 class Supervisor:
     def __init__(
-        self, paths: Paths, store: RecordStore, launcher: ShimLauncher, images: ImageStore
+        self,
+        paths: Paths,
+        store: RecordStore,
+        launcher: ShimLauncher,
+        images: ImageStore,
+        network: cni.BridgeNetwork | None = None,
     ) -> None:
         self.paths = paths
+        self.network = network or cni.BridgeNetwork(ipam_dir=str(paths.cni_ipam_dir))
+        self.volumes = VolumeStore(paths.volumes_dir, valid_identifier)
+        # Set by pyshimd once its loop runs; None = no `logs -t` times (unit tests).
+        self.log_index: LogIndexer | None = None
         self.store = store
         self.launcher = launcher
         self.images = images
@@ -137,6 +186,9 @@ class Supervisor:
         rec.exited_at_ns = exited_at_ns or _now_ns()
         rec.exit_reason = reason
         rec.status = "stopped"
+        restart = wants_restart(rec) and not c.removing
+        if restart:
+            rec.status = "restarting"
         self.store.save(rec)
         log.info(
             "container %s exited with status %d%s", c.id, status, f" ({reason})" * bool(reason)
@@ -144,6 +196,36 @@ class Supervisor:
         c.exited.set()
         if rec.auto_remove and not c.removing:
             self._spawn(self._auto_remove(c))
+        elif restart:
+            self._schedule_restart(c)
+
+    def _schedule_restart(self, c: Container) -> None:
+        """Start it again after the back-off; a run that lasted long resets the back-off."""
+        if c.restart_task is not None and not c.restart_task.done():
+            return
+        rec = c.record
+        ran_s = (rec.exited_at_ns - rec.started_at_ns) / 1e9 if rec.started_at_ns else 0.0
+        if ran_s >= RESTART_RESET:
+            c.restart_delay = RESTART_FIRST_DELAY
+        delay = c.restart_delay
+        c.restart_delay = min(RESTART_MAX_DELAY, c.restart_delay * 2)
+        log.info("container %s: restarting in %.1fs (policy %s)", c.id, delay, rec.restart_policy)
+        c.restart_task = asyncio.create_task(self._restart_later(c, delay))
+
+    async def _restart_later(self, c: Container, delay: float) -> None:
+        await asyncio.sleep(delay)
+        if c.removing or not wants_restart(c.record):
+            return
+        c.record.restart_count += 1
+        # Done waiting: a failed start below may schedule the next try.
+        c.restart_task = None
+        try:
+            await self._start_again(c)
+        except Exception as exc:
+            # Counted as a failed run, as docker does: the policy tries again later.
+            log.warning("container %s: restart failed: %s", c.id, exc)
+            if not c.record.exited:
+                self.record_exit(c, 255, 0, f"restart failed: {exc}")
 
     async def _auto_remove(self, c: Container) -> None:
         try:
@@ -156,7 +238,19 @@ class Supervisor:
         c = self.containers.get(container_id)
         if c is None or process_id != container_id:
             return
+        if at_ns and at_ns < c.record.started_at_ns:
+            # Replayed from a shim of an earlier run of this container.
+            return
         self.record_exit(c, status, at_ns)
+
+    def on_oom(self, container_id: str) -> None:
+        """A /tasks/oom event: the kernel's OOM killer acted in this container."""
+        c = self.containers.get(container_id)
+        if c is None or c.record.oom_killed:
+            return
+        c.record.oom_killed = True
+        self.store.save(c.record)
+        log.warning("container %s: OOM killed", c.id)
 
     async def _monitor(self, c: Container) -> None:
         """Waits on the shim for the init's exit; a dropped connection means the shim died."""
@@ -172,7 +266,8 @@ class Supervisor:
             log.warning("container %s: Wait failed: %s", c.id, exc)
             return
         self.record_exit(c, resp.exit_status, timeutil.ns_from_timestamp(resp.exited_at))
-        await self._watch_stopped(c)
+        if not c.removing:
+            await self._watch_stopped(c)
 
     async def _shim_lost(self, c: Container, why: str) -> None:
         """Run the shim's `delete` (it kills what is left) and keep what it tells us."""
@@ -223,6 +318,21 @@ class Supervisor:
             )
         if cfg.image and cfg.rootfs:
             raise TtrpcError(Code.INVALID_ARGUMENT, "give either an image or --rootfs, not both")
+        policy = cfg.restart_policy or "no"
+        if policy not in RESTART_POLICIES:
+            raise TtrpcError(
+                Code.INVALID_ARGUMENT,
+                f"invalid restart policy {policy!r}: no, on-failure[:N], always, unless-stopped",
+            )
+        if policy != "no" and cfg.auto_remove:
+            raise TtrpcError(Code.INVALID_ARGUMENT, "--rm and --restart cannot be combined")
+        network = cfg.network or "bridge"
+        if network not in cni.NETWORK_MODES:
+            raise TtrpcError(
+                Code.INVALID_ARGUMENT, f"unknown network {network!r}: bridge, host or none"
+            )
+        ports = self._check_ports(cfg, network)
+        mounts = self._check_mounts(cfg)
         bundle = self.paths.bundle(cid)
         record = ContainerRecord(
             id=cid,
@@ -234,6 +344,11 @@ class Supervisor:
             terminal=cfg.terminal,
             stdin=cfg.stdin,
             auto_remove=cfg.auto_remove,
+            restart_policy=policy,
+            restart_max=cfg.restart_max if policy == "on-failure" else 0,
+            network=network,
+            ports=ports,
+            mounts=mounts,
         )
         c = Container(record)
         # Reserve the name before the first await so a concurrent run cannot take it.
@@ -246,7 +361,9 @@ class Supervisor:
             await self._teardown(c)
             if isinstance(exc, TtrpcError):
                 raise TtrpcError(exc.code, f"cannot start container {name}: {exc.message}") from exc
-            if isinstance(exc, ocispec.SpecError | ShimLaunchError | OSError | ValueError):
+            if isinstance(
+                exc, ocispec.SpecError | ShimLaunchError | cni.NetworkError | OSError | ValueError
+            ):
                 raise TtrpcError(Code.UNKNOWN, str(exc)) from exc
             raise
         return c
@@ -267,6 +384,8 @@ class Supervisor:
             mounts.append(self.images.overlay_mount(image, cdir / "overlay"))
             root = ocispec.RootView(path="rootfs")
             c.record.image = image.ref
+            if image.stop_signal:
+                c.record.stop_signal = signal_number(image.stop_signal)
         elif cfg.rootfs:
             rootfs = Path(cfg.rootfs)
             if not rootfs.is_absolute() or not rootfs.is_dir():
@@ -286,6 +405,11 @@ class Supervisor:
             image_defaults,
         )
         c.record.command = list(process.args)
+        if cfg.stop_signal:
+            c.record.stop_signal = signal_number(cfg.stop_signal)
+        c.record.rootfs_mounts = [
+            MountSpec(type=m.type, source=m.source, options=list(m.options)) for m in mounts
+        ]
         cgroups_path = f"/pyshim/{cid}" if cfg.memory_bytes or cfg.cpus else None
         spec = ocispec.container_spec(
             process,
@@ -294,6 +418,9 @@ class Supervisor:
             memory_bytes=cfg.memory_bytes,
             cpus=cfg.cpus,
             cgroups_path=cgroups_path,
+            network=c.record.network,
+            netns_path=str(self.paths.netns(cid)),
+            extra_mounts=self._spec_mounts(c.record),
         )
         bundle.mkdir(parents=True, exist_ok=True, mode=0o711)
         (bundle / "rootfs").mkdir(exist_ok=True, mode=0o711)
@@ -307,12 +434,166 @@ class Supervisor:
             os.mkfifo(fifo_dir / "stdin", 0o600)
         return mounts
 
+    def _check_mounts(self, cfg: manager_pb2.ContainerConfig) -> list[UserMount]:
+        found: list[UserMount] = []
+        seen: set[str] = set()
+        for m in cfg.mounts:
+            dest = m.destination
+            if not dest.startswith("/") or os.path.normpath(dest) == "/":
+                raise TtrpcError(
+                    Code.INVALID_ARGUMENT,
+                    f"mount destination {dest!r} must be an absolute path other than /",
+                )
+            dest = os.path.normpath(dest)
+            if dest in seen:
+                raise TtrpcError(Code.INVALID_ARGUMENT, f"two mounts on {dest}")
+            seen.add(dest)
+            if m.type == "bind":
+                if not m.source.startswith("/"):
+                    raise TtrpcError(
+                        Code.INVALID_ARGUMENT, f"bind source {m.source!r} must be absolute"
+                    )
+                # docker's -v: a missing host directory is created.
+                os.makedirs(m.source, exist_ok=True)
+            elif m.type == "volume":
+                try:
+                    self.volumes.create(m.source)
+                except VolumeError as exc:
+                    raise TtrpcError(Code.INVALID_ARGUMENT, str(exc)) from exc
+            elif m.type == "tmpfs":
+                _check_tmpfs_options(m.options)
+            else:
+                raise TtrpcError(Code.INVALID_ARGUMENT, f"unknown mount type {m.type!r}")
+            found.append(
+                UserMount(
+                    type=m.type,
+                    source=m.source,
+                    destination=dest,
+                    readonly=m.readonly,
+                    options=m.options,
+                )
+            )
+        return found
+
+    def _spec_mounts(self, rec: ContainerRecord) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for m in rec.mounts:
+            if m.type == "tmpfs":
+                opts = [o for o in m.options.split(",") if o]
+                out.append(ocispec.tmpfs_mount(m.destination, opts + ["ro"] * m.readonly))
+            else:
+                source = m.source if m.type == "bind" else str(self.volumes.path(m.source))
+                out.append(ocispec.bind_mount(source, m.destination, m.readonly))
+        return out
+
+    @property
+    def _hostport_marker(self) -> Path:
+        return self.paths.state_dir / "cni" / "hostport-chains-created"
+
+    def _check_ports(self, cfg: manager_pb2.ContainerConfig, network: str) -> list[PortSpec]:
+        ports: list[PortSpec] = []
+        if cfg.ports and network != "bridge":
+            raise TtrpcError(
+                Code.INVALID_ARGUMENT, f"-p needs the bridge network, not --network {network}"
+            )
+        taken = {
+            (p.host_port, p.protocol)
+            for c in self.containers.values()
+            if not c.removing
+            for p in c.record.ports
+        }
+        for p in cfg.ports:
+            proto = p.protocol or "tcp"
+            if proto not in ("tcp", "udp"):
+                raise TtrpcError(Code.INVALID_ARGUMENT, f"-p: unknown protocol {proto!r}")
+            if not (0 < p.host_port < 65536 and 0 < p.container_port < 65536):
+                raise TtrpcError(Code.INVALID_ARGUMENT, "-p: ports are 1-65535")
+            if (p.host_port, proto) in taken:
+                raise TtrpcError(
+                    Code.ALREADY_EXISTS,
+                    f"host port {p.host_port}/{proto} is already published by another container",
+                )
+            try:
+                cni.check_host_port(p.host_port, proto, p.host_ip)
+            except cni.NetworkError as exc:
+                raise TtrpcError(Code.ALREADY_EXISTS, str(exc)) from exc
+            taken.add((p.host_port, proto))
+            ports.append(
+                PortSpec(
+                    host_port=p.host_port,
+                    container_port=p.container_port,
+                    protocol=proto,
+                    host_ip=p.host_ip,
+                )
+            )
+        return ports
+
+    async def _setup_network(self, c: Container) -> None:
+        """A namespace and CNI ADD; the record says what to undo before anything is done."""
+        rec = c.record
+        if rec.network != "bridge":
+            return
+        rec.cni_config = self.network.conflist()
+        self.store.save(rec)
+        if rec.ports and not await cni.hostport_chains_exist():
+            # portmap is about to create its shared chains: ours to remove when done.
+            self._hostport_marker.parent.mkdir(parents=True, exist_ok=True)
+            self._hostport_marker.touch()
+        netns = self.paths.netns(c.id)
+        await cni.create_netns(netns)
+        rec.cni_result = await cni.add(
+            rec.cni_config, container_id=c.id, netns=netns, ports=_cni_ports(rec)
+        )
+        rec.ip_address = cni.result_ip(rec.cni_result)
+        self.store.save(rec)
+
+    async def _release_network(self, c: Container) -> None:
+        rec = c.record
+        netns = self.paths.netns(c.id)
+        if rec.cni_config:
+            try:
+                await cni.delete(
+                    rec.cni_config,
+                    container_id=c.id,
+                    netns=netns,
+                    ports=_cni_ports(rec),
+                    result=rec.cni_result,
+                )
+            except cni.NetworkError as exc:
+                log.warning("container %s: releasing its network: %s", c.id, exc)
+        if rec.ports and self._hostport_marker.exists():
+            others = any(
+                o.record.ports for o in self.containers.values() if o is not c and not o.removing
+            )
+            if not others and await cni.prune_hostport_chains():
+                self._hostport_marker.unlink()
+                log.info("removed portmap's chains (no port is published any more)")
+        try:
+            cni.remove_netns(netns)
+        except cni.NetworkError as exc:
+            log.warning("container %s: %s", c.id, exc)
+
     async def _create_and_start(self, c: Container, cfg: manager_pb2.ContainerConfig) -> None:
-        cid = c.id
-        mounts = self._prepare_bundle(c, cfg)
-        bundle = Path(c.record.bundle)
         self.store.save(c.record)
-        c.relay = LogRelay(cid, make_log_fifo(bundle))
+        await self._setup_network(c)
+        self._prepare_bundle(c, cfg)
+        self.store.save(c.record)
+        await self._launch(c, (cfg.tty_width, cfg.tty_height))
+
+    async def _launch(self, c: Container, tty_size: tuple[int, int] = (0, 0)) -> None:
+        """A new shim for the prepared bundle: start, Create, Start, and watch it."""
+        cid = c.id
+        rec = c.record
+        bundle = Path(rec.bundle)
+        mounts = [
+            mount_pb2.Mount(type=m.type, source=m.source, options=m.options)
+            for m in rec.rootfs_mounts
+        ]
+        if c.relay is None:
+            c.relay = LogRelay(cid, make_log_fifo(bundle))
+        if self.log_index is not None:
+            self.log_index.watch(self.paths.log(cid))
+        rec.started_at_ns = _now_ns()
         address = await self.launcher.start(cid, bundle)
         c.record.shim_address = address
         self.store.save(c.record)
@@ -325,17 +606,17 @@ class Supervisor:
             id=cid,
             bundle=str(bundle),
             rootfs=mounts,
-            terminal=cfg.terminal,
-            stdin=str(self.paths.fifo_dir(cid) / "stdin") if cfg.stdin else "",
+            terminal=rec.terminal,
+            stdin=str(self.paths.fifo_dir(cid) / "stdin") if rec.stdin else "",
             stdout=out,
-            stderr="" if cfg.terminal else out,
+            stderr="" if rec.terminal else out,
             options=anyutil.pack(options),
         )
         created = await c.client.create(req)
         c.record.pid = created.pid
         self.store.save(c.record)
-        if cfg.terminal and cfg.tty_width and cfg.tty_height:
-            await c.client.resize(cid, "", cfg.tty_width, cfg.tty_height)
+        if rec.terminal and all(tty_size):
+            await c.client.resize(cid, "", *tty_size)
         await c.client.start(cid)
         self._mark_started(c)
         c.monitor = asyncio.create_task(self._monitor(c))
@@ -352,23 +633,12 @@ class Supervisor:
     async def _teardown(self, c: Container) -> None:
         """Best effort, every step: delete the task, stop the shim, remove every trace."""
         c.removing = True
-        if c.monitor is not None:
-            c.monitor.cancel()
-        client = c.client
-        shim_done = c.record.shim_gone or not c.record.shim_address
-        if client is not None and not client.closed:
-            shim_done = await _stop_shim(client, c.id)
-            client.close()
-        c.client = None
-        if not shim_done or Path(c.record.bundle, "address").exists():
-            # The shim's own cleanup for whatever the RPCs could not do (runc state,
-            # rootfs mounts); harmless when they already did.
-            try:
-                await self.launcher.delete(c.id, Path(c.record.bundle))
-            except ShimLaunchError as exc:
-                log.warning("container %s: shim delete: %s", c.id, exc)
-            if not shim_done:
-                _stop_shim_processes(c.id, str(self.paths.socket))
+        if c.restart_task is not None:
+            c.restart_task.cancel()
+        await self._release_shim(c)
+        await self._release_network(c)
+        if self.log_index is not None:
+            self.log_index.unwatch(self.paths.log(c.id))
         if c.relay is not None:
             c.relay.close()
             c.relay = None
@@ -378,6 +648,31 @@ class Supervisor:
             shutil.rmtree(path, ignore_errors=True)
         self.containers.pop(c.id, None)
         c.exited.set()
+
+    async def _release_shim(self, c: Container) -> None:
+        """Delete the task and stop its shim (by ttrpc, else by the shim's own delete)."""
+        if c.monitor is not None:
+            c.monitor.cancel()
+            c.monitor = None
+        client = c.client
+        shim_done = c.record.shim_gone or not c.record.shim_address
+        clean = False
+        if client is not None and not client.closed:
+            shim_done, clean = await _stop_shim(client, c.id)
+            client.close()
+        c.client = None
+        # After a clean Delete + Shutdown there is nothing left for the shim's `delete`
+        # (containerd does not run it then either): one process start saved per rm.
+        if not clean and (not shim_done or Path(c.record.bundle, "address").exists()):
+            # The shim's own cleanup for whatever the RPCs could not do (runc state,
+            # rootfs mounts); harmless when they already did.
+            try:
+                await self.launcher.delete(c.id, Path(c.record.bundle))
+            except ShimLaunchError as exc:
+                log.warning("container %s: shim delete: %s", c.id, exc)
+            if not shim_done:
+                _stop_shim_processes(c.id, str(self.paths.socket))
+        _unmount_all(Path(c.record.bundle) / "rootfs")
 
     async def remove(self, ref: str, force: bool) -> None:
         c = self.lookup(ref)
@@ -399,6 +694,166 @@ class Supervisor:
         async with c.lock:
             await self._teardown(c)
         log.info("container %s removed", c.id)
+
+    # ------------------------------------------------------------------ stop / start
+
+    def _cancel_restart(self, c: Container) -> None:
+        if c.restart_task is not None:
+            c.restart_task.cancel()
+            c.restart_task = None
+
+    async def stop(self, ref: str, timeout: float | None) -> None:
+        """The stop signal, then SIGKILL after ``timeout``; no policy restarts it after."""
+        c = self.lookup(ref)
+        rec = c.record
+        rec.manually_stopped = True
+        self._cancel_restart(c)
+        if rec.exited or rec.shim_gone:
+            if rec.status == "restarting":
+                rec.status = "stopped"
+            self.store.save(rec)
+            return
+        self.store.save(rec)
+        client = self._client(c)
+        grace = DEFAULT_STOP_TIMEOUT if timeout is None else max(0.0, timeout)
+        exited = c.exited
+        with contextlib.suppress(TtrpcError):
+            await client.kill(c.id, rec.stop_signal)
+            if rec.status == "paused":
+                # A frozen process cannot act on the signal; let it, as docker does.
+                await client.resume(c.id)
+                rec.status = "running"
+        try:
+            async with asyncio.timeout(grace):
+                await exited.wait()
+            return
+        except TimeoutError:
+            log.info("container %s: no exit %.0fs after the stop signal; SIGKILL", c.id, grace)
+        with contextlib.suppress(TtrpcError):
+            await client.kill(c.id, int(signal.SIGKILL), all=True)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(FORCE_KILL_WAIT):
+                await exited.wait()
+        if not exited.is_set():
+            raise TtrpcError(
+                Code.DEADLINE_EXCEEDED, f"container {rec.name} did not exit after SIGKILL"
+            )
+
+    async def start(self, ref: str) -> Container:
+        """A stopped container runs again: same id, same log, same writable layer."""
+        c = self.lookup(ref)
+        rec = c.record
+        if c.removing:
+            raise TtrpcError(Code.FAILED_PRECONDITION, f"container {rec.name} is being removed")
+        if not rec.exited:
+            raise TtrpcError(
+                Code.FAILED_PRECONDITION, f"container {rec.name} is already {rec.status}"
+            )
+        self._cancel_restart(c)
+        rec.manually_stopped = False
+        rec.restart_count = 0
+        c.restart_delay = RESTART_FIRST_DELAY
+        try:
+            await self._start_again(c)
+        except TtrpcError as exc:
+            raise TtrpcError(exc.code, f"cannot start {rec.name}: {exc.message}") from exc
+        except (ShimLaunchError, OSError, ocispec.SpecError) as exc:
+            raise TtrpcError(Code.UNKNOWN, f"cannot start {rec.name}: {exc}") from exc
+        return c
+
+    async def restart(self, ref: str, timeout: float | None) -> Container:
+        await self.stop(ref, timeout)
+        return await self.start(ref)
+
+    async def _start_again(self, c: Container) -> None:
+        """Tear down the old run's shim, then launch a new one on the same bundle."""
+        async with c.lock:
+            if c.removing:
+                raise TtrpcError(Code.FAILED_PRECONDITION, "the container is being removed")
+            if not c.record.exited:
+                return  # started by someone else meanwhile
+            await self._release_shim(c)
+            _clear_bundle(Path(c.record.bundle))
+            rec = c.record
+            rec.exit_status = None
+            rec.exited_at_ns = 0
+            rec.exit_reason = ""
+            rec.oom_killed = False
+            rec.shim_gone = False
+            rec.shim_address = ""
+            rec.shim_pid = 0
+            rec.pid = 0
+            rec.status = "created"
+            c.exited = asyncio.Event()
+            self.store.save(rec)
+            try:
+                await self._launch(c)
+            except BaseException as exc:
+                await self._release_shim(c)
+                rec.shim_gone = True
+                self.record_exit(c, 255, 0, f"start failed: {exc}")
+                raise
+        log.info("container %s started again", c.id)
+
+    async def pause(self, ref: str) -> None:
+        c = self.lookup(ref)
+        if c.record.status != "running":
+            raise TtrpcError(Code.FAILED_PRECONDITION, f"container {c.record.name} is not running")
+        await self._client(c).pause(c.id)
+        c.record.status = "paused"
+        self.store.save(c.record)
+
+    async def unpause(self, ref: str) -> None:
+        c = self.lookup(ref)
+        if c.record.status != "paused":
+            raise TtrpcError(Code.FAILED_PRECONDITION, f"container {c.record.name} is not paused")
+        await self._client(c).resume(c.id)
+        c.record.status = "running"
+        self.store.save(c.record)
+
+    # ------------------------------------------------------------------ stats / top
+
+    def _running(self, ref: str) -> Container:
+        c = self.lookup(ref)
+        if c.record.status not in ("running", "paused"):
+            raise TtrpcError(Code.FAILED_PRECONDITION, f"container {c.record.name} is not running")
+        return c
+
+    async def stats(self, refs: list[str]) -> list[manager_pb2.ContainerStats]:
+        if refs:
+            targets = [self._running(r) for r in refs]
+        else:
+            targets = [
+                c for c in self.containers_list(False) if c.record.status in ("running", "paused")
+            ]
+
+        async def one(c: Container) -> manager_pb2.ContainerStats:
+            resp = await self._client(c).stats(c.id)
+            try:
+                u = metrics.usage(resp.stats)
+            except ValueError as exc:
+                raise TtrpcError(Code.INTERNAL, f"container {c.record.name}: {exc}") from exc
+            rx, tx = metrics.net_io(c.record.pid)
+            out = manager_pb2.ContainerStats(
+                id=c.id,
+                name=c.record.name,
+                cpu_usage_ns=u.cpu_ns,
+                memory_usage=u.memory,
+                memory_limit=u.memory_limit,
+                pids=u.pids,
+                net_rx_bytes=rx,
+                net_tx_bytes=tx,
+            )
+            out.read_at.CopyFrom(timeutil.timestamp_now())
+            return out
+
+        return list(await asyncio.gather(*(one(c) for c in targets)))
+
+    async def top(self, ref: str) -> list[metrics.ProcessRow]:
+        c = self._running(ref)
+        resp = await self._client(c).pids(c.id)
+        rows = [metrics.process_row(p.pid) for p in resp.processes]
+        return sorted((r for r in rows if r is not None), key=lambda r: r.pid)
 
     # ------------------------------------------------------------------ process control
 
@@ -521,10 +976,20 @@ class Supervisor:
             if rec.exited:
                 c.exited.set()
             self.containers[rec.id] = c
+            if self.log_index is not None and not rec.exited:
+                self.log_index.watch(self.paths.log(rec.id))
         await asyncio.gather(*(self._reconnect(c) for c in list(self.containers.values())))
         for c in list(self.containers.values()):
-            if c.record.exited and c.record.auto_remove:
+            rec = c.record
+            if rec.exited and rec.auto_remove:
                 self._spawn(self._auto_remove(c))
+            elif rec.exited and rec.restart_policy == "always" and rec.manually_stopped:
+                # docker: `always` brings back even a stopped container when the daemon
+                # starts; `unless-stopped` is the one that stays stopped.
+                rec.manually_stopped = False
+                self._schedule_restart(c)
+            elif rec.exited and wants_restart(rec):
+                self._schedule_restart(c)
 
     async def _reconnect(self, c: Container) -> None:
         rec = c.record
@@ -556,7 +1021,7 @@ class Supervisor:
         if state.status == task_pb2.STOPPED:
             self.record_exit(c, state.exit_status, timeutil.ns_from_timestamp(state.exited_at))
         elif state.status in (task_pb2.RUNNING, task_pb2.PAUSED, task_pb2.PAUSING):
-            rec.status = "running"
+            rec.status = "running" if state.status == task_pb2.RUNNING else "paused"
             rec.pid = state.pid
             self.store.save(rec)
         else:
@@ -582,6 +1047,8 @@ class Supervisor:
         """pyshimd stopping: let go of shims, never stop them (containers outlive us)."""
         for c in self.containers.values():
             c.removing = True
+            if c.restart_task is not None:
+                c.restart_task.cancel()
             if c.monitor is not None:
                 c.monitor.cancel()
             if c.client is not None:
@@ -590,6 +1057,8 @@ class Supervisor:
                 c.relay.close()
         for task in list(self._tasks):
             task.cancel()
+        if self.log_index is not None:
+            self.log_index.close()
 
 
 async def _delete_task(client: ShimClient, cid: str) -> None:
@@ -611,22 +1080,25 @@ async def _delete_task(client: ShimClient, cid: str) -> None:
     await client.delete(cid)
 
 
-async def _stop_shim(client: ShimClient, cid: str) -> bool:
-    """Delete + Shutdown as containerd does; True once the shim has gone away."""
+async def _stop_shim(client: ShimClient, cid: str) -> tuple[bool, bool]:
+    """Delete + Shutdown as containerd does: (the shim has gone away, and the task was
+    deleted first)."""
+    deleted = True
     try:
         await _delete_task(client, cid)
     except ConnectionClosedError:
-        return False
+        return False, False
     except TtrpcError as exc:
         log.warning("container %s: Delete: %s", cid, exc)
+        deleted = False
     with contextlib.suppress(TtrpcError):
         await client.shutdown(cid)
     try:
         async with asyncio.timeout(SHIM_EXIT_WAIT):
             await client.wait_closed()
     except TimeoutError:
-        return False
-    return True
+        return False, False
+    return True, deleted
 
 
 def _stop_shim_processes(container_id: str, manager_address: str) -> None:
@@ -649,6 +1121,23 @@ def _stop_shim_processes(container_id: str, manager_address: str) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(int(entry.name), 9)
             log.warning("container %s: killed its unresponsive shim %s", container_id, entry.name)
+
+
+# What the manager itself puts in a bundle; everything else there is the last shim's.
+_BUNDLE_OWN = frozenset({"config.json", "rootfs", "log"})
+
+
+def _clear_bundle(bundle: Path) -> None:
+    """Leave the bundle as a new one, before a new shim starts in it: containerd gives
+    every task a fresh bundle, and a shim finding its predecessor's state there takes the
+    deleted container for one to recover."""
+    for entry in os.scandir(bundle):
+        if entry.name in _BUNDLE_OWN:
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path)
+        else:
+            os.unlink(entry.path)
 
 
 def _user_text(user: dict[str, object]) -> str:
@@ -684,10 +1173,76 @@ def container_message(c: Container, paths: Paths) -> manager_pb2.Container:
         exit_reason=rec.exit_reason,
         auto_remove=rec.auto_remove,
         shim_pid=rec.shim_pid,
+        restart_policy=policy_text(rec),
+        restart_count=rec.restart_count,
+        oom_killed=rec.oom_killed,
+        network=rec.network,
+        ip_address=rec.ip_address,
+        ports=[
+            manager_pb2.PortMapping(
+                host_port=p.host_port,
+                container_port=p.container_port,
+                protocol=p.protocol,
+                host_ip=p.host_ip,
+            )
+            for p in rec.ports
+        ],
+        mounts=[
+            manager_pb2.MountRequest(
+                type=m.type,
+                source=m.source,
+                destination=m.destination,
+                readonly=m.readonly,
+                options=m.options,
+            )
+            for m in rec.mounts
+        ],
         log_path=str(paths.log(rec.id)),
         stdin_path=str(paths.fifo_dir(rec.id) / "stdin") if rec.stdin else "",
     )
     msg.created_at.CopyFrom(timeutil.timestamp_from_ns(rec.created_at_ns))
+    if rec.started_at_ns:
+        msg.started_at.CopyFrom(timeutil.timestamp_from_ns(rec.started_at_ns))
     if rec.exited:
         msg.exited_at.CopyFrom(timeutil.timestamp_from_ns(rec.exited_at_ns))
     return msg
+
+
+_TMPFS_FLAGS = frozenset({"ro", "rw", "exec", "noexec", "suid", "nosuid", "dev", "nodev"})
+
+
+def _check_tmpfs_options(options: str) -> None:
+    """--tmpfs /dir:size=64m,mode=1777,noexec: what the kernel takes, checked first so
+    a typo is an error here rather than runc's."""
+    for opt in filter(None, options.split(",")):
+        key, sep, value = opt.partition("=")
+        try:
+            if key == "size" and sep:
+                units.parse_size(value)
+            elif key == "mode" and sep:
+                int(value, 8)
+            elif key in ("uid", "gid") and sep:
+                int(value)
+            elif sep or key not in _TMPFS_FLAGS:
+                raise ValueError(f"unknown option {opt!r}")
+        except ValueError as exc:
+            raise TtrpcError(Code.INVALID_ARGUMENT, f"--tmpfs: {exc}") from None
+
+
+def _cni_ports(rec: ContainerRecord) -> list[dict[str, Any]]:
+    """portmap's runtimeConfig.portMappings."""
+    return [
+        {
+            "hostPort": p.host_port,
+            "containerPort": p.container_port,
+            "protocol": p.protocol,
+            **({"hostIP": p.host_ip} if p.host_ip else {}),
+        }
+        for p in rec.ports
+    ]
+
+
+def policy_text(rec: ContainerRecord) -> str:
+    if rec.restart_policy == "on-failure" and rec.restart_max:
+        return f"on-failure:{rec.restart_max}"
+    return rec.restart_policy

@@ -8,7 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 apt_packages=(runc containerd golang-go golang-github-containerd-ttrpc-dev
-              busybox-static containernetworking-plugins python3-venv iproute2 procps)
+              busybox-static containernetworking-plugins iptables curl docker-registry
+              python3-venv iproute2 procps)
 missing=()
 for p in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -17,6 +18,12 @@ if [ ${#missing[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # docker-registry is for the pull tests, which start their own on loopback: the
+    # system service its package starts (on :5000) is stopped, unless it was here before.
+    if [[ " ${missing[*]} " == *" docker-registry "* ]] && command -v systemctl >/dev/null &&
+       [ -d /run/systemd/system ]; then
+        systemctl disable --now docker-registry >/dev/null 2>&1 || true
+    fi
 fi
 
 # Debian's own interpreter by default: it is statically linked and starts ~1.5 ms

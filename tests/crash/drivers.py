@@ -630,7 +630,11 @@ class ManagerDriver(Driver):
         return self.ids.get(name, "")
 
     def run(self, name: str, script: str) -> OpOutcome:
-        res = self._pyshim("run", "-d", "--name", name, IMAGE_REF, "--", "sh", "-c", script)
+        # No network: what the harness checks is exits and records, and pyshimd's bridge
+        # would be a host-wide change (a pyshim0 bridge, NAT rules) for every run.
+        res = self._pyshim(
+            "run", "-d", "--network", "none", "--name", name, IMAGE_REF, "--", "sh", "-c", script
+        )
         if res.ok and res.out.strip():
             self.ids[name] = res.out.strip()
         return OpOutcome(

@@ -6,182 +6,27 @@ PID; containers, shims and mounts are removed even when a test fails.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.images import build_busybox_oci_archive
-from tests.support.template import stop_templates
+from tests.support.manager import CMD_TIMEOUT, PYSHIM, PYSHIMD, Manager, manager_session
+from tests.support.manager import wait_for as _wait_for
 
 pytestmark = pytest.mark.integration
-
-BIN = Path(sys.executable).parent
-PYSHIM = str(BIN / "pyshim")
-PYSHIMD = str(BIN / "pyshimd")
-CMD_TIMEOUT = 60.0
-
-
-def _require_tools() -> None:
-    missing = [t for t in ("runc",) if shutil.which(t) is None]
-    if not (BIN / "containerd-shim-pyshim-v1").exists():
-        missing.append("containerd-shim-pyshim-v1")
-    if os.geteuid() != 0:
-        pytest.fail("manager integration tests need root")
-    if missing:
-        pytest.fail(f"missing for manager integration tests: {', '.join(missing)}")
-
-
-class Manager:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.run_dir = root / "run"
-        self.state_dir = root / "state"
-        self.env = dict(os.environ)
-        self.env["PYSHIM_RUN_DIR"] = str(self.run_dir)
-        self.env["PYSHIM_STATE_DIR"] = str(self.state_dir)
-        # Our own shim fork template, so cleanup() can stop it.
-        self.template_dir = root / "template"
-        self.env["PYSHIM_TEMPLATE_DIR"] = str(self.template_dir)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = root / "pyshimd.log"
-        self.shim_pids: set[int] = set()
-
-    def start(self) -> None:
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [PYSHIMD, "--log-level", "debug"], env=self.env, stdout=log, stderr=log
-        )
-        log.close()
-        # Written once serving; a SIGKILLed predecessor leaves its socket file behind.
-        pid_file = self.run_dir / "pyshimd.pid"
-        deadline = time.monotonic() + 30
-        while not (pid_file.exists() and pid_file.read_text().strip() == str(self.proc.pid)):
-            if self.proc.poll() is not None:
-                pytest.fail(f"pyshimd exited {self.proc.returncode}:\n{self.daemon_log()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"pyshimd did not start:\n{self.daemon_log()}")
-            time.sleep(0.05)
-
-    def daemon_log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-        self.proc.wait(timeout=30)
-        self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def cli(
-        self, *args: str, input: bytes | None = None, timeout: float = CMD_TIMEOUT
-    ) -> subprocess.CompletedProcess[str]:
-        res = subprocess.run(
-            [PYSHIM, *args],
-            env=self.env,
-            input=input.decode() if input is not None else None,
-            stdin=None if input is not None else subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        self._note_shims()
-        return res
-
-    def ok(self, *args: str, input: bytes | None = None) -> str:
-        res = self.cli(*args, input=input)
-        assert res.returncode == 0, (res.returncode, res.stdout, res.stderr, self.daemon_log())
-        return res.stdout
-
-    def inspect(self, ref: str) -> dict[str, object]:
-        out: dict[str, object] = json.loads(self.ok("inspect", ref))
-        return out
-
-    def _note_shims(self) -> None:
-        """Remember every shim pid we ever saw, so cleanup can stop them by PID."""
-        cdir = self.state_dir / "containers"
-        if not cdir.is_dir():
-            return
-        for rec in cdir.glob("*/record.json"):
-            with contextlib.suppress(OSError, ValueError):
-                pid = int(json.loads(rec.read_text()).get("shim_pid", 0))
-                if pid:
-                    self.shim_pids.add(pid)
-
-    def cleanup(self) -> None:
-        self._note_shims()
-        if self.proc is None:
-            with contextlib.suppress(BaseException):
-                self.start()
-        if self.proc is not None:
-            with contextlib.suppress(Exception):
-                listed = json.loads(self.cli("ps", "--all", "--json", timeout=30).stdout or "[]")
-                for c in listed:
-                    self.cli("rm", "-f", c["id"], timeout=30)
-        self._note_shims()
-        self.stop()
-        stop_templates(self.template_dir)
-        for pid in self.shim_pids:
-            with contextlib.suppress(OSError):
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-                if b"containerd-shim-pyshim" in cmdline and str(self.run_dir).encode() in cmdline:
-                    os.kill(pid, signal.SIGKILL)
-        runc_root = self.run_dir / "runc"
-        if runc_root.is_dir():
-            for ns in runc_root.iterdir():
-                for cid in ns.iterdir() if ns.is_dir() else []:
-                    subprocess.run(
-                        ["runc", "--root", str(ns), "delete", "--force", cid.name],
-                        capture_output=True,
-                        timeout=30,
-                        check=False,
-                    )
-        with contextlib.suppress(OSError):
-            mounts = Path("/proc/self/mounts").read_text().splitlines()
-            for line in reversed(mounts):
-                target = line.split()[1]
-                if target.startswith(str(self.root)):
-                    subprocess.run(["umount", "-l", target], capture_output=True, check=False)
-        shutil.rmtree(self.root, ignore_errors=True)
 
 
 @pytest.fixture
 def manager() -> Iterator[Manager]:
-    _require_tools()
-    # Short: the sockets under it must fit in sun_path.
-    root = Path(tempfile.mkdtemp(prefix="psm-", dir="/tmp"))
-    m = Manager(root)
-    try:
-        m.start()
+    with manager_session() as m:
         yield m
-    finally:
-        m.cleanup()
-
-
-def _wait_for(cond: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            pytest.fail("condition not met in time")
-        time.sleep(0.1)
 
 
 def test_foreground_run_output_and_exit_codes(manager: Manager) -> None:
@@ -240,8 +85,10 @@ def test_clear_errors(manager: Manager) -> None:
     for args in (["wait", "ghost"], ["logs", "ghost"], ["kill", "ghost"], ["inspect", "ghost"]):
         res = manager.cli(*args)
         assert res.returncode == 125 and "no such container: ghost" in res.stderr, res.stderr
-    res = manager.cli("run", "no-such-image:1", "--", "true")
-    assert res.returncode == 125 and "pyshim image import" in res.stderr
+    # Pulled when missing: from a loopback port nothing listens on (no outside traffic).
+    res = manager.cli("run", "127.0.0.1:9/no-such-image:1", "--", "true")
+    assert res.returncode == 125 and "Unable to find image" in res.stderr, res.stderr
+    assert "pull 127.0.0.1:9/no-such-image:1: 127.0.0.1:9:" in res.stderr, res.stderr
     res = manager.cli("run", "--memory", "huge", "--", "true")
     assert res.returncode == 2
 
@@ -294,6 +141,8 @@ def test_image_import_run_and_remove(manager: Manager) -> None:
     out = manager.ok("image", "import", str(archive))
     assert out.startswith("docker.io/library/bb:1 sha256:")
     assert "docker.io/library/bb:1" in manager.ok("image", "ls")
+    listed = json.loads(manager.ok("image", "ls", "--json"))
+    assert [(im["ref"], len(im["layers"])) for im in listed] == [("docker.io/library/bb:1", 1)]
     res = manager.cli("run", "--name", "b1", "bb:1", "--", "sh", "-c", "echo img > /f; cat /f")
     assert (res.returncode, res.stdout) == (0, "img\n"), res.stderr + manager.daemon_log()
     # A second container from the same image sees the image, not b1's writes.

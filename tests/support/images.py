@@ -46,7 +46,7 @@ _EMPTY_DIRS = ("dev", "proc", "sys", "tmp", "root", "etc")
 _FIXED_MTIME = 946684800
 
 
-def build_busybox_rootfs(dest: Path) -> Path:
+def build_busybox_rootfs(dest: Path, extra_applets: Sequence[str] = ()) -> Path:
     """Populate ``dest`` with /bin/busybox, its applet links and a minimal /etc."""
     if not BUSYBOX.is_file():
         raise FileNotFoundError(f"{BUSYBOX} is missing: install busybox-static")
@@ -55,7 +55,7 @@ def build_busybox_rootfs(dest: Path) -> Path:
     bindir.mkdir(exist_ok=True)
     shutil.copy2(BUSYBOX, bindir / "busybox")
     (bindir / "busybox").chmod(0o755)
-    for applet in APPLETS:
+    for applet in (*APPLETS, *extra_applets):
         link = bindir / applet
         if not link.is_symlink():
             link.symlink_to("busybox")
@@ -280,14 +280,14 @@ def _canonical(obj: Any) -> bytes:
 
 
 def build_busybox_oci_archive(
-    dest_tar: Path, ref: str = "docker.io/library/busybox:latest"
+    dest_tar: Path, ref: str = "docker.io/library/busybox:latest", extra_applets: Sequence[str] = ()
 ) -> Path:
     """Write an OCI image layout tar (one gzip layer) that ``ctr images import`` accepts."""
     staging = dest_tar.parent / (dest_tar.name + ".rootfs")
     if staging.exists():
         shutil.rmtree(staging)
     try:
-        build_busybox_rootfs(staging)
+        build_busybox_rootfs(staging, extra_applets)
         layer = _layer_tar(staging)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -12,14 +12,14 @@ from manager.paths import Paths
 
 
 def test_memory_units() -> None:
-    assert cli.parse_memory("67108864") == 64 << 20
-    assert cli.parse_memory("64m") == 64 << 20
-    assert cli.parse_memory("64MiB") == 64 << 20
-    assert cli.parse_memory("1g") == 1 << 30
-    assert cli.parse_memory("512k") == 512 << 10
+    assert cli.parse_size("67108864") == 64 << 20
+    assert cli.parse_size("64m") == 64 << 20
+    assert cli.parse_size("64MiB") == 64 << 20
+    assert cli.parse_size("1g") == 1 << 30
+    assert cli.parse_size("512k") == 512 << 10
     for bad in ("", "m", "12x", "-5m", "0", "1.2.3m"):
         with pytest.raises(argparse.ArgumentTypeError):
-            cli.parse_memory(bad)
+            cli.parse_size(bad)
 
 
 def test_signals_by_name_and_number() -> None:
@@ -83,7 +83,7 @@ def test_bad_flag_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         cli.build_parser().parse_args(["run", "--memory", "lots", "--", "true"])
     assert exc.value.code == 2
-    assert "invalid memory size" in capsys.readouterr().err
+    assert "invalid size" in capsys.readouterr().err
 
 
 def test_manager_not_running_says_how_to_start(
@@ -107,3 +107,24 @@ def test_paths_flag_beats_env_beats_default() -> None:
         "/var/lib/pyshim",
     )
     assert default.socket.as_posix() == "/run/pyshim/pyshimd.sock"
+
+
+def test_restart_policies() -> None:
+    assert cli.parse_restart("no") == ("no", 0)
+    assert cli.parse_restart("always") == ("always", 0)
+    assert cli.parse_restart("unless-stopped") == ("unless-stopped", 0)
+    assert cli.parse_restart("on-failure") == ("on-failure", 0)
+    assert cli.parse_restart("on-failure:5") == ("on-failure", 5)
+    for bad in ("", "sometimes", "on-failure:", "on-failure:0", "on-failure:-1", "always:3"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            cli.parse_restart(bad)
+
+
+def test_publish_specs() -> None:
+    p = cli.parse_publish("8080:80")
+    assert (p.host_port, p.container_port, p.protocol, p.host_ip) == (8080, 80, "tcp", "")
+    p = cli.parse_publish("127.0.0.1:53:5353/udp")
+    assert (p.host_port, p.container_port, p.protocol, p.host_ip) == (53, 5353, "udp", "127.0.0.1")
+    for bad in ("80", "a:b", "0:80", "80:70000", "80:80/sctp", "1:2:3:4"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            cli.parse_publish(bad)
