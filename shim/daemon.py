@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING, Protocol
 
 from protocol.ttrpc.server import Server, root_or_same_user_peer_check
 from shim import log as shimlog
-from shim import syscalls
 from shim.events import Publisher
 from shim.reaper import Reaper
+from shim.sys import syscalls
 
 if TYPE_CHECKING:
-    from shim.cli import Options
+    from shim.boot.cli import Options
 
 __all__ = ["DaemonConfig", "Service", "ServiceFactory", "run_daemon", "serve"]
 
@@ -51,7 +51,7 @@ ServiceFactory = Callable[[str, Publisher, Reaper, Callable[[], None]], Service]
 def _task_service(
     namespace: str, publisher: Publisher, reaper: Reaper, request_shutdown: Callable[[], None]
 ) -> Service:
-    from shim.service import TaskService
+    from shim.task.service import TaskService
 
     return TaskService(
         namespace=namespace, publisher=publisher, reaper=reaper, request_shutdown=request_shutdown
@@ -239,7 +239,7 @@ def rehearse() -> None:
     """
     import uvloop
 
-    from shim.service import TaskService
+    from shim.task.service import TaskService
 
     cfg = DaemonConfig(
         namespace="",

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from shim.start import socket_address
+from shim.boot.start import socket_address
 from tests.support.template import spare_pids, stop_templates, template_pids
 
 CONTAINERD = "containerd"
