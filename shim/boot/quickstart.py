@@ -121,7 +121,7 @@ def link_path(directory: str, key: str) -> str:
 def package_root() -> str:
     """The directory holding the `shim` and `protocol` packages (without importing os)."""
     here = __file__ if __file__.startswith("/") else f"{posix.getcwd()}/{__file__}"
-    return here.rsplit("/", 2)[0]
+    return here.rsplit("/", 3)[0]
 
 
 def private_dir(directory: str) -> bool:

@@ -8,7 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 # A fresh interpreter: libuv's process-wide state must not already exist (pytest's
 # own process may have run event loops), so the one pipe it opens is seen.

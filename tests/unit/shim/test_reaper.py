@@ -336,7 +336,7 @@ def test_orphans_reparented_to_a_subreaper_are_reaped() -> None:
         [sys.executable, "-c", _SUBREAPER_SCRIPT],
         capture_output=True,
         timeout=30,
-        cwd=Path(__file__).resolve().parents[2],
+        cwd=Path(__file__).resolve().parents[3],
     )
     assert proc.returncode == 0, proc.stderr.decode()
     result = json.loads(proc.stdout)
@@ -391,7 +391,7 @@ def test_pdeathsig_kills_children_when_parent_dies(mode: str, end: str) -> None:
         [sys.executable, "-c", _PDEATHSIG_SCRIPT, mode, end],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        cwd=Path(__file__).resolve().parents[2],
+        cwd=Path(__file__).resolve().parents[3],
     )
     pids: list[int] = []
     try:

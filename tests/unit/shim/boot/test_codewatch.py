@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from shim.boot import codewatch
+from shim.boot import codewatch, quickstart
 from shim.boot.codewatch import CodeWatch
 from shim.sys import syscalls
 
@@ -139,7 +139,7 @@ def test_a_missing_directory_closes_the_fd(tmp_path: Path) -> None:
 
 
 def test_the_real_install_is_watched() -> None:
-    watch = codewatch.watch_code(os.path.dirname(os.path.dirname(codewatch.__file__)))
+    watch = codewatch.watch_code(quickstart.package_root())
     assert watch is not None
     try:
         assert not watch.changed()

@@ -81,7 +81,7 @@ def _python_312_or_later() -> str | None:
 def _run_child(script: str, python: str = sys.executable) -> str:
     """stdout of ``script`` run by ``python -I`` with this tree importable (a process
     of its own: what these tests change is process-wide)."""
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[4]
     res = subprocess.run(
         [python, "-I", "-c", f"import sys; sys.path.insert(0, {str(root)!r})\n" + script],
         capture_output=True,

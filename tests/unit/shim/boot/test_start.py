@@ -378,7 +378,7 @@ def test_failure_after_spawn_kills_daemon_and_unlinks_socket(
 
 def test_start_imports_stay_lean() -> None:
     """Each of these costs `start` (once per container) 1-5 ms of import time."""
-    root = os.path.dirname(os.path.dirname(start.__file__))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(start.__file__)))
     code = (
         "import sys\n"
         f"sys.path.insert(0, {root!r})\n"
