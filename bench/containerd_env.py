@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.procfs import find_shims
-from shim.start import socket_address
+from shim.boot.start import socket_address
 from tests.support.containerd import Containerd, ContainerdError, socket_accepts
 from tests.support.containerd2 import DEBIAN, Host
 

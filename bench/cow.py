@@ -756,13 +756,13 @@ def format_writers(
 
 
 def run_template(directory: str, dump: str | None, prepare: str | None) -> int:
-    """shim.template.serve, with an optional ``module:function`` to call and an
+    """shim.boot.template.serve, with an optional ``module:function`` to call and an
     object dump (from a forked child, so the template's own heap stays as it is)
     just before gc.freeze()."""
     import gc
     import importlib
 
-    from shim import template
+    from shim.boot import template
 
     real_freeze = gc.freeze
 
@@ -859,7 +859,7 @@ def _wait_for(predicate: object, timeout: float, what: str) -> None:
 
 
 def _alive(pid: int) -> bool:
-    from shim.procfs import stat_fields
+    from shim.sys.procfs import stat_fields
 
     try:
         return stat_fields(pid)[0] != b"Z"
@@ -891,7 +891,7 @@ def _probe(
     import socket
     import time
 
-    from shim import template
+    from shim.boot import template
 
     bundle = workdir / "probe"
     bundle.mkdir(exist_ok=True)

@@ -52,7 +52,7 @@ fi
 .venv/bin/python -m compileall -q -j 0 protocol shim manager .venv/lib >/dev/null || true
 # The shim's own launcher over pip's wrapper: same entry point, started with -IS and
 # an explicit sys.path (skips site and the editable finder, ~20 ms per invocation).
-.venv/bin/python -m shim.launcher .venv/bin/containerd-shim-pyshim-v1
+.venv/bin/python -m shim.boot.launcher .venv/bin/containerd-shim-pyshim-v1
 
 # Same-page merging is opt-in (PYSHIM_KSM=1): scripts/ksm.sh says why.
 bash scripts/ksm.sh

@@ -1,3 +1,3 @@
-from shim.cli import run
+from shim.boot.cli import run
 
 run()

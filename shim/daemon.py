@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING, Protocol
 
 from protocol.ttrpc.server import Server, root_or_same_user_peer_check
 from shim import log as shimlog
-from shim import syscalls
 from shim.events import Publisher
 from shim.reaper import Reaper
+from shim.sys import syscalls
 
 if TYPE_CHECKING:
-    from shim.cli import Options
+    from shim.boot.cli import Options
 
 __all__ = ["DaemonConfig", "Service", "ServiceFactory", "run_daemon", "serve"]
 
@@ -51,7 +51,7 @@ ServiceFactory = Callable[[str, Publisher, Reaper, Callable[[], None]], Service]
 def _task_service(
     namespace: str, publisher: Publisher, reaper: Reaper, request_shutdown: Callable[[], None]
 ) -> Service:
-    from shim.service import TaskService
+    from shim.task.service import TaskService
 
     return TaskService(
         namespace=namespace, publisher=publisher, reaper=reaper, request_shutdown=request_shutdown
@@ -103,9 +103,9 @@ def _open_log_fifo() -> None:
 
 def warn_unusable_template() -> None:
     """Say why the template directory is not used, where it exists but is not ours
-    alone (shim.quickstart.private_dir): every start then silently pays a whole
+    alone (shim.boot.quickstart.private_dir): every start then silently pays a whole
     interpreter start-up and every shim its own copy of the code."""
-    from shim import quickstart
+    from shim.boot import quickstart
 
     if os.environ.get(quickstart.ENABLE_ENV, "1") == "0":
         return
@@ -271,7 +271,7 @@ def rehearse() -> None:
     """
     import uvloop
 
-    from shim.service import TaskService
+    from shim.task.service import TaskService
 
     cfg = DaemonConfig(
         namespace="",

@@ -23,7 +23,7 @@ delivering an event, and the page cache outlives any process. A kernel crash or 
 loss kills every container and the containerd state those events describe, so an
 fsync (~0.1-0.5 ms on the exec and exit paths) would protect nothing anyone could use;
 the replay stops at a record such a crash left torn. The exit itself is synced in the
-container's exit log (shim.state.ExitLog) before it is published.
+container's exit log (shim.records.state.ExitLog) before it is published.
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ from protocol.ttrpc.address import parse_ttrpc_address
 from protocol.ttrpc.client import Client
 from protocol.ttrpc.status import Code, ConnectionClosedError, TtrpcError
 from shim.reaper import Reaper
-from shim.recordfile import RecordError, read_regular_file
-from shim.recordlog import RecordLog
-from shim.statedir import STATE_DIR_NAME
+from shim.records.recordfile import RecordError, read_regular_file
+from shim.records.recordlog import RecordLog
+from shim.records.statedir import STATE_DIR_NAME
 
 __all__ = ["EVENTS_SERVICE", "NAMESPACE_METADATA_KEY", "PublishError", "Publisher"]
 

@@ -80,7 +80,7 @@ def setpriv_path() -> str | None:
 
 
 def _child_setup(parent: int) -> Callable[[], None]:
-    from shim import syscalls
+    from shim.sys import syscalls
 
     # Resolve libc now: dlopen in the forked child could deadlock on the loader lock.
     syscalls.load_libc()

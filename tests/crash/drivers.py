@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shim.start import socket_address
+from shim.boot.start import socket_address
 from tests.crash import procs
 from tests.crash.commands import Commands, Result
 from tests.support.containerd import Containerd

@@ -33,11 +33,11 @@ ZOMBIE_CHECK_EVERY = 25
 # How long the daemon gets to notice a dead shim and clean up after it.
 ORPHAN_WAIT = 10.0
 # Shims left without containers (their daemon died between Delete and Shutdown) leave
-# on their own after a grace period (shim.service.EMPTY_SHUTDOWN_GRACE).
+# on their own after a grace period (shim.task.service.EMPTY_SHUTDOWN_GRACE).
 LEAK_WAIT = 15.0
 # After a daemon restart, a shim it does not list must leave by itself. The longest
 # legitimate stay: a Create whose client was killed waits out the 30 s bound on its
-# stdio fifos' reader (shim.copy.FIFO_OPEN_TIMEOUT, io.md), containerd's cleanup
+# stdio fifos' reader (shim.io.copy.FIFO_OPEN_TIMEOUT, io.md), containerd's cleanup
 # Delete waits for that Create (finding 3), then the 5 s empty grace (finding 11).
 EMPTY_SHIM_WAIT = 40.0
 

@@ -20,15 +20,15 @@ from protocol.proto.events import task_pb2 as events_pb2
 from protocol.proto.task.v2 import shim_pb2
 from protocol.ttrpc.server import RequestContext
 from protocol.ttrpc.status import TtrpcError
-from shim.delete import remove_dead_socket
+from shim.boot.delete import remove_dead_socket
 from shim.events import OUTBOX_LOG, Publisher
-from shim.process import DurableEventSink
 from shim.reaper import Reaper
-from shim.recordlog import log_path, read_live
+from shim.records.recordlog import log_path, read_live
+from shim.task.process import DurableEventSink
 from tests.crash.plan import generate
 from tests.crash.runner import Container, ProcState, Runner
-from tests.unit.test_events import FakeContainerd
-from tests.unit.test_service import make_harness
+from tests.unit.shim.task.test_service import make_harness
+from tests.unit.shim.test_events import FakeContainerd
 
 
 def _publisher(path: str, **kw: Any) -> Publisher:
@@ -415,8 +415,8 @@ def test_checker_flags_a_lost_exit() -> None:
 
 
 async def test_a_shim_never_sent_create_leaves(tmp_path: Path) -> None:
-    from shim.service import TaskService
-    from tests.unit.test_service import FakePublisher, FakeReaper
+    from shim.task.service import TaskService
+    from tests.unit.shim.task.test_service import FakePublisher, FakeReaper
 
     shutdowns: list[bool] = []
     TaskService(
@@ -471,7 +471,7 @@ def _bundle_with_cgroup(tmp: Path, cgroups_path: str) -> Path:
 
 
 def test_delete_removes_the_cgroup_a_dying_runc_create_left(tmp_path: Path) -> None:
-    from shim.delete import remove_cgroup
+    from shim.boot.delete import remove_cgroup
 
     root = _fake_v1_root(tmp_path)
     # runc got as far as cpuset (and an empty child) before it died with the shim.
@@ -484,7 +484,7 @@ def test_delete_removes_the_cgroup_a_dying_runc_create_left(tmp_path: Path) -> N
 
 
 def test_delete_leaves_systemd_cgroups_alone(tmp_path: Path) -> None:
-    from shim.delete import remove_cgroup
+    from shim.boot.delete import remove_cgroup
 
     root = _fake_v1_root(tmp_path)
     (root / "cpuset" / "system.slice").mkdir()

@@ -215,7 +215,7 @@ def _message(r: random.Random, desc: Any, depth: int) -> dict[str, Any]:
 
 
 def gen_task_service(r: random.Random) -> Any:
-    from shim.service import SERVICE_NAMES
+    from shim.task.service import SERVICE_NAMES
 
     method = r.choice(sorted(t.METHODS))
     service = r.choice(SERVICE_NAMES)

@@ -518,7 +518,7 @@ _BUNDLE_HINTS: list[str] = ["/nonexistent-bundle", "relative", ""]
 
 @st.composite
 def service_cases(draw: st.DrawFn) -> tuple[str, str, bytes]:
-    from shim.service import SERVICE_NAMES
+    from shim.task.service import SERVICE_NAMES
 
     method = draw(st.sampled_from(sorted(METHODS)))
     service = draw(st.sampled_from(SERVICE_NAMES))
@@ -579,7 +579,7 @@ CALL_BUDGET: Final = 2.0
 
 @dataclass
 class _World:
-    harness: Any  # tests.unit.test_service.Harness
+    harness: Any  # tests.unit.shim.task.test_service.Harness
     baseline: tuple[Any, ...]
 
 
@@ -633,7 +633,7 @@ class ServiceFuzzer:
         )
 
     def _rebuild(self) -> None:
-        from tests.unit.test_service import make_harness
+        from tests.unit.shim.task.test_service import make_harness
 
         if self._world is not None:
             self._world.harness.service.close()

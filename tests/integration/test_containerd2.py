@@ -13,8 +13,8 @@ from google.protobuf import empty_pb2
 from protocol.proto.task.v2 import shim_pb2  # v3 has the same messages
 from protocol.ttrpc.client import Client
 from protocol.ttrpc.status import Code, TtrpcError
-from shim import _wire
-from shim.start import socket_address
+from shim.boot import _wire
+from shim.boot.start import socket_address
 from tests.support.containerd import Containerd
 
 # Every test here is about containerd 2.3 alone (the `containerd` fixture's host).

@@ -364,7 +364,7 @@ def test_shim_cgroup_from_the_go_clients_legacy_create_options(
     """containerd's Go client (WithShimCgroup) sends `containerd.linux.runc.CreateOptions`
     to every runtime not named io.containerd.runc.*: its shim_cgroup places the shim."""
     from protocol.proto.runctypes import runc_pb2
-    from shim import _wire
+    from shim.boot import _wire
 
     rootfs = build_busybox_rootfs(tmp_path / "rootfs")
     name = f"pyshim-test-{os.getpid()}-{time.monotonic_ns()}"

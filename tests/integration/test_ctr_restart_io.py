@@ -46,7 +46,7 @@ from ptyprocess import PtyProcess
 from protocol.proto.task.v2 import shim_pb2
 from protocol.proto.types import task_pb2 as types_pb2
 from protocol.ttrpc.client import Client
-from shim.procfs import gone
+from shim.sys.procfs import gone
 from tests.support.containerd import Containerd
 
 pytestmark = pytest.mark.integration

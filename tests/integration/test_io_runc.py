@@ -20,10 +20,10 @@ from typing import Any
 import pytest
 import uvloop
 
-from shim import syscalls
+from shim.io.stdio import ProcessIO, StdioSpec, open_process_io
 from shim.reaper import Reaper
-from shim.runtime import Runc, RuncOptions, RuntimeFailure
-from shim.stdio import ProcessIO, StdioSpec, open_process_io
+from shim.sys import syscalls
+from shim.task.runtime import Runc, RuncOptions, RuntimeFailure
 from tests.support.exits import ExitRecorder
 from tests.support.images import oci_config, write_oci_bundle
 

@@ -34,7 +34,7 @@ from protocol.ttrpc.client import Client
 from protocol.ttrpc.frame import MAX_MESSAGE_SIZE, MessageType, encode_frame, encode_header
 from protocol.ttrpc.messages import RequestMessage, decode_response, encode_request
 from protocol.ttrpc.status import Code, ConnectionClosedError
-from shim import _wire
+from shim.boot import _wire
 from tests.support.images import write_oci_bundle
 from tests.support.template import stop_templates
 

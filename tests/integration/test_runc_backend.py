@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 from protocol.proto.types import mount_pb2
-from shim import syscalls
-from shim.mount import mount_all, unmount_all
 from shim.reaper import Reaper
-from shim.runtime import Runc, RuncOptions, RuntimeFailure
+from shim.sys import syscalls
+from shim.task.mount import mount_all, unmount_all
+from shim.task.runtime import Runc, RuncOptions, RuntimeFailure
 from tests.support.exits import ExitRecorder
 from tests.support.images import build_busybox_rootfs, write_oci_bundle
 

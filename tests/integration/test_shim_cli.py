@@ -19,7 +19,7 @@ from google.protobuf import empty_pb2
 
 from protocol.proto.task.v2 import shim_pb2
 from protocol.ttrpc.client import Client
-from shim.start import socket_address
+from shim.boot.start import socket_address
 from tests.support.containerd import Containerd
 from tests.support.hosts import every_host
 

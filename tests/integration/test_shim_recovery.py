@@ -39,9 +39,9 @@ from protocol.ttrpc.client import Client
 from protocol.ttrpc.server import Method, RequestContext, Server
 from protocol.ttrpc.status import Code, TtrpcError
 from shim.events import OUTBOX_LOG
-from shim.procfs import gone
-from shim.recordlog import RECORD, encode, log_path, parse, read_live
-from shim.statedir import EXIT_LOG
+from shim.records.recordlog import RECORD, encode, log_path, parse, read_live
+from shim.records.statedir import EXIT_LOG
+from shim.sys.procfs import gone
 from tests.support.images import build_busybox_rootfs, write_oci_bundle
 
 pytestmark = pytest.mark.integration

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from shim.start import SOCKET_DIR, socket_address
+from shim.boot.start import SOCKET_DIR, socket_address
 from tests.support.containerd2 import DEBIAN, Host
 from tests.support.template import spare_pids, stop_templates, template_pids
 

@@ -14,7 +14,7 @@ import os
 import signal
 from pathlib import Path
 
-from shim.procfs import stat_fields
+from shim.sys.procfs import stat_fields
 
 PROC = Path("/proc")
 

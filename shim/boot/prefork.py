@@ -1,0 +1,230 @@
+"""Work the shim template does just before `gc.freeze()`, so forked daemons share it.
+
+A forked daemon un-shares every template page it writes. bench/cow.py's diff mode
+shows which writes those are; in 3.11 the largest avoidable share is code objects:
+every call of a function writes its code object (the warm-up counter, then the
+quickened bytecode and inline caches), and the ~450 functions a daemon runs up to
+its first Start are spread thinly over the template's heap, between objects nobody
+touches, so each costs a page or more.
+
+`prepare()` re-creates the code objects of our own packages (`shim`, `protocol`:
+more than half of what a daemon runs) in one batch, so they lie next to each other
+and the daemon's calls dirty a few dense pages instead of hundreds of sparse
+ones. The old code objects are kept alive: freeing them would leave holes that the
+daemon's allocations fill, each dirtying a page again.
+
+It also builds what the daemon's hand-over would otherwise build in every child
+(the prctl_mm_map ctypes structure), so that it is shared.
+
+What cannot be avoided can still be shared again: daemons forked from one template run
+the same code from the same state, so the pages they copy are mostly byte-identical
+from one daemon to the next. Where the operator asked for it (`PYSHIM_KSM=1` in the
+shim's environment; merged pages open a timing side channel between every process
+that marks memory, so never by default), a forked daemon offers its memory to the
+kernel's same-page merging (KSM) once its first container has started
+(`mark_after_start`, `started`), so that where the node runs ksmd, identical copies
+are folded back into one page. The template itself is not offered: ksmd scans at a
+fixed rate whenever any memory is, so a node with a template but no shims would pay
+for nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import sys
+import types
+
+__all__ = [
+    "PACKAGES",
+    "immortalize",
+    "mark_after_start",
+    "mark_mergeable",
+    "prepare",
+    "started",
+]
+
+PACKAGES = ("shim", "protocol")
+
+# The replaced code objects, never freed (see the module docstring).
+_retired: list[types.CodeType] = []
+
+
+def _fresh(code: types.CodeType) -> types.CodeType:
+    """A copy of ``code`` and of the code objects nested in it (inner functions)."""
+    consts = tuple(_fresh(c) if isinstance(c, types.CodeType) else c for c in code.co_consts)
+    _retired.append(code)
+    return code.replace(co_consts=consts)
+
+
+def _functions(namespace: dict[str, object], module: str) -> list[types.FunctionType]:
+    """Functions defined in ``module``: module-level, and methods of its classes."""
+    found: list[types.FunctionType] = []
+    for value in namespace.values():
+        if isinstance(value, type) and value.__module__ == module:
+            for attr in vars(value).values():
+                found += _unwrap(attr)
+        else:
+            found += _unwrap(value)
+    return [f for f in found if f.__module__ == module]
+
+
+def _unwrap(value: object) -> list[types.FunctionType]:
+    if isinstance(value, types.FunctionType):
+        return [value]
+    if isinstance(value, staticmethod | classmethod):
+        return _unwrap(value.__func__)
+    if isinstance(value, property):
+        accessors = (value.fget, value.fset, value.fdel)
+        return [f for f in accessors if isinstance(f, types.FunctionType)]
+    return []
+
+
+def compact_code(packages: tuple[str, ...] = PACKAGES) -> int:
+    """Give every function of ``packages`` a fresh code object, allocated together;
+    the number replaced."""
+    seen: set[int] = set()
+    functions: list[types.FunctionType] = []
+    for name, module in sorted(sys.modules.items()):
+        if module is None or name.partition(".")[0] not in packages:
+            continue
+        for func in _functions(vars(module), name):
+            if id(func) not in seen:
+                seen.add(id(func))
+                functions.append(func)
+    for func in functions:
+        func.__code__ = _fresh(func.__code__)
+    return len(functions)
+
+
+def prepare() -> None:
+    from shim.boot import template
+
+    template._prctl_mm_map()
+    compact_code()
+
+
+MADV_MERGEABLE = 12  # <asm-generic/mman-common.h>
+
+
+def private_writable(maps: bytes) -> list[tuple[int, int]]:
+    """The [start, end) ranges of the private writable mappings in /proc/<pid>/maps
+    text: the only ones whose pages a fork copies and KSM can merge."""
+    ranges = []
+    for line in maps.splitlines():
+        fields = line.split(maxsplit=2)
+        if len(fields) < 2 or fields[1][1:2] != b"w" or fields[1][3:4] != b"p":
+            continue
+        start, _, end = fields[0].partition(b"-")
+        ranges.append((int(start, 16), int(end, 16)))
+    return ranges
+
+
+def mark_mergeable() -> int:
+    """Mark this process's private writable mappings mergeable (MADV_MERGEABLE); the
+    bytes marked.
+
+    The mark belongs to each mapping: forked daemons inherit it and execve drops it, so
+    runc and the container's processes never have it (PR_SET_MEMORY_MERGE would be
+    simpler, but since Linux 6.8 an exec keeps that one). Nothing is merged unless the
+    node runs ksmd (/sys/kernel/mm/ksm/run); mappings the kernel refuses, or a kernel
+    without KSM, leave everything as it was.
+    """
+    from shim.sys import syscalls
+
+    with open("/proc/self/maps", "rb") as maps:
+        ranges = private_writable(maps.read())
+    marked = 0
+    for start, end in ranges:
+        try:
+            syscalls.madvise(start, end - start, MADV_MERGEABLE)
+        except OSError:
+            continue
+        marked += end - start
+    return marked
+
+
+_mark_pending = False
+
+
+def mark_after_start() -> None:
+    """Called by a daemon the template forked: `started()` will mark it mergeable."""
+    global _mark_pending
+    _mark_pending = True
+
+
+def started() -> None:
+    """A container has started: mark this daemon's memory mergeable, once, if it was
+    forked from the template. By then the daemon has copied what it will (bench/cow.py:
+    the same after 10 s idle), and the ~0.5 ms this takes is spent after the Start
+    reply, not before. Re-executed daemons are not marked: their address layouts differ,
+    so their pages are not byte-identical."""
+    global _mark_pending
+    if _mark_pending:
+        _mark_pending = False
+        # /proc unreadable: nothing was marked, and nothing else changes.
+        with contextlib.suppress(OSError):
+            mark_mergeable()
+
+
+def _immortal_refcount() -> int | None:
+    """The reference count that marks an object immortal in this interpreter (None's,
+    since None is immortal from 3.12 on), or None where objects cannot be made so:
+    before 3.12, and in free-threaded builds (split reference counts)."""
+    import sysconfig
+
+    if sys.version_info < (3, 12) or sysconfig.get_config_var("Py_GIL_DISABLED"):
+        return None
+    return sys.getrefcount(None)
+
+
+def _is_immortal(refcnt: int) -> bool:
+    # CPython 3.12+ on 64-bit: immortal when the low 32 bits read as a negative int32.
+    return bool(refcnt & 0x80000000)
+
+
+def immortalize() -> int:
+    """Make every object reachable from the collector's lists immortal; the number
+    changed.
+
+    A daemon writes the reference count of every object it touches, so each object it
+    reads un-shares the template page it lies on (bench/cow.py: about half of a forked
+    daemon's private pages on 3.11). From CPython 3.12 on, incref and decref skip an
+    object whose count carries the immortal mark, so the template's objects are given
+    that mark just before the freeze: they then stay shared however often a daemon uses
+    them. They are never freed, which costs nothing, since the template holds them all
+    for its life anyway; nothing of ours relies on a pre-fork object being freed by
+    reference count (sockets and files are closed explicitly).
+
+    The object layout is checked on a probe object first; anything unexpected leaves
+    every object as it was.
+    """
+    import gc
+
+    value = _immortal_refcount()
+    if value is None or not _is_immortal(value):
+        return 0
+    word = ctypes.c_ssize_t
+    probe = object()
+    cell = word.from_address(id(probe))
+    if cell.value != sys.getrefcount(probe) - 1:
+        return 0  # the refcount is not the object's first word (a debug build)
+    cell.value = value
+    extra = [probe, probe]
+    if sys.getrefcount(probe) != value or len(extra) != 2:
+        return 0
+    changed = 0
+    seen: set[int] = set()
+    stack: list[object] = gc.get_objects()
+    while stack:
+        obj = stack.pop()
+        address = id(obj)
+        if address in seen:
+            continue
+        seen.add(address)
+        cell = word.from_address(address)
+        if not _is_immortal(cell.value):
+            cell.value = value
+            changed += 1
+        stack.extend(gc.get_referents(obj))
+    return changed
