@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-from shim.boot.quickstart import RUNTIME_NAME as RUNTIME_NAME  # builtins only: cheap
+from shim import RUNTIME_NAME
 
 TYPE_CHECKING = False  # typing costs ~3 ms at start-up; mypy honours this name
 

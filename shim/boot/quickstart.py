@@ -20,6 +20,8 @@ import _socket
 import posix
 import sys
 
+from shim import RUNTIME_NAME
+
 TYPE_CHECKING = False  # typing costs ~3 ms at start-up; mypy honours this name
 
 if TYPE_CHECKING:
@@ -44,7 +46,6 @@ ENABLE_ENV = "PYSHIM_TEMPLATE"
 # A core-scheduling cookie must exist before the daemon does: start makes it and
 # re-executes (shim.boot.start.sched_core_create).
 SCHED_CORE_ENV = "SCHED_CORE"
-RUNTIME_NAME = "io.containerd.pyshim.v1"
 _INT = 4
 _S_IFMT, _S_IFDIR = 0o170000, 0o040000
 
