@@ -28,7 +28,7 @@ from shim.reaper import Reaper
 from shim.sys import syscalls
 
 if TYPE_CHECKING:
-    from shim.boot.cli import Options
+    from shim.boot.flags import Options
 
 __all__ = ["DaemonConfig", "Service", "ServiceFactory", "run_daemon", "serve"]
 

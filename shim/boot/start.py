@@ -23,7 +23,7 @@ TYPE_CHECKING = False  # typing costs ~3 ms at start-up; mypy honours this name
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from shim.boot.cli import Options
+    from shim.boot.flags import Options
     from shim.boot.template import Forked
 
 SOCKET_DIR = "/run/containerd/s"

@@ -646,7 +646,7 @@ def _start_here(
     once the address (or error) is written to its stdout (stderr). Serves only
     after "go", as `_become_daemon`.
     """
-    from shim.boot import cli, quickstart, start
+    from shim.boot import flags, quickstart, start
     from shim.sys.fdio import read_all, write_all
 
     stdin_fd, out_fd, err_fd = (_fd_off_3(fd) for fd in stdio)
@@ -664,12 +664,12 @@ def _start_here(
     try:
         request = quickstart.Request.decode(data)
         argv = request.str_argv()
-        opts = cli.parse_flags(argv[1:])
-    except (ValueError, cli.FlagError, cli.HelpRequested):
+        opts = flags.parse_flags(argv[1:])
+    except (ValueError, flags.FlagError, flags.HelpRequested):
         reply(FALLBACK)
         return 0
     env = request.environ()
-    if not cli.runs_start(opts) or env.get(quickstart.SCHED_CORE_ENV):
+    if not flags.runs_start(opts) or env.get(quickstart.SCHED_CORE_ENV):
         reply(FALLBACK)
         return 0
     try:

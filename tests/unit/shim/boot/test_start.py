@@ -20,7 +20,7 @@ import pytest
 from protocol.proto import anyutil
 from protocol.proto.runc import options_pb2
 from shim.boot import _wire, start
-from shim.boot.cli import parse_flags
+from shim.boot.flags import parse_flags
 from tests.support.imports import printed_by_isolated
 
 SPEC_HASH = "1edd1a9a40eab4863a4065f09a93cf7db08f16c567337ba3e5937b4636ae16dd"

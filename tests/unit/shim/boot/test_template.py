@@ -20,7 +20,7 @@ import pytest
 
 import shim.boot.cli
 from shim.boot import prefork, quickstart, start, template
-from shim.boot.cli import parse_flags
+from shim.boot.flags import parse_flags
 from shim.sys.procfs import stat_fields
 from tests.support.template import spare_pids
 
