@@ -74,7 +74,7 @@ if TYPE_CHECKING:
 
     from shim.boot.codewatch import CodeWatch
 
-# "0": forked daemons do not offer their memory to same-page merging (shim/prefork.py).
+# "0": forked daemons do not offer their memory to same-page merging (shim/sys/ksm.py).
 KSM_ENV = "PYSHIM_KSM"
 QUICK_PREFIX = OP + b"\0"  # a shim/quickstart.py request, not JSON
 ACTION = "template"
@@ -624,11 +624,11 @@ def _await_go(
 
 
 def _serve_as_daemon(argv: list[str], env: Mapping[str, str]) -> int:
-    from shim.boot import prefork
     from shim.boot.cli import main
+    from shim.sys import ksm
 
     if env.get(KSM_ENV, "1") != "0":
-        prefork.mark_after_start()
+        ksm.mark_after_start()
     return main(argv)
 
 

@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 
 import shim.boot.cli
-from shim.boot import prefork, quickstart, start, template
+from shim.boot import quickstart, start, template
 from shim.boot.flags import parse_flags
+from shim.sys import ksm
 from shim.sys.procfs import stat_fields
 from tests.support.template import spare_pids
 
@@ -42,7 +43,7 @@ def _probe_main(argv: list[str] | None = None) -> int:
     info = {
         "fd3_name": fd3_name,
         "fd3_listening": bool(fd3_listening),
-        "ksm_pending": prefork._mark_pending,
+        "ksm_pending": ksm._mark_pending,
         "pid": os.getpid(),
         "ppid": int(fields[1]),
         "pgid": os.getpgrp(),
