@@ -91,9 +91,9 @@ def compact_code(packages: tuple[str, ...] = PACKAGES) -> int:
 
 
 def prepare() -> None:
-    from shim.boot import template
+    from shim.sys import syscalls
 
-    template._prctl_mm_map()
+    syscalls.prctl_mm_map()
     compact_code()
 
 

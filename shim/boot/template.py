@@ -101,21 +101,6 @@ PR_SET_NAME = 15
 PR_SET_MM = 35
 PR_SET_MM_MAP = 14
 SYS_BRK = 12  # x86_64
-# struct prctl_mm_map's leading fields, in order, with their /proc/<pid>/stat field
-# numbers (0: not in stat).
-_MM_FIELDS = {
-    "start_code": 26,
-    "end_code": 27,
-    "start_data": 45,
-    "end_data": 46,
-    "start_brk": 47,
-    "brk": 0,
-    "start_stack": 28,
-    "arg_start": 0,
-    "arg_end": 0,
-    "env_start": 0,
-    "env_end": 0,
-}
 
 
 class TemplateError(Exception):
@@ -428,29 +413,6 @@ def _set_name(comm: bytes) -> None:
 
 
 _proc_buffers: list[object] = []
-_mm_tools: list[Any] = []
-
-
-def _prctl_mm_map() -> tuple[Any, Any]:
-    """struct prctl_mm_map and syscall(2), built once: in the template before its freeze
-    (shim.boot.prefork), so every daemon shares them."""
-    if not _mm_tools:
-        import ctypes
-
-        u64 = ctypes.c_uint64
-
-        class MmMap(ctypes.Structure):  # struct prctl_mm_map, <linux/prctl.h>
-            _fields_ = [
-                *((name, u64) for name in _MM_FIELDS),
-                ("auxv", u64),
-                ("auxv_size", ctypes.c_uint32),
-                ("exe_fd", ctypes.c_uint32),
-            ]
-
-        syscall = ctypes.CDLL(None, use_errno=True).syscall
-        syscall.restype = ctypes.c_long
-        _mm_tools.extend((MmMap, syscall))
-    return _mm_tools[0], _mm_tools[1]
 
 
 def _set_proc_strings(argv: Sequence[str], env: Mapping[str, str]) -> None:
@@ -470,9 +432,9 @@ def _set_proc_strings(argv: Sequence[str], env: Mapping[str, str]) -> None:
     args = ctypes.create_string_buffer(cmdline, len(cmdline))
     envs = ctypes.create_string_buffer(environ, len(environ))
     try:
-        mm_map, syscall = _prctl_mm_map()
+        mm_map, syscall = syscalls.prctl_mm_map()
         fields = stat_fields("self")  # field N of proc(5) is fields[N - 3]
-        values = {name: int(fields[n - 3]) for name, n in _MM_FIELDS.items() if n}
+        values = {name: int(fields[n - 3]) for name, n in syscalls.MM_MAP_FIELDS.items() if n}
         values["brk"] = syscall(ctypes.c_long(SYS_BRK), ctypes.c_long(0))
         values["arg_start"] = ctypes.addressof(args)
         values["arg_end"] = values["arg_start"] + len(cmdline)
