@@ -15,7 +15,7 @@ import os
 import sys
 
 from shim.boot import _wire, minijson
-from shim.boot.quickstart import sha256
+from shim.boot.rendezvous import sha256
 
 TYPE_CHECKING = False  # typing costs ~3 ms at start-up; mypy honours this name
 

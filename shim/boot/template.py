@@ -48,16 +48,11 @@ import stat
 import sys
 
 from shim.boot import minijson
-from shim.boot.quickstart import (
+from shim.boot.quickstart import FALLBACK, GO, OP, REPLY_TIMEOUT, TAKEN, package_root
+from shim.boot.rendezvous import (
     DEFAULT_DIR,
     DIR_ENV,
     ENABLE_ENV,
-    FALLBACK,
-    GO,
-    OP,
-    REPLY_TIMEOUT,
-    TAKEN,
-    package_root,
     peer,
     private_dir,
     retire_wedged,
@@ -143,7 +138,7 @@ def code_key() -> str:
     Stats only (~1 ms): sizes and mtimes of our sources, the interpreter, and the
     names (hence versions) of the installed distributions.
     """
-    from shim.boot.quickstart import sha256
+    from shim.boot.rendezvous import sha256
 
     h = sha256()
     # realpath: the launcher and a venv wrapper name the same interpreter differently.

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import shim.boot.cli
-from shim.boot import quickstart, start, template
+from shim.boot import quickstart, rendezvous, start, template
 from shim.boot.flags import parse_flags
 from shim.sys import ksm
 from shim.sys.procfs import stat_fields
@@ -196,7 +196,7 @@ def serve(tdir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterat
     monkeypatch.setattr(shim.boot.cli, "main", _probe_main)
     monkeypatch.setenv("PROBE_OUT", str(tmp_path / "probe.json"))
     # So tests.support.template finds this template's spare.
-    monkeypatch.setenv(quickstart.DIR_ENV, str(tdir))
+    monkeypatch.setenv(rendezvous.DIR_ENV, str(tdir))
     started: list[Running] = []
 
     def launch(key: str = KEY) -> Running:
@@ -827,7 +827,7 @@ def _quick_request(
     )
     null = os.open(os.devnull, os.O_RDWR)
     try:
-        quickstart.send_fds(conn, request.encode(), [null, null, null])
+        rendezvous.send_fds(conn, request.encode(), [null, null, null])
     finally:
         os.close(null)
     return conn
