@@ -891,7 +891,7 @@ def _probe(
     import socket
     import time
 
-    from shim.boot import template
+    from shim.boot import templateclient
 
     bundle = workdir / "probe"
     bundle.mkdir(exist_ok=True)
@@ -907,7 +907,7 @@ def _probe(
     baseline = template_baseline(template_pid) if diff else None
     diffs: list[Diff] = []
     try:
-        forked = template.fork_daemon(argv, listener, directory=str(template_dir), key=key)
+        forked = templateclient.fork_daemon(argv, listener, directory=str(template_dir), key=key)
     finally:
         os.chdir(cwd)
         listener.close()

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from shim.boot.flags import Options
-    from shim.boot.template import Forked
+    from shim.boot.templateclient import Forked
 
 SOCKET_DIR = "/run/containerd/s"
 GROUP_ANNOTATION = "io.containerd.pyshim.v1.group"
@@ -228,11 +228,11 @@ def fork_from_template(
     """
     if os.environ.get("SCHED_CORE"):
         return None
-    from shim.boot import template
+    from shim.boot import templateclient
 
-    if not template.enabled():
+    if not templateclient.enabled():
         return None
-    return template.fork_daemon(argv, listener, meanwhile=meanwhile)
+    return templateclient.fork_daemon(argv, listener, meanwhile=meanwhile)
 
 
 def sched_core_create() -> None:

@@ -34,37 +34,36 @@ Reliability comes first, so the template is only ever an accelerator:
   inotify (shim/codewatch.py) offers that link; it quits the moment the code
   changes, and declines (`start` then runs itself) if a change is still queued.
 
-This module is imported by `start`, so its top level imports only what `start`
-already has (`_socket`, not `socket`, whose enum classes cost ~5 ms; no
-`contextlib`, ~1-4 ms); the server half imports what it needs when it runs.
+`start` runs the client half, shim.boot.templateclient, not this module. Its top
+level imports little all the same (`socket` costs ~5 ms of enum classes, `contextlib`
+~1-4 ms): the template imports what it needs when it runs.
 """
 
 from __future__ import annotations
 
-import _socket
 import errno
 import os
 import stat
 import sys
 
 from shim.boot import minijson
-from shim.boot.quickstart import FALLBACK, GO, OP, REPLY_TIMEOUT, TAKEN, package_root
-from shim.boot.rendezvous import (
-    DEFAULT_DIR,
-    DIR_ENV,
-    ENABLE_ENV,
-    peer,
-    private_dir,
-    retire_wedged,
-    send_fds,
-    trusted,
+from shim.boot.quickstart import FALLBACK, GO, OP, TAKEN, package_root
+from shim.boot.rendezvous import peer, private_dir, send_fds, trusted
+from shim.boot.templateclient import (
+    TemplateError,
+    code_key,
+    lock_path,
+    send_quit,
+    socket_path,
+    template_dir,
+    try_lock,
 )
 
 TYPE_CHECKING = False  # typing costs ~3 ms at start-up; mypy honours this name
 
 if TYPE_CHECKING:
     import socket
-    from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
     from typing import Any
 
     from shim.boot.codewatch import CodeWatch
@@ -72,15 +71,9 @@ if TYPE_CHECKING:
 # "0": forked daemons do not offer their memory to same-page merging (shim/sys/ksm.py).
 KSM_ENV = "PYSHIM_KSM"
 QUICK_PREFIX = OP + b"\0"  # a shim/quickstart.py request, not JSON
-ACTION = "template"
 # How long a forked daemon waits for `start`'s go-ahead before giving up.
 GO_TIMEOUT = 30.0
 MAX_REQUEST = 1 << 20
-# What code_key digests (and shim/codewatch.py watches): our packages' code files,
-CODE_PACKAGES = ("shim", "protocol")
-CODE_EXTENSIONS = (".py", ".so")
-# and the distributions installed in these directories.
-SITE_DIR_NAMES = ("site-packages", "dist-packages")
 # /proc/<pid>/comm of a direct-exec daemon: the launcher's name, cut to 15 bytes.
 SHIM_COMM = b"containerd-shim"
 TEMPLATE_COMM = b"pyshim-template"
@@ -90,256 +83,11 @@ SPARE_ARG = "spare"
 SIGKILL = 9
 # Niceness added while a spare is being made (off `start`'s path, but beside it).
 SPARE_NICE = 19
-_INT = 4  # sizeof(int): SO_PEERCRED fields, SCM_RIGHTS entries
 
 PR_SET_NAME = 15
 PR_SET_MM = 35
 PR_SET_MM_MAP = 14
 SYS_BRK = 12  # x86_64
-
-
-class TemplateError(Exception):
-    pass
-
-
-# -- shared by both halves -------------------------------------------------------
-
-
-def template_dir() -> str:
-    return os.environ.get(DIR_ENV) or DEFAULT_DIR
-
-
-def enabled() -> bool:
-    return os.environ.get(ENABLE_ENV, "1") != "0"
-
-
-def site_dirs(paths: Iterable[str]) -> list[str]:
-    """The entries of ``paths`` that hold installed distributions."""
-    return [p for p in paths if os.path.basename(p) in SITE_DIR_NAMES]
-
-
-def _code_files(root: str, rel: str) -> Iterator[tuple[str, os.stat_result]]:
-    try:
-        entries = sorted(os.scandir(os.path.join(root, rel)), key=lambda e: e.name)
-    except OSError:
-        return
-    for entry in entries:
-        name = f"{rel}/{entry.name}"
-        if entry.is_dir(follow_symlinks=False):
-            if entry.name != "__pycache__":
-                yield from _code_files(root, name)
-        elif entry.name.endswith(CODE_EXTENSIONS):
-            yield name, entry.stat()
-
-
-def code_key() -> str:
-    """Digest of everything a forked daemon would run: a change means a new template.
-
-    Stats only (~1 ms): sizes and mtimes of our sources, the interpreter, and the
-    names (hence versions) of the installed distributions.
-    """
-    from shim.boot.rendezvous import sha256
-
-    h = sha256()
-    # realpath: the launcher and a venv wrapper name the same interpreter differently.
-    h.update(f"{sys.version}\0{os.path.realpath(sys.executable)}\n".encode())
-    root = package_root()
-    for top in CODE_PACKAGES:
-        for name, st in _code_files(root, top):
-            h.update(f"{name}\0{st.st_mtime_ns}\0{st.st_size}\n".encode())
-    for path in site_dirs(sys.path):
-        try:
-            names = sorted(n for n in os.listdir(path) if n.endswith(".dist-info"))
-        except OSError:
-            continue
-        h.update(f"{path}\0{'/'.join(names)}\n".encode())
-    digest: str = h.hexdigest()
-    return digest[:24]
-
-
-def socket_path(directory: str, key: str) -> str:
-    return os.path.join(directory, f"{key}.sock")
-
-
-def lock_path(directory: str, key: str) -> str:
-    return os.path.join(directory, f"{key}.lock")
-
-
-def _seqpacket() -> _socket.socket:
-    return _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
-
-
-# -- client: `start` -------------------------------------------------------------
-
-
-class Forked:
-    """A daemon forked by the template, waiting for `go()` before it serves."""
-
-    def __init__(self, conn: _socket.socket, pid: int) -> None:
-        self._conn = conn
-        self.pid = pid
-
-    def go(self) -> None:
-        try:
-            self._conn.send(GO)
-        finally:
-            self._conn.close()
-
-    def abort(self) -> None:
-        # EOF instead of "go": the daemon exits without touching the listener.
-        self._conn.close()
-
-
-def fork_daemon(
-    argv: Sequence[str],
-    listener: _socket.socket,
-    *,
-    directory: str | None = None,
-    key: str | None = None,
-    timeout: float = REPLY_TIMEOUT,
-    meanwhile: Callable[[], object] | None = None,
-) -> Forked | None:
-    """A daemon forked by the template, or None: the caller then re-executes.
-
-    Spawns the template (for the next start) when none answers. ``meanwhile`` runs
-    once the request is sent, while the template hands it over (not at all when the
-    request could not be sent); its exceptions propagate, and the daemon then exits
-    without serving.
-    """
-    directory = directory or template_dir()
-    key = key or code_key()
-    if not private_dir(directory):
-        if not os.path.exists(directory):
-            spawn_template(directory, key)
-        return None
-    path = socket_path(directory, key)
-    conn = _seqpacket()
-    try:
-        conn.settimeout(timeout)
-        try:
-            conn.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError):
-            conn.close()
-            spawn_template(directory, key)
-            return None
-        pid, uid, _ = peer(conn)
-        if not trusted(uid):
-            raise TemplateError(f"template socket {path} is served by uid {uid}")
-        umask = os.umask(0o022)
-        os.umask(umask)
-        request = {
-            "op": "fork",
-            "key": key,
-            "argv": list(argv),
-            "env": dict(os.environ),
-            "cwd": os.getcwd(),
-            "umask": umask,
-            **_socket_file(listener),
-        }
-        send_fds(conn, minijson.dumps(request).encode(), [listener.fileno()])
-    except (OSError, ValueError, TemplateError):
-        conn.close()
-        return None
-    if meanwhile is not None:
-        try:
-            meanwhile()
-        except BaseException:
-            conn.close()  # EOF instead of "go": the daemon exits without serving
-            raise
-    try:
-        try:
-            data = conn.recv(4096)
-        except TimeoutError:
-            retire_wedged(path, pid)
-            raise
-        reply = minijson.loads(data) if data else {"error": "template closed the connection"}
-        if not isinstance(reply, dict) or not isinstance(reply.get("pid"), int):
-            raise TemplateError(str(reply.get("error") if isinstance(reply, dict) else reply))
-        return Forked(conn, reply["pid"])
-    except (OSError, ValueError, TemplateError):
-        conn.close()
-        return None
-
-
-def _socket_file(listener: _socket.socket) -> dict[str, Any]:
-    """The listener's socket file and its inode, so a daemon `start` abandoned can
-    remove exactly that file (and never one a later `start` bound in its place)."""
-    try:
-        path = listener.getsockname()
-        if isinstance(path, str) and path.startswith("/"):
-            return {"socket": path, "socket_ino": os.stat(path).st_ino}
-    except OSError:
-        pass
-    return {}
-
-
-def template_argv() -> list[str]:
-    prog = sys.argv[0] if sys.argv else ""
-    if os.path.isabs(prog) and not prog.endswith(".py") and os.access(prog, os.X_OK):
-        return [prog, ACTION]
-    return [sys.executable, "-m", "shim", ACTION]
-
-
-def spawn_template(directory: str, key: str) -> int:
-    """Start a template in the background (0 when one is already starting).
-
-    Its own session, stdio on /dev/null and no other fds, so it is tied neither to
-    containerd nor to this `start`, and re-parented to init when we exit.
-    """
-    if not enabled():
-        return 0
-    try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        if not private_dir(directory):
-            return 0
-        # A template importing (~100-300 ms) holds the lock: don't start a second one.
-        fd = _try_lock(directory, key)
-        if fd is None:
-            return 0
-        os.close(fd)
-        argv = template_argv()
-        env = dict(os.environ)
-        env[DIR_ENV] = directory
-        actions = [
-            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-            (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
-            (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0),
-        ]
-        return os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True)
-    except OSError:
-        return 0
-
-
-def stop_templates(directory: str, timeout: float = 1.0) -> list[int]:
-    """Ask every template serving in directory to quit; their pids (for tests, cleanup)."""
-    pids: list[int] = []
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return pids
-    for name in names:
-        if name.endswith(".sock") and not name.startswith("."):
-            pid = _send_quit(os.path.join(directory, name), timeout)
-            if pid:
-                pids.append(pid)
-    return pids
-
-
-def _send_quit(path: str, timeout: float) -> int:
-    conn = _seqpacket()
-    try:
-        conn.settimeout(timeout)
-        conn.connect(path)
-        pid, uid, _ = peer(conn)
-        if not trusted(uid):
-            return 0
-        conn.send(minijson.dumps({"op": "quit"}).encode())
-        conn.recv(16)  # EOF once it has stopped listening
-    except OSError:
-        return 0
-    finally:
-        conn.close()
-    return pid
 
 
 # -- server: the template process ------------------------------------------------
@@ -932,7 +680,7 @@ def _quit_stale(directory: str, key: str) -> None:
             continue
         path = os.path.join(directory, name)
         if name.endswith(".sock"):
-            _send_quit(path, 1.0)
+            send_quit(path, 1.0)
             _unlink(path)
         elif name.endswith(".lock"):
             _unlink_unlocked(path)
@@ -984,19 +732,6 @@ def _bind(directory: str, key: str) -> socket.socket:
         _unlink(tmp)
         raise
     return sock
-
-
-def _try_lock(directory: str, key: str) -> int | None:
-    """The template lock for ``key``, taken without waiting; None while another holds it."""
-    import fcntl
-
-    fd = os.open(lock_path(directory, key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
 
 
 def _serve_requests(listener: socket.socket, key: str, watch: CodeWatch | None = None) -> None:
@@ -1052,7 +787,7 @@ def serve(directory: str, key: str | None = None) -> int:
     if not private_dir(directory):
         return 1
     # Held for the template's life.
-    lock_fd = _try_lock(directory, key)
+    lock_fd = try_lock(directory, key)
     if lock_fd is None:
         return 0  # another template of this code runs or is starting
     _set_name(TEMPLATE_COMM)

@@ -382,8 +382,8 @@ def test_start_imports_stay_lean() -> None:
     code = (
         "import sys\n"
         f"sys.path.insert(0, {root!r})\n"
-        "import shim.boot.cli, shim.boot.start, shim.boot.template\n"
-        "shim.boot.template.code_key()\n"
+        "import shim.boot.cli, shim.boot.start, shim.boot.template, shim.boot.templateclient\n"
+        "shim.boot.templateclient.code_key()\n"
         "print(' '.join(sorted(sys.modules)))\n"
     )
     loaded = printed_by_isolated(code)
