@@ -33,11 +33,6 @@ from shim.boot.rendezvous import (
     trusted,
 )
 
-TYPE_CHECKING = False  # typing costs ~3 ms at start-up; mypy honours this name
-
-if TYPE_CHECKING:
-    from typing import NoReturn
-
 OP = b"start"
 FALLBACK = b"fallback"
 TAKEN = b"taken"  # the template handed the request on: from now on, its holder answers
@@ -205,8 +200,9 @@ def fail_to(fd: int, message: str) -> None:
         pass
 
 
-def run() -> "NoReturn":
-    """The launcher's entry point."""
+def run() -> None:
+    """The launcher's first step: a `start` the template ran ends here, with its status;
+    anything else returns, and the launcher runs shim.boot.cli."""
     argv = sys.argv
     env = posix.environ
     if (
@@ -220,6 +216,3 @@ def run() -> "NoReturn":
         code = handoff([a.encode(errors="surrogateescape") for a in argv], directory, key)
         if code is not None:
             posix._exit(code)
-    from shim.boot.cli import run as run_cli
-
-    run_cli()
