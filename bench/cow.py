@@ -762,7 +762,7 @@ def run_template(directory: str, dump: str | None, prepare: str | None) -> int:
     import gc
     import importlib
 
-    from shim.boot import template
+    from shim.boot import cli, template
 
     real_freeze = gc.freeze
 
@@ -789,7 +789,7 @@ def run_template(directory: str, dump: str | None, prepare: str | None) -> int:
         real_freeze()
 
     gc.freeze = freeze
-    return template.serve(directory)
+    return template.serve(directory, main=cli.main)
 
 
 def template_command(

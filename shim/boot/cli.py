@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         # Not a containerd action: the fork server `start` spawns (shim/template.py).
         from shim.boot.template import run_template
 
-        return run_template()
+        return run_template(main)
     if not opts.namespace:
         return fail("shim namespace cannot be empty")
 

@@ -93,6 +93,9 @@ SYS_BRK = 12  # x86_64
 # -- server: the template process ------------------------------------------------
 
 _listener: socket.socket | None = None
+# The binary's entry point (shim.boot.cli.main, which runs this template): a daemon
+# forked from here runs it with its own argv, as the re-executed binary would.
+_main: Callable[[list[str]], int] | None = None
 
 
 def preload() -> None:
@@ -108,7 +111,6 @@ def preload() -> None:
     import protocol.proto.cgroups.v1.metrics_pb2
     import protocol.proto.cgroups.v2.metrics_pb2
     import protocol.ttrpc.client  # noqa: F401
-    import shim.boot.cli
     import shim.boot.start
     import shim.daemon
     import shim.io.console
@@ -329,12 +331,13 @@ def _await_go(
 
 
 def _serve_as_daemon(argv: list[str], env: Mapping[str, str]) -> int:
-    from shim.boot.cli import main
     from shim.sys import ksm
 
     if env.get(KSM_ENV, "1") != "0":
         ksm.mark_after_start()
-    return main(argv)
+    if _main is None:
+        raise TemplateError("no entry point to run the daemon (serve() sets it)")
+    return _main(argv)
 
 
 def _start_here(
@@ -777,9 +780,13 @@ def _serve_requests(listener: socket.socket, key: str, watch: CodeWatch | None =
         spares.close()
 
 
-def serve(directory: str, key: str | None = None) -> int:
-    """The template's life: import, freeze, then fork on request until told to quit."""
-    global _listener
+def serve(directory: str, key: str | None = None, *, main: Callable[[list[str]], int]) -> int:
+    """The template's life: import, freeze, then fork on request until told to quit.
+
+    ``main`` is the binary's entry point, which forked daemons run with their argv."""
+    global _listener, _main
+
+    _main = main
 
     os.chdir("/")
     key = key or code_key()
@@ -858,5 +865,5 @@ def _remove_link(link: str, key: str) -> None:
         pass
 
 
-def run_template() -> int:
-    return serve(template_dir())
+def run_template(main: Callable[[list[str]], int]) -> int:
+    return serve(template_dir(), main=main)

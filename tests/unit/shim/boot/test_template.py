@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-import shim.boot.cli
 from shim.boot import quickstart, rendezvous, start, template, templateclient
 from shim.boot.flags import parse_flags
 from shim.sys import ksm
@@ -193,7 +192,6 @@ def tdir() -> Iterator[Path]:
 def serve(tdir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Running]:
     """A template serving tdir: a fork of this test process with a probe for main."""
     monkeypatch.setattr(template, "preload", lambda: None)
-    monkeypatch.setattr(shim.boot.cli, "main", _probe_main)
     monkeypatch.setenv("PROBE_OUT", str(tmp_path / "probe.json"))
     # So tests.support.template finds this template's spare.
     monkeypatch.setenv(rendezvous.DIR_ENV, str(tdir))
@@ -206,7 +204,7 @@ def serve(tdir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterat
         if pid == 0:
             code = 1
             try:
-                code = template.serve(str(tdir), key)
+                code = template.serve(str(tdir), key, main=_probe_main)
             finally:
                 os._exit(code)
         running = Running(pid, tdir, key)
@@ -500,7 +498,8 @@ def test_new_template_retires_stale_one(serve: Running) -> None:
 
 
 def test_second_template_for_same_key_exits(serve: Running, tdir: Path) -> None:
-    assert template.serve(str(tdir), KEY) == 0  # the lock is held: returns at once
+    # The lock is held: returns at once.
+    assert template.serve(str(tdir), KEY, main=_probe_main) == 0
     assert serve.exited(timeout=0.05) is None
 
 
