@@ -1,6 +1,6 @@
 """Which pages a forked shim un-shares from its template, and what lives on them.
 
-A daemon forked from the template (shim/template.py) starts with every page shared
+A daemon forked from the template (shim/boot/template.py) starts with every page shared
 copy-on-write; each page it writes to (a refcount, an inline cache, a free slot in a
 pymalloc pool, a malloc chunk) becomes a private copy. This tool counts, per
 mapping, the pages a shim holds privately and splits them into copies of template
@@ -817,7 +817,7 @@ def pin_sources(source: Path, dest: Path) -> Path:
 
     Shims and template then run code nobody edits during the run (an edit changes
     the template's code key, and `start` would spawn an uninstrumented template),
-    and ``source`` may be a tree with local changes (e.g. to shim/template.py).
+    and ``source`` may be a tree with local changes (e.g. to shim/boot/template.py).
     """
     import shutil
 

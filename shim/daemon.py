@@ -230,7 +230,7 @@ async def serve(
 def rehearse() -> None:
     """Build what serve() builds, against nothing, and drop it.
 
-    Run by a pre-forked spare daemon while it waits (shim/template.py): the first
+    Run by a pre-forked spare daemon while it waits (shim/boot/template.py): the first
     run of this code takes the copy-on-write faults and warms the interpreter's
     caches, which the daemon the spare becomes then finds done. It publishes, spawns,
     listens and logs nothing, and leaves no task, timer or handler behind; the one

@@ -1,7 +1,7 @@
 """inotify watches on what a template's forks would run, so it never forks stale code.
 
 A fork template serves `start` requests that no longer carry a digest of the code
-(shim/quickstart.py: digesting ~70 files costs the requester ~1 ms, ~0.7 ms even
+(shim/boot/quickstart.py: digesting ~70 files costs the requester ~1 ms, ~0.7 ms even
 in a warm process). The template watches instead: the same things the digest
 (shim.boot.templateclient.code_key) covers, i.e. our `.py`/`.so` files under the package
 root, the `.dist-info` names in site-packages and the interpreter binary. The

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 ACTION = "template"
-# What code_key digests (and shim/codewatch.py watches): our packages' code files,
+# What code_key digests (and shim/boot/codewatch.py watches): our packages' code files,
 CODE_PACKAGES = ("shim", "protocol")
 CODE_EXTENSIONS = (".py", ".so")
 # and the distributions installed in these directories.

@@ -1,4 +1,4 @@
-"""shim/codewatch.py: which changes make a template stale, through real inotify."""
+"""shim/boot/codewatch.py: which changes make a template stale, through real inotify."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""shim/launcher.py: the binary containerd runs."""
+"""shim/boot/launcher.py: the binary containerd runs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""shim/prefork.py: fresh code objects for our packages' functions, old ones kept;
+"""shim/boot/prefork.py: fresh code objects for our packages' functions, old ones kept;
 immortal template objects on CPython >= 3.12."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""shim/quickstart.py, the `start` client side: its request format, its imports, and
+"""shim/boot/quickstart.py, the `start` client side: its request format, its imports, and
 what it does when no template (or something else) answers. The template's side is
 in test_template.py."""
 

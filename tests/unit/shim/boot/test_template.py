@@ -1,4 +1,4 @@
-"""The shim template (shim/template.py): fork protocol, the forked daemon's process
+"""The shim template (shim/boot/template.py): fork protocol, the forked daemon's process
 state, fallbacks, and start's use of it. Real forks and sockets; the daemon's main is
 replaced by a probe that reports what it sees."""
 
@@ -770,7 +770,7 @@ def test_forked_daemon_is_marked_after_start_unless_told_not_to(
     assert json.loads(probe.read_text())["ksm_pending"] is (setting != "0")
 
 
-# -- `start` handed whole to the template (shim/quickstart.py) ------------------
+# -- `start` handed whole to the template (shim/boot/quickstart.py) ------------------
 
 
 @pytest.fixture
