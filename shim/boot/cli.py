@@ -10,7 +10,7 @@ import os
 import sys
 
 from shim import RUNTIME_NAME
-from shim.boot.flags import FlagError, HelpRequested, parse_flags, path_safe_id, usage
+from shim.boot.flags import FLAGS, FlagError, HelpRequested, parse_flags, path_safe_id
 
 TYPE_CHECKING = False  # typing costs ~3 ms at start-up; mypy honours this name
 
@@ -23,6 +23,16 @@ REVISION = "pyshim"
 # Actions that are a process of their own, run once per container: once their output
 # is flushed, the interpreter's finalization (module teardown, ~2-3 ms) buys nothing.
 QUICK_EXIT_ACTIONS = frozenset({"start", "delete"})
+
+
+def usage(prog: str) -> str:
+    lines = [f"Usage of {prog}:"]
+    for name in sorted(FLAGS):
+        is_bool, default, text = FLAGS[name]
+        lines.append(f"  -{name}" if is_bool else f"  -{name} string")
+        suffix = f' (default "{default}")' if not is_bool and default else ""
+        lines.append(f"    \t{text}{suffix}")
+    return "\n".join(lines) + "\n"
 
 
 def version_text(prog: str) -> str:

@@ -113,16 +113,6 @@ def parse_flags(argv: list[str]) -> Options:
     return Options(values, args)
 
 
-def usage(prog: str) -> str:
-    lines = [f"Usage of {prog}:"]
-    for name in sorted(FLAGS):
-        is_bool, default, text = FLAGS[name]
-        lines.append(f"  -{name}" if is_bool else f"  -{name} string")
-        suffix = f' (default "{default}")' if not is_bool and default else ""
-        lines.append(f"    \t{text}{suffix}")
-    return "\n".join(lines) + "\n"
-
-
 def path_safe_id(shim_id: str) -> bool:
     """containerd validates ids; this only keeps paths built from -id inside their parent."""
     return "/" not in shim_id and shim_id not in (".", "..")
