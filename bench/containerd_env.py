@@ -51,7 +51,7 @@ class PrivateContainerd(Containerd):
 
     def env(self) -> dict[str, str]:
         env = super().env()
-        # pyshim's fork template (shim/template.py) lives beside this containerd, so
+        # pyshim's fork template (shim/boot/template.py) lives beside this containerd, so
         # the run measures (and close() stops) its own.
         env["PYSHIM_TEMPLATE_DIR"] = str(self.template_dir)
         return env

@@ -1,6 +1,6 @@
 """Which pages a forked shim un-shares from its template, and what lives on them.
 
-A daemon forked from the template (shim/template.py) starts with every page shared
+A daemon forked from the template (shim/boot/template.py) starts with every page shared
 copy-on-write; each page it writes to (a refcount, an inline cache, a free slot in a
 pymalloc pool, a malloc chunk) becomes a private copy. This tool counts, per
 mapping, the pages a shim holds privately and splits them into copies of template
@@ -762,7 +762,7 @@ def run_template(directory: str, dump: str | None, prepare: str | None) -> int:
     import gc
     import importlib
 
-    from shim.boot import template
+    from shim.boot import cli, template
 
     real_freeze = gc.freeze
 
@@ -789,7 +789,7 @@ def run_template(directory: str, dump: str | None, prepare: str | None) -> int:
         real_freeze()
 
     gc.freeze = freeze
-    return template.serve(directory)
+    return template.serve(directory, main=cli.main)
 
 
 def template_command(
@@ -817,7 +817,7 @@ def pin_sources(source: Path, dest: Path) -> Path:
 
     Shims and template then run code nobody edits during the run (an edit changes
     the template's code key, and `start` would spawn an uninstrumented template),
-    and ``source`` may be a tree with local changes (e.g. to shim/template.py).
+    and ``source`` may be a tree with local changes (e.g. to shim/boot/template.py).
     """
     import shutil
 
@@ -891,7 +891,7 @@ def _probe(
     import socket
     import time
 
-    from shim.boot import template
+    from shim.boot import templateclient
 
     bundle = workdir / "probe"
     bundle.mkdir(exist_ok=True)
@@ -907,7 +907,7 @@ def _probe(
     baseline = template_baseline(template_pid) if diff else None
     diffs: list[Diff] = []
     try:
-        forked = template.fork_daemon(argv, listener, directory=str(template_dir), key=key)
+        forked = templateclient.fork_daemon(argv, listener, directory=str(template_dir), key=key)
     finally:
         os.chdir(cwd)
         listener.close()

@@ -1,6 +1,6 @@
 """Kernel same-page merging (KSM) as the bench sees it.
 
-pyshim's template marks its memory mergeable (shim/prefork.py `mark_mergeable`), so
+pyshim's template marks its memory mergeable (shim/sys/ksm.py `mark_mergeable`), so
 where the node runs ksmd, the byte-identical pages that forked shims copy are folded
 back together. The bench measures the machine as it is configured: it records the
 KSM settings, waits for ksmd to finish merging before reading memory, and reports

@@ -28,7 +28,7 @@ from shim.reaper import Reaper
 from shim.sys import syscalls
 
 if TYPE_CHECKING:
-    from shim.boot.cli import Options
+    from shim.boot.flags import Options
 
 __all__ = ["DaemonConfig", "Service", "ServiceFactory", "run_daemon", "serve"]
 
@@ -103,18 +103,18 @@ def _open_log_fifo() -> None:
 
 def warn_unusable_template() -> None:
     """Say why the template directory is not used, where it exists but is not ours
-    alone (shim.boot.quickstart.private_dir): every start then silently pays a whole
+    alone (shim.boot.rendezvous.private_dir): every start then silently pays a whole
     interpreter start-up and every shim its own copy of the code."""
-    from shim.boot import quickstart
+    from shim.boot import rendezvous
 
-    if os.environ.get(quickstart.ENABLE_ENV, "1") == "0":
+    if os.environ.get(rendezvous.ENABLE_ENV, "1") == "0":
         return
-    directory = os.environ.get(quickstart.DIR_ENV) or quickstart.DEFAULT_DIR
+    directory = os.environ.get(rendezvous.DIR_ENV) or rendezvous.DEFAULT_DIR
     try:
         st = os.lstat(directory)
     except OSError:
         return  # the first start makes it
-    if not quickstart.private_dir(directory):
+    if not rendezvous.private_dir(directory):
         _log.warning(
             "shim template directory %s is not used: it must be a directory owned by uid %d "
             "with no access for group or others (it has mode %o, owner uid %d)",
@@ -262,7 +262,7 @@ async def serve(
 def rehearse() -> None:
     """Build what serve() builds, against nothing, and drop it.
 
-    Run by a pre-forked spare daemon while it waits (shim/template.py): the first
+    Run by a pre-forked spare daemon while it waits (shim/boot/template.py): the first
     run of this code takes the copy-on-write faults and warms the interpreter's
     caches, which the daemon the spare becomes then finds done. It publishes, spawns,
     listens and logs nothing, and leaves no task, timer or handler behind; the one

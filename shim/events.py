@@ -10,7 +10,7 @@ Nothing runs while the queue is empty: the sender task exits and no timer is
 armed, so an idle shim never wakes up.
 
 Durable outbox: once a container is attached (its bundle known), each of its events is
-appended to its log ``<bundle>/pyshim/outbox.log`` (shim/recordlog.py) before it is
+appended to its log ``<bundle>/pyshim/outbox.log`` (shim/records/recordlog.py) before it is
 queued, and marked done once the Forward was acknowledged. Such an event is never dropped
 for a transient failure (containerd or pyshimd down for longer than the reference's
 ~20 s of retries): it is retried with a capped backoff for as long as the shim lives.

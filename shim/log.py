@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
-from shim.boot.quickstart import RUNTIME_NAME
+from shim import RUNTIME_NAME
 
 __all__ = [
     "RUNTIME_NAME",

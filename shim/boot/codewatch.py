@@ -1,9 +1,9 @@
 """inotify watches on what a template's forks would run, so it never forks stale code.
 
 A fork template serves `start` requests that no longer carry a digest of the code
-(shim/quickstart.py: digesting ~70 files costs the requester ~1 ms, ~0.7 ms even
+(shim/boot/quickstart.py: digesting ~70 files costs the requester ~1 ms, ~0.7 ms even
 in a warm process). The template watches instead: the same things the digest
-(shim.boot.template.code_key) covers, i.e. our `.py`/`.so` files under the package
+(shim.boot.templateclient.code_key) covers, i.e. our `.py`/`.so` files under the package
 root, the `.dist-info` names in site-packages and the interpreter binary. The
 kernel queues an event with the change itself, so a change made before a request
 was sent is seen when that request is read. No polling: the fd sits in the
@@ -15,8 +15,8 @@ from __future__ import annotations
 import os
 import sys
 
-from shim.boot.template import CODE_EXTENSIONS, CODE_PACKAGES
-from shim.boot.template import site_dirs as template_site_dirs
+from shim.boot.templateclient import CODE_EXTENSIONS, CODE_PACKAGES
+from shim.boot.templateclient import site_dirs as template_site_dirs
 from shim.sys.inotify import (
     IN_ATTRIB,
     IN_CLOSE_WRITE,
@@ -58,7 +58,7 @@ def code_dirs(root: str, tops: Iterable[str]) -> Iterator[str]:
 
 
 def site_dirs(paths: Iterable[str]) -> list[str]:
-    """shim.boot.template.site_dirs that exist (a watch needs a directory)."""
+    """shim.boot.templateclient.site_dirs that exist (a watch needs a directory)."""
     return [p for p in template_site_dirs(paths) if os.path.isdir(p)]
 
 
@@ -112,7 +112,7 @@ class CodeWatch:
 
 
 def watch_code(root: str) -> CodeWatch | None:
-    """A watch on everything shim.boot.template.code_key digests; None where inotify fails
+    """A watch on everything shim.boot.templateclient.code_key digests; None where inotify fails
     (no kernel support, out of instances or watches): the caller then cannot vouch."""
     try:
         return CodeWatch(

@@ -22,7 +22,7 @@ TYPE_CHECKING = False  # typing costs ~3 ms at start-up; mypy honours this name
 
 
 if TYPE_CHECKING:
-    from shim.boot.cli import Options
+    from shim.boot.flags import Options
 
 DEFAULT_RUNC_ROOT = "/run/containerd/runc"
 UNKNOWN_EXIT_STATUS = 137  # what containerd reports for a task whose shim died

@@ -24,7 +24,10 @@ TEMPLATE = """#!{python} -IS
 import sys
 
 sys.path.extend({paths!r})
-from shim.boot.quickstart import run
+from shim.boot.quickstart import run as quick_start
+
+quick_start()  # returns unless the fork template ran a `start`
+from shim.boot.cli import run
 
 run()
 """

@@ -20,11 +20,18 @@ import _socket
 import posix
 import sys
 
-TYPE_CHECKING = False  # typing costs ~3 ms at start-up; mypy honours this name
-
-if TYPE_CHECKING:
-    from collections.abc import Sequence
-    from typing import Any, NoReturn
+from shim import RUNTIME_NAME
+from shim.boot.rendezvous import (
+    DEFAULT_DIR,
+    DIR_ENV,
+    ENABLE_ENV,
+    peer,
+    private_dir,
+    retire_wedged,
+    send_fds,
+    sha256,
+    trusted,
+)
 
 OP = b"start"
 FALLBACK = b"fallback"
@@ -37,16 +44,9 @@ REPLY_TIMEOUT = 1.0
 # For the spare that has the request: its whole start (bind under the socket
 # directory's lock, O_SYNC address file, cgroup) takes a few ms, more on a busy disk.
 SPARE_TIMEOUT = 10.0
-DIR_ENV = "PYSHIM_TEMPLATE_DIR"
-DEFAULT_DIR = "/run/pyshim/template"
-# "0": `start` always re-executes the daemon (and never spawns a template).
-ENABLE_ENV = "PYSHIM_TEMPLATE"
 # A core-scheduling cookie must exist before the daemon does: start makes it and
 # re-executes (shim.boot.start.sched_core_create).
 SCHED_CORE_ENV = "SCHED_CORE"
-RUNTIME_NAME = "io.containerd.pyshim.v1"
-_INT = 4
-_S_IFMT, _S_IFDIR = 0o170000, 0o040000
 
 
 class Request:
@@ -96,15 +96,6 @@ class Request:
         return [a.decode(errors="surrogateescape") for a in self.argv]
 
 
-def sha256(data: bytes = b"") -> "Any":
-    """A SHA-256 hash object, without hashlib: it would load OpenSSL (~4 ms)."""
-    try:
-        from _sha256 import sha256 as new  # type: ignore[import-not-found]
-    except ImportError:  # 3.12+ keeps the SHA-2 family in one module
-        from _sha2 import sha256 as new  # type: ignore[import-not-found]
-    return new(data)
-
-
 def install_key(executable: str, root: str) -> str:
     """Names a template's link: which interpreter runs which checkout of the code.
 
@@ -122,35 +113,6 @@ def package_root() -> str:
     """The directory holding the `shim` and `protocol` packages (without importing os)."""
     here = __file__ if __file__.startswith("/") else f"{posix.getcwd()}/{__file__}"
     return here.rsplit("/", 3)[0]
-
-
-def private_dir(directory: str) -> bool:
-    """Ours alone: a socket in a directory others can write to could be anyone's."""
-    try:
-        st = posix.lstat(directory)
-    except OSError:
-        return False
-    return (
-        st.st_mode & _S_IFMT == _S_IFDIR and st.st_uid == posix.geteuid() and not st.st_mode & 0o077
-    )
-
-
-def send_fds(sock: _socket.socket, data: bytes, fds: "Sequence[int]") -> None:
-    """socket.send_fds without importing socket (and array)."""
-    rights = b"".join(fd.to_bytes(_INT, sys.byteorder) for fd in fds)
-    sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, rights)])
-
-
-def peer(sock: _socket.socket) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the other end."""
-    raw = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 3 * _INT)
-    pid, uid, gid = (int.from_bytes(raw[i : i + _INT], sys.byteorder) for i in (0, 4, 8))
-    return pid, uid, gid
-
-
-def trusted(uid: int) -> bool:
-    """Root, or who we run as."""
-    return uid in (0, posix.geteuid())
 
 
 def handoff(
@@ -228,27 +190,6 @@ def handoff(
         conn.close()
 
 
-def retire_wedged(path: str, pid: int) -> None:
-    """A template that did not answer in time is replaced, not waited for: its socket
-    (``path`` or, for a link, the socket it names) goes, and it is SIGKILLed."""
-    if path.endswith(".link"):
-        try:
-            target = posix.readlink(path)
-            posix.unlink(path)
-            path = f"{path.rsplit('/', 1)[0]}/{target}"
-        except OSError:
-            pass
-    try:  # noqa: SIM105 (contextlib costs ~1-4 ms to import)
-        posix.unlink(path)
-    except OSError:
-        pass
-    if pid > 1:
-        try:  # noqa: SIM105
-            posix.kill(pid, 9)
-        except OSError:
-            pass
-
-
 def fail_to(fd: int, message: str) -> None:
     """The Go shim's error convention (shim.boot.cli.fail) on ``fd``: `<runtime>: <message>`."""
     from shim.sys.fdio import write_all
@@ -259,8 +200,9 @@ def fail_to(fd: int, message: str) -> None:
         pass
 
 
-def run() -> "NoReturn":
-    """The launcher's entry point."""
+def run() -> None:
+    """The launcher's first step: a `start` the template ran ends here, with its status;
+    anything else returns, and the launcher runs shim.boot.cli."""
     argv = sys.argv
     env = posix.environ
     if (
@@ -274,6 +216,3 @@ def run() -> "NoReturn":
         code = handoff([a.encode(errors="surrogateescape") for a in argv], directory, key)
         if code is not None:
             posix._exit(code)
-    from shim.boot.cli import run as run_cli
-
-    run_cli()

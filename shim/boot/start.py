@@ -16,7 +16,7 @@ import stat
 import sys
 
 from shim.boot import _wire, bootstrap, minijson
-from shim.boot.quickstart import sha256
+from shim.boot.rendezvous import sha256
 
 TYPE_CHECKING = False  # typing costs ~3 ms at start-up; mypy honours this name
 
@@ -24,8 +24,8 @@ TYPE_CHECKING = False  # typing costs ~3 ms at start-up; mypy honours this name
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from shim.boot.cli import Options
-    from shim.boot.template import Forked
+    from shim.boot.flags import Options
+    from shim.boot.templateclient import Forked
 
 SOCKET_DIR = "/run/containerd/s"
 GROUP_ANNOTATION = "io.containerd.pyshim.v1.group"
@@ -271,11 +271,11 @@ def fork_from_template(
     """
     if os.environ.get("SCHED_CORE"):
         return None
-    from shim.boot import template
+    from shim.boot import templateclient
 
-    if not template.enabled():
+    if not templateclient.enabled():
         return None
-    return template.fork_daemon(argv, listener, meanwhile=meanwhile)
+    return templateclient.fork_daemon(argv, listener, meanwhile=meanwhile)
 
 
 def sched_core_create() -> None:

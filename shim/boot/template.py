@@ -34,35 +34,29 @@ Reliability comes first, so the template is only ever an accelerator:
   inotify (shim/codewatch.py) offers that link; it quits the moment the code
   changes, and declines (`start` then runs itself) if a change is still queued.
 
-This module is imported by `start`, so its top level imports only what `start`
-already has (`_socket`, not `socket`, whose enum classes cost ~5 ms; no
-`contextlib`, ~1-4 ms); the server half imports what it needs when it runs.
+`start` runs the client half, shim.boot.templateclient, not this module. Its top
+level imports little all the same (`socket` costs ~5 ms of enum classes, `contextlib`
+~1-4 ms): the template imports what it needs when it runs.
 """
 
 from __future__ import annotations
 
-import _socket
 import errno
 import os
 import stat
 import sys
 
 from shim.boot import minijson
-from shim.boot.quickstart import (
-    DEFAULT_DIR,
-    DIR_ENV,
-    ENABLE_ENV,
-    FALLBACK,
-    GO,
-    OP,
-    REPLY_TIMEOUT,
-    TAKEN,
-    package_root,
-    peer,
-    private_dir,
-    retire_wedged,
-    send_fds,
-    trusted,
+from shim.boot.quickstart import FALLBACK, GO, OP, TAKEN, package_root
+from shim.boot.rendezvous import peer, private_dir, send_fds, trusted
+from shim.boot.templateclient import (
+    TemplateError,
+    code_key,
+    lock_path,
+    send_quit,
+    socket_path,
+    template_dir,
+    try_lock,
 )
 
 TYPE_CHECKING = False  # typing costs ~3 ms at start-up; mypy honours this name
@@ -70,24 +64,18 @@ TYPE_CHECKING = False  # typing costs ~3 ms at start-up; mypy honours this name
 if TYPE_CHECKING:
     import select
     import socket
-    from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
     from typing import Any
 
     from shim.boot.codewatch import CodeWatch
 
 # "1" (the operator's choice, in containerd's environment): forked daemons offer their
-# memory to same-page merging (shim/prefork.py). Anything else, or unset: they do not.
+# memory to same-page merging (shim/sys/ksm.py). Anything else, or unset: they do not.
 KSM_ENV = "PYSHIM_KSM"
 QUICK_PREFIX = OP + b"\0"  # a shim/quickstart.py request, not JSON
-ACTION = "template"
 # How long a forked daemon waits for `start`'s go-ahead before giving up.
 GO_TIMEOUT = 30.0
 MAX_REQUEST = 1 << 20
-# What code_key digests (and shim/codewatch.py watches): our packages' code files,
-CODE_PACKAGES = ("shim", "protocol")
-CODE_EXTENSIONS = (".py", ".so")
-# and the distributions installed in these directories.
-SITE_DIR_NAMES = ("site-packages", "dist-packages")
 # /proc/<pid>/comm of a direct-exec daemon: the launcher's name, cut to 15 bytes.
 SHIM_COMM = b"containerd-shim"
 TEMPLATE_COMM = b"pyshim-template"
@@ -100,276 +88,19 @@ MAX_REPORT = 4096
 SIGKILL = 9
 # Niceness added while a spare is being made (off `start`'s path, but beside it).
 SPARE_NICE = 19
-_INT = 4  # sizeof(int): SO_PEERCRED fields, SCM_RIGHTS entries
 
 PR_SET_NAME = 15
 PR_SET_MM = 35
 PR_SET_MM_MAP = 14
 SYS_BRK = 12  # x86_64
-# struct prctl_mm_map's leading fields, in order, with their /proc/<pid>/stat field
-# numbers (0: not in stat).
-_MM_FIELDS = {
-    "start_code": 26,
-    "end_code": 27,
-    "start_data": 45,
-    "end_data": 46,
-    "start_brk": 47,
-    "brk": 0,
-    "start_stack": 28,
-    "arg_start": 0,
-    "arg_end": 0,
-    "env_start": 0,
-    "env_end": 0,
-}
-
-
-class TemplateError(Exception):
-    pass
-
-
-# -- shared by both halves -------------------------------------------------------
-
-
-def template_dir() -> str:
-    return os.environ.get(DIR_ENV) or DEFAULT_DIR
-
-
-def enabled() -> bool:
-    return os.environ.get(ENABLE_ENV, "1") != "0"
-
-
-def site_dirs(paths: Iterable[str]) -> list[str]:
-    """The entries of ``paths`` that hold installed distributions."""
-    return [p for p in paths if os.path.basename(p) in SITE_DIR_NAMES]
-
-
-def _code_files(root: str, rel: str) -> Iterator[tuple[str, os.stat_result]]:
-    try:
-        entries = sorted(os.scandir(os.path.join(root, rel)), key=lambda e: e.name)
-    except OSError:
-        return
-    for entry in entries:
-        name = f"{rel}/{entry.name}"
-        if entry.is_dir(follow_symlinks=False):
-            if entry.name != "__pycache__":
-                yield from _code_files(root, name)
-        elif entry.name.endswith(CODE_EXTENSIONS):
-            yield name, entry.stat()
-
-
-def code_key() -> str:
-    """Digest of everything a forked daemon would run: a change means a new template.
-
-    Stats only (~1 ms): sizes and mtimes of our sources, the interpreter, and the
-    names (hence versions) of the installed distributions.
-    """
-    from shim.boot.quickstart import sha256
-
-    h = sha256()
-    # realpath: the launcher and a venv wrapper name the same interpreter differently.
-    h.update(f"{sys.version}\0{os.path.realpath(sys.executable)}\n".encode())
-    root = package_root()
-    for top in CODE_PACKAGES:
-        for name, st in _code_files(root, top):
-            h.update(f"{name}\0{st.st_mtime_ns}\0{st.st_size}\n".encode())
-    for path in site_dirs(sys.path):
-        try:
-            names = sorted(n for n in os.listdir(path) if n.endswith(".dist-info"))
-        except OSError:
-            continue
-        h.update(f"{path}\0{'/'.join(names)}\n".encode())
-    digest: str = h.hexdigest()
-    return digest[:24]
-
-
-def socket_path(directory: str, key: str) -> str:
-    return os.path.join(directory, f"{key}.sock")
-
-
-def lock_path(directory: str, key: str) -> str:
-    return os.path.join(directory, f"{key}.lock")
-
-
-def _seqpacket() -> _socket.socket:
-    return _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
-
-
-# -- client: `start` -------------------------------------------------------------
-
-
-class Forked:
-    """A daemon forked by the template, waiting for `go()` before it serves."""
-
-    def __init__(self, conn: _socket.socket, pid: int) -> None:
-        self._conn = conn
-        self.pid = pid
-
-    def go(self) -> None:
-        try:
-            self._conn.send(GO)
-        finally:
-            self._conn.close()
-
-    def abort(self) -> None:
-        # EOF instead of "go": the daemon exits without touching the listener.
-        self._conn.close()
-
-
-def fork_daemon(
-    argv: Sequence[str],
-    listener: _socket.socket,
-    *,
-    directory: str | None = None,
-    key: str | None = None,
-    timeout: float = REPLY_TIMEOUT,
-    meanwhile: Callable[[], object] | None = None,
-) -> Forked | None:
-    """A daemon forked by the template, or None: the caller then re-executes.
-
-    Spawns the template (for the next start) when none answers. ``meanwhile`` runs
-    once the request is sent, while the template hands it over (not at all when the
-    request could not be sent); its exceptions propagate, and the daemon then exits
-    without serving.
-    """
-    directory = directory or template_dir()
-    key = key or code_key()
-    if not private_dir(directory):
-        if not os.path.exists(directory):
-            spawn_template(directory, key)
-        return None
-    path = socket_path(directory, key)
-    conn = _seqpacket()
-    try:
-        conn.settimeout(timeout)
-        try:
-            conn.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError):
-            conn.close()
-            spawn_template(directory, key)
-            return None
-        pid, uid, _ = peer(conn)
-        if not trusted(uid):
-            raise TemplateError(f"template socket {path} is served by uid {uid}")
-        umask = os.umask(0o022)
-        os.umask(umask)
-        request = {
-            "op": "fork",
-            "key": key,
-            "argv": list(argv),
-            "env": dict(os.environ),
-            "cwd": os.getcwd(),
-            "umask": umask,
-            **_socket_file(listener),
-        }
-        send_fds(conn, minijson.dumps(request).encode(), [listener.fileno()])
-    except (OSError, ValueError, TemplateError):
-        conn.close()
-        return None
-    if meanwhile is not None:
-        try:
-            meanwhile()
-        except BaseException:
-            conn.close()  # EOF instead of "go": the daemon exits without serving
-            raise
-    try:
-        try:
-            data = conn.recv(4096)
-        except TimeoutError:
-            retire_wedged(path, pid)
-            raise
-        reply = minijson.loads(data) if data else {"error": "template closed the connection"}
-        if not isinstance(reply, dict) or not isinstance(reply.get("pid"), int):
-            raise TemplateError(str(reply.get("error") if isinstance(reply, dict) else reply))
-        return Forked(conn, reply["pid"])
-    except (OSError, ValueError, TemplateError):
-        conn.close()
-        return None
-
-
-def _socket_file(listener: _socket.socket) -> dict[str, Any]:
-    """The listener's socket file and its inode, so a daemon `start` abandoned can
-    remove exactly that file (and never one a later `start` bound in its place)."""
-    try:
-        path = listener.getsockname()
-        if isinstance(path, str) and path.startswith("/"):
-            return {"socket": path, "socket_ino": os.stat(path).st_ino}
-    except OSError:
-        pass
-    return {}
-
-
-def template_argv() -> list[str]:
-    prog = sys.argv[0] if sys.argv else ""
-    if os.path.isabs(prog) and not prog.endswith(".py") and os.access(prog, os.X_OK):
-        return [prog, ACTION]
-    return [sys.executable, "-m", "shim", ACTION]
-
-
-def spawn_template(directory: str, key: str) -> int:
-    """Start a template in the background (0 when one is already starting).
-
-    Its own session, stdio on /dev/null and no other fds, so it is tied neither to
-    containerd nor to this `start`, and re-parented to init when we exit.
-    """
-    if not enabled():
-        return 0
-    try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        if not private_dir(directory):
-            return 0
-        # A template importing (~100-300 ms) holds the lock: don't start a second one.
-        fd = _try_lock(directory, key)
-        if fd is None:
-            return 0
-        os.close(fd)
-        argv = template_argv()
-        env = dict(os.environ)
-        env[DIR_ENV] = directory
-        actions = [
-            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-            (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
-            (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0),
-        ]
-        return os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True)
-    except OSError:
-        return 0
-
-
-def stop_templates(directory: str, timeout: float = 1.0) -> list[int]:
-    """Ask every template serving in directory to quit; their pids (for tests, cleanup)."""
-    pids: list[int] = []
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return pids
-    for name in names:
-        if name.endswith(".sock") and not name.startswith("."):
-            pid = _send_quit(os.path.join(directory, name), timeout)
-            if pid:
-                pids.append(pid)
-    return pids
-
-
-def _send_quit(path: str, timeout: float) -> int:
-    conn = _seqpacket()
-    try:
-        conn.settimeout(timeout)
-        conn.connect(path)
-        pid, uid, _ = peer(conn)
-        if not trusted(uid):
-            return 0
-        conn.send(minijson.dumps({"op": "quit"}).encode())
-        conn.recv(16)  # EOF once it has stopped listening
-    except OSError:
-        return 0
-    finally:
-        conn.close()
-    return pid
 
 
 # -- server: the template process ------------------------------------------------
 
 _listener: socket.socket | None = None
+# The binary's entry point (shim.boot.cli.main, which runs this template): a daemon
+# forked from here runs it with its own argv, as the re-executed binary would.
+_main: Callable[[list[str]], int] | None = None
 
 
 def preload() -> None:
@@ -385,7 +116,6 @@ def preload() -> None:
     import protocol.proto.cgroups.v1.metrics_pb2
     import protocol.proto.cgroups.v2.metrics_pb2
     import protocol.ttrpc.client  # noqa: F401
-    import shim.boot.cli
     import shim.boot.start
     import shim.daemon
     import shim.io.console
@@ -433,29 +163,6 @@ def _set_name(comm: bytes) -> None:
 
 
 _proc_buffers: list[object] = []
-_mm_tools: list[Any] = []
-
-
-def _prctl_mm_map() -> tuple[Any, Any]:
-    """struct prctl_mm_map and syscall(2), built once: in the template before its freeze
-    (shim.boot.prefork), so every daemon shares them."""
-    if not _mm_tools:
-        import ctypes
-
-        u64 = ctypes.c_uint64
-
-        class MmMap(ctypes.Structure):  # struct prctl_mm_map, <linux/prctl.h>
-            _fields_ = [
-                *((name, u64) for name in _MM_FIELDS),
-                ("auxv", u64),
-                ("auxv_size", ctypes.c_uint32),
-                ("exe_fd", ctypes.c_uint32),
-            ]
-
-        syscall = ctypes.CDLL(None, use_errno=True).syscall
-        syscall.restype = ctypes.c_long
-        _mm_tools.extend((MmMap, syscall))
-    return _mm_tools[0], _mm_tools[1]
 
 
 def _set_proc_strings(argv: Sequence[str], env: Mapping[str, str]) -> None:
@@ -475,9 +182,9 @@ def _set_proc_strings(argv: Sequence[str], env: Mapping[str, str]) -> None:
     args = ctypes.create_string_buffer(cmdline, len(cmdline))
     envs = ctypes.create_string_buffer(environ, len(environ))
     try:
-        mm_map, syscall = _prctl_mm_map()
+        mm_map, syscall = syscalls.prctl_mm_map()
         fields = stat_fields("self")  # field N of proc(5) is fields[N - 3]
-        values = {name: int(fields[n - 3]) for name, n in _MM_FIELDS.items() if n}
+        values = {name: int(fields[n - 3]) for name, n in syscalls.MM_MAP_FIELDS.items() if n}
         values["brk"] = syscall(ctypes.c_long(SYS_BRK), ctypes.c_long(0))
         values["arg_start"] = ctypes.addressof(args)
         values["arg_end"] = values["arg_start"] + len(cmdline)
@@ -650,12 +357,13 @@ def _report_serving(link: socket.socket, socket_file: Mapping[str, Any]) -> None
 
 
 def _serve_as_daemon(argv: list[str], env: Mapping[str, str]) -> int:
-    from shim.boot import prefork
-    from shim.boot.cli import main
+    from shim.sys import ksm
 
     if env.get(KSM_ENV) == "1":
-        prefork.mark_after_start()
-    return main(argv)
+        ksm.mark_after_start()
+    if _main is None:
+        raise TemplateError("no entry point to run the daemon (serve() sets it)")
+    return _main(argv)
 
 
 def _start_here(
@@ -672,7 +380,7 @@ def _start_here(
     once the address (or error) is written to its stdout (stderr). Serves only
     after "go", as `_become_daemon`.
     """
-    from shim.boot import cli, quickstart, start
+    from shim.boot import flags, quickstart, start
     from shim.sys.fdio import read_all, write_all
 
     stdin_fd, out_fd, err_fd = (_fd_off_3(fd) for fd in stdio)
@@ -690,12 +398,12 @@ def _start_here(
     try:
         request = quickstart.Request.decode(data)
         argv = request.str_argv()
-        opts = cli.parse_flags(argv[1:])
-    except (ValueError, cli.FlagError, cli.HelpRequested):
+        opts = flags.parse_flags(argv[1:])
+    except (ValueError, flags.FlagError, flags.HelpRequested):
         reply(FALLBACK)
         return 0
     env = request.environ()
-    if not cli.runs_start(opts) or env.get(quickstart.SCHED_CORE_ENV):
+    if not flags.runs_start(opts) or env.get(quickstart.SCHED_CORE_ENV):
         reply(FALLBACK)
         return 0
     try:
@@ -1061,7 +769,7 @@ def _quit_stale(directory: str, key: str) -> None:
             continue
         path = os.path.join(directory, name)
         if name.endswith(".sock"):
-            _send_quit(path, 1.0)
+            send_quit(path, 1.0)
             _unlink(path)
         elif name.endswith(".lock"):
             _unlink_unlocked(path)
@@ -1115,19 +823,6 @@ def _bind(directory: str, key: str) -> socket.socket:
     return sock
 
 
-def _try_lock(directory: str, key: str) -> int | None:
-    """The template lock for ``key``, taken without waiting; None while another holds it."""
-    import fcntl
-
-    fd = os.open(lock_path(directory, key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
-
-
 def _serve_requests(listener: socket.socket, key: str, watch: CodeWatch | None = None) -> None:
     """Accept requests until told to quit, or until the code changes; blocked in
     poll(2) in between (no timeout)."""
@@ -1175,9 +870,13 @@ def _serve_requests(listener: socket.socket, key: str, watch: CodeWatch | None =
         janitor.close()
 
 
-def serve(directory: str, key: str | None = None) -> int:
-    """The template's life: import, freeze, then fork on request until told to quit."""
-    global _listener
+def serve(directory: str, key: str | None = None, *, main: Callable[[list[str]], int]) -> int:
+    """The template's life: import, freeze, then fork on request until told to quit.
+
+    ``main`` is the binary's entry point, which forked daemons run with their argv."""
+    global _listener, _main
+
+    _main = main
 
     os.chdir("/")
     key = key or code_key()
@@ -1185,7 +884,7 @@ def serve(directory: str, key: str | None = None) -> int:
     if not private_dir(directory):
         return 1
     # Held for the template's life.
-    lock_fd = _try_lock(directory, key)
+    lock_fd = try_lock(directory, key)
     if lock_fd is None:
         return 0  # another template of this code runs or is starting
     _set_name(TEMPLATE_COMM)
@@ -1256,5 +955,5 @@ def _remove_link(link: str, key: str) -> None:
         pass
 
 
-def run_template() -> int:
-    return serve(template_dir())
+def run_template(main: Callable[[list[str]], int]) -> int:
+    return serve(template_dir(), main=main)

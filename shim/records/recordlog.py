@@ -1,7 +1,7 @@
 """Append-only logs of small records in a bundle's state dir: ``<bundle>/pyshim/<name>``.
 
 What must outlive the shim on its hot paths lives in one: the event outbox
-(shim/events.py) and the exit records (shim/state.py). Appending to an open file
+(shim/events.py) and the exit records (shim/records/state.py). Appending to an open file
 costs ~1 µs, ~0.15 ms when synced; a file per record costs 0.2-0.7 ms to create,
 rename, sync and later unlink (bench/README.md, "Sixth round").
 

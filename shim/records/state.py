@@ -3,7 +3,7 @@
 Every record is a msgspec Struct with a ``version`` field; a reader refuses a version
 it does not know instead of guessing.
 
-Exit records go to the container's log ``exits.log`` (shim/recordlog.py), synced
+Exit records go to the container's log ``exits.log`` (shim/records/recordlog.py), synced
 (fdatasync) before the append returns: an exit is on disk before anyone is told about
 it. An exec's record is marked done when the exec is deleted; the init's stays for the
 `delete` subcommand. Other records are whole files written atomically (tmp file,

@@ -1,6 +1,6 @@
 """Whole, blocking reads and writes on raw fds (a write may take less than asked).
 
-`posix`, not `os`: shim/quickstart.py, which imports builtins only, writes with it too.
+`posix`, not `os`: shim/boot/quickstart.py, which imports builtins only, writes with it too.
 """
 
 from __future__ import annotations

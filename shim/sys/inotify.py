@@ -1,7 +1,7 @@
 """inotify instances, through shim.sys.syscalls (the stdlib has no binding).
 
-Used by the cgroup v2 OOM watch (shim/oom.py) and the template's watch on its own
-code (shim/codewatch.py). Non-blocking: its fd goes into an event loop or poll set.
+Used by the cgroup v2 OOM watch (shim/task/oom.py) and the template's watch on its own
+code (shim/boot/codewatch.py). Non-blocking: its fd goes into an event loop or poll set.
 """
 
 from __future__ import annotations

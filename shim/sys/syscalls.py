@@ -10,7 +10,13 @@ import ctypes
 import os
 import signal as _signal
 
+TYPE_CHECKING = False  # typing costs ~3 ms at start-up; mypy honours this name
+
+if TYPE_CHECKING:
+    from typing import Any
+
 __all__ = [
+    "MM_MAP_FIELDS",
     "MNT_DETACH",
     "MS_BIND",
     "MS_DIRSYNC",
@@ -36,6 +42,7 @@ __all__ = [
     "load_libc",
     "mount",
     "prctl",
+    "prctl_mm_map",
     "set_child_subreaper",
     "set_pdeathsig",
     "umount2",
@@ -61,6 +68,22 @@ MS_RELATIME = 0x200000
 MS_STRICTATIME = 0x1000000
 
 MNT_DETACH = 0x2
+
+# struct prctl_mm_map's leading fields, in order, with their /proc/<pid>/stat field
+# numbers (0: not in stat).
+MM_MAP_FIELDS = {
+    "start_code": 26,
+    "end_code": 27,
+    "start_data": 45,
+    "end_data": 46,
+    "start_brk": 47,
+    "brk": 0,
+    "start_stack": 28,
+    "arg_start": 0,
+    "arg_end": 0,
+    "env_start": 0,
+    "env_end": 0,
+}
 
 _libc: ctypes.CDLL | None = None
 
@@ -181,3 +204,26 @@ def inotify_rm_watch(fd: int, wd: int) -> None:
     fn.argtypes = [ctypes.c_int, ctypes.c_int]
     fn.restype = ctypes.c_int
     _check(fn(fd, wd), "inotify_rm_watch")
+
+
+_mm_map_tools: list[Any] = []
+
+
+def prctl_mm_map() -> tuple[Any, Any]:
+    """struct prctl_mm_map and syscall(2), built once: in the template before its freeze
+    (shim.boot.prefork), so every daemon shares them."""
+    if not _mm_map_tools:
+        u64 = ctypes.c_uint64
+
+        class MmMap(ctypes.Structure):  # struct prctl_mm_map, <linux/prctl.h>
+            _fields_ = [
+                *((name, u64) for name in MM_MAP_FIELDS),
+                ("auxv", u64),
+                ("auxv_size", ctypes.c_uint32),
+                ("exe_fd", ctypes.c_uint32),
+            ]
+
+        syscall = ctypes.CDLL(None, use_errno=True).syscall
+        syscall.restype = ctypes.c_long
+        _mm_map_tools.extend((MmMap, syscall))
+    return _mm_map_tools[0], _mm_map_tools[1]

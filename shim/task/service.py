@@ -23,7 +23,7 @@ from protocol.proto.task.v2 import shim_pb2
 from protocol.proto.types import mount_pb2
 from protocol.proto.types import task_pb2 as types_pb2
 from protocol.ttrpc.status import Code, TtrpcError
-from shim.boot import prefork
+from shim.sys import ksm
 from shim.task.container import Container, CreateOptions, OomWatch, Toolkit, validate_bundle
 from shim.task.exits import ExitRouter
 from shim.task.ids import validate_id
@@ -217,7 +217,7 @@ class TaskService:
         pid = await container.process(req.exec_id).start()
         if not req.exec_id:
             # Runs once this reply is written (the server writes it in this task step).
-            asyncio.get_running_loop().call_soon(prefork.started)
+            asyncio.get_running_loop().call_soon(ksm.started)
         return shim_pb2.StartResponse(pid=pid)
 
     async def state(self, req: shim_pb2.StateRequest) -> shim_pb2.StateResponse:

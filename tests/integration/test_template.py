@@ -1,4 +1,4 @@
-"""Shims forked from the template (shim/template.py) under a real containerd.
+"""Shims forked from the template (shim/boot/template.py) under a real containerd.
 
 Each test's containerd has its own template directory (tests/support/containerd.py
 sets PYSHIM_TEMPLATE_DIR), and its close() stops the template by PID.

@@ -254,7 +254,7 @@ class Containerd:
 
     @property
     def template_dir(self) -> Path:
-        # Our own shim template (shim/template.py), so close() can stop it.
+        # Our own shim template (shim/boot/template.py), so close() can stop it.
         return self._template_dir or self.tmp / "template"
 
     def env(self) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""The shim's fork templates (shim/template.py) that a test or benchmark caused.
+"""The shim's fork templates (shim/boot/template.py) that a test or benchmark caused.
 
 A template is spawned by the first `start` whose environment names its directory
 (`PYSHIM_TEMPLATE_DIR`) and outlives everything else by design, so whoever gave a

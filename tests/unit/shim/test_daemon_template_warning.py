@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from shim.boot import quickstart
+from shim.boot import rendezvous
 from shim.daemon import warn_unusable_template
 
 
 @pytest.fixture
 def tdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "template"
-    monkeypatch.setenv(quickstart.DIR_ENV, str(path))
-    monkeypatch.delenv(quickstart.ENABLE_ENV, raising=False)
+    monkeypatch.setenv(rendezvous.DIR_ENV, str(path))
+    monkeypatch.delenv(rendezvous.ENABLE_ENV, raising=False)
     return path
 
 
@@ -48,6 +48,6 @@ def test_nothing_is_said_with_the_template_turned_off(
     tdir: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     tdir.mkdir(mode=0o777)
-    monkeypatch.setenv(quickstart.ENABLE_ENV, "0")
+    monkeypatch.setenv(rendezvous.ENABLE_ENV, "0")
     warn_unusable_template()
     assert _warnings(caplog) == []

@@ -13,7 +13,7 @@ from protocol.proto.runc import options_pb2
 from protocol.proto.runtime.bootstrap.v1 import bootstrap_pb2
 from protocol.proto.runtimeoptions.v1 import api_pb2
 from shim.boot import bootstrap, start
-from shim.boot.cli import parse_flags
+from shim.boot.flags import parse_flags
 from tests.unit.shim.boot.test_start import start_env
 
 __all__ = ["start_env"]  # the fixture, imported for these tests

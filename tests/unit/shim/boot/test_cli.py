@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from protocol.proto.task.v2 import shim_pb2
-from shim.boot import _wire, cli, delete
-from shim.boot.cli import FlagError, HelpRequested, parse_flags
+from shim.boot import _wire, cli, delete, flags
+from shim.boot.flags import FlagError, HelpRequested, parse_flags
 
 # The argv containerd 1.6.20 was observed to use (shim-cli.md).
 CONTAINERD_START = [
@@ -463,8 +463,8 @@ def test_runs_start_agrees_with_main(
 
     reached: list[str] = []
 
-    def action(name: str) -> Callable[[cli.Options], int]:
-        def run(opts: cli.Options) -> int:
+    def action(name: str) -> Callable[[flags.Options], int]:
+        def run(opts: flags.Options) -> int:
             reached.append(name)
             return 0
 
@@ -476,4 +476,4 @@ def test_runs_start_agrees_with_main(
     assert parse_flags(args).action
     cli.main(["shim", *args])
     capsysbinary.readouterr()
-    assert cli.runs_start(parse_flags(args)) is (reached == ["start"])
+    assert flags.runs_start(parse_flags(args)) is (reached == ["start"])

@@ -1,4 +1,4 @@
-"""shim/codewatch.py: which changes make a template stale, through real inotify."""
+"""shim/boot/codewatch.py: which changes make a template stale, through real inotify."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from shim.boot import codewatch, quickstart
+from shim.boot import codewatch, quickstart, templateclient
 from shim.boot.codewatch import CodeWatch
 from shim.sys import syscalls
 
@@ -145,3 +145,25 @@ def test_the_real_install_is_watched() -> None:
         assert not watch.changed()
     finally:
         watch.close()
+
+
+def test_every_directory_of_the_real_code_is_watched_and_digested() -> None:
+    """The packages' sub-packages (shim/boot, shim/task, ...) are code too: a change in
+    any of them must reach both the watch and the template's code key."""
+    root = Path(quickstart.package_root())
+    files = {
+        str(path.relative_to(root))
+        for top in templateclient.CODE_PACKAGES
+        for path in (root / top).rglob("*")
+        if path.suffix in templateclient.CODE_EXTENSIONS and "__pycache__" not in path.parts
+    }
+    subpackages = {str(Path(f).parent) for f in files if f.count("/") > 1}
+    assert {"shim/boot", "shim/task", "shim/io", "shim/records", "shim/sys"} <= subpackages
+    watched = set(codewatch.code_dirs(str(root), templateclient.CODE_PACKAGES))
+    assert {str(root / d) for d in subpackages} <= watched
+    digested = {
+        name
+        for top in templateclient.CODE_PACKAGES
+        for name, _ in templateclient._code_files(str(root), top)
+    }
+    assert files == digested

@@ -1,4 +1,4 @@
-"""shim/launcher.py: the binary containerd runs."""
+"""shim/boot/launcher.py: the binary containerd runs."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from shim.boot import launcher
 def test_launcher_hands_start_over_then_runs_the_cli(tmp_path: Path) -> None:
     text = launcher.render()
     assert text.splitlines()[0].endswith(" -IS")
-    assert "from shim.boot.quickstart import run" in text
+    assert "from shim.boot.quickstart import run as quick_start" in text
     binary = tmp_path / "containerd-shim-pyshim-v1"
     launcher.install(str(binary), text)
     # Anything but `start` goes straight to shim.boot.cli.

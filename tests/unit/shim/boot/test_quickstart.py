@@ -1,4 +1,4 @@
-"""shim/quickstart.py, the `start` client side: its request format, its imports, and
+"""shim/boot/quickstart.py, the `start` client side: its request format, its imports, and
 what it does when no template (or something else) answers. The template's side is
 in test_template.py."""
 
@@ -59,7 +59,8 @@ def test_malformed_requests_are_refused(data: bytes) -> None:
 
 
 def test_the_quick_path_imports_builtins_only() -> None:
-    """`os` alone costs ~1.2 ms; the client needs nothing from disk but itself."""
+    """`os` alone costs ~1.2 ms; the client needs nothing from disk but itself and what
+    it shares with the template (shim.boot.rendezvous, builtins only too)."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(quickstart.__file__)))
     code = (
         "import sys\n"
@@ -71,7 +72,12 @@ def test_the_quick_path_imports_builtins_only() -> None:
         "print(' '.join(sorted(set(sys.modules) - before)))\n"
     )
     loaded = printed_by_isolated(code)
-    assert loaded - set(sys.builtin_module_names) == {"shim", "shim.boot", "shim.boot.quickstart"}
+    assert loaded - set(sys.builtin_module_names) == {
+        "shim",
+        "shim.boot",
+        "shim.boot.quickstart",
+        "shim.boot.rendezvous",
+    }
 
 
 def test_package_root_holds_the_packages() -> None:

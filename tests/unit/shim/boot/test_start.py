@@ -21,7 +21,7 @@ from protocol.proto import anyutil
 from protocol.proto.runc import options_pb2
 from protocol.proto.runctypes import runc_pb2
 from shim.boot import _wire, start
-from shim.boot.cli import parse_flags
+from shim.boot.flags import parse_flags
 from tests.support.imports import printed_by_isolated
 
 SPEC_HASH = "1edd1a9a40eab4863a4065f09a93cf7db08f16c567337ba3e5937b4636ae16dd"
@@ -390,8 +390,8 @@ def test_start_imports_stay_lean() -> None:
     code = (
         "import sys\n"
         f"sys.path.insert(0, {root!r})\n"
-        "import shim.boot.cli, shim.boot.start, shim.boot.template\n"
-        "shim.boot.template.code_key()\n"
+        "import shim.boot.cli, shim.boot.start, shim.boot.template, shim.boot.templateclient\n"
+        "shim.boot.templateclient.code_key()\n"
         "print(' '.join(sorted(sys.modules)))\n"
     )
     loaded = printed_by_isolated(code)

@@ -1,4 +1,4 @@
-"""The shim template (shim/template.py): fork protocol, the forked daemon's process
+"""The shim template (shim/boot/template.py): fork protocol, the forked daemon's process
 state, fallbacks, and start's use of it. Real forks and sockets; the daemon's main is
 replaced by a probe that reports what it sees."""
 
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-import shim.boot.cli
-from shim.boot import prefork, quickstart, start, template
-from shim.boot.cli import parse_flags
+from shim.boot import quickstart, rendezvous, start, template, templateclient
+from shim.boot.flags import parse_flags
+from shim.sys import ksm
 from shim.sys.procfs import stat_fields
 from tests.support.template import spare_pids
 
@@ -42,7 +42,7 @@ def _probe_main(argv: list[str] | None = None) -> int:
     info = {
         "fd3_name": fd3_name,
         "fd3_listening": bool(fd3_listening),
-        "ksm_pending": prefork._mark_pending,
+        "ksm_pending": ksm._mark_pending,
         "pid": os.getpid(),
         "ppid": int(fields[1]),
         "pgid": os.getpgrp(),
@@ -165,7 +165,7 @@ class Running:
 
     @property
     def socket(self) -> Path:
-        return Path(template.socket_path(str(self.directory), self.key))
+        return Path(templateclient.socket_path(str(self.directory), self.key))
 
     def exited(self, timeout: float = 5.0) -> int | None:
         deadline = time.monotonic() + timeout
@@ -192,10 +192,9 @@ def tdir() -> Iterator[Path]:
 def serve(tdir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Running]:
     """A template serving tdir: a fork of this test process with a probe for main."""
     monkeypatch.setattr(template, "preload", lambda: None)
-    monkeypatch.setattr(shim.boot.cli, "main", _probe_main)
     monkeypatch.setenv("PROBE_OUT", str(tmp_path / "probe.json"))
     # So tests.support.template finds this template's spare.
-    monkeypatch.setenv(quickstart.DIR_ENV, str(tdir))
+    monkeypatch.setenv(rendezvous.DIR_ENV, str(tdir))
     started: list[Running] = []
 
     def launch(key: str = KEY) -> Running:
@@ -205,7 +204,7 @@ def serve(tdir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterat
         if pid == 0:
             code = 1
             try:
-                code = template.serve(str(tdir), key)
+                code = template.serve(str(tdir), key, main=_probe_main)
             finally:
                 os._exit(code)
         running = Running(pid, tdir, key)
@@ -250,7 +249,7 @@ def test_forked_daemon_looks_like_a_reexec(
     argv = ["/x/containerd-shim-pyshim-v1", "-namespace", "ns", "-id", "c1", "-address", "/a"]
     old = os.umask(0o027)
     try:
-        forked = template.fork_daemon(argv, listener, directory=str(serve.directory), key=KEY)
+        forked = templateclient.fork_daemon(argv, listener, directory=str(serve.directory), key=KEY)
     finally:
         os.umask(old)
     assert forked is not None
@@ -340,7 +339,7 @@ def test_spare_exits_with_its_template(serve: Running) -> None:
 
 def test_spare_exits_when_its_template_quits(serve: Running) -> None:
     pid = _spare(serve.directory)
-    assert template.stop_templates(str(serve.directory)) == [serve.pid]
+    assert templateclient.stop_templates(str(serve.directory)) == [serve.pid]
     assert serve.exited() == 0
     _until(lambda: _exited(pid), "the spare to exit")
 
@@ -356,7 +355,7 @@ def test_spares_serve_starts_in_a_row(
         sock.listen()
         out = tmp_path / f"probe{i}.json"
         monkeypatch.setenv("PROBE_OUT", str(out))
-        forked = template.fork_daemon(["x"], sock, directory=str(tdir), key=KEY)
+        forked = templateclient.fork_daemon(["x"], sock, directory=str(tdir), key=KEY)
         sock.close()
         assert forked is not None
         assert forked.pid == idle
@@ -372,7 +371,7 @@ def test_spares_serve_starts_in_a_row(
 def test_forked_daemon_survives_template_death(
     serve: Running, listener: socket.socket, tmp_path: Path
 ) -> None:
-    forked = template.fork_daemon(["x"], listener, directory=str(serve.directory), key=KEY)
+    forked = templateclient.fork_daemon(["x"], listener, directory=str(serve.directory), key=KEY)
     assert forked is not None
     os.kill(serve.pid, signal.SIGKILL)
     assert serve.exited() is not None
@@ -385,7 +384,7 @@ def test_forked_daemon_survives_template_death(
 def test_abort_means_the_daemon_never_runs(
     serve: Running, listener: socket.socket, tmp_path: Path
 ) -> None:
-    forked = template.fork_daemon(["x"], listener, directory=str(serve.directory), key=KEY)
+    forked = templateclient.fork_daemon(["x"], listener, directory=str(serve.directory), key=KEY)
     assert forked is not None
     forked.abort()
     deadline = time.monotonic() + 5
@@ -399,7 +398,7 @@ def test_meanwhile_runs_during_the_hand_over(
 ) -> None:
     idle = _spare(serve.directory)
     ran: list[int] = []
-    forked = template.fork_daemon(
+    forked = templateclient.fork_daemon(
         ["x"], listener, directory=str(serve.directory), key=KEY,
         meanwhile=lambda: ran.append(len(ran)),
     )  # fmt: skip
@@ -419,7 +418,7 @@ def test_meanwhile_failure_propagates_and_the_daemon_never_runs(
         raise OSError("address not written")
 
     with pytest.raises(OSError, match="address not written"):
-        template.fork_daemon(
+        templateclient.fork_daemon(
             ["x"], listener, directory=str(serve.directory), key=KEY, meanwhile=fail
         )
     _until(lambda: _exited(idle), "the spare handed the request to exit")
@@ -465,9 +464,9 @@ def test_start_gone_without_go_after_a_reset_is_eof() -> None:
 def test_meanwhile_is_not_run_without_a_template(
     tdir: Path, listener: socket.socket, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(template, "spawn_template", lambda d, k: 0)
+    monkeypatch.setattr(templateclient, "spawn_template", lambda d, k: 0)
     ran: list[bool] = []
-    got = template.fork_daemon(
+    got = templateclient.fork_daemon(
         ["x"], listener, directory=str(tdir), key=KEY, meanwhile=lambda: ran.append(True)
     )
     assert got is None
@@ -478,7 +477,7 @@ def test_daemon_abandoned_by_a_dead_start_removes_the_socket_file(
     serve: Running, listener: socket.socket, tmp_path: Path
 ) -> None:
     path = Path(listener.getsockname())
-    forked = template.fork_daemon(["x"], listener, directory=str(serve.directory), key=KEY)
+    forked = templateclient.fork_daemon(["x"], listener, directory=str(serve.directory), key=KEY)
     assert forked is not None
     # What a SIGKILLed `start` leaves: the hand-over connection closes with no "go",
     # and no `start` is left to unlink what it bound.
@@ -494,7 +493,7 @@ def test_abandoned_daemon_leaves_a_socket_file_bound_after_it_alone(
     serve: Running, listener: socket.socket, tmp_path: Path
 ) -> None:
     path = Path(listener.getsockname())
-    forked = template.fork_daemon(["x"], listener, directory=str(serve.directory), key=KEY)
+    forked = templateclient.fork_daemon(["x"], listener, directory=str(serve.directory), key=KEY)
     assert forked is not None
     # A later `start` re-bound the same path: that file is not ours to remove.
     path.unlink()
@@ -514,7 +513,7 @@ def test_abandoned_daemon_leaves_a_socket_file_bound_after_it_alone(
 def test_wrong_key_is_refused(serve: Running, listener: socket.socket, tdir: Path) -> None:
     # A request naming other code must not be served by this template.
     os.link(serve.socket, tdir / ("o" * 24 + ".sock"))
-    assert template.fork_daemon(["x"], listener, directory=str(tdir), key="o" * 24) is None
+    assert templateclient.fork_daemon(["x"], listener, directory=str(tdir), key="o" * 24) is None
     assert serve.exited(timeout=0.05) is None
 
 
@@ -525,19 +524,20 @@ def test_new_template_retires_stale_one(serve: Running) -> None:
     assert not serve.socket.exists()
     _until(lambda: _exited(stale_spare), "the stale template's spare to exit")
     assert newer.socket.exists()
-    assert template.stop_templates(str(serve.directory)) == [newer.pid]
+    assert templateclient.stop_templates(str(serve.directory)) == [newer.pid]
     assert newer.exited() is not None
     assert not newer.socket.exists()
 
 
 def test_second_template_for_same_key_exits(serve: Running, tdir: Path) -> None:
-    assert template.serve(str(tdir), KEY) == 0  # the lock is held: returns at once
+    # The lock is held: returns at once.
+    assert template.serve(str(tdir), KEY, main=_probe_main) == 0
     assert serve.exited(timeout=0.05) is None
 
 
 def test_wedged_template_is_replaced(tdir: Path, listener: socket.socket) -> None:
     """Accepts but never answers: start gives up after the timeout and kills it."""
-    path = template.socket_path(str(tdir), KEY)
+    path = templateclient.socket_path(str(tdir), KEY)
     fake = subprocess.Popen(
         [
             sys.executable,
@@ -555,7 +555,7 @@ def test_wedged_template_is_replaced(tdir: Path, listener: socket.socket) -> Non
         assert fake.stdout is not None
         assert fake.stdout.readline() == b"ready\n"
         t0 = time.monotonic()
-        got = template.fork_daemon(["x"], listener, directory=str(tdir), key=KEY, timeout=0.3)
+        got = templateclient.fork_daemon(["x"], listener, directory=str(tdir), key=KEY, timeout=0.3)
         assert got is None
         assert time.monotonic() - t0 < 2
         assert fake.wait(timeout=5) == -signal.SIGKILL
@@ -574,11 +574,11 @@ def test_missing_template_is_spawned_and_start_falls_back(
         spawned.append((d, k))
         return 0
 
-    monkeypatch.setattr(template, "spawn_template", spawn)
-    assert template.fork_daemon(["x"], listener, directory=str(tdir), key=KEY) is None
+    monkeypatch.setattr(templateclient, "spawn_template", spawn)
+    assert templateclient.fork_daemon(["x"], listener, directory=str(tdir), key=KEY) is None
     assert spawned == [(str(tdir), KEY)]
     # A directory that is not there yet: same.
-    assert template.fork_daemon(["x"], listener, directory=str(tdir / "new"), key=KEY) is None
+    assert templateclient.fork_daemon(["x"], listener, directory=str(tdir / "new"), key=KEY) is None
     assert spawned[-1] == (str(tdir / "new"), KEY)
 
 
@@ -586,7 +586,7 @@ def test_dead_template_socket_means_spawn(
     tdir: Path, listener: socket.socket, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    stale.bind(template.socket_path(str(tdir), KEY))
+    stale.bind(templateclient.socket_path(str(tdir), KEY))
     stale.close()  # the file stays, nobody listens: ECONNREFUSED
     spawned: list[str] = []
 
@@ -594,8 +594,8 @@ def test_dead_template_socket_means_spawn(
         spawned.append(k)
         return 0
 
-    monkeypatch.setattr(template, "spawn_template", spawn)
-    assert template.fork_daemon(["x"], listener, directory=str(tdir), key=KEY) is None
+    monkeypatch.setattr(templateclient, "spawn_template", spawn)
+    assert templateclient.fork_daemon(["x"], listener, directory=str(tdir), key=KEY) is None
     assert spawned == [KEY]
 
 
@@ -609,28 +609,28 @@ def test_directory_others_can_write_is_not_used(
         spawned.append(k)
         return 0
 
-    monkeypatch.setattr(template, "spawn_template", spawn)
-    assert template.fork_daemon(["x"], listener, directory=str(tdir), key=KEY) is None
+    monkeypatch.setattr(templateclient, "spawn_template", spawn)
+    assert templateclient.fork_daemon(["x"], listener, directory=str(tdir), key=KEY) is None
     assert spawned == []
 
 
 def test_spawn_template_skips_while_one_is_starting(tdir: Path) -> None:
     import fcntl
 
-    fd = os.open(template.lock_path(str(tdir), KEY), os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(templateclient.lock_path(str(tdir), KEY), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        assert template.spawn_template(str(tdir), KEY) == 0
+        assert templateclient.spawn_template(str(tdir), KEY) == 0
     finally:
         os.close(fd)
 
 
 def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYSHIM_TEMPLATE", "0")
-    assert not template.enabled()
-    assert template.spawn_template("/nonexistent/x", KEY) == 0
+    assert not templateclient.enabled()
+    assert templateclient.spawn_template("/nonexistent/x", KEY) == 0
     monkeypatch.delenv("PYSHIM_TEMPLATE")
-    assert template.enabled()
+    assert templateclient.enabled()
 
 
 def test_code_key_follows_the_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -638,20 +638,20 @@ def test_code_key_follows_the_code(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         (tmp_path / pkg).mkdir(parents=True)
         (tmp_path / pkg / "__init__.py").write_text("")
     (tmp_path / "shim" / "__pycache__").mkdir()
-    monkeypatch.setattr(template, "package_root", lambda: str(tmp_path))
-    key = template.code_key()
-    assert key == template.code_key() and len(key) == 24
+    monkeypatch.setattr(templateclient, "package_root", lambda: str(tmp_path))
+    key = templateclient.code_key()
+    assert key == templateclient.code_key() and len(key) == 24
     (tmp_path / "shim" / "__pycache__" / "x.cpython-311.pyc").write_text("compiled")
     (tmp_path / "shim" / "notes.txt").write_text("not code")
-    assert template.code_key() == key
+    assert templateclient.code_key() == key
     (tmp_path / "protocol" / "ttrpc" / "__init__.py").write_text("# changed\n")
-    assert template.code_key() != key
+    assert templateclient.code_key() != key
 
 
 def test_real_code_key_is_cheap() -> None:
     t0 = time.perf_counter()
     for _ in range(10):
-        template.code_key()
+        templateclient.code_key()
     assert (time.perf_counter() - t0) / 10 < 0.02
 
 
@@ -704,7 +704,7 @@ def test_start_uses_the_template_and_says_go_last(
     start_bundle: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
     log: list[str] = []
-    monkeypatch.setattr(template, "fork_daemon", _fake_fork(log))
+    monkeypatch.setattr(templateclient, "fork_daemon", _fake_fork(log))
     monkeypatch.setattr(start, "raise_oom_score", lambda pid: log.append(f"oom {pid}"))
     monkeypatch.setattr(start, "spawn_daemon", lambda argv, sock: pytest.fail("re-exec"))
     opts = parse_flags(["-namespace", "ns", "-address", "/a.sock", "-id", "c1", "start"])
@@ -720,7 +720,7 @@ def test_start_address_failure_while_handing_over_aborts(
     start_bundle: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     log: list[str] = []
-    monkeypatch.setattr(template, "fork_daemon", _fake_fork(log))
+    monkeypatch.setattr(templateclient, "fork_daemon", _fake_fork(log))
 
     def no_address(directory: str, address: str) -> None:
         raise OSError("disk full")
@@ -739,7 +739,7 @@ def test_start_aborts_the_forked_daemon_on_failure(
     start_bundle: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     log: list[str] = []
-    monkeypatch.setattr(template, "fork_daemon", _fake_fork(log))
+    monkeypatch.setattr(templateclient, "fork_daemon", _fake_fork(log))
 
     def boom(pid: int) -> None:
         raise OSError("oom_score_adj exploded")
@@ -755,7 +755,7 @@ def test_start_aborts_the_forked_daemon_on_failure(
 def test_start_falls_back_to_reexec(start_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     log: list[str] = []
     # A template that could not be asked runs nothing meanwhile.
-    monkeypatch.setattr(template, "fork_daemon", lambda argv, sock, meanwhile: None)
+    monkeypatch.setattr(templateclient, "fork_daemon", lambda argv, sock, meanwhile: None)
 
     def spawn(argv: list[str], sock: socket.socket) -> int:
         # A re-executed daemon reads the address at start-up.
@@ -774,7 +774,9 @@ def test_start_falls_back_to_reexec(start_bundle: Path, monkeypatch: pytest.Monk
 def test_start_skips_the_template(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    monkeypatch.setattr(template, "fork_daemon", lambda argv, sock: pytest.fail("template used"))
+    monkeypatch.setattr(
+        templateclient, "fork_daemon", lambda argv, sock: pytest.fail("template used")
+    )
     with socket.socket(socket.AF_UNIX) as sock:
         assert start.fork_from_template(["x"], sock) is None
 
@@ -792,7 +794,7 @@ def test_forked_daemon_is_marked_after_start_only_when_asked(
     else:
         monkeypatch.setenv(template.KSM_ENV, setting)
     argv = ["/x/containerd-shim-pyshim-v1", "-namespace", "ns", "-id", "c1", "-address", "/a"]
-    forked = template.fork_daemon(argv, listener, directory=str(serve.directory), key=KEY)
+    forked = templateclient.fork_daemon(argv, listener, directory=str(serve.directory), key=KEY)
     assert forked is not None
     forked.go()
     probe = tmp_path / "probe.json"
@@ -800,7 +802,7 @@ def test_forked_daemon_is_marked_after_start_only_when_asked(
     assert json.loads(probe.read_text())["ksm_pending"] is (setting == "1")
 
 
-# -- `start` handed whole to the template (shim/quickstart.py) ------------------
+# -- `start` handed whole to the template (shim/boot/quickstart.py) ------------------
 
 
 @pytest.fixture
@@ -865,7 +867,7 @@ def _quick_request(
     )
     null = os.open(os.devnull, os.O_RDWR)
     try:
-        quickstart.send_fds(conn, request.encode(), [null, null, null])
+        rendezvous.send_fds(conn, request.encode(), [null, null, null])
     finally:
         os.close(null)
     return conn

@@ -1,4 +1,4 @@
-"""Append-only record logs (shim/recordlog.py): the framing, and the open file."""
+"""Append-only record logs (shim/records/recordlog.py): the framing, and the open file."""
 
 from __future__ import annotations
 

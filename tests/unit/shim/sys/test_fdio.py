@@ -1,4 +1,4 @@
-"""shim/fdio.py: whole reads and writes on raw fds."""
+"""shim/sys/fdio.py: whole reads and writes on raw fds."""
 
 from __future__ import annotations
 
