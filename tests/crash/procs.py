@@ -67,12 +67,15 @@ def is_shim_daemon(p: Proc, address: str) -> bool:
 
 
 def shims(address: str, procs: Iterable[Proc] | None = None) -> dict[str, int]:
-    """container id -> pid of the shim daemon serving it."""
-    found: dict[str, int] = {}
-    for p in scan() if procs is None else procs:
-        if is_shim_daemon(p, address):
-            found[flag(p.argv, "id") or ""] = p.pid
-    return found
+    """container id -> pid of the shim daemon serving it.
+
+    A child the daemon vforked (runc, a logger) shares its memory until it execs, so
+    for that instant /proc shows it with the daemon's command line: a process whose
+    parent also looks like the daemon is that child, not a second daemon.
+    """
+    matches = [p for p in (scan() if procs is None else procs) if is_shim_daemon(p, address)]
+    pids = {p.pid for p in matches}
+    return {flag(p.argv, "id") or "": p.pid for p in matches if p.ppid not in pids}
 
 
 def alive(pid: int) -> bool:
