@@ -50,64 +50,41 @@ CRI_PLUGINS_2 = ("io.containerd.grpc.v1.cri", "io.containerd.cri.v1.runtime",
 
 
 def _config(tmp: Path, *, cri: bool, log_level: str, extra: str = "", host: Host = DEBIAN) -> str:
-    if host.v2:
-        return _config_v3(tmp, cri=cri, log_level=log_level, extra=extra)
-    disabled = "[]" if cri else '["io.containerd.grpc.v1.cri"]'
-    return f"""version = 2
-root = "{tmp / "root"}"
-state = "{tmp / "state"}"
-disabled_plugins = {disabled}
+    """The config of a containerd of our own: every socket, dir and level in ``tmp``.
 
-[grpc]
-  address = "{tmp / "containerd.sock"}"
-
-[ttrpc]
-  address = "{tmp / "containerd.sock.ttrpc"}"
-
-[debug]
-  address = "{tmp / "debug.sock"}"
-  level = "{log_level}"
-
-[metrics]
-  address = ""
-
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{tmp / "opt"}"
-{extra}"""
-
-
-def _config_v3(tmp: Path, *, cri: bool, log_level: str, extra: str = "") -> str:
-    """containerd 2.x: config version 3. NRI would share one socket with every other
-    2.x containerd on the host: off. Shim sockets go to our temp dir (socket_dir,
-    which 2.3 hands the shim in its BootstrapParams)."""
-    disabled = "[]" if cri else "[" + ", ".join(f'"{p}"' for p in CRI_PLUGINS_2) + "]"
-    return f"""version = 3
-root = "{tmp / "root"}"
-state = "{tmp / "state"}"
-disabled_plugins = {disabled}
-
-[grpc]
-  address = "{tmp / "containerd.sock"}"
-
-[ttrpc]
-  address = "{tmp / "containerd.sock.ttrpc"}"
-
-[debug]
-  address = "{tmp / "debug.sock"}"
-  level = "{log_level}"
-
-[metrics]
-  address = ""
-
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{tmp / "opt"}"
-
+    containerd 2.x reads version 3, where the CRI plugin is two; NRI would share one
+    socket with every other 2.x containerd on the host: off. Its shim sockets go to
+    our temp dir (socket_dir, which 2.3 hands the shim in its BootstrapParams)."""
+    cri_plugins = CRI_PLUGINS_2 if host.v2 else ["io.containerd.grpc.v1.cri"]
+    disabled = "[]" if cri else "[" + ", ".join(f'"{p}"' for p in cri_plugins) + "]"
+    v2_only = f"""
 [plugins."io.containerd.nri.v1.nri"]
   disable = true
 
 [plugins."io.containerd.shim.v1.manager"]
   socket_dir = "{tmp / "s"}"
-{extra}"""
+"""
+    return f"""version = {3 if host.v2 else 2}
+root = "{tmp / "root"}"
+state = "{tmp / "state"}"
+disabled_plugins = {disabled}
+
+[grpc]
+  address = "{tmp / "containerd.sock"}"
+
+[ttrpc]
+  address = "{tmp / "containerd.sock.ttrpc"}"
+
+[debug]
+  address = "{tmp / "debug.sock"}"
+  level = "{log_level}"
+
+[metrics]
+  address = ""
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{tmp / "opt"}"
+{v2_only if host.v2 else ""}{extra}"""
 
 
 def _pid_alive(pid: int) -> bool:
