@@ -370,7 +370,8 @@ def _collect_v2(d: str) -> v2_pb2.Metrics:
     if current is not None:
         metrics.pids.current = current
         limit = _read_uint(d, "pids.max")
-        metrics.pids.limit = 0 if limit in (None, U64_MAX) else limit
+        # On cgroup v2 containerd reads "max" as 2^64-1 (its v1 code reports 0).
+        metrics.pids.limit = 0 if limit is None else limit
     cpu = _flat_keyed(_read(d, "cpu.stat"))
     if cpu:
         _assign(metrics.cpu, cpu, {})
@@ -391,6 +392,10 @@ def _collect_v2(d: str) -> v2_pb2.Metrics:
     events = _flat_keyed(_read(d, "memory.events"))
     if events:
         _assign(metrics.memory_events, events, {})
+    # containerd always sends the io and rdma sections, empty or not (`ctr task
+    # metrics` shows them as {}); the node's RDMA devices are not read here.
+    metrics.io.SetInParent()
+    metrics.rdma.SetInParent()
     for line in (_read(d, "io.stat") or "").splitlines():
         device, *pairs = line.split()
         major, _, minor = device.partition(":")

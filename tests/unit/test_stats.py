@@ -201,6 +201,16 @@ def test_v2_metrics_from_files(tmp_path: Path) -> None:
     assert [(h.pagesize, h.max, h.failcnt) for h in got.hugetlb] == [("1GB", U64_MAX, 4)]
 
 
+def test_v2_unlimited_pids_and_empty_sections(tmp_path: Path) -> None:
+    # As containerd's v2 code: "max" pids is 2^64-1, and io and rdma are sent even
+    # when empty.
+    write_tree(tmp_path, {"pids.current": "1\n", "pids.max": "max\n"})
+    got = anyutil.unpack(collect(Cgroup(unified=True, dirs={"": str(tmp_path)})), v2.Metrics)
+    assert (got.pids.current, got.pids.limit) == (1, U64_MAX)
+    assert got.HasField("io") and got.HasField("rdma")
+    assert not got.io.usage and not got.rdma.current and not got.rdma.limit
+
+
 class Events:
     def __init__(self) -> None:
         self.published: list[tuple[str, Message]] = []
