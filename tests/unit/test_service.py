@@ -639,6 +639,24 @@ async def test_update_resize_closeio(h: Harness) -> None:
     assert h.shared.ios[0].stdin_closed
 
 
+async def test_update_refuses_bad_resources_before_runc(h: Harness) -> None:
+    await h.run()
+    calls = len(h.shared.calls)
+    for value, message in (
+        (b"not json", "update: resources are not valid JSON: Expecting value: line 1 column 1"),
+        (b'{"memory": ', "update: resources are not valid JSON: Expecting value: line 1"),
+        (b"\xff", "update: resources are not valid JSON: "),
+        (b"[1]", "update: resources must be a JSON object (LinuxResources), not [1]"),
+    ):
+        res = any_pb2.Any(type_url="x", value=value)
+        with pytest.raises(TtrpcError) as info:
+            await h.service.update(shim_pb2.UpdateTaskRequest(id="c1", resources=res))
+        assert info.value.code == Code.INVALID_ARGUMENT
+        assert info.value.message.startswith(message), info.value.message
+    # runc was never run.
+    assert h.shared.calls[calls:] == []
+
+
 class FakeServer:
     def __init__(self) -> None:
         self.services: dict[str, dict[str, Any]] = {}
