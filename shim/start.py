@@ -94,8 +94,16 @@ class StdinOptions:
 
 def _options_from_any(data: bytes) -> str:
     type_url, value = _wire.decode_any(data)
-    if type_url.rsplit("/", 1)[-1] == RUNC_OPTIONS_TYPE:
+    name = type_url.rsplit("/", 1)[-1]
+    if name == RUNC_OPTIONS_TYPE:
         return _wire.string_field(value, 3)
+    if name == "runtimeoptions.v1.Options":  # TOML (shim/runtimeconfig.py)
+        from shim import runtimeconfig
+
+        cgroup = runtimeconfig.from_any_value(value).get("shimcgroup", "")
+        if not isinstance(cgroup, str):
+            raise ValueError(f"ShimCgroup must be a string, not {cgroup!r}")
+        return cgroup
     return ""
 
 
@@ -118,7 +126,10 @@ def parse_stdin(data: bytes, *, container_id: str, namespace: str) -> StdinOptio
                 ext = dict((num, val) for num, _, val in _wire.iter_fields(v))
                 opts = ext.get(1)
                 if isinstance(opts, bytes) and not cgroup:
-                    cgroup = _options_from_any(opts)
+                    try:
+                        cgroup = _options_from_any(opts)
+                    except ValueError as exc:
+                        raise StartError(f"failed to decode runtime options: {exc}") from None
             elif n == 9 and w == _wire.LEN and isinstance(v, bytes):
                 socket_dir = v.decode()
         return StdinOptions(cgroup, socket_dir or None)

@@ -16,6 +16,7 @@ from google.protobuf.message import Message
 
 from protocol.proto import anyutil
 from protocol.proto.runc import options_pb2
+from protocol.proto.runtimeoptions.v1 import api_pb2 as runtimeoptions_pb2
 from protocol.proto.task.v2 import shim_pb2
 from protocol.proto.timeutil import GO_ZERO_TIME_SECONDS
 from protocol.proto.types import mount_pb2
@@ -317,6 +318,34 @@ async def test_create_decodes_runc_options(h: Harness) -> None:
         "root": "/run/r",
         "systemd_cgroup": True,
     }
+
+
+async def test_create_applies_runtime_options_toml(h: Harness) -> None:
+    # What CRI (1.7+) sends a runtime it does not know as runc: the options section.
+    body = b'SystemdCgroup = true\nBinaryName = "/opt/crun"\nNoPivotRoot = true\n'
+    config = runtimeoptions_pb2.Options(config_body=body)
+    bundle = h.bundle()
+    await h.create(bundle=bundle, options=anyutil.pack(config))
+    assert h.shared.runc_options[-1] == RuncOptions(binary="/opt/crun", systemd_cgroup=True)
+    assert json.loads(Path(bundle, "options.json").read_text()) == {
+        "binary_name": "/opt/crun",
+        "no_pivot_root": True,
+        "systemd_cgroup": True,
+    }
+    # ctr --runtime-config-path: a file's name; proto spellings are accepted too.
+    path = h.tmp / "runtime.toml"
+    path.write_text('systemd_cgroup = true\nroot = "/run/r"\nUnknownKey = 1\n')
+    await h.create("c2", options=anyutil.pack(runtimeoptions_pb2.Options(config_path=str(path))))
+    assert h.shared.runc_options[-1] == RuncOptions(root="/run/r", systemd_cgroup=True)
+    for bad, message in (
+        (runtimeoptions_pb2.Options(config_body=b"SystemdCgroup = "), "invalid TOML"),
+        (runtimeoptions_pb2.Options(config_body=b'SystemdCgroup = "yes"\n'), "systemd_cgroup"),
+        (runtimeoptions_pb2.Options(config_path=str(h.tmp / "nope.toml")), "nope.toml"),
+    ):
+        with pytest.raises(TtrpcError) as info:
+            await h.create("c3", options=anyutil.pack(bad))
+        assert info.value.code == Code.INVALID_ARGUMENT
+        assert message in info.value.message, info.value.message
 
 
 async def test_create_ignores_unknown_option_types(h: Harness) -> None:
