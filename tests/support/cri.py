@@ -343,8 +343,22 @@ class Network:
         return f"{self.prefix}.0/24"
 
 
-def _cri_config(tmp: Path, *, net_conf_dir: Path, stream_port: int) -> str:
+def _cri_config(
+    tmp: Path, *, net_conf_dir: Path, stream_port: int, systemd_cgroup: bool = False
+) -> str:
     cri_plugin = '[plugins."io.containerd.grpc.v1.cri"]'
+    runtimes = '[plugins."io.containerd.grpc.v1.cri".containerd.runtimes'
+    # How users pick runc's systemd cgroup driver: an options section per runtime
+    # (containerd hands pyshim's to it as TOML, runc's as its own options type).
+    systemd = (
+        ""
+        if not systemd_cgroup
+        else f"""
+    {runtimes}.pyshim.options]
+      SystemdCgroup = true
+    {runtimes}.runc.options]
+      SystemdCgroup = true"""
+    )
     return f"""
 {cri_plugin}
   sandbox_image = "{PAUSE_REF}"
@@ -361,7 +375,7 @@ def _cri_config(tmp: Path, *, net_conf_dir: Path, stream_port: int) -> str:
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.pyshim]
       runtime_type = "{PYSHIM_RUNTIME}"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-      runtime_type = "{GO_RUNTIME}"
+      runtime_type = "{GO_RUNTIME}"{systemd}
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "{CNI_BIN_DIR}"
     conf_dir = "{net_conf_dir}"
@@ -372,10 +386,15 @@ def _cri_config(tmp: Path, *, net_conf_dir: Path, stream_port: int) -> str:
 class CriNode:
     """A private containerd + CRI + CNI bridge; ``close()`` removes every trace."""
 
-    def __init__(self, *, busybox_archive: Path, pause_archive: Path) -> None:
+    def __init__(
+        self, *, busybox_archive: Path, pause_archive: Path, systemd_cgroup: bool = False
+    ) -> None:
         token = secrets.token_hex(3)
         self.network = Network(name=f"pyshim-{token}", bridge=f"pysh{token}", prefix=_free_subnet())
-        self.cgroup_parent = f"/pyshim-cri-{token}"
+        self.systemd_cgroup = systemd_cgroup
+        # With systemd's driver the parent is a slice (a kubelet's kubepods.slice), each
+        # pod's a slice inside it ("-" nests in slice names).
+        self.cgroup_parent = f"pyshimcri{token}.slice" if systemd_cgroup else f"/pyshim-cri-{token}"
         self.stream_port = free_port()
         self.containerd: Containerd | None = None
         self.client: CriClient | None = None
@@ -418,7 +437,8 @@ class CriNode:
             ],
         }
         (conf_dir / "10-pyshim.conflist").write_text(json.dumps(conflist, indent=2))
-        return _cri_config(tmp, net_conf_dir=conf_dir, stream_port=self.stream_port)
+        return _cri_config(tmp, net_conf_dir=conf_dir, stream_port=self.stream_port,
+                           systemd_cgroup=self.systemd_cgroup)  # fmt: skip
 
     def _wait_ready(self, timeout: float = 30.0) -> None:
         assert self.client is not None
@@ -445,7 +465,11 @@ class CriNode:
             hostname=name,
             log_directory=str(pod_log_dir),
             linux=cri.LinuxPodSandboxConfig(
-                cgroup_parent=f"{self.cgroup_parent}/pod{uid}",
+                cgroup_parent=(
+                    f"{self.cgroup_parent.removesuffix('.slice')}-pod{uid}.slice"
+                    if self.systemd_cgroup
+                    else f"{self.cgroup_parent}/pod{uid}"
+                ),
                 security_context=cri.LinuxSandboxSecurityContext(
                     namespace_options=cri.NamespaceOption(
                         network=cri.POD, pid=cri.CONTAINER, ipc=cri.POD
@@ -548,6 +572,10 @@ class CriNode:
     def _cgroup_leftovers(self) -> None:
         if not CGROUP_ROOT.is_dir():
             return
+        if self.systemd_cgroup:
+            # The slices are systemd's units: stopped through it, never rmdir'd.
+            subprocess.run(["systemctl", "stop", self.cgroup_parent], capture_output=True,
+                           timeout=30, check=False)  # fmt: skip
         name = self.cgroup_parent.lstrip("/")
         for top in [CGROUP_ROOT / name, *(p / name for p in CGROUP_ROOT.iterdir() if p.is_dir())]:
             if not top.is_dir():
@@ -567,6 +595,8 @@ class CriNode:
         found += [f"CNI result {p}" for p in self.cni_results()]
         name = self.cgroup_parent.lstrip("/")
         found += [f"cgroup {p / name}" for p in CGROUP_ROOT.iterdir() if (p / name).exists()]
+        if (CGROUP_ROOT / name).exists():  # the unified hierarchy
+            found.append(f"cgroup {CGROUP_ROOT / name}")
         if self.containerd is not None:
             if self.containerd.tmp.exists():
                 found.append(f"temp dir {self.containerd.tmp}")
