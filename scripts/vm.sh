@@ -131,14 +131,30 @@ build() {  # suite -> prints the image dir (built now unless already there)
 }
 # --- end of the image ----------------------------------------------------------
 
-# What `vm.sh test` runs without PYTEST ARGS: the integration suite and tests/guest,
-# less two files the host suite covers and no kernel or cgroup changes: the ttrpc
-# interop test (it builds a Go peer: the Go toolchain in every image for a test of
-# the wire) and the crash harness (seeded faults over hundreds of operations: CPU
-# bound, over its own time budget under User-Mode Linux on this 2-core machine).
+# What `vm.sh test` runs without PYTEST ARGS: tests/guest and the integration suite,
+# less what the host suite covers and this guest cannot run as the host does:
+# - test_ttrpc_interop: builds a Go peer (the Go toolchain in every image) to test
+#   the wire, which no kernel or cgroup changes;
+# - test_crash_harness: seeded faults over hundreds of operations, CPU bound; over
+#   its own time budget under User-Mode Linux on this 2-core machine;
+# - test_robustness, test_manager: the ttrpc server's and pyshimd's own time bounds
+#   (2 s promptness, containerd-like start deadlines) do not hold under UML, where a
+#   fresh interpreter takes seconds to start; neither touches a cgroup v2 path
+#   (pyshimd's limits are the same OCI spec ctr's are);
+# - test_template: forked shims take the daemon's command line through PR_SET_MM_MAP,
+#   and the pages test needs KSM: Debian's UML kernel has neither
+#   CONFIG_CHECKPOINT_RESTORE nor CONFIG_KSM (both are in the suite's real kernel:
+#   --tcg);
+# - test_containerd_killed_and_restarted: containerd 1.7, on restart, deletes as
+#   leaked a shim whose task lists no pids (a container that exited while it was
+#   down), where 1.6 reports the task STOPPED: the test is 1.6's.
 default_pytest=(-m integration tests/integration tests/guest
     --ignore=tests/integration/test_ttrpc_interop.py
     --ignore=tests/integration/test_crash_harness.py
+    --ignore=tests/integration/test_robustness.py
+    --ignore=tests/integration/test_manager.py
+    --ignore=tests/integration/test_template.py
+    --deselect=tests/integration/test_ctr_lifecycle.py::test_containerd_killed_and_restarted
     --durations=15)
 
 # --- one boot --------------------------------------------------------------------

@@ -184,3 +184,31 @@ def test_oom_in_an_exec_is_published_from_memory_events(
     ctr("task", "kill", "-s", "SIGKILL", "o1")
     wait_until("o1 stopped", lambda: task_status(containerd, "o1") == "STOPPED")
     ctr("task", "delete", "o1")
+
+
+def test_shim_cgroup_from_runtime_options_toml(
+    containerd: Containerd, busybox_image: str, tmp_path: Path
+) -> None:
+    # The shim (not the container) joins ShimCgroup, given here the way ctr passes a
+    # runtime it does not know as runc its options: a TOML file's name.
+    shims = CGROUP_ROOT / f"pyshim-shims-{containerd.namespace}"
+    shims.mkdir()
+    try:
+        config = tmp_path / "pyshim.toml"
+        config.write_text(f'ShimCgroup = "/{shims.name}"\n')
+        containerd.ctr("run", "-d", "--runtime", PYSHIM, "--runtime-config-path", str(config),
+                       busybox_image, "s1", "sleep", "300")  # fmt: skip
+        wait_until("s1 running", lambda: task_status(containerd, "s1") == "RUNNING")
+        in_shims = [int(p) for p in (shims / "cgroup.procs").read_text().split()]
+        assert set(in_shims) & set(containerd.shim_pids()), (in_shims, containerd.shim_pids())
+        assert init_pid(containerd, "s1") not in in_shims
+        assert cgroup_of(init_pid(containerd, "s1")) != shims
+        containerd.ctr("task", "kill", "-s", "SIGKILL", "s1")
+        wait_until("s1 stopped", lambda: task_status(containerd, "s1") == "STOPPED")
+        containerd.ctr("task", "delete", "s1")
+        containerd.ctr("containers", "delete", "s1")
+        wait_until("the shim gone from its cgroup",
+                   lambda: not (shims / "cgroup.procs").read_text().split())  # fmt: skip
+    finally:
+        if shims.exists():
+            shims.rmdir()

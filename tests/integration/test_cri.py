@@ -179,12 +179,15 @@ def test_pod_lifecycle_on_pyshim(node: CriNode) -> None:
     assert stats.cpu.usage_core_nano_seconds.value > 0
     assert stats.memory.working_set_bytes.value > 0
     assert stats.memory.usage_bytes.value > 0
-    memory_dir = (
-        Path("/sys/fs/cgroup/memory") / r.stdout.decode().split("memory:/", 1)[1].split("\n", 1)[0]
-    )
-    assert int((memory_dir / "memory.limit_in_bytes").read_text()) == 64 * MiB
+    own = r.stdout.decode()
+    if own.startswith("0::"):  # the unified v2 hierarchy (the VM tier)
+        limit_file = Path("/sys/fs/cgroup") / own[3:].strip().lstrip("/") / "memory.max"
+    else:
+        memory_dir = own.split("memory:/", 1)[1].split("\n", 1)[0]
+        limit_file = Path("/sys/fs/cgroup/memory") / memory_dir / "memory.limit_in_bytes"
+    assert int(limit_file.read_text()) == 64 * MiB
     c.update_container_resources(tool, cri.LinuxContainerResources(memory_limit_in_bytes=96 * MiB))
-    assert int((memory_dir / "memory.limit_in_bytes").read_text()) == 96 * MiB
+    assert int(limit_file.read_text()) == 96 * MiB
     limits = c.container_status(tool).status.resources.linux
     assert limits.memory_limit_in_bytes == 96 * MiB, limits
 
