@@ -212,13 +212,19 @@ boot() {  # mode (test|shell), tcg (0|1), image dir, work dir
         command -v qemu-system-x86_64 >/dev/null ||
             die "qemu-system-x86_64 is missing (PYSHIM_VM_TCG=1 bash scripts/install.sh installs it)"
         qemu-img create -q -f qcow2 -F raw -b "$dir/image.raw" "$work/root.qcow2"
+        local cmdline="root=/dev/vda rw console=ttyS0 pyshim.share=9p pyshim.mode=$mode quiet"
+        if [ "$mode" = shell ]; then
+            cmdline="$cmdline systemd.wants=console-getty.service"
+        else
+            cmdline="$cmdline systemd.mask=getty.target"
+        fi
+        # Single-threaded TCG: sid's kernel panicked once under multi-threaded TCG.
         local args=(qemu-system-x86_64 -accel tcg,thread=single -cpu max -smp 2 -m "$mem"
             -no-reboot -display none -nic none
             -kernel "$dir/vmlinuz" -initrd "$dir/initrd.img"
             -drive "file=$work/root.qcow2,if=virtio,format=qcow2"
             -virtfs "local,path=$share,mount_tag=share,security_model=passthrough,id=share"
-            -append "root=/dev/vda rw console=ttyS0 pyshim.share=9p pyshim.mode=$mode
-                     systemd.show_status=1 $( [ "$mode" = shell ] && echo systemd.wants=console-getty.service)")
+            -append "$cmdline")
         if [ "$mode" = shell ]; then
             "${args[@]}" -serial mon:stdio
         else

@@ -8,6 +8,7 @@ scope, and the shim finds and reads it there. VM tier only (see test_cgroup_v2.p
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -88,8 +89,10 @@ def test_cri_pod_with_systemd_cgroup_true(systemd_node: CriNode) -> None:
     )
     tool = c.create_container(pod, config, pod_config)
     c.start_container(tool)
-    r = c.exec_sync(tool, ["cat", "/proc/self/cgroup"])
-    path = r.stdout.decode().strip().removeprefix("0::")
+    # Seen from the node (the container's own cgroup namespace shows it "/").
+    status = c.container_status(tool, verbose=True)
+    pid = json.loads(status.info["info"])["pid"]
+    path = Path(f"/proc/{pid}/cgroup").read_text().strip().removeprefix("0::")
     # runc's systemd driver: the pod's slice inside the node's, the container a scope.
     assert path.endswith(f"/cri-containerd-{tool}.scope"), path
     assert f"/{node.cgroup_parent}/" in path, path
