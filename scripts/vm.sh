@@ -145,9 +145,10 @@ build() {  # suite -> prints the image dir (built now unless already there)
 #   and the pages test needs KSM: Debian's UML kernel has neither
 #   CONFIG_CHECKPOINT_RESTORE nor CONFIG_KSM (both are in the suite's real kernel:
 #   --tcg);
-# - test_containerd_killed_and_restarted: containerd 1.7, on restart, deletes as
-#   leaked a shim whose task lists no pids (a container that exited while it was
-#   down), where 1.6 reports the task STOPPED: the test is 1.6's.
+# - test_containerd_killed_and_restarted: a container that exits while containerd 1.7
+#   is down is gone after the restart ("cleaning leaked shim process": its task lists
+#   no pids then), where 1.6 reports it STOPPED, as the test expects (README, Known
+#   limits).
 default_pytest=(-m integration tests/integration tests/guest
     --ignore=tests/integration/test_ttrpc_interop.py
     --ignore=tests/integration/test_crash_harness.py
