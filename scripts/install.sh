@@ -10,6 +10,14 @@ cd "$(dirname "$0")/.."
 apt_packages=(runc containerd golang-go golang-github-containerd-ttrpc-dev
               busybox-static containernetworking-plugins iptables curl docker-registry
               python3-venv iproute2 procps)
+# The VM test tier (scripts/vm.sh): debootstrap builds the guest image, patchelf links
+# the guest's User-Mode Linux kernel to the guest's own libc, gcc builds its ptrace
+# helper (scripts/vm/image/uml-xstate.c). qemu only for
+# `vm.sh --tcg` (the suite's real kernel, for CRIU and cpuset): PYSHIM_VM_TCG=1.
+apt_packages+=(debootstrap patchelf e2fsprogs gcc libc6-dev)
+if [ "${PYSHIM_VM_TCG:-0}" = 1 ]; then
+    apt_packages+=(qemu-system-x86 qemu-utils)
+fi
 missing=()
 for p in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

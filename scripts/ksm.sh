@@ -11,7 +11,7 @@
 # shared pages need. So by default nothing node-wide changes. PYSHIM_KSM=1 turns ksmd
 # on (now and at every boot) and, where containerd runs under systemd, puts
 # PYSHIM_KSM=1 in its environment, which is what makes forked shims mark their memory
-# (shim/prefork.py); elsewhere, put it in containerd's environment yourself.
+# (shim/sys/ksm.py); elsewhere, put it in containerd's environment yourself.
 #
 # The paths can be moved (tests): KSM_RUN, TMPFILES_DIR, SYSTEMD_RUN_DIR,
 # CONTAINERD_DROPIN_DIR, SYSTEMCTL.

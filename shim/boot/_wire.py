@@ -110,10 +110,15 @@ def decode_any(data: bytes) -> tuple[str, bytes]:
     return type_url, value
 
 
-def string_field(data: bytes, number: int) -> str:
-    """The last occurrence of a string field (proto3 last-one-wins), or ""."""
-    found = ""
+def bytes_field(data: bytes, number: int) -> bytes:
+    """The last occurrence of a bytes field (proto3 last-one-wins), or b""."""
+    found = b""
     for n, wire, v in iter_fields(data):
         if n == number and wire == LEN and isinstance(v, bytes):
-            found = v.decode()
+            found = v
     return found
+
+
+def string_field(data: bytes, number: int) -> str:
+    """The last occurrence of a string field (proto3 last-one-wins), or ""."""
+    return bytes_field(data, number).decode()

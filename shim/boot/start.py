@@ -102,8 +102,19 @@ class StdinOptions:
 
 def _options_from_any(data: bytes) -> str:
     type_url, value = _wire.decode_any(data)
-    number = SHIM_CGROUP_FIELDS.get(type_url.rsplit("/", 1)[-1])
-    return _wire.string_field(value, number) if number else ""
+    name = type_url.rsplit("/", 1)[-1]
+    number = SHIM_CGROUP_FIELDS.get(name)
+    if number:
+        return _wire.string_field(value, number)
+    if name == "runtimeoptions.v1.Options":  # TOML (shim/task/runtimeconfig.py)
+        from shim.task import runtimeconfig
+
+        path, body = _wire.string_field(value, 2), _wire.bytes_field(value, 3)
+        cgroup = runtimeconfig.read_config(path, body).get("shimcgroup", "")
+        if not isinstance(cgroup, str):
+            raise ValueError(f"ShimCgroup must be a string, not {cgroup!r}")
+        return cgroup
+    return ""
 
 
 def parse_stdin(data: bytes, *, container_id: str, namespace: str) -> StdinOptions:
@@ -125,7 +136,10 @@ def parse_stdin(data: bytes, *, container_id: str, namespace: str) -> StdinOptio
                 ext = dict((num, val) for num, _, val in _wire.iter_fields(v))
                 opts = ext.get(1)
                 if isinstance(opts, bytes) and not cgroup:
-                    cgroup = _options_from_any(opts)
+                    try:
+                        cgroup = _options_from_any(opts)
+                    except ValueError as exc:
+                        raise StartError(f"failed to decode runtime options: {exc}") from None
             elif n == 9 and w == _wire.LEN and isinstance(v, bytes):
                 socket_dir = v.decode()
         return StdinOptions(cgroup, socket_dir or None, bootstrap=True)

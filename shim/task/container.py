@@ -150,6 +150,8 @@ class Toolkit:
 def decode_options(value: any_pb2.Any | None) -> CreateOptions:
     if value is None or not value.type_url:
         return CreateOptions(runc=RuncOptions())
+    if anyutil.is_type(value, runtimeoptions_pb2.Options):
+        value = anyutil.pack(runc_options_from_config(value))
     if anyutil.is_type(value, options_pb2.Options):
         try:
             opts = anyutil.unpack(value, options_pb2.Options)
@@ -187,10 +189,34 @@ def decode_options(value: any_pb2.Any | None) -> CreateOptions:
             io_uid=legacy.io_uid or None,
             io_gid=legacy.io_gid or None,
         )
-    if not anyutil.is_type(value, runtimeoptions_pb2.Options):
-        # Other runtimes' option types are not ours.
-        log.info("ignoring runtime options of type %s", value.type_url)
+    # Other runtimes' option types are not ours.
+    log.info("ignoring runtime options of type %s", value.type_url)
     return CreateOptions(runc=RuncOptions())
+
+
+def runc_options_from_config(value: any_pb2.Any) -> options_pb2.Options:
+    """containerd's generic options (TOML: CRI's `options` section, ctr's
+    --runtime-config-path) as the runc options they spell, e.g. `SystemdCgroup = true`."""
+    from shim.task import runtimeconfig
+
+    try:
+        given = anyutil.unpack(value, runtimeoptions_pb2.Options)
+        table = runtimeconfig.read_config(given.config_path, given.config_body)
+    except (anyutil.AnyTypeError, ValueError) as exc:
+        raise TtrpcError(Code.INVALID_ARGUMENT, f"invalid runtime options: {exc}") from None
+    opts = options_pb2.Options()
+    fields = {runtimeconfig.normalize(f.name): f.name for f in opts.DESCRIPTOR.fields}
+    for key, item in table.items():
+        if key not in fields:
+            log.info("ignoring runtime option %s", key)
+            continue
+        try:
+            setattr(opts, fields[key], item)
+        except (TypeError, ValueError) as exc:
+            raise TtrpcError(
+                Code.INVALID_ARGUMENT, f"invalid runtime option {fields[key]}: {exc}"
+            ) from None
+    return opts
 
 
 def validate_bundle(bundle: str) -> None:

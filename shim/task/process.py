@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import json
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -102,6 +103,23 @@ def not_found(message: str) -> TtrpcError:
 
 def precondition(message: str) -> TtrpcError:
     return TtrpcError(Code.FAILED_PRECONDITION, f"{message}: failed precondition")
+
+
+def _check_resources(resources_json: bytes) -> None:
+    # The reference decodes the resources before it runs runc: bad input is refused
+    # with the decoder's own message, and runc (which would fail later, with its
+    # message buried in "runc did not terminate successfully") never sees it.
+    try:
+        resources = json.loads(resources_json)
+    except ValueError as exc:
+        raise TtrpcError(
+            Code.INVALID_ARGUMENT, f"update: resources are not valid JSON: {exc}"
+        ) from None
+    if not isinstance(resources, dict):
+        raise TtrpcError(
+            Code.INVALID_ARGUMENT,
+            f"update: resources must be a JSON object (LinuxResources), not {resources!r:.40}",
+        )
 
 
 # --------------------------------------------------------------------------- states
@@ -495,6 +513,7 @@ class InitProcess(Process):
     async def update(self, resources_json: bytes) -> None:
         async with self._lock:
             _check_update(self._state)
+            _check_resources(resources_json)
             try:
                 await self._runtime.update(self.container_id, resources_json)
             except RuntimeFailure as exc:

@@ -362,6 +362,20 @@ def _hugetlb_sizes(d: str, *, suffix: str) -> list[str]:
 # -- cgroup v2 ----------------------------------------------------------------------------
 
 
+def _psi(text: str | None, psi: Message) -> None:
+    # "some avg10=0.54 avg60=0.09 avg300=0.02 total=82017" (and a "full" line).
+    for line in (text or "").splitlines():
+        kind, *pairs = line.split()
+        if kind not in ("some", "full"):
+            continue
+        data = getattr(psi, kind)
+        for key, _, value in (p.partition("=") for p in pairs):
+            try:
+                setattr(data, key, int(value) if key == "total" else float(value))
+            except (AttributeError, ValueError):
+                continue
+
+
 def _collect_v2(d: str) -> v2_pb2.Metrics:
     from protocol.proto.cgroups.v2 import metrics_pb2 as m
 
@@ -370,7 +384,8 @@ def _collect_v2(d: str) -> v2_pb2.Metrics:
     if current is not None:
         metrics.pids.current = current
         limit = _read_uint(d, "pids.max")
-        metrics.pids.limit = 0 if limit in (None, U64_MAX) else limit
+        # On cgroup v2 containerd reads "max" as 2^64-1 (its v1 code reports 0).
+        metrics.pids.limit = 0 if limit is None else limit
     cpu = _flat_keyed(_read(d, "cpu.stat"))
     if cpu:
         _assign(metrics.cpu, cpu, {})
@@ -391,6 +406,14 @@ def _collect_v2(d: str) -> v2_pb2.Metrics:
     events = _flat_keyed(_read(d, "memory.events"))
     if events:
         _assign(metrics.memory_events, events, {})
+    # Pressure stall figures, where the kernel keeps them (CONFIG_PSI), as containerd's
+    # cgroup v2 code reads them.
+    for section, name in ((metrics.cpu, "cpu"), (metrics.memory, "memory"), (metrics.io, "io")):
+        _psi(_read(d, name + ".pressure"), section.psi)
+    # containerd always sends the io and rdma sections, empty or not (`ctr task
+    # metrics` shows them as {}); the node's RDMA devices are not read here.
+    metrics.io.SetInParent()
+    metrics.rdma.SetInParent()
     for line in (_read(d, "io.stat") or "").splitlines():
         device, *pairs = line.split()
         major, _, minor = device.partition(":")

@@ -172,7 +172,11 @@ def test_pod_lifecycle_on_pyshim(node: CriNode) -> None:
     r = c.exec_sync(tool, ["sh", "-c", "echo out; echo err >&2; exit 3"])
     assert (r.stdout, r.stderr, r.exit_code) == (b"out\n", b"err\n", 3)
     r = c.exec_sync(tool, ["cat", "/proc/self/cgroup"])
-    assert node.cgroup_parent in r.stdout.decode()
+    assert r.exit_code == 0, r
+    # Seen from the node: on cgroup v2 the container has a cgroup namespace of its
+    # own, and sees its cgroup as "/".
+    tool_cgroups = Path(f"/proc/{container_pid(node, tool)}/cgroup").read_text()
+    assert node.cgroup_parent in tool_cgroups, tool_cgroups
 
     url = c.exec(cri.ExecRequest(container_id=tool, cmd=["sh"], tty=True, stdin=True,
                                  stdout=True))  # fmt: skip
@@ -207,12 +211,15 @@ def test_pod_lifecycle_on_pyshim(node: CriNode) -> None:
     assert stats.cpu.usage_core_nano_seconds.value > 0
     assert stats.memory.working_set_bytes.value > 0
     assert stats.memory.usage_bytes.value > 0
-    memory_dir = (
-        Path("/sys/fs/cgroup/memory") / r.stdout.decode().split("memory:/", 1)[1].split("\n", 1)[0]
-    )
-    assert int((memory_dir / "memory.limit_in_bytes").read_text()) == 64 * MiB
+    own = tool_cgroups
+    if own.startswith("0::"):  # the unified v2 hierarchy (the VM tier)
+        limit_file = Path("/sys/fs/cgroup") / own[3:].strip().lstrip("/") / "memory.max"
+    else:
+        memory_dir = own.split("memory:/", 1)[1].split("\n", 1)[0]
+        limit_file = Path("/sys/fs/cgroup/memory") / memory_dir / "memory.limit_in_bytes"
+    assert int(limit_file.read_text()) == 64 * MiB
     c.update_container_resources(tool, cri.LinuxContainerResources(memory_limit_in_bytes=96 * MiB))
-    assert int((memory_dir / "memory.limit_in_bytes").read_text()) == 96 * MiB
+    assert int(limit_file.read_text()) == 96 * MiB
     limits = c.container_status(tool).status.resources.linux
     assert limits.memory_limit_in_bytes == 96 * MiB, limits
 

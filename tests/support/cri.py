@@ -344,10 +344,20 @@ class Network:
         return f"{self.prefix}.0/24"
 
 
-def _cri_config(tmp: Path, *, net_conf_dir: Path, stream_port: int, host: Host = DEBIAN) -> str:
+def _cri_config(
+    tmp: Path,
+    *,
+    net_conf_dir: Path,
+    stream_port: int,
+    host: Host = DEBIAN,
+    systemd_cgroup: bool = False,
+) -> str:
     if host.v2:
-        return _cri_config_v3(net_conf_dir=net_conf_dir, stream_port=stream_port)
+        return _cri_config_v3(
+            net_conf_dir=net_conf_dir, stream_port=stream_port, systemd_cgroup=systemd_cgroup
+        )
     cri_plugin = '[plugins."io.containerd.grpc.v1.cri"]'
+    systemd = _systemd_options('[plugins."io.containerd.grpc.v1.cri"]', systemd_cgroup)
     return f"""
 {cri_plugin}
   sandbox_image = "{PAUSE_REF}"
@@ -364,7 +374,7 @@ def _cri_config(tmp: Path, *, net_conf_dir: Path, stream_port: int, host: Host =
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.pyshim]
       runtime_type = "{PYSHIM_RUNTIME}"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-      runtime_type = "{GO_RUNTIME}"
+      runtime_type = "{GO_RUNTIME}"{systemd}
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "{CNI_BIN_DIR}"
     conf_dir = "{net_conf_dir}"
@@ -372,11 +382,25 @@ def _cri_config(tmp: Path, *, net_conf_dir: Path, stream_port: int, host: Host =
 """
 
 
-def _cri_config_v3(*, net_conf_dir: Path, stream_port: int) -> str:
+def _systemd_options(plugin: str, systemd_cgroup: bool) -> str:
+    """How users pick runc's systemd cgroup driver: an options section per runtime
+    (containerd hands pyshim's to it as TOML, runc's as its own options type)."""
+    if not systemd_cgroup:
+        return ""
+    runtimes = f"{plugin[:-1]}.containerd.runtimes"
+    return f"""
+    {runtimes}.pyshim.options]
+      SystemdCgroup = true
+    {runtimes}.runc.options]
+      SystemdCgroup = true"""
+
+
+def _cri_config_v3(*, net_conf_dir: Path, stream_port: int, systemd_cgroup: bool = False) -> str:
     """containerd 2.x (config version 3): CRI is split into a runtime plugin (runtimes,
     CNI, OOM score, ...) and an images plugin (snapshotter, the pinned pause image);
     the streaming server stays with io.containerd.grpc.v1.cri."""
     runtime = '[plugins."io.containerd.cri.v1.runtime"]'
+    systemd = _systemd_options(runtime, systemd_cgroup)
     images = '[plugins."io.containerd.cri.v1.images"]'
     return f"""
 {images}
@@ -393,7 +417,7 @@ def _cri_config_v3(*, net_conf_dir: Path, stream_port: int) -> str:
     [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.pyshim]
       runtime_type = "{PYSHIM_RUNTIME}"
     [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
-      runtime_type = "{GO_RUNTIME}"
+      runtime_type = "{GO_RUNTIME}"{systemd}
   [plugins."io.containerd.cri.v1.runtime".cni]
     bin_dirs = ["{CNI_BIN_DIR}"]
     conf_dir = "{net_conf_dir}"
@@ -408,11 +432,21 @@ def _cri_config_v3(*, net_conf_dir: Path, stream_port: int) -> str:
 class CriNode:
     """A private containerd + CRI + CNI bridge; ``close()`` removes every trace."""
 
-    def __init__(self, *, busybox_archive: Path, pause_archive: Path, host: Host = DEBIAN) -> None:
+    def __init__(
+        self,
+        *,
+        busybox_archive: Path,
+        pause_archive: Path,
+        host: Host = DEBIAN,
+        systemd_cgroup: bool = False,
+    ) -> None:
         self.host = host
         token = secrets.token_hex(3)
         self.network = Network(name=f"pyshim-{token}", bridge=f"pysh{token}", prefix=_free_subnet())
-        self.cgroup_parent = f"/pyshim-cri-{token}"
+        self.systemd_cgroup = systemd_cgroup
+        # With systemd's driver the parent is a slice (a kubelet's kubepods.slice), each
+        # pod's a slice inside it ("-" nests in slice names).
+        self.cgroup_parent = f"pyshimcri{token}.slice" if systemd_cgroup else f"/pyshim-cri-{token}"
         self.stream_port = free_port()
         self.containerd: Containerd | None = None
         self.client: CriClient | None = None
@@ -455,7 +489,8 @@ class CriNode:
             ],
         }
         (conf_dir / "10-pyshim.conflist").write_text(json.dumps(conflist, indent=2))
-        return _cri_config(tmp, net_conf_dir=conf_dir, stream_port=self.stream_port, host=self.host)
+        return _cri_config(tmp, net_conf_dir=conf_dir, stream_port=self.stream_port,
+                           host=self.host, systemd_cgroup=self.systemd_cgroup)  # fmt: skip
 
     def _wait_ready(self, timeout: float = 30.0) -> None:
         assert self.client is not None
@@ -482,7 +517,11 @@ class CriNode:
             hostname=name,
             log_directory=str(pod_log_dir),
             linux=cri.LinuxPodSandboxConfig(
-                cgroup_parent=f"{self.cgroup_parent}/pod{uid}",
+                cgroup_parent=(
+                    f"{self.cgroup_parent.removesuffix('.slice')}-pod{uid}.slice"
+                    if self.systemd_cgroup
+                    else f"{self.cgroup_parent}/pod{uid}"
+                ),
                 security_context=cri.LinuxSandboxSecurityContext(
                     namespace_options=cri.NamespaceOption(
                         network=cri.POD, pid=cri.CONTAINER, ipc=cri.POD
@@ -585,6 +624,10 @@ class CriNode:
     def _cgroup_leftovers(self) -> None:
         if not CGROUP_ROOT.is_dir():
             return
+        if self.systemd_cgroup:
+            # The slices are systemd's units: stopped through it, never rmdir'd.
+            subprocess.run(["systemctl", "stop", self.cgroup_parent], capture_output=True,
+                           timeout=30, check=False)  # fmt: skip
         name = self.cgroup_parent.lstrip("/")
         for top in [CGROUP_ROOT / name, *(p / name for p in CGROUP_ROOT.iterdir() if p.is_dir())]:
             if not top.is_dir():
@@ -604,6 +647,8 @@ class CriNode:
         found += [f"CNI result {p}" for p in self.cni_results()]
         name = self.cgroup_parent.lstrip("/")
         found += [f"cgroup {p / name}" for p in CGROUP_ROOT.iterdir() if (p / name).exists()]
+        if (CGROUP_ROOT / name).exists():  # the unified hierarchy
+            found.append(f"cgroup {CGROUP_ROOT / name}")
         if self.containerd is not None:
             if self.containerd.tmp.exists():
                 found.append(f"temp dir {self.containerd.tmp}")

@@ -66,7 +66,7 @@ def test_params_without_options_or_socket_dir() -> None:
     [
         b"",  # 1.6 - 2.2 with no runtime options
         anyutil.pack(options_pb2.Options(shim_cgroup="/g")).SerializeToString(),
-        anyutil.pack(api_pb2.Options(config_path="/etc/x.toml")).SerializeToString(),
+        anyutil.pack(api_pb2.Options(config_body=b"SystemdCgroup = true")).SerializeToString(),
     ],
 )
 def test_legacy_stdin_is_not_bootstrap(stdin: bytes) -> None:

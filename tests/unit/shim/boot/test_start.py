@@ -163,8 +163,23 @@ def test_stdin_legacy_create_options_shim_cgroup() -> None:
 
 
 def test_stdin_other_options_ignored() -> None:
-    raw = _wire.any_message("runtimeoptions.v1.Options", _wire.field_str(3, "/etc/x"))
+    raw = _wire.any_message("containerd.linux.runc.CreateOptions", _wire.field_str(3, "/etc/x"))
     assert start.parse_stdin(raw, container_id="c1", namespace="ns").shim_cgroup == ""
+
+
+def test_stdin_runtime_options_toml_shim_cgroup(tmp_path: Path) -> None:
+    # CRI 1.7+ sends the runtime's options section inline; ctr a file's name.
+    body = b'SystemdCgroup = true\nShimCgroup = "/pyshim/c1"\n'
+    raw = _wire.any_message("runtimeoptions.v1.Options", _wire.field_bytes(3, body))
+    assert start.parse_stdin(raw, container_id="c1", namespace="ns").shim_cgroup == "/pyshim/c1"
+    config = tmp_path / "runtime.toml"
+    config.write_text('shim_cgroup = "/pyshim/c2"\n')
+    raw = _wire.any_message("runtimeoptions.v1.Options", _wire.field_str(2, str(config)))
+    assert start.parse_stdin(raw, container_id="c1", namespace="ns").shim_cgroup == "/pyshim/c2"
+    for bad in (b"ShimCgroup = ", b"ShimCgroup = 3\n"):
+        raw = _wire.any_message("runtimeoptions.v1.Options", _wire.field_bytes(3, bad))
+        with pytest.raises(start.StartError, match="failed to decode runtime options"):
+            start.parse_stdin(raw, container_id="c1", namespace="ns")
 
 
 def test_stdin_bootstrap_params() -> None:

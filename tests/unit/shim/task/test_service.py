@@ -18,6 +18,7 @@ import shim.task.container
 from protocol.proto import anyutil
 from protocol.proto.runc import options_pb2
 from protocol.proto.runctypes import runc_pb2
+from protocol.proto.runtimeoptions.v1 import api_pb2 as runtimeoptions_pb2
 from protocol.proto.task.v2 import shim_pb2
 from protocol.proto.timeutil import GO_ZERO_TIME_SECONDS
 from protocol.proto.types import mount_pb2
@@ -326,6 +327,34 @@ async def test_create_decodes_runc_options(h: Harness) -> None:
         "root": "/run/r",
         "systemd_cgroup": True,
     }
+
+
+async def test_create_applies_runtime_options_toml(h: Harness) -> None:
+    # What CRI (1.7+) sends a runtime it does not know as runc: the options section.
+    body = b'SystemdCgroup = true\nBinaryName = "/opt/crun"\nNoPivotRoot = true\n'
+    config = runtimeoptions_pb2.Options(config_body=body)
+    bundle = h.bundle()
+    await h.create(bundle=bundle, options=anyutil.pack(config))
+    assert h.shared.runc_options[-1] == RuncOptions(binary="/opt/crun", systemd_cgroup=True)
+    assert json.loads(Path(bundle, "options.json").read_text()) == {
+        "binary_name": "/opt/crun",
+        "no_pivot_root": True,
+        "systemd_cgroup": True,
+    }
+    # ctr --runtime-config-path: a file's name; proto spellings are accepted too.
+    path = h.tmp / "runtime.toml"
+    path.write_text('systemd_cgroup = true\nroot = "/run/r"\nUnknownKey = 1\n')
+    await h.create("c2", options=anyutil.pack(runtimeoptions_pb2.Options(config_path=str(path))))
+    assert h.shared.runc_options[-1] == RuncOptions(root="/run/r", systemd_cgroup=True)
+    for bad, message in (
+        (runtimeoptions_pb2.Options(config_body=b"SystemdCgroup = "), "invalid TOML"),
+        (runtimeoptions_pb2.Options(config_body=b'SystemdCgroup = "yes"\n'), "systemd_cgroup"),
+        (runtimeoptions_pb2.Options(config_path=str(h.tmp / "nope.toml")), "nope.toml"),
+    ):
+        with pytest.raises(TtrpcError) as info:
+            await h.create("c3", options=anyutil.pack(bad))
+        assert info.value.code == Code.INVALID_ARGUMENT
+        assert message in info.value.message, info.value.message
 
 
 async def test_create_ignores_unknown_option_types(h: Harness) -> None:
@@ -661,6 +690,24 @@ async def test_update_resize_closeio(h: Harness) -> None:
     assert h.shared.ios[0].resized == [(70000 & 0xFFFF, 30)]
     await h.service.close_io(shim_pb2.CloseIORequest(id="c1", stdin=True))
     assert h.shared.ios[0].stdin_closed
+
+
+async def test_update_refuses_bad_resources_before_runc(h: Harness) -> None:
+    await h.run()
+    calls = len(h.shared.calls)
+    for value, message in (
+        (b"not json", "update: resources are not valid JSON: Expecting value: line 1 column 1"),
+        (b'{"memory": ', "update: resources are not valid JSON: Expecting value: line 1"),
+        (b"\xff", "update: resources are not valid JSON: "),
+        (b"[1]", "update: resources must be a JSON object (LinuxResources), not [1]"),
+    ):
+        res = any_pb2.Any(type_url="x", value=value)
+        with pytest.raises(TtrpcError) as info:
+            await h.service.update(shim_pb2.UpdateTaskRequest(id="c1", resources=res))
+        assert info.value.code == Code.INVALID_ARGUMENT
+        assert info.value.message.startswith(message), info.value.message
+    # runc was never run.
+    assert h.shared.calls[calls:] == []
 
 
 class FakeServer:

@@ -201,6 +201,37 @@ def test_v2_metrics_from_files(tmp_path: Path) -> None:
     assert [(h.pagesize, h.max, h.failcnt) for h in got.hugetlb] == [("1GB", U64_MAX, 4)]
 
 
+def test_v2_unlimited_pids_and_empty_sections(tmp_path: Path) -> None:
+    # As containerd's v2 code: "max" pids is 2^64-1, and io and rdma are sent even
+    # when empty.
+    write_tree(tmp_path, {"pids.current": "1\n", "pids.max": "max\n"})
+    got = anyutil.unpack(collect(Cgroup(unified=True, dirs={"": str(tmp_path)})), v2.Metrics)
+    assert (got.pids.current, got.pids.limit) == (1, U64_MAX)
+    assert got.HasField("io") and got.HasField("rdma")
+    assert not got.io.usage and not got.rdma.current and not got.rdma.limit
+
+
+def test_v2_pressure_stall_figures(tmp_path: Path) -> None:
+    write_tree(
+        tmp_path,
+        {
+            "pids.current": "1\n",
+            "cpu.stat": "usage_usec 5\n",
+            "cpu.pressure": "some avg10=0.54 avg60=0.09 avg300=0.02 total=82017\n"
+            "full avg10=0.18 avg60=0.03 avg300=0.00 total=39183\n",
+            "memory.stat": "anon 1\n",
+            "io.pressure": "some avg10=1.00 avg60=0.00 avg300=0.00 total=7\n",
+        },
+    )
+    got = anyutil.unpack(collect(Cgroup(unified=True, dirs={"": str(tmp_path)})), v2.Metrics)
+    some, full = got.cpu.psi.some, got.cpu.psi.full
+    assert (some.avg10, some.avg60, some.avg300, some.total) == (0.54, 0.09, 0.02, 82017)
+    assert (full.avg10, full.total) == (0.18, 39183)
+    assert got.io.psi.some.total == 7 and not got.io.psi.HasField("full")
+    # No pressure file (a kernel without PSI): no psi section, as containerd.
+    assert not got.memory.HasField("psi")
+
+
 class Events:
     def __init__(self) -> None:
         self.published: list[tuple[str, Message]] = []
