@@ -37,6 +37,11 @@ while IFS= read -r arg; do
     set -- "$@" "$arg"
 done <"$share/pytest-args"
 export PATH="/root/pyshim/.venv/bin:$PATH"
+if [ -x "$share/containerd2/containerd" ]; then
+    export PYSHIM_CONTAINERD2_DIR="$share/containerd2"
+fi
+ci=$(cat "$share/ci" 2>/dev/null || true)
+[ -z "$ci" ] || export CI="$ci"
 status=0
 python -m pytest -p no:cacheprovider "$@" || status=$?
 exit "$status"
