@@ -370,7 +370,11 @@ def test_shim_cgroup_from_the_go_clients_legacy_create_options(
 
     rootfs = build_busybox_rootfs(tmp_path / "rootfs")
     name = f"pyshim-test-{os.getpid()}-{time.monotonic_ns()}"
-    hierarchies = [p for p in Path("/sys/fs/cgroup").iterdir() if p.is_dir() and not p.is_symlink()]
+    root = Path("/sys/fs/cgroup")
+    if (root / "cgroup.controllers").exists():  # cgroup v2: one hierarchy
+        hierarchies = [root]
+    else:
+        hierarchies = [p for p in root.iterdir() if p.is_dir() and not p.is_symlink()]
     made = []
     try:
         for h in hierarchies:
