@@ -72,13 +72,7 @@ def update(ctrd: Containerd, cid: str, resources: bytes) -> None:
     request = shim_pb2.UpdateTaskRequest(id=cid)
     request.resources.type_url = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
     request.resources.value = resources
-    with grpc.insecure_channel(f"unix://{ctrd.address}") as channel:
-        call = channel.unary_unary(
-            "/containerd.services.tasks.v1.Tasks/Update",
-            request_serializer=shim_pb2.UpdateTaskRequest.SerializeToString,
-            response_deserializer=lambda data: data,
-        )
-        call(request, metadata=[("containerd-namespace", ctrd.namespace)], timeout=30)
+    ctrd.tasks_call("Update", request.SerializeToString(), timeout=30)
 
 
 def test_v2_metrics_are_shaped_and_valued_like_the_go_shims(

@@ -344,22 +344,6 @@ def _empty_cgroup(cg: Path) -> Callable[[], bool]:
     return lambda: not (cg / "cgroup.procs").read_text()
 
 
-def _tasks_call(ctrd: Containerd, method: str, request: bytes) -> bytes:
-    """containerd's Tasks service over gRPC, messages as raw protobuf."""
-    import grpc
-
-    with grpc.insecure_channel(f"unix://{ctrd.address}") as channel:
-        call = channel.unary_unary(
-            f"/containerd.services.tasks.v1.Tasks/{method}",
-            request_serializer=lambda data: data,
-            response_deserializer=lambda data: data,
-        )
-        response: bytes = call(
-            request, metadata=[("containerd-namespace", ctrd.namespace)], timeout=60
-        )
-        return response
-
-
 def test_shim_cgroup_from_the_go_clients_legacy_create_options(
     containerd: Containerd, tmp_path: Path
 ) -> None:
@@ -386,7 +370,7 @@ def test_shim_cgroup_from_the_go_clients_legacy_create_options(
         containerd.ctr("container", "create", "--rootfs", "--runtime", RUNTIME, str(rootfs),
                        "legacy", "/bin/sleep", "300")  # fmt: skip
         options = anyutil.pack(runc_pb2.CreateOptions(shim_cgroup=f"/{name}"))
-        created = _tasks_call(containerd, "Create", _wire.field_str(1, "legacy")
+        created = containerd.tasks_call("Create", _wire.field_str(1, "legacy")
                               + _wire.field_bytes(9, options.SerializeToString()))  # fmt: skip
         init = next(v for n, _, v in _wire.iter_fields(created) if n == 2)
         assert isinstance(init, int) and init > 0
@@ -394,7 +378,7 @@ def test_shim_cgroup_from_the_go_clients_legacy_create_options(
         cgroups = Path(f"/proc/{shim}/cgroup").read_text().splitlines()
         placed = [line for line in cgroups if line.endswith(f":/{name}")]
         assert placed and len(placed) >= len(made) - 1, cgroups  # v2 line aside on hybrid hosts
-        _tasks_call(containerd, "Start", _wire.field_str(1, "legacy"))
+        containerd.tasks_call("Start", _wire.field_str(1, "legacy"))
         assert task_status(containerd, "legacy") == "RUNNING"
     finally:
         containerd.ctr("task", "kill", "-s", "SIGKILL", "legacy", check=False)

@@ -111,8 +111,6 @@ MiB = 1 << 20
 
 def update_memory(ctrd: Containerd, cid: str, limit: int) -> None:
     """containerd's Tasks.Update over gRPC: what `ctr task update` (not in ctr 1.6) does."""
-    import grpc
-
     from protocol.proto.task.v2 import shim_pb2
 
     # containerd.services.tasks.v1.UpdateTaskRequest is wire-identical to the shim's
@@ -120,13 +118,7 @@ def update_memory(ctrd: Containerd, cid: str, limit: int) -> None:
     request = shim_pb2.UpdateTaskRequest(id=cid)
     request.resources.type_url = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
     request.resources.value = json.dumps({"memory": {"limit": limit}}).encode()
-    with grpc.insecure_channel(f"unix://{ctrd.address}") as channel:
-        update = channel.unary_unary(
-            "/containerd.services.tasks.v1.Tasks/Update",
-            request_serializer=shim_pb2.UpdateTaskRequest.SerializeToString,
-            response_deserializer=lambda data: data,
-        )
-        update(request, metadata=[("containerd-namespace", ctrd.namespace)], timeout=30)
+    ctrd.tasks_call("Update", request.SerializeToString(), timeout=30)
 
 
 @every_host

@@ -335,6 +335,22 @@ class Containerd:
     def ctr_argv(self, *args: str, namespace: str | None = None) -> list[str]:
         return [self.host.ctr, "--address", self.address, "-n", namespace or self.namespace, *args]
 
+    def tasks_call(self, method: str, request: bytes, timeout: float = 60.0) -> bytes:
+        """containerd's own Tasks service over gRPC, messages as serialized protobuf:
+        what ctr cannot send (Update before ctr 2.x, the Go client's option types)."""
+        import grpc
+
+        with grpc.insecure_channel(f"unix://{self.address}") as channel:
+            call = channel.unary_unary(
+                f"/containerd.services.tasks.v1.Tasks/{method}",
+                request_serializer=lambda data: data,
+                response_deserializer=lambda data: data,
+            )
+            response: bytes = call(
+                request, metadata=[("containerd-namespace", self.namespace)], timeout=timeout
+            )
+            return response
+
     def ctr(
         self,
         *args: str,
