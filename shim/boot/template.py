@@ -685,27 +685,37 @@ class _Janitor:
             return
         try:
             pid, ino, path = int(parts[1]), int(parts[2]), os.fsdecode(parts[3])
+        except ValueError:
+            return
+        try:
             fd = os.pidfd_open(pid)
-        except (ValueError, OSError):
-            return  # gone already (its `delete` may still come), or out of fds
+        except ProcessLookupError:
+            _remove_if_dead(path, ino)  # it died before we could watch it
+            return
+        except OSError:
+            return  # out of fds: its `delete` is left to do it
         self.watched[fd] = (path, ino)
         self._poller.register(fd, 1)  # POLLIN: the process exited
 
     def exited(self, fd: int) -> None:
-        from shim.boot.start import remove_if_dead
-
         path, ino = self.watched.pop(fd)
         self._poller.unregister(fd)
         os.close(fd)
-        try:  # noqa: SIM105 (contextlib: see the module docstring)
-            remove_if_dead(path, ino)
-        except OSError:
-            pass
+        _remove_if_dead(path, ino)
 
     def close(self) -> None:
         for fd in self.watched:
             os.close(fd)
         self.watched.clear()
+
+
+def _remove_if_dead(path: str, ino: int) -> None:
+    from shim.boot.start import remove_if_dead
+
+    try:  # noqa: SIM105 (contextlib: see the module docstring)
+        remove_if_dead(path, ino)
+    except OSError:
+        pass
 
 
 def _handle(conn: socket.socket, key: str, spares: _Spares, watch: CodeWatch | None = None) -> bool:

@@ -1140,3 +1140,20 @@ def test_janitor_ignores_a_malformed_report(report: bytes) -> None:
     janitor = template._Janitor(select.poll())
     janitor.adopt(report)
     assert janitor.watched == {}
+
+
+def test_janitor_removes_the_socket_file_of_a_daemon_dead_before_its_report(
+    tmp_path: Path,
+) -> None:
+    import select
+
+    path = tmp_path / "s.sock"
+    daemon = _bound_elsewhere(path)
+    ino = path.stat().st_ino
+    daemon.kill()
+    daemon.wait()
+    janitor = template._Janitor(select.poll())
+    janitor.adopt(b"\0".join([template.SERVING, b"%d" % daemon.pid, b"%d" % ino,
+                              os.fsencode(path)]))  # fmt: skip
+    assert janitor.watched == {}
+    assert not path.exists()
