@@ -17,10 +17,10 @@ import secrets
 import shutil
 import signal
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from google.protobuf import any_pb2
 
@@ -43,6 +43,8 @@ from protocol.proto.types import mount_pb2, task_pb2
 from protocol.ttrpc.status import Code, ConnectionClosedError, TtrpcError
 
 log = logging.getLogger("pyshimd")
+T = TypeVar("T")
+U = TypeVar("U")
 
 # containerd's identifier rule; ids and names both end up in paths and runc ids.
 _IDENT = re.compile(r"^[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*$")
@@ -142,6 +144,8 @@ class Supervisor:
         self.images = images
         self.containers: dict[str, Container] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # The network's masquerade rule: checked (and added) once per pyshimd.
+        self._masquerade: asyncio.Future[bool] | None = None
 
     # ------------------------------------------------------------------ lookup
 
@@ -528,24 +532,42 @@ class Supervisor:
             )
         return ports
 
-    async def _setup_network(self, c: Container) -> None:
-        """A namespace and CNI ADD; the record says what to undo before anything is done."""
+    def _make_netns(self, c: Container) -> None:
+        """The record says what to undo before anything is done; then the namespace
+        (in-process: the bundle's config names it, runc create joins it)."""
         rec = c.record
         if rec.network != "bridge":
             return
-        rec.cni_config = self.network.conflist()
+        rec.cni_config = self.network.conflist(ports=bool(rec.ports))
         self.store.save(rec)
+        cni.create_netns(self.paths.netns(c.id))
+
+    async def _cni_add(self, c: Container) -> None:
+        """CNI ADD into the namespace, and the network's masquerade rule (once)."""
+        rec = c.record
+        if rec.network != "bridge":
+            return
         if rec.ports and not await cni.hostport_chains_exist():
             # portmap is about to create its shared chains: ours to remove when done.
             self._hostport_marker.parent.mkdir(parents=True, exist_ok=True)
             self._hostport_marker.touch()
-        netns = self.paths.netns(c.id)
-        await cni.create_netns(netns)
-        rec.cni_result = await cni.add(
-            rec.cni_config, container_id=c.id, netns=netns, ports=_cni_ports(rec)
+        add = cni.add(
+            rec.cni_config, container_id=c.id, netns=self.paths.netns(c.id), ports=_cni_ports(rec)
         )
+        rec.cni_result, _ = await both(add, self._ensure_masquerade())
         rec.ip_address = cni.result_ip(rec.cni_result)
         self.store.save(rec)
+
+    async def _ensure_masquerade(self) -> None:
+        """Once per pyshimd: every ADD waits for the first one's check."""
+        if self._masquerade is None:
+            self._masquerade = asyncio.ensure_future(cni.ensure_masquerade(self.network))
+        try:
+            await asyncio.shield(self._masquerade)
+        except BaseException:
+            if self._masquerade.done():
+                self._masquerade = None  # the next container tries again
+            raise
 
     async def _release_network(self, c: Container) -> None:
         rec = c.record
@@ -575,13 +597,24 @@ class Supervisor:
 
     async def _create_and_start(self, c: Container, cfg: manager_pb2.ContainerConfig) -> None:
         self.store.save(c.record)
-        await self._setup_network(c)
+        self._make_netns(c)
         self._prepare_bundle(c, cfg)
         self.store.save(c.record)
-        await self._launch(c, (cfg.tty_width, cfg.tty_height))
+        tty_size = (cfg.tty_width, cfg.tty_height)
+        # CNI ADD runs while the shim starts and runc creates the container: runc's init
+        # waits on its exec fifo until Start, so the container's process runs only once
+        # both are done. On failure both have finished (nothing in flight) before run's
+        # teardown undoes them.
+        await both(self._cni_add(c), self._create(c, tty_size))
+        await self._start_created(c)
 
     async def _launch(self, c: Container, tty_size: tuple[int, int] = (0, 0)) -> None:
         """A new shim for the prepared bundle: start, Create, Start, and watch it."""
+        await self._create(c, tty_size)
+        await self._start_created(c)
+
+    async def _create(self, c: Container, tty_size: tuple[int, int]) -> None:
+        """The shim's `start`, then Create: runc create, the init not yet running."""
         cid = c.id
         rec = c.record
         bundle = Path(rec.bundle)
@@ -617,7 +650,10 @@ class Supervisor:
         self.store.save(c.record)
         if rec.terminal and all(tty_size):
             await c.client.resize(cid, "", *tty_size)
-        await c.client.start(cid)
+
+    async def _start_created(self, c: Container) -> None:
+        assert c.client is not None
+        await c.client.start(c.id)
         self._mark_started(c)
         c.monitor = asyncio.create_task(self._monitor(c))
 
@@ -635,8 +671,8 @@ class Supervisor:
         c.removing = True
         if c.restart_task is not None:
             c.restart_task.cancel()
-        await self._release_shim(c)
-        await self._release_network(c)
+        # The network's DEL needs nothing of the shim's: both at once.
+        await both(self._release_shim(c), self._release_network(c))
         if self.log_index is not None:
             self.log_index.unwatch(self.paths.log(c.id))
         if c.relay is not None:
@@ -1059,6 +1095,31 @@ class Supervisor:
             task.cancel()
         if self.log_index is not None:
             self.log_index.close()
+        if not any(c.record.network == "bridge" for c in self.containers.values()):
+            # Nothing on the bridge any more: the network's rule goes with pyshimd (a
+            # container that outlives pyshimd keeps it; the next pyshimd finds it).
+            try:
+                await cni.remove_masquerade(self.network)
+            except (cni.NetworkError, OSError) as exc:
+                log.warning("%s", exc)
+
+
+async def both(first: Awaitable[T], second: Awaitable[U]) -> tuple[T, U]:
+    """Both to the end, at once; then the first error, if any. Unlike gather or a
+    TaskGroup, a failure of one never cancels the other: what it started (a shim, a
+    CNI plugin) must be known to the teardown that follows, not left half-done."""
+    tasks = (asyncio.ensure_future(first), asyncio.ensure_future(second))
+    try:
+        await asyncio.wait(tasks)
+    except asyncio.CancelledError:
+        for t in tasks:
+            t.cancel()
+        await asyncio.wait(tasks)
+        raise
+    for t in tasks:
+        if not t.cancelled() and t.exception() is not None:
+            raise t.exception()  # type: ignore[misc]
+    return tasks[0].result(), tasks[1].result()
 
 
 async def _delete_task(client: ShimClient, cid: str) -> None:

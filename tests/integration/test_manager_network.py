@@ -57,7 +57,9 @@ def _host_netns() -> str:
 
 
 def _leftovers(m: Manager, ip: str) -> list[str]:
-    found = m.network_traces()
+    # The network's masquerade rule is pyshimd's (as the bridge is), not a container's:
+    # it stays while pyshimd runs (test_masquerade_rule_is_the_networks).
+    found = m.network_traces(keep_masquerade=True)
     netns_dir = m.run_dir / "netns"
     if netns_dir.is_dir():
         found += [f"netns file {p}" for p in netns_dir.iterdir()]
@@ -89,7 +91,7 @@ def test_published_port_container_ip_and_clean_rm(manager: Manager) -> None:
         "run", "--rm", IMAGE, "--", "busybox", "wget", "-q", "-O", "-", f"http://{ip}:8080/"
     )
     assert (res.returncode, res.stdout) == (0, "hello from web\n"), res.stderr
-    assert manager.network_traces(), "expected CNI's rules while the container runs"
+    assert manager.network_traces(keep_masquerade=True), "expected CNI's rules while it runs"
 
     manager.ok("rm", "-f", "web")
     assert _leftovers(manager, ip) == []
@@ -189,3 +191,115 @@ def test_udp_port(manager: Manager) -> None:
     ip = str(manager.inspect("udp")["ip_address"])
     manager.ok("rm", "-f", "udp")
     assert _leftovers(manager, ip) == []
+
+
+def _cni_dir(m: Manager, replace: dict[str, str]) -> Path:
+    """The distribution's plugins, with some replaced by shell scripts."""
+    d = m.root / "cni-bin"
+    d.mkdir()
+    for plugin in Path("/usr/lib/cni").iterdir():
+        if plugin.name in replace:
+            (d / plugin.name).write_text("#!/bin/sh\n" + replace[plugin.name])
+            (d / plugin.name).chmod(0o755)
+        else:
+            (d / plugin.name).symlink_to(plugin)
+    return d
+
+
+def _restart_with(m: Manager, *flags: str) -> None:
+    m.stop()
+    m.extra_flags = list(flags)
+    m.start()
+
+
+def test_container_runs_only_once_its_network_is_up(manager: Manager) -> None:
+    # The bridge ADD is made slow, so the shim start and runc create (which run while
+    # ADD does) are long done when it ends: the container's first instruction must
+    # still see eth0 with its address.
+    cni = _cni_dir(manager, {"bridge": "sleep 1.5\nexec /usr/lib/cni/bridge\n"})
+    _restart_with(manager, "--cni-path", str(cni))
+    prefix = manager.subnet.rsplit(".", 1)[0] + "."
+    res = manager.cli("run", "--rm", IMAGE, "--", "busybox", "ip", "-4", "-o", "addr", "show")
+    assert res.returncode == 0, (res.stderr, manager.daemon_log())
+    assert f"eth0    inet {prefix}" in res.stdout, res.stdout
+    assert "lo    inet 127.0.0.1/8" in res.stdout, res.stdout
+    assert json.loads(manager.ok("ps", "--all", "--json")) == []
+
+
+FAILING_PLUGIN = (
+    "cat >/dev/null\n"
+    'echo \'{"cniVersion": "1.0.0", "code": 999, "msg": "refused by the test"}\'\n'
+    "exit 1\n"
+)
+
+
+@pytest.mark.parametrize(
+    "failing",
+    [
+        # Fails at once, while the shim is still starting and runc creating.
+        "bridge",
+        # Fails after bridge ADD made the veth and host-local gave out an address.
+        "portmap",
+    ],
+)
+def test_failed_cni_add_leaves_nothing_and_never_starts_the_process(
+    manager: Manager, failing: str
+) -> None:
+    cni = _cni_dir(manager, {failing: FAILING_PLUGIN})
+    _restart_with(manager, "--cni-path", str(cni))
+    out = manager.root / "out"
+    out.mkdir()
+    res = manager.cli(
+        "run",
+        "--rm",
+        "-p",
+        f"{_free_port()}:80",
+        "-v",
+        f"{out}:/out",
+        IMAGE,
+        "--",
+        "touch",
+        "/out/ran",
+    )
+    assert res.returncode == 125 and f"CNI {failing} ADD: refused by the test" in res.stderr, (
+        res.stderr
+    )
+    assert not (out / "ran").exists(), "the container's process ran without its network"
+    assert json.loads(manager.ok("ps", "--all", "--json")) == []
+    assert manager.shim_processes() == []
+    assert list((manager.state_dir / "containers").iterdir()) == []
+    bundles = manager.run_dir / "bundles"
+    assert not bundles.exists() or not any(bundles.rglob("config.json"))
+    leases = [
+        p.name
+        for p in (manager.state_dir / "cni" / "ipam").rglob("*")
+        if p.is_file() and p.name[0].isdigit()
+    ]
+    assert leases == []
+    assert _leftovers(manager, "no-ip") == []
+    veths = subprocess.run(
+        ["ip", "-o", "link", "show", "master", manager.bridge], capture_output=True, text=True
+    )
+    assert veths.stdout.strip() == "", veths.stdout
+    # The network works again as soon as the plugin does.
+    _restart_with(manager)
+    res = manager.cli("run", "--rm", IMAGE, "--", "true")
+    assert res.returncode == 0, res.stderr
+
+
+def test_masquerade_rule_is_the_networks(manager: Manager) -> None:
+    """One masquerade rule for the subnet, made with the first container on the bridge,
+    kept while pyshimd runs, gone when pyshimd stops with no container on the bridge."""
+    assert manager.network_traces() == []
+    manager.ok("run", "--rm", IMAGE, "--", "true")
+    manager.ok("run", "--rm", IMAGE, "--", "true")
+    rules = manager.network_traces()
+    assert len(rules) == 1 and "-j MASQUERADE" in rules[0], rules
+    assert f"-s {manager.subnet} ! -o {manager.bridge}" in rules[0], rules
+    manager.ok("run", "-d", "--name", "stay", IMAGE, "--", "sleep", "1000")
+    manager.stop()  # a container on the bridge outlives pyshimd: the rule stays
+    assert len(manager.network_traces()) == 1
+    manager.start()
+    manager.ok("rm", "-f", "stay")
+    manager.stop()
+    assert manager.network_traces() == []

@@ -61,6 +61,8 @@ class Manager:
         self.subnet = free_subnet()
         # Registry CAs, as <certs_dir>/<host:port>/ca.crt.
         self.certs_dir = root / "certs.d"
+        # More pyshimd flags for the next start (e.g. --cni-path).
+        self.extra_flags: list[str] = []
 
     def start(self) -> None:
         log = self.log_path.open("ab")
@@ -85,6 +87,7 @@ class Manager:
         return [
             *("--bridge", self.bridge, "--subnet", self.subnet),
             *("--certs-dir", str(self.certs_dir)),
+            *self.extra_flags,
         ]
 
     def daemon_log(self) -> str:
@@ -178,11 +181,31 @@ class Manager:
         self.remove_network_traces()
         shutil.rmtree(self.root, ignore_errors=True)
 
-    def network_traces(self) -> list[str]:
-        """iptables rules (any table) that name this test's network, bridge or subnet."""
+    def network_traces(self, *, keep_masquerade: bool = False) -> list[str]:
+        """iptables rules (any table) that name this test's network, bridge or subnet;
+        with ``keep_masquerade``, all but the network's own masquerade rule (pyshimd's
+        while it runs, not a container's)."""
         out = subprocess.run(["iptables-save"], capture_output=True, text=True, check=False)
         keys = (f'"{self.bridge}"', self.bridge, self.subnet)
-        return [ln for ln in out.stdout.splitlines() if any(k in ln for k in keys)]
+        found = [ln for ln in out.stdout.splitlines() if any(k in ln for k in keys)]
+        if keep_masquerade:
+            own = f'"pyshim {self.bridge} masquerade"'
+            found = [ln for ln in found if own not in ln]
+        return found
+
+    def shim_processes(self) -> list[int]:
+        """Long-lived shims serving this pyshimd (their -address is under run_dir)."""
+        found = []
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                argv = Path(entry.path, "cmdline").read_bytes().split(b"\0")
+                if any(b"containerd-shim-pyshim" in a for a in argv[:2]) and any(
+                    a.startswith(str(self.run_dir).encode()) for a in argv
+                ):
+                    found.append(int(entry.name))
+        return found
 
     def remove_network_traces(self) -> None:
         """What CNI DEL should have removed, removed by force after a failed test: rules
