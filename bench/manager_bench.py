@@ -1,14 +1,27 @@
 """The manager path beside containerd's, through the same shim binary:
 
     ctr run --rm --runtime io.containerd.pyshim.v1 IMAGE ID true
+    ctr run --rm --cni ...                   (ctr's own CNI path: bridge + host-local)
     pyshim run --rm --network none IMAGE -- true
     pyshim run --rm IMAGE -- true            (the default bridge network: + CNI ADD/DEL)
     pyshim ps
 
-Rounds interleave the variants (drift hits all alike); medians and p90 in ms, and
-each variant's ratio to `ctr run --rm`. A private containerd (bench/containerd_env.py)
-and a private pyshimd (own run/state dirs, own bridge and /24) are started and stopped
-by PID; everything is removed afterwards, also on failure.
+and, to show where the floor of a bridge run is, the CNI work alone from Python (no
+container): a namespace, bridge + host-local ADD, DEL, the namespace removed; and one
+bare plugin process (`bridge` asked for its VERSION).
+
+Rounds interleave the variants (drift hits all alike); medians and p90 in ms, each
+variant's ratio to `ctr run --rm`, and the bridge runs' ratio to `ctr run --rm --cni`.
+A private containerd (bench/containerd_env.py) and a private pyshimd (own run/state
+dirs, own bridge and /24) are started and stopped by PID; everything is removed
+afterwards, also on failure.
+
+ctr reads its CNI config from /etc/cni/net.d and its plugins from /opt/cni/bin, with
+no flag to move them. So the whole run is in a mount namespace of its own, where
+/etc and /opt are overlays carrying a conflist equivalent to pyshimd's (its own
+bridge and /24, bridge + host-local, no ipMasq: pyshimd masquerades with one rule per
+network, so neither side runs iptables per container) and a link to Debian's plugins
+in /usr/lib/cni; nothing of that is seen outside the run.
 
     sudo .venv/bin/python -m bench.manager_bench --rounds 20
 """
@@ -16,8 +29,12 @@ by PID; everything is removed afterwards, also on failure.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import ctypes
 import json
 import os
+import secrets
+import shutil
 import statistics
 import subprocess
 import sys
@@ -27,11 +44,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.containerd_env import PrivateContainerd
+from manager import network as cni
 from tests.support.images import build_busybox_oci_archive
-from tests.support.manager import Manager
+from tests.support.manager import Manager, free_subnet
 
 IMAGE = "docker.io/library/busybox:latest"
 BIN = Path(sys.executable).parent
+CLONE_NEWNS = 0x00020000
+MS_REC = 16384
+MS_SLAVE = 1 << 19
+MNT_DETACH = 2
+CTR = "ctr run --rm"
+CTR_CNI = "ctr run --rm --cni"
+PY_BRIDGE = "pyshim run --rm (bridge)"
 
 
 def _timed(argv: list[str], env: dict[str, str]) -> float:
@@ -43,6 +68,78 @@ def _timed(argv: list[str], env: dict[str, str]) -> float:
     return took
 
 
+def _mount(source: str, target: str, fstype: str | None, flags: int, data: str | None) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    rc = libc.mount(
+        source.encode(), target.encode(), fstype and fstype.encode(), flags, data and data.encode()
+    )
+    if rc != 0:
+        raise OSError(ctypes.get_errno(), f"mount {target}: {os.strerror(ctypes.get_errno())}")
+
+
+def private_cni_dirs(root: Path, conflist: dict[str, object]) -> None:
+    """This process (and all it starts) in its own mount namespace, where ctr finds
+    ``conflist`` in /etc/cni/net.d and the plugins in /opt/cni/bin."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWNS) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS)")
+    # Nothing mounted from here on reaches the host's namespace.
+    _mount("none", "/", None, MS_REC | MS_SLAVE, None)
+    for lower, fill in (("/etc", _write_conflist), ("/opt", _link_plugins)):
+        up = root / f"overlay{lower.replace('/', '-')}"
+        (up / "upper").mkdir(parents=True)
+        (up / "work").mkdir()
+        fill(up / "upper", conflist)
+        _mount(
+            "overlay",
+            lower,
+            "overlay",
+            0,
+            f"lowerdir={lower},upperdir={up / 'upper'},workdir={up / 'work'}",
+        )
+
+
+def _write_conflist(upper: Path, conflist: dict[str, object]) -> None:
+    (upper / "cni" / "net.d").mkdir(parents=True)
+    (upper / "cni" / "net.d" / "10-bench.conflist").write_text(json.dumps(conflist))
+
+
+def _link_plugins(upper: Path, _conflist: dict[str, object]) -> None:
+    (upper / "cni").mkdir()
+    (upper / "cni" / "bin").symlink_to(cni.DEFAULT_CNI_PATH)
+
+
+def ctr_conflist(net: cni.BridgeNetwork) -> dict[str, object]:
+    """pyshimd's chain for a container without ports, as a plain CNI conflist."""
+    conf = net.conflist(ports=False)
+    conf.pop("cniPath")
+    return conf
+
+
+async def _cni_alone(net: cni.BridgeNetwork, netns: Path, cid: str) -> None:
+    """What a bridge run adds to a `--network none` run, without the container."""
+    conf = net.conflist(ports=False)
+    cni.create_netns(netns)
+    try:
+        result = await cni.add(conf, container_id=cid, netns=netns, ports=[])
+        await cni.delete(conf, container_id=cid, netns=netns, ports=[], result=result)
+    finally:
+        cni.remove_netns(netns)
+
+
+def _plugin_version() -> float:
+    env = {"CNI_COMMAND": "VERSION", "PATH": os.environ["PATH"]}
+    t0 = time.perf_counter()
+    subprocess.run(
+        [f"{cni.DEFAULT_CNI_PATH}/bridge"],
+        input=b'{"cniVersion": "1.0.0"}',
+        env=env,
+        capture_output=True,
+        check=True,
+    )
+    return time.perf_counter() - t0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.manager_bench")
     p.add_argument("--rounds", type=int, default=10)
@@ -50,11 +147,17 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ["PATH"] = f"{BIN}:{os.environ['PATH']}"
     root = Path(tempfile.mkdtemp(prefix="psmb-", dir="/tmp"))
+    ctr_net = cni.BridgeNetwork(
+        bridge=f"psmc{secrets.token_hex(4)}", subnet=free_subnet(), ipam_dir=str(root / "ipam")
+    )
+    private_cni_dirs(root, ctr_conflist(ctr_net))
     archive = build_busybox_oci_archive(root / "bb.tar", IMAGE)
     (root / "ctrd").mkdir()
     ctrd = PrivateContainerd(root / "ctrd", namespace=f"pyshim-mbench-{os.getpid()}")
     (root / "mgr").mkdir()
     mgr = Manager(root / "mgr")
+    if mgr.subnet == ctr_net.subnet:
+        mgr.subnet = free_subnet()
     samples: dict[str, list[float]] = {}
     try:
         ctrd.start()
@@ -63,31 +166,28 @@ def main(argv: list[str] | None = None) -> int:
         mgr.ok("image", "import", str(archive))
         pyshim = str(BIN / "pyshim")
         counter = iter(range(1 << 30))
+
+        def ctr_run(*flags: str) -> float:
+            argv = ["ctr", "--address", str(ctrd.address), "-n", ctrd.namespace, "run", "--rm"]
+            argv += [*flags, "--runtime", "io.containerd.pyshim.v1", IMAGE]
+            return _timed([*argv, f"b{next(counter)}", "true"], ctrd.env())
+
+        def cni_alone() -> float:
+            n = next(counter)
+            t0 = time.perf_counter()
+            asyncio.run(_cni_alone(ctr_net, root / f"ns{n}", f"alone{n}"))
+            return time.perf_counter() - t0
+
         variants: dict[str, Callable[[], float]] = {
-            "ctr run --rm": lambda: _timed(
-                [
-                    "ctr",
-                    "--address",
-                    str(ctrd.address),
-                    "-n",
-                    ctrd.namespace,
-                    "run",
-                    "--rm",
-                    "--runtime",
-                    "io.containerd.pyshim.v1",
-                    IMAGE,
-                    f"b{next(counter)}",
-                    "true",
-                ],
-                ctrd.env(),
-            ),
+            CTR: ctr_run,
+            CTR_CNI: lambda: ctr_run("--cni"),
             "pyshim run --rm --network none": lambda: _timed(
                 [pyshim, "run", "--rm", "--network", "none", IMAGE, "--", "true"], mgr.env
             ),
-            "pyshim run --rm (bridge)": lambda: _timed(
-                [pyshim, "run", "--rm", IMAGE, "--", "true"], mgr.env
-            ),
+            PY_BRIDGE: lambda: _timed([pyshim, "run", "--rm", IMAGE, "--", "true"], mgr.env),
             "pyshim ps": lambda: _timed([pyshim, "ps"], mgr.env),
+            "CNI ADD+DEL alone (no container)": cni_alone,
+            "one plugin exec (bridge VERSION)": _plugin_version,
         }
         names = list(variants)
         for r in range(args.rounds):
@@ -97,20 +197,31 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         mgr.cleanup()
         ctrd.close()
-    base = statistics.median(samples["ctr run --rm"])
+        subprocess.run(["ip", "link", "del", ctr_net.bridge], capture_output=True, check=False)
+        libc = ctypes.CDLL(None, use_errno=True)
+        for overlay in ("/etc", "/opt"):
+            libc.umount2(overlay.encode(), MNT_DETACH)
+        shutil.rmtree(root, ignore_errors=True)
+    base = statistics.median(samples[CTR])
+    base_cni = statistics.median(samples[CTR_CNI])
     summary = {}
-    print(f"{'':34} {'median ms':>10} {'p90 ms':>8} {'/ ctr':>6}")
+    print(f"{'':36} {'median ms':>10} {'p90 ms':>8} {'/ ctr':>6} {'/ ctr --cni':>11}")
     for name, xs in samples.items():
         med = statistics.median(xs)
         p90 = sorted(xs)[max(0, int(len(xs) * 0.9) - 1)]
         summary[name] = {"median_ms": med * 1e3, "p90_ms": p90 * 1e3, "ratio": med / base}
-        print(f"{name:34} {med * 1e3:10.1f} {p90 * 1e3:8.1f} {med / base:6.2f}")
+        vs_cni = ""
+        if name in (CTR_CNI, PY_BRIDGE):
+            summary[name]["ratio_to_ctr_cni"] = med / base_cni
+            vs_cni = f"{med / base_cni:11.2f}"
+        print(f"{name:36} {med * 1e3:10.1f} {p90 * 1e3:8.1f} {med / base:6.2f} {vs_cni}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps(
             {
                 "rounds": args.rounds,
+                "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                 "load": os.getloadavg(),
                 "summary": summary,
                 "samples": samples,

@@ -3,34 +3,35 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
-import datetime
 import json
 import os
 import re
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 
 from manager import units
-from manager.apiclient import ManagerClient, ManagerNotRunning
+from manager.apiclient import BlockingManagerClient, ManagerClient, ManagerNotRunning
 from manager.paths import Paths
-from manager.streams import LogTail, forward_stdin
+from manager.streams import POLL_INTERVAL, LogTail, forward_stdin
 from manager.terminal import raw_mode, terminal_size
 from protocol.proto import timeutil
 from protocol.proto.manager.v1 import manager_pb2 as pb
 from protocol.ttrpc.status import Code, TtrpcError
 
 if TYPE_CHECKING:
+    import asyncio
+
     from manager.logindex import LineTimes
 
+T = TypeVar("T")
 # docker's convention: the manager failed, as opposed to the container's own status.
 EXIT_MANAGER_ERROR = 125
 
@@ -41,6 +42,11 @@ class UsageError(Exception):
 
 class CommandError(Exception):
     """The request was understood but cannot be done (exit status 125)."""
+
+
+class NeedsEventLoop(Exception):
+    """Raised by a command run on the blocking client before it has changed anything,
+    when it turns out to need asyncio after all (run pulling a missing image)."""
 
 
 def parse_size(text: str) -> int:
@@ -126,6 +132,8 @@ def parse_since(text: str) -> int:
     except ValueError:
         pass
     try:
+        import datetime
+
         when = datetime.datetime.fromisoformat(t)
     except ValueError:
         raise argparse.ArgumentTypeError(
@@ -391,6 +399,8 @@ async def _interactive_session(
     from_end: bool,
 ) -> pb.WaitResponse:
     """Show output, feed stdin, follow the terminal size, until the process exits."""
+    import asyncio
+
     loop = asyncio.get_running_loop()
     tail = LogTail(Path(log_path), sys.stdout.fileno(), from_end=from_end)
     done = asyncio.Event()
@@ -434,6 +444,20 @@ async def _interactive_session(
     return result
 
 
+def _output_until_exit(mc: BlockingManagerClient, container: str, log_path: str) -> pb.WaitResponse:
+    """_interactive_session without a terminal or stdin, on the blocking client: the log
+    is copied while Wait is pending, then once more (the shim drains a process's
+    output into the log before it reports the exit)."""
+    tail = LogTail(Path(log_path), sys.stdout.fileno())
+    try:
+        result = mc.wait_while(container, "", tail.pump, POLL_INTERVAL)
+        tail.pump()
+        tail.flush()
+    finally:
+        tail.close()
+    return result
+
+
 def _report_exit(res: pb.WaitResponse) -> None:
     if res.exit_reason:
         sys.stderr.write(f"pyshim: {res.exit_reason}\n")
@@ -472,6 +496,8 @@ async def cmd_run(mc: ManagerClient, args: argparse.Namespace) -> int:
     except TtrpcError as exc:
         if not (image and exc.code == Code.NOT_FOUND and exc.message.startswith("image ")):
             raise
+        if mc.blocking:
+            raise NeedsEventLoop from exc  # nothing was made: main starts over
         # docker's way: an image that is not here is pulled, then run.
         sys.stderr.write(f"Unable to find image {image!r} locally\n")
         await _pull(mc, image)
@@ -481,15 +507,18 @@ async def cmd_run(mc: ManagerClient, args: argparse.Namespace) -> int:
         print(c.id)
         return 0
     try:
-        res = await _interactive_session(
-            mc,
-            container=c.id,
-            exec_id="",
-            log_path=c.log_path,
-            stdin_path=c.stdin_path,
-            tty=args.tty,
-            from_end=False,
-        )
+        if isinstance(mc, BlockingManagerClient):
+            res = _output_until_exit(mc, c.id, c.log_path)
+        else:
+            res = await _interactive_session(
+                mc,
+                container=c.id,
+                exec_id="",
+                log_path=c.log_path,
+                stdin_path=c.stdin_path,
+                tty=args.tty,
+                from_end=False,
+            )
     finally:
         if args.rm:
             with contextlib.suppress(TtrpcError):
@@ -627,6 +656,8 @@ async def cmd_logs(mc: ManagerClient, args: argparse.Namespace) -> int:
             tail.pump()
             tail.flush()
             return 0
+        import asyncio
+
         done = asyncio.Event()
         follower = asyncio.create_task(tail.follow(done))
         try:
@@ -801,6 +832,8 @@ def _stats_table(before: dict[str, pb.ContainerStats], now: Sequence[pb.Containe
 
 
 async def cmd_stats(mc: ManagerClient, args: argparse.Namespace) -> int:
+    import asyncio
+
     if args.json and not args.no_stream:
         raise UsageError("--json needs --no-stream")
     req = pb.StatsRequest(containers=args.containers)
@@ -855,6 +888,8 @@ def _bar(lp: pb.LayerProgress, width: int = 30) -> str:
 
 async def _pull(mc: ManagerClient, ref: str) -> pb.Image:
     """Pull, drawing a bar per layer while it runs when stdout is a terminal."""
+    import asyncio
+
     pulling = asyncio.create_task(mc.call("Pull", pb.PullRequest(ref=ref), pb.PullResponse))
     if os.isatty(sys.stdout.fileno()):
         drawn = 0
@@ -949,8 +984,38 @@ COMMANDS = {
 }
 
 
-async def _dispatch(paths: Paths, args: argparse.Namespace) -> int:
-    mc = await ManagerClient.connect(paths)
+# Commands that only make calls one after another: they run on the blocking client,
+# without asyncio (its import is ~30 ms of a CLI that takes ~100 ms). `run` too when
+# nothing but output is to be moved (no -i, no -t).
+BLOCKING_COMMANDS = frozenset(
+    {"ps", "rm", "inspect", "kill", "wait", "stop", "start", "restart", "pause", "unpause"}
+)
+
+
+def _runs_blocking(args: argparse.Namespace) -> bool:
+    if args.command == "run":
+        return not (args.interactive or args.tty)
+    return args.command in BLOCKING_COMMANDS
+
+
+def drive(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine whose every await is answered at once (BlockingManagerClient's
+    calls) to its end; one that would wait for an event loop is a bug."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        result: T = done.value
+        return result
+    coro.close()
+    raise RuntimeError("a command on the blocking client waited for an event loop")
+
+
+async def _dispatch(paths: Paths, args: argparse.Namespace, *, blocking: bool = False) -> int:
+    mc = (
+        BlockingManagerClient.connect_blocking(paths)
+        if blocking
+        else await ManagerClient.connect(paths)
+    )
     try:
         return await COMMANDS[args.command](mc, args)
     finally:
@@ -962,6 +1027,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     paths = Paths.resolve(args.run_dir, args.state_dir)
     try:
+        if _runs_blocking(args):
+            with contextlib.suppress(NeedsEventLoop):
+                return drive(_dispatch(paths, args, blocking=True))
+        import asyncio
+
         return asyncio.run(_dispatch(paths, args))
     except UsageError as exc:
         parser.error(str(exc))

@@ -5,7 +5,6 @@ Output never passes through pyshimd: the shim appends to the log file and we rea
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import os
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import asyncio
+
     from manager.logindex import LineTimes
 
 # Only while following: how often a quiet log is looked at again.
@@ -125,6 +126,8 @@ class LogTail:
 
     async def follow(self, done: asyncio.Event) -> None:
         """Until ``done``; then until the file has been quiet for a moment."""
+        import asyncio  # here: the blocking CLI copies with pump() and never needs it
+
         while not done.is_set():
             if not self.pump():
                 with contextlib.suppress(TimeoutError):
@@ -140,6 +143,8 @@ class LogTail:
 
 async def open_fifo_writer(path: str, timeout: float = 10.0) -> int:
     """O_NONBLOCK open fails with ENXIO until the shim has its reader: retry, bounded."""
+    import asyncio
+
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout
     while True:
@@ -156,6 +161,8 @@ async def open_fifo_writer(path: str, timeout: float = 10.0) -> int:
 
 async def forward_stdin(in_fd: int, fifo: str, on_eof: Callable[[], Awaitable[None]]) -> None:
     """User's stdin -> the container's stdin fifo; at EOF close it and tell the shim."""
+    import asyncio
+
     out = await open_fifo_writer(fifo)
     loop = asyncio.get_running_loop()
     readable = asyncio.Event()

@@ -533,14 +533,10 @@ class Supervisor:
         return ports
 
     def _make_netns(self, c: Container) -> None:
-        """The record says what to undo before anything is done; then the namespace
-        (in-process: the bundle's config names it, runc create joins it)."""
-        rec = c.record
-        if rec.network != "bridge":
-            return
-        rec.cni_config = self.network.conflist(ports=bool(rec.ports))
-        self.store.save(rec)
-        cni.create_netns(self.paths.netns(c.id))
+        """The namespace, in-process (the bundle's config names it, runc create joins
+        it); the record saved before says what to undo."""
+        if c.record.cni_config:
+            cni.create_netns(self.paths.netns(c.id))
 
     async def _cni_add(self, c: Container) -> None:
         """CNI ADD into the namespace, and the network's masquerade rule (once)."""
@@ -596,6 +592,9 @@ class Supervisor:
             log.warning("container %s: %s", c.id, exc)
 
     async def _create_and_start(self, c: Container, cfg: manager_pb2.ContainerConfig) -> None:
+        if c.record.network == "bridge":
+            c.record.cni_config = self.network.conflist(ports=bool(c.record.ports))
+        # Before anything is made: what to undo after a crash (files, namespace, CNI).
         self.store.save(c.record)
         self._make_netns(c)
         self._prepare_bundle(c, cfg)
@@ -646,8 +645,8 @@ class Supervisor:
             options=anyutil.pack(options),
         )
         created = await c.client.create(req)
+        # Saved with the status once started (a reconnect asks the shim for it anyway).
         c.record.pid = created.pid
-        self.store.save(c.record)
         if rec.terminal and all(tty_size):
             await c.client.resize(cid, "", *tty_size)
 
