@@ -61,6 +61,8 @@ fi
 # The shim's own launcher over pip's wrapper: same entry point, started with -IS and
 # an explicit sys.path (skips site and the editable finder, ~20 ms per invocation).
 .venv/bin/python -m shim.boot.launcher .venv/bin/containerd-shim-pyshim-v1
+# The same for the `pyshim` CLI, started once per command.
+.venv/bin/python -m shim.boot.launcher --entry manager.cli:main .venv/bin/pyshim
 
 # Same-page merging is opt-in (PYSHIM_KSM=1): scripts/ksm.sh says why.
 bash scripts/ksm.sh

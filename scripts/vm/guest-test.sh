@@ -31,6 +31,7 @@ echo "guest: installed ($(cut -d' ' -f1 /proc/uptime) s since boot)"
 # As scripts/install.sh does: bytecode shipped, the shim's own launcher.
 .venv/bin/python -m compileall -q protocol shim manager .venv/lib >/dev/null || true
 .venv/bin/python -m shim.boot.launcher .venv/bin/containerd-shim-pyshim-v1
+.venv/bin/python -m shim.boot.launcher --entry manager.cli:main .venv/bin/pyshim
 
 set --
 while IFS= read -r arg; do

@@ -19,3 +19,18 @@ def test_launcher_hands_start_over_then_runs_the_cli(tmp_path: Path) -> None:
     assert out.startswith("containerd-shim-pyshim-v1:\n  Version:")
     res = subprocess.run([binary, "-namespace", "ns", "bogus"], capture_output=True, text=True)
     assert (res.returncode, res.stderr) == (1, "io.containerd.pyshim.v1: unknown action 'bogus'")
+
+
+def test_entry_launcher_runs_a_console_script_without_site(tmp_path: Path) -> None:
+    text = launcher.render(entry="manager.cli:main")
+    assert text.splitlines()[0].endswith(" -IS")
+    assert "from manager.cli import main\n\nsys.exit(main())" in text
+    binary = tmp_path / "pyshim"
+    assert launcher.main(["--entry", "manager.cli:main", str(binary)]) == 0
+    res = subprocess.run([binary, "--help"], capture_output=True, text=True, check=True)
+    assert res.stdout.startswith("usage: pyshim ")
+    # site never ran: the editable install's finder is not there.
+    probe = text.replace("sys.exit(main())", "print('site' in sys.modules)")
+    launcher.install(str(binary), probe)
+    assert subprocess.run([binary], capture_output=True, text=True).stdout == "False\n"
+    assert launcher.main(["--entry", "manager.cli", str(binary)]) == 2
