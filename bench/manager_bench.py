@@ -11,7 +11,8 @@ container): a namespace, bridge + host-local ADD, DEL, the namespace removed; an
 bare plugin process (`bridge` asked for its VERSION).
 
 Rounds interleave the variants (drift hits all alike); medians and p90 in ms, each
-variant's ratio to `ctr run --rm`, and the bridge runs' ratio to `ctr run --rm --cni`.
+variant's ratio to `ctr run --rm`, and the bridge runs' ratio to `ctr run --rm --cni`;
+the same for the CPU time each costs, all processes of the run counted (CpuMeter).
 A private containerd (bench/containerd_env.py) and a private pyshimd (own run/state
 dirs, own bridge and /24) are started and stopped by PID; everything is removed
 afterwards, also on failure.
@@ -44,11 +45,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.containerd_env import PrivateContainerd
-from manager import network as cni
 from tests.support.images import build_busybox_oci_archive
 from tests.support.manager import Manager, free_subnet
 
 IMAGE = "docker.io/library/busybox:latest"
+# Debian's containernetworking-plugins.
+CNI_PATH = "/usr/lib/cni"
 BIN = Path(sys.executable).parent
 CLONE_NEWNS = 0x00020000
 MS_REC = 16384
@@ -57,6 +59,38 @@ MNT_DETACH = 2
 CTR = "ctr run --rm"
 CTR_CNI = "ctr run --rm --cni"
 PY_BRIDGE = "pyshim run --rm (bridge)"
+
+
+class CpuMeter:
+    """CPU time of this process and everything it starts (containerd, pyshimd, shims,
+    ctr, the CLI, runc, CNI plugins; containers run in cgroups of their own): one
+    cgroup (v1 cpuacct or v2) that this process joins before it starts anything. On a
+    busy machine wall time mostly measures the wait for a core; the CPU a variant
+    costs does not depend on that."""
+
+    def __init__(self) -> None:
+        name = f"pyshim-mbench-{os.getpid()}"
+        v1 = Path("/sys/fs/cgroup/cpuacct")
+        self.dir = v1 / name if v1.is_dir() else Path("/sys/fs/cgroup") / name
+        self._file = "cpuacct.usage" if v1.is_dir() else "cpu.stat"
+        self.dir.mkdir()
+        (self.dir / "cgroup.procs").write_text(str(os.getpid()))
+
+    def ns(self) -> int:
+        text = (self.dir / self._file).read_text()
+        if self._file == "cpu.stat":
+            usec = dict(line.split() for line in text.splitlines())["usage_usec"]
+            return int(usec) * 1000
+        return int(text)
+
+    def close(self) -> None:
+        (self.dir.parent / "cgroup.procs").write_text(str(os.getpid()))
+        for _ in range(50):
+            try:
+                self.dir.rmdir()
+                return
+            except OSError:
+                time.sleep(0.1)  # a last process of the run is still exiting
 
 
 def _timed(argv: list[str], env: dict[str, str]) -> float:
@@ -106,19 +140,38 @@ def _write_conflist(upper: Path, conflist: dict[str, object]) -> None:
 
 def _link_plugins(upper: Path, _conflist: dict[str, object]) -> None:
     (upper / "cni").mkdir()
-    (upper / "cni" / "bin").symlink_to(cni.DEFAULT_CNI_PATH)
+    (upper / "cni" / "bin").symlink_to(CNI_PATH)
 
 
-def ctr_conflist(net: cni.BridgeNetwork) -> dict[str, object]:
-    """pyshimd's chain for a container without ports, as a plain CNI conflist."""
-    conf = net.conflist(ports=False)
-    conf.pop("cniPath")
-    return conf
+def ctr_conflist(bridge: str, subnet: str, ipam_dir: str) -> dict[str, object]:
+    """A plain CNI conflist doing per container what pyshimd's chain does for a
+    container without ports: a veth on the bridge, an address from host-local."""
+    return {
+        "cniVersion": "1.0.0",
+        "name": bridge,
+        "plugins": [
+            {
+                "type": "bridge",
+                "bridge": bridge,
+                "isGateway": True,
+                "ipMasq": False,
+                "hairpinMode": True,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": subnet}]],
+                    "routes": [{"dst": "0.0.0.0/0"}],
+                    "dataDir": ipam_dir,
+                },
+            }
+        ],
+    }
 
 
-async def _cni_alone(net: cni.BridgeNetwork, netns: Path, cid: str) -> None:
+async def _cni_alone(conf: dict[str, object], netns: Path, cid: str) -> None:
     """What a bridge run adds to a `--network none` run, without the container."""
-    conf = net.conflist(ports=False)
+    from manager import network as cni
+
+    conf = {**conf, "cniPath": cni.DEFAULT_CNI_PATH}
     cni.create_netns(netns)
     try:
         result = await cni.add(conf, container_id=cid, netns=netns, ports=[])
@@ -131,7 +184,7 @@ def _plugin_version() -> float:
     env = {"CNI_COMMAND": "VERSION", "PATH": os.environ["PATH"]}
     t0 = time.perf_counter()
     subprocess.run(
-        [f"{cni.DEFAULT_CNI_PATH}/bridge"],
+        [f"{CNI_PATH}/bridge"],
         input=b'{"cniVersion": "1.0.0"}',
         env=env,
         capture_output=True,
@@ -144,21 +197,27 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.manager_bench")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--out", default="bench/results/manager.json")
+    p.add_argument(
+        "--skip",
+        default="",
+        help="comma list of variants left out, by the start of their names (e.g. CNI,one)",
+    )
     args = p.parse_args(argv)
     os.environ["PATH"] = f"{BIN}:{os.environ['PATH']}"
     root = Path(tempfile.mkdtemp(prefix="psmb-", dir="/tmp"))
-    ctr_net = cni.BridgeNetwork(
-        bridge=f"psmc{secrets.token_hex(4)}", subnet=free_subnet(), ipam_dir=str(root / "ipam")
-    )
-    private_cni_dirs(root, ctr_conflist(ctr_net))
+    ctr_bridge = f"psmc{secrets.token_hex(4)}"
+    ctr_conf = ctr_conflist(ctr_bridge, free_subnet(), str(root / "ipam"))
+    private_cni_dirs(root, ctr_conf)
     archive = build_busybox_oci_archive(root / "bb.tar", IMAGE)
     (root / "ctrd").mkdir()
     ctrd = PrivateContainerd(root / "ctrd", namespace=f"pyshim-mbench-{os.getpid()}")
     (root / "mgr").mkdir()
     mgr = Manager(root / "mgr")
-    if mgr.subnet == ctr_net.subnet:
+    while mgr.subnet in json.dumps(ctr_conf):
         mgr.subnet = free_subnet()
     samples: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
+    meter = CpuMeter()
     try:
         ctrd.start()
         ctrd.import_image(archive)
@@ -175,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         def cni_alone() -> float:
             n = next(counter)
             t0 = time.perf_counter()
-            asyncio.run(_cni_alone(ctr_net, root / f"ns{n}", f"alone{n}"))
+            asyncio.run(_cni_alone(ctr_conf, root / f"ns{n}", f"alone{n}"))
             return time.perf_counter() - t0
 
         variants: dict[str, Callable[[], float]] = {
@@ -189,32 +248,54 @@ def main(argv: list[str] | None = None) -> int:
             "CNI ADD+DEL alone (no container)": cni_alone,
             "one plugin exec (bridge VERSION)": _plugin_version,
         }
-        names = list(variants)
+        skip = [w for w in args.skip.split(",") if w]
+        names = [n for n in variants if not any(n.startswith(w) for w in skip)]
         for r in range(args.rounds):
             order = names if r % 2 == 0 else names[::-1]
             for name in order:
+                before = meter.ns()
                 samples.setdefault(name, []).append(variants[name]())
+                cpu.setdefault(name, []).append((meter.ns() - before) / 1e9)
     finally:
         mgr.cleanup()
         ctrd.close()
-        subprocess.run(["ip", "link", "del", ctr_net.bridge], capture_output=True, check=False)
+        subprocess.run(["ip", "link", "del", ctr_bridge], capture_output=True, check=False)
         libc = ctypes.CDLL(None, use_errno=True)
         for overlay in ("/etc", "/opt"):
             libc.umount2(overlay.encode(), MNT_DETACH)
         shutil.rmtree(root, ignore_errors=True)
+        meter.close()
     base = statistics.median(samples[CTR])
     base_cni = statistics.median(samples[CTR_CNI])
+    cpu_base = statistics.median(cpu[CTR])
+    cpu_base_cni = statistics.median(cpu[CTR_CNI])
     summary = {}
-    print(f"{'':36} {'median ms':>10} {'p90 ms':>8} {'/ ctr':>6} {'/ ctr --cni':>11}")
+    print(
+        f"{'':36} {'median ms':>10} {'p90 ms':>8} {'/ ctr':>6} {'/ ctr --cni':>11}"
+        f" {'CPU ms':>8} {'/ ctr':>6} {'/ ctr --cni':>11}"
+    )
     for name, xs in samples.items():
         med = statistics.median(xs)
         p90 = sorted(xs)[max(0, int(len(xs) * 0.9) - 1)]
-        summary[name] = {"median_ms": med * 1e3, "p90_ms": p90 * 1e3, "ratio": med / base}
-        vs_cni = ""
+        cpu_med = statistics.median(cpu[name])
+        row: dict[str, float] = {
+            "median_ms": med * 1e3,
+            "p90_ms": p90 * 1e3,
+            "ratio": med / base,
+            "cpu_ms": cpu_med * 1e3,
+            "cpu_ratio": cpu_med / cpu_base,
+        }
+        vs_cni = cpu_vs_cni = ""
         if name in (CTR_CNI, PY_BRIDGE):
-            summary[name]["ratio_to_ctr_cni"] = med / base_cni
-            vs_cni = f"{med / base_cni:11.2f}"
-        print(f"{name:36} {med * 1e3:10.1f} {p90 * 1e3:8.1f} {med / base:6.2f} {vs_cni}")
+            row["ratio_to_ctr_cni"] = med / base_cni
+            row["cpu_ratio_to_ctr_cni"] = cpu_med / cpu_base_cni
+            vs_cni = f"{med / base_cni:.2f}"
+            cpu_vs_cni = f"{cpu_med / cpu_base_cni:.2f}"
+        summary[name] = row
+        print(
+            f"{name:36} {med * 1e3:10.1f} {p90 * 1e3:8.1f} {med / base:6.2f} {vs_cni:>11}"
+            f" {cpu_med * 1e3:8.1f} {cpu_med / cpu_base:6.2f} {cpu_vs_cni:>11}"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
@@ -225,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
                 "load": os.getloadavg(),
                 "summary": summary,
                 "samples": samples,
+                "cpu_samples": cpu,
             },
             indent=2,
         )
