@@ -904,6 +904,8 @@ async def _pull(mc: ManagerClient, ref: str) -> pb.Image:
             drawn = len(lines)
     image = (await pulling).image
     print(f"{image.ref} {image.digest}")
+    # Before a run's output, which goes to the file descriptor, not through print.
+    sys.stdout.flush()
     return image
 
 
