@@ -743,6 +743,11 @@ class Supervisor:
         rec = c.record
         rec.manually_stopped = True
         self._cancel_restart(c)
+        if c.lock.locked():
+            # A policy restart past its back-off may be launching the shim now (no exit
+            # and no client yet): let it finish, then stop what it started.
+            async with c.lock:
+                pass
         if rec.exited or rec.shim_gone:
             if rec.status == "restarting":
                 rec.status = "stopped"

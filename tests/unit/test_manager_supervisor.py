@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+
+import pytest
 
 from manager.images import ImageStore
 from manager.launcher import ShimLauncher
@@ -93,3 +96,45 @@ def test_an_exit_handled_before_start_returned_is_not_overwritten(tmp_path: Path
     assert stored["f00d"] is not None and stored["5104"] is not None
     assert (stored["f00d"].status, stored["f00d"].exit_status) == ("stopped", 0)
     assert (stored["5104"].status, stored["5104"].exit_status) == ("running", None)
+
+
+async def test_stop_during_a_policy_restart_stops_what_it_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A `stop` that lands while a restart policy is launching the new shim (no exit and
+    # no client yet) once failed with "has no running shim"; it must stop the new run.
+    sup = _supervisor(tmp_path)
+    c = _add(sup, "abc123", "loop")
+    c.record.bundle = str(tmp_path / "bundle")
+    (tmp_path / "bundle").mkdir()
+    sup.record_exit(c, 0, 5)
+    gate = asyncio.Event()
+    kills: list[int] = []
+
+    class Client:
+        closed = False
+
+        async def kill(self, cid: str, sig: int, **_: object) -> None:
+            kills.append(sig)
+            sup.record_exit(c, 128 + sig, 10)
+
+    async def launch(c_: Container, tty_size: tuple[int, int] = (0, 0)) -> None:
+        await gate.wait()
+        c_.client = Client()  # type: ignore[assignment]
+        c_.record.status = "running"
+
+    async def release(c_: Container) -> None:
+        pass
+
+    monkeypatch.setattr(sup, "_launch", launch)
+    monkeypatch.setattr(sup, "_release_shim", release)
+    restarting = asyncio.create_task(sup._start_again(c))
+    await asyncio.sleep(0)
+    assert c.lock.locked() and not c.record.exited
+    stopping = asyncio.create_task(sup.stop("loop", 1.0))
+    await asyncio.sleep(0.05)
+    assert not stopping.done()
+    gate.set()
+    await asyncio.wait_for(asyncio.gather(restarting, stopping), 5)
+    assert kills == [c.record.stop_signal]
+    assert c.record.exited and c.record.manually_stopped
