@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -42,8 +42,10 @@ def require_tools() -> None:
 
 
 class Manager:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, extra_flags: Sequence[str] = ()) -> None:
         self.root = root
+        # pyshimd flags of the test's own (e.g. --runc-binary).
+        self.extra_flags = list(extra_flags)
         self.run_dir = root / "run"
         self.state_dir = root / "state"
         self.env = dict(os.environ)
@@ -85,6 +87,7 @@ class Manager:
         return [
             *("--bridge", self.bridge, "--subnet", self.subnet),
             *("--certs-dir", str(self.certs_dir)),
+            *self.extra_flags,
         ]
 
     def daemon_log(self) -> str:
@@ -215,11 +218,11 @@ class Manager:
 
 
 @contextlib.contextmanager
-def manager_session() -> Iterator[Manager]:
+def manager_session(extra_flags: Sequence[str] = ()) -> Iterator[Manager]:
     require_tools()
     # Short: the sockets under it must fit in sun_path.
     root = Path(tempfile.mkdtemp(prefix="psm-", dir="/tmp"))
-    m = Manager(root)
+    m = Manager(root, extra_flags)
     try:
         m.start()
         yield m

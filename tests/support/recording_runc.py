@@ -5,8 +5,9 @@ Written as an executable script (``install``) that a shim is given as its runc
 ``calls.jsonl`` beside it; everything but checkpoint and restore goes to the real
 runc. CRIU cannot dump on the host's kernel, so the two are faked:
 
-- ``checkpoint``: succeeds having written nothing; without ``--leave-running`` it kills
-  the container as CRIU's dump does (SIGKILL). When a file ``fail`` is beside the
+- ``checkpoint``: succeeds having written an empty ``inventory.img`` (CRIU's first
+  file) into the image dir; without ``--leave-running`` it kills the container as
+  CRIU's dump does (SIGKILL). When a file ``fail`` is beside the
   script, it writes ``<work>/dump.log`` (``DUMP_LOG``) and fails with the file's text.
 - ``restore``: makes and starts the container from its bundle with the real runc, with
   the pid file, console socket and stdio it was given: a restore of a container that
@@ -52,6 +53,11 @@ if command == "checkpoint":
             f.write({dump_log!r})
         sys.stderr.write(open(fail).read())
         sys.exit(1)
+    # What CRIU writes first, so that the image dir looks like one.
+    image = flag("--image-path")
+    if image:
+        os.makedirs(image, exist_ok=True)
+        open(os.path.join(image, "inventory.img"), "w").close()
     if "--leave-running" not in args:
         sys.exit(subprocess.call([*REAL, "kill", args[-1], "9"]))
     sys.exit(0)
