@@ -103,11 +103,15 @@ class ShimClient:
         req = shim_pb2.ResumeRequest(id=container_id)
         await self._call("Resume", req, empty_pb2.Empty, CALL_TIMEOUT)
 
-    async def checkpoint(self, container_id: str, path: str, *, exit: bool) -> None:
+    async def checkpoint(
+        self, container_id: str, path: str, *, exit: bool, terminal: bool = False
+    ) -> None:
         from protocol.proto import anyutil
         from protocol.proto.runc import options_pb2
 
-        options = anyutil.pack(options_pb2.CheckpointOptions(exit=exit))
+        # terminal: CRIU must take the container's pty, whose master is the shim's.
+        opts = options_pb2.CheckpointOptions(exit=exit, terminal=terminal)
+        options = anyutil.pack(opts)
         req = shim_pb2.CheckpointTaskRequest(id=container_id, path=path, options=options)
         # CRIU writes every page of the container's memory: no short deadline.
         await self._call("Checkpoint", req, empty_pb2.Empty, CHECKPOINT_TIMEOUT)

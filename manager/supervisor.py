@@ -848,7 +848,9 @@ class Supervisor:
             self._cancel_restart(c)
             self.store.save(rec)
         try:
-            await self._client(c).checkpoint(c.id, output, exit=not leave_running)
+            await self._client(c).checkpoint(
+                c.id, output, exit=not leave_running, terminal=rec.terminal
+            )
         except BaseException as exc:
             if made:
                 shutil.rmtree(output, ignore_errors=True)

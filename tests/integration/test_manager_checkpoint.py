@@ -83,6 +83,12 @@ def test_checkpoint_then_start_from_it(
     manager.ok("kill", "cnt")
     wait_for(lambda: manager.inspect("cnt")["status"] == "stopped")
 
+    # A container with a terminal: CRIU is told to take its pty (--shell-job).
+    manager.ok("run", "-d", "-t", "--name", "tty", "--network", "none", "--", "sh", "-c", COUNTER)
+    manager.ok("checkpoint", "--leave-running", "-o", str(tmp_path / "tty"), "tty")
+    tty_line = runc.commands("checkpoint")[-1]
+    assert "--shell-job" in tty_line and "--shell-job" not in first, tty_line
+
 
 def test_checkpoint_and_start_errors(manager: Manager, runc: RecordingRunc, tmp_path: Path) -> None:
     helped = manager.cli("checkpoint", "--help")
