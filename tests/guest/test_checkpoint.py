@@ -1,0 +1,134 @@
+"""Checkpoint and restore with the real CRIU, pyshim beside containerd's Go shim (issue 21).
+
+Marked `criu`: only the suite's real kernel under qemu (`scripts/vm.sh test --tcg`) has
+CHECKPOINT_RESTORE; the User-Mode Linux guest and this host do not, and vm.sh's UML
+run leaves these tests out. The recorded command lines are compared on the host
+(tests/integration/test_checkpoint.py); here CRIU really dumps and restores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_stats_oom import GO_SHIM, PYSHIM, task_status, wait_until
+from tests.support.containerd import Containerd
+from tests.support.manager import Manager, manager_session
+
+pytestmark = [pytest.mark.integration, pytest.mark.criu]
+
+# Prints 0, 1, 2...: after a restore it must go on from where it was, not from 0.
+COUNTER = "i=0; while true; do echo $i; i=$((i+1)); sleep 0.5; done"
+# CRIU under TCG is slow: a dump or restore can take many seconds.
+SLOW = 300.0
+
+
+def _values(log: Path) -> list[int]:
+    if not log.exists():
+        return []
+    return [int(v) for v in log.read_text().split() if v.isdigit()]
+
+
+def _wait_values(log: Path, count: int) -> list[int]:
+    wait_until(f"{count} values in {log}", lambda: len(_values(log)) >= count, SLOW)
+    return _values(log)
+
+
+def _run_counter(ctrd: Containerd, image: str, runtime: str, cid: str, log: Path,
+                 *flags: str) -> None:  # fmt: skip
+    ctrd.ctr("run", "-d", "--runtime", runtime, "--log-uri", f"file://{log}", *flags, image,
+             cid, "sh", "-c", COUNTER, timeout=SLOW)  # fmt: skip
+
+
+def _remove(ctrd: Containerd, cid: str) -> None:
+    ctrd.ctr("task", "kill", "-s", "SIGKILL", cid, check=False)
+    wait_until(f"{cid} stopped", lambda: task_status(ctrd, cid) in ("STOPPED", "<missing>"))
+    ctrd.ctr("task", "delete", cid, check=False)
+    ctrd.ctr("container", "rm", cid, check=False)
+
+
+@pytest.mark.parametrize("runtime", [GO_SHIM, PYSHIM])
+def test_ctr_checkpoint_and_run_from_it_continue_the_counter(
+    containerd: Containerd, busybox_image: str, runtime: str, tmp_path: Path
+) -> None:
+    """`ctr task checkpoint --exit`, then `ctr run --checkpoint`: the Go shim first (the
+    reference must work here), then pyshim."""
+    first, second = tmp_path / "first.log", tmp_path / "second.log"
+    _run_counter(containerd, busybox_image, runtime, "cnt", first)
+    _wait_values(first, 3)
+    done = containerd.ctr("task", "checkpoint", "--exit", "cnt", check=False, timeout=SLOW)
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    checkpoint = done.stdout.strip()
+    wait_until("cnt stopped", lambda: task_status(containerd, "cnt") == "STOPPED", SLOW)
+    last = _values(first)[-1]
+    containerd.ctr("task", "delete", "cnt")
+    containerd.ctr("container", "rm", "cnt")
+
+    _run_counter(containerd, busybox_image, runtime, "again", second, "--checkpoint", checkpoint)
+    values = _wait_values(second, 2)
+    assert values[0] == last + 1, (last, values)
+    assert task_status(containerd, "again") == "RUNNING"
+    # The restored init is any init: exec into it.
+    out = containerd.ctr("task", "exec", "--exec-id", "e1", "again", "echo", "inside",
+                         timeout=SLOW)  # fmt: skip
+    assert out.stdout.strip() == "inside"
+    _remove(containerd, "again")
+
+
+@pytest.mark.parametrize("runtime", [GO_SHIM, PYSHIM])
+def test_checkpoint_of_a_paused_container(
+    containerd: Containerd, busybox_image: str, runtime: str, tmp_path: Path
+) -> None:
+    """A paused container is checkpointed as it is and stays paused (ctr does not pause
+    or resume it around the dump); resumed, it goes on."""
+    log = tmp_path / "counter.log"
+    _run_counter(containerd, busybox_image, runtime, "paused", log)
+    _wait_values(log, 2)
+    containerd.ctr("task", "pause", "paused")
+    frozen = _values(log)
+    image = tmp_path / "image"
+    done = containerd.ctr("task", "checkpoint", "--image-path", str(image), "paused",
+                          check=False, timeout=SLOW)  # fmt: skip
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    assert (image / "inventory.img").is_file()
+    assert task_status(containerd, "paused") == "PAUSED"
+    assert _values(log) == frozen
+    containerd.ctr("task", "resume", "paused")
+    _wait_values(log, len(frozen) + 2)
+    _remove(containerd, "paused")
+
+
+@pytest.fixture
+def manager() -> Iterator[Manager]:
+    with manager_session() as m:
+        yield m
+
+
+def _logged(m: Manager, name: str) -> list[int]:
+    return [int(v) for v in m.ok("logs", name).split() if v.isdigit()]
+
+
+@pytest.mark.parametrize("tty", [False, True], ids=["pipes", "terminal"])
+def test_pyshim_checkpoint_and_start_from_it(manager: Manager, tmp_path: Path, tty: bool) -> None:
+    """pyshimd's CLI: checkpoint stops the container, start --checkpoint continues it in
+    place; with a terminal too."""
+    flags = ["-t"] if tty else []
+    manager.ok("run", "-d", *flags, "--name", "cnt", "--network", "none", "--", "sh", "-c",
+               COUNTER)  # fmt: skip
+    wait_until("3 values", lambda: len(_logged(manager, "cnt")) >= 3, SLOW)
+    out = tmp_path / "checkpoint"
+    res = manager.cli("checkpoint", "--output", str(out), "cnt", timeout=SLOW)
+    assert res.returncode == 0, (res.stdout, res.stderr, manager.daemon_log()[-3000:])
+    info = manager.inspect("cnt")
+    assert (info["status"], info["exit_reason"]) == ("stopped", f"checkpointed to {out}")
+    last = _logged(manager, "cnt")[-1]
+    res = manager.cli("start", "--checkpoint", str(out), "cnt", timeout=SLOW)
+    assert res.returncode == 0, (res.stdout, res.stderr, manager.daemon_log()[-3000:])
+    wait_until("restored values", lambda: len(_logged(manager, "cnt")) >= last + 3, SLOW)
+    values = _logged(manager, "cnt")
+    # One log across both runs: the values go on from the checkpoint, never from 0.
+    assert values[: last + 3] == list(range(last + 3)), values
+    assert manager.inspect("cnt")["status"] == "running"
+    manager.ok("rm", "-f", "cnt")
