@@ -17,7 +17,12 @@ from tests.integration.test_stats_oom import GO_SHIM, PYSHIM, task_status, wait_
 from tests.support.containerd import Containerd
 from tests.support.manager import Manager, manager_session
 
+# containerd 2.3 (the share's, as for the tests marked for both hosts): ctr 1.7 sends
+# CheckpointOptions (--exit, --image-path) only to runtimes named io.containerd.runc.*,
+# and has no `run --checkpoint`. Seen in the first TCG run: pyshim's dump worked, but
+# without the options ctr was given.
 pytestmark = [pytest.mark.integration, pytest.mark.criu]
+CONTAINERD_2_3 = pytest.mark.parametrize("containerd", ["2.3"], indirect=True)
 
 # Prints 0, 1, 2...: after a restore it must go on from where it was, not from 0.
 COUNTER = "i=0; while true; do echo $i; i=$((i+1)); sleep 0.5; done"
@@ -49,6 +54,7 @@ def _remove(ctrd: Containerd, cid: str) -> None:
     ctrd.ctr("container", "rm", cid, check=False)
 
 
+@CONTAINERD_2_3
 @pytest.mark.parametrize("runtime", [GO_SHIM, PYSHIM])
 def test_ctr_checkpoint_and_run_from_it_continue_the_counter(
     containerd: Containerd, busybox_image: str, runtime: str, tmp_path: Path
@@ -77,6 +83,7 @@ def test_ctr_checkpoint_and_run_from_it_continue_the_counter(
     _remove(containerd, "again")
 
 
+@CONTAINERD_2_3
 @pytest.mark.parametrize("runtime", [GO_SHIM, PYSHIM])
 def test_checkpoint_of_a_paused_container(
     containerd: Containerd, busybox_image: str, runtime: str, tmp_path: Path
@@ -101,7 +108,9 @@ def test_checkpoint_of_a_paused_container(
 
 
 @pytest.fixture
-def manager() -> Iterator[Manager]:
+def manager(monkeypatch: pytest.MonkeyPatch) -> Iterator[Manager]:
+    # pyshimd took more than the default 30 s to serve in the first TCG run.
+    monkeypatch.setattr(Manager, "start_timeout", SLOW)
     with manager_session() as m:
         yield m
 

@@ -42,6 +42,9 @@ def require_tools() -> None:
 
 
 class Manager:
+    # How long pyshimd may take to serve (a qemu TCG guest needs far longer).
+    start_timeout = 30.0
+
     def __init__(self, root: Path, extra_flags: Sequence[str] = ()) -> None:
         self.root = root
         # pyshimd flags of the test's own (e.g. --runc-binary).
@@ -75,7 +78,7 @@ class Manager:
         log.close()
         # Written once serving; a SIGKILLed predecessor leaves its socket file behind.
         pid_file = self.run_dir / "pyshimd.pid"
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + self.start_timeout
         while not (pid_file.exists() and pid_file.read_text().strip() == str(self.proc.pid)):
             if self.proc.poll() is not None:
                 pytest.fail(f"pyshimd exited {self.proc.returncode}:\n{self.daemon_log()}")
