@@ -312,7 +312,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     st.add_argument("containers", nargs="+", metavar="container")
     sa = sub.add_parser("start", help="start stopped containers again (same id, same log)")
+    sa.add_argument(
+        "--checkpoint",
+        default="",
+        metavar="DIR",
+        help="continue from this checkpoint (pyshim checkpoint --output DIR) instead of "
+        "running the command anew; one container only",
+    )
     sa.add_argument("containers", nargs="+", metavar="container")
+    cp = sub.add_parser(
+        "checkpoint",
+        help="save a running container's processes to a directory (CRIU); it stops unless "
+        "--leave-running; `pyshim start --checkpoint DIR` continues it",
+    )
+    cp.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="DIR",
+        help="where CRIU writes its images: a new or empty directory",
+    )
+    cp.add_argument(
+        "--leave-running", action="store_true", help="keep the container running afterwards"
+    )
+    cp.add_argument("container")
     rs = sub.add_parser("restart", help="stop, then start containers")
     rs.add_argument(
         "-t", "--time", type=parse_timeout, default=-1, metavar="SECONDS", help="default 10"
@@ -727,7 +750,27 @@ async def cmd_stop(mc: ManagerClient, args: argparse.Namespace) -> int:
 
 
 async def cmd_start(mc: ManagerClient, args: argparse.Namespace) -> int:
-    return await _each(mc, args.containers, "Start", lambda r: pb.StartRequest(container=r))
+    checkpoint = ""
+    if args.checkpoint:
+        if len(args.containers) != 1:
+            raise UsageError("--checkpoint restores one container: name only one")
+        checkpoint = os.path.abspath(args.checkpoint)
+    return await _each(
+        mc,
+        args.containers,
+        "Start",
+        lambda r: pb.StartRequest(container=r, checkpoint=checkpoint),
+    )
+
+
+async def cmd_checkpoint(mc: ManagerClient, args: argparse.Namespace) -> int:
+    output = os.path.abspath(args.output)
+    req = pb.CheckpointRequest(
+        container=args.container, output=output, leave_running=args.leave_running
+    )
+    await mc.empty("Checkpoint", req)
+    print(output)
+    return 0
 
 
 async def cmd_restart(mc: ManagerClient, args: argparse.Namespace) -> int:
@@ -974,6 +1017,7 @@ COMMANDS = {
     "inspect": cmd_inspect,
     "stop": cmd_stop,
     "start": cmd_start,
+    "checkpoint": cmd_checkpoint,
     "restart": cmd_restart,
     "pause": cmd_pause,
     "unpause": cmd_unpause,

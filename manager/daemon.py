@@ -51,6 +51,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--shim-binary", help="path of containerd-shim-pyshim-v1 (default: PATH)")
     p.add_argument("--group", help="group allowed to use the API socket (default: root only)")
     p.add_argument(
+        "--runc-binary", default="", help="the shims' runc (name or path; default: runc)"
+    )
+    p.add_argument(
         "--bridge",
         default=network.DEFAULT_BRIDGE,
         help=f"bridge of the default network (default {network.DEFAULT_BRIDGE})",
@@ -144,7 +147,7 @@ async def serve(paths: Paths, args: argparse.Namespace) -> None:
         cni_path=args.cni_path,
         ipam_dir=str(paths.cni_ipam_dir),
     )
-    sup = Supervisor(paths, store, launcher, images, bridge)
+    sup = Supervisor(paths, store, launcher, images, bridge, runc_binary=args.runc_binary)
     sup.log_index = LogIndexer()
 
     # Events first: shims that queued exits while we were down deliver them as we recover.

@@ -137,8 +137,12 @@ class ManagerService:
         return empty_pb2.Empty()
 
     async def start(self, ctx: RequestContext, req: pb.StartRequest) -> pb.StartResponse:
-        c = await self.sup.start(req.container)
+        c = await self.sup.start(req.container, req.checkpoint)
         return pb.StartResponse(container=container_message(c, self.sup.paths))
+
+    async def checkpoint(self, ctx: RequestContext, req: pb.CheckpointRequest) -> empty_pb2.Empty:
+        await self.sup.checkpoint(req.container, req.output, req.leave_running)
+        return empty_pb2.Empty()
 
     async def restart(self, ctx: RequestContext, req: pb.StopRequest) -> pb.StartResponse:
         c = await self.sup.restart(req.container, _timeout(req))
@@ -255,6 +259,7 @@ class ManagerService:
                 "Restart": Method(pb.StopRequest, self.restart),
                 "Pause": Method(pb.PauseRequest, self.pause),
                 "Unpause": Method(pb.PauseRequest, self.unpause),
+                "Checkpoint": Method(pb.CheckpointRequest, self.checkpoint),
                 "Stats": Method(pb.StatsRequest, self.stats),
                 "Top": Method(pb.TopRequest, self.top),
                 "Pull": Method(pb.PullRequest, self.pull),
@@ -277,6 +282,7 @@ _EVENT_TYPES: dict[str, type[Message]] = {
     "/tasks/paused": events_pb2.TaskPaused,
     "/tasks/resumed": events_pb2.TaskResumed,
     "/tasks/oom": events_pb2.TaskOOM,
+    "/tasks/checkpointed": events_pb2.TaskCheckpointed,
 }
 
 

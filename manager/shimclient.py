@@ -19,6 +19,8 @@ STATE_TIMEOUT = 2.0
 SHUTDOWN_TIMEOUT = 3.0
 # Calls without a containerd bound still get one, so a wedged shim cannot hang the CLI.
 CALL_TIMEOUT = 30.0
+# A dump or restore under CRIU takes as long as the container's memory needs.
+CHECKPOINT_TIMEOUT = 600.0
 R = TypeVar("R", bound=Message)
 _METADATA = {"containerd-namespace-ttrpc": NAMESPACE}
 
@@ -55,9 +57,11 @@ class ShimClient:
     async def create(self, req: shim_pb2.CreateTaskRequest) -> shim_pb2.CreateTaskResponse:
         return await self._call("Create", req, shim_pb2.CreateTaskResponse, CALL_TIMEOUT)
 
-    async def start(self, container_id: str, exec_id: str = "") -> shim_pb2.StartResponse:
+    async def start(
+        self, container_id: str, exec_id: str = "", *, timeout: float = CALL_TIMEOUT
+    ) -> shim_pb2.StartResponse:
         req = shim_pb2.StartRequest(id=container_id, exec_id=exec_id)
-        return await self._call("Start", req, shim_pb2.StartResponse, CALL_TIMEOUT)
+        return await self._call("Start", req, shim_pb2.StartResponse, timeout)
 
     async def state(self, container_id: str, exec_id: str = "") -> shim_pb2.StateResponse:
         req = shim_pb2.StateRequest(id=container_id, exec_id=exec_id)
@@ -98,6 +102,19 @@ class ShimClient:
     async def resume(self, container_id: str) -> None:
         req = shim_pb2.ResumeRequest(id=container_id)
         await self._call("Resume", req, empty_pb2.Empty, CALL_TIMEOUT)
+
+    async def checkpoint(
+        self, container_id: str, path: str, *, exit: bool, terminal: bool = False
+    ) -> None:
+        from protocol.proto import anyutil
+        from protocol.proto.runc import options_pb2
+
+        # terminal: CRIU must take the container's pty, whose master is the shim's.
+        opts = options_pb2.CheckpointOptions(exit=exit, terminal=terminal)
+        options = anyutil.pack(opts)
+        req = shim_pb2.CheckpointTaskRequest(id=container_id, path=path, options=options)
+        # CRIU writes every page of the container's memory: no short deadline.
+        await self._call("Checkpoint", req, empty_pb2.Empty, CHECKPOINT_TIMEOUT)
 
     async def pids(self, container_id: str) -> shim_pb2.PidsResponse:
         req = shim_pb2.PidsRequest(id=container_id)

@@ -32,7 +32,7 @@ from manager.launcher import ShimLauncher, ShimLaunchError
 from manager.logindex import LogIndexer
 from manager.paths import Paths
 from manager.records import ContainerRecord, MountSpec, PortSpec, RecordStore, UserMount
-from manager.shimclient import ShimClient
+from manager.shimclient import CHECKPOINT_TIMEOUT, ShimClient
 from manager.shimlog import LogRelay, make_log_fifo
 from manager.volumes import VolumeError, VolumeStore
 from protocol.proto import anyutil, timeutil
@@ -63,6 +63,22 @@ RESTART_FIRST_DELAY = 0.1
 RESTART_MAX_DELAY = 60.0
 RESTART_RESET = 10.0
 RESTART_POLICIES = ("no", "on-failure", "always", "unless-stopped")
+# The first file CRIU writes into every image directory.
+CRIU_INVENTORY = "inventory.img"
+
+
+def _check_checkpoint_dir(path: str) -> None:
+    """Refuse what is no CRIU image directory before the container is touched."""
+    if not os.path.isabs(path):
+        raise TtrpcError(Code.INVALID_ARGUMENT, f"--checkpoint {path!r}: must be absolute")
+    if not os.path.isdir(path):
+        raise TtrpcError(Code.INVALID_ARGUMENT, f"--checkpoint {path}: not a directory")
+    if not os.path.isfile(os.path.join(path, CRIU_INVENTORY)):
+        raise TtrpcError(
+            Code.INVALID_ARGUMENT,
+            f"--checkpoint {path}: no checkpoint there (CRIU's {CRIU_INVENTORY} is missing; "
+            "make one with `pyshim checkpoint NAME --output DIR`)",
+        )
 
 
 def valid_identifier(value: str) -> bool:
@@ -133,8 +149,11 @@ class Supervisor:
         launcher: ShimLauncher,
         images: ImageStore,
         network: cni.BridgeNetwork | None = None,
+        runc_binary: str = "",
     ) -> None:
         self.paths = paths
+        # The shims' runc ("" = runc on PATH).
+        self.runc_binary = runc_binary
         self.network = network or cni.BridgeNetwork(ipam_dir=str(paths.cni_ipam_dir))
         self.volumes = VolumeStore(paths.volumes_dir, valid_identifier)
         # Set by pyshimd once its loop runs; None = no `logs -t` times (unit tests).
@@ -607,12 +626,16 @@ class Supervisor:
         await both(self._cni_add(c), self._create(c, tty_size))
         await self._start_created(c)
 
-    async def _launch(self, c: Container, tty_size: tuple[int, int] = (0, 0)) -> None:
-        """A new shim for the prepared bundle: start, Create, Start, and watch it."""
-        await self._create(c, tty_size)
-        await self._start_created(c)
+    async def _launch(
+        self, c: Container, tty_size: tuple[int, int] = (0, 0), checkpoint: str = ""
+    ) -> None:
+        """A new shim for the prepared bundle: start, Create, Start, and watch it.
 
-    async def _create(self, c: Container, tty_size: tuple[int, int]) -> None:
+        With ``checkpoint`` (a CRIU image directory) Start restores it instead."""
+        await self._create(c, tty_size, checkpoint)
+        await self._start_created(c, checkpoint)
+
+    async def _create(self, c: Container, tty_size: tuple[int, int], checkpoint: str = "") -> None:
         """The shim's `start`, then Create: runc create, the init not yet running."""
         cid = c.id
         rec = c.record
@@ -632,7 +655,7 @@ class Supervisor:
         c.client = await ShimClient.dial(address)
         conn = await c.client.connect(cid)
         c.record.shim_pid = conn.shim_pid
-        options = options_pb2.Options(root=str(self.paths.runc_root))
+        options = options_pb2.Options(root=str(self.paths.runc_root), binary_name=self.runc_binary)
         out = _file_uri(self.paths.log(cid))
         req = shim_pb2.CreateTaskRequest(
             id=cid,
@@ -643,6 +666,7 @@ class Supervisor:
             stdout=out,
             stderr="" if rec.terminal else out,
             options=anyutil.pack(options),
+            checkpoint=checkpoint,
         )
         created = await c.client.create(req)
         # Saved with the status once started (a reconnect asks the shim for it anyway).
@@ -650,9 +674,15 @@ class Supervisor:
         if rec.terminal and all(tty_size):
             await c.client.resize(cid, "", *tty_size)
 
-    async def _start_created(self, c: Container) -> None:
+    async def _start_created(self, c: Container, checkpoint: str = "") -> None:
         assert c.client is not None
-        await c.client.start(c.id)
+        if checkpoint:
+            started = await c.client.start(c.id, timeout=CHECKPOINT_TIMEOUT)
+            # A restore's init is known only now (Create answers 0).
+            c.record.pid = started.pid
+            self.store.save(c.record)
+        else:
+            await c.client.start(c.id)
         self._mark_started(c)
         c.monitor = asyncio.create_task(self._monitor(c))
 
@@ -779,10 +809,15 @@ class Supervisor:
                 Code.DEADLINE_EXCEEDED, f"container {rec.name} did not exit after SIGKILL"
             )
 
-    async def start(self, ref: str) -> Container:
-        """A stopped container runs again: same id, same log, same writable layer."""
+    async def start(self, ref: str, checkpoint: str = "") -> Container:
+        """A stopped container runs again: same id, same log, same writable layer.
+
+        With ``checkpoint`` (`pyshim checkpoint`'s output) it continues where that
+        checkpoint left it, instead of running its command anew."""
         c = self.lookup(ref)
         rec = c.record
+        if checkpoint:
+            _check_checkpoint_dir(checkpoint)
         if c.removing:
             raise TtrpcError(Code.FAILED_PRECONDITION, f"container {rec.name} is being removed")
         if not rec.exited:
@@ -794,7 +829,7 @@ class Supervisor:
         rec.restart_count = 0
         c.restart_delay = RESTART_FIRST_DELAY
         try:
-            await self._start_again(c)
+            await self._start_again(c, checkpoint)
         except TtrpcError as exc:
             raise TtrpcError(exc.code, f"cannot start {rec.name}: {exc.message}") from exc
         except (ShimLaunchError, OSError, ocispec.SpecError) as exc:
@@ -805,7 +840,7 @@ class Supervisor:
         await self.stop(ref, timeout)
         return await self.start(ref)
 
-    async def _start_again(self, c: Container) -> None:
+    async def _start_again(self, c: Container, checkpoint: str = "") -> None:
         """Tear down the old run's shim, then launch a new one on the same bundle."""
         async with c.lock:
             if c.removing:
@@ -827,13 +862,54 @@ class Supervisor:
             c.exited = asyncio.Event()
             self.store.save(rec)
             try:
-                await self._launch(c)
+                await self._launch(c, checkpoint=checkpoint)
             except BaseException as exc:
                 await self._release_shim(c)
                 rec.shim_gone = True
                 self.record_exit(c, 255, 0, f"start failed: {exc}")
                 raise
-        log.info("container %s started again", c.id)
+        log.info("container %s started again%s", c.id, f" from {checkpoint}" * bool(checkpoint))
+
+    async def checkpoint(self, ref: str, output: str, leave_running: bool) -> None:
+        """CRIU's images of a running (or paused) container into ``output``; unless
+        ``leave_running`` the container stops, as if stopped by hand (no restart)."""
+        c = self._running(ref)
+        rec = c.record
+        if not os.path.isabs(output):
+            raise TtrpcError(Code.INVALID_ARGUMENT, f"--output {output!r}: must be absolute")
+        made = not os.path.exists(output)
+        if not made and (not os.path.isdir(output) or os.listdir(output)):
+            raise TtrpcError(
+                Code.ALREADY_EXISTS, f"--output {output}: exists and is not an empty directory"
+            )
+        os.makedirs(output, mode=0o700, exist_ok=True)
+        if not leave_running:
+            rec.manually_stopped = True
+            self._cancel_restart(c)
+            self.store.save(rec)
+        try:
+            await self._client(c).checkpoint(
+                c.id, output, exit=not leave_running, terminal=rec.terminal
+            )
+        except BaseException as exc:
+            if made:
+                shutil.rmtree(output, ignore_errors=True)
+            if not leave_running:
+                rec.manually_stopped = False
+                self.store.save(rec)
+            if isinstance(exc, TtrpcError):
+                raise TtrpcError(exc.code, f"cannot checkpoint {rec.name}: {exc.message}") from exc
+            raise
+        log.info("container %s checkpointed to %s", c.id, output)
+        if leave_running:
+            return
+        # CRIU killed it once dumped: answer once its exit is recorded.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(FORCE_KILL_WAIT):
+                await c.exited.wait()
+        if rec.exited and not rec.exit_reason:
+            rec.exit_reason = f"checkpointed to {output}"
+            self.store.save(rec)
 
     async def pause(self, ref: str) -> None:
         c = self.lookup(ref)

@@ -107,6 +107,8 @@ class CreateOptions:
     options_json: str = "{}"
     # As the client gave it ("" = the default runc); written to <bundle>/runtime.
     binary_name: str = ""
+    # CRIU's work dir for a restore ("" = <bundle>/work).
+    criu_work_path: str = ""
 
 
 class OomWatch(Protocol):
@@ -170,14 +172,15 @@ def decode_options(value: any_pb2.Any | None) -> CreateOptions:
             io_uid=opts.io_uid or None,
             io_gid=opts.io_gid or None,
             binary_name=opts.binary_name,
+            criu_work_path=opts.criu_work_path,
             options_json=json.dumps(
                 MessageToDict(opts, preserving_proto_field_name=True), separators=(",", ":")
             ),
         )
     if anyutil.is_type(value, runc_pb2.CreateOptions):
         # What containerd's Go client sends a runtime not named io.containerd.runc.*;
-        # shim_cgroup is start's. The rest (open_tcp ... criu_image_path) matter only
-        # for a restore from a checkpoint, which Create refuses.
+        # shim_cgroup is start's. Of the restore-only fields the Go shim's restore
+        # uses criu_work_path alone (containerd itself reads criu_image_path).
         try:
             legacy = anyutil.unpack(value, runc_pb2.CreateOptions)
         except anyutil.AnyTypeError as exc:
@@ -188,6 +191,7 @@ def decode_options(value: any_pb2.Any | None) -> CreateOptions:
             no_new_keyring=legacy.no_new_keyring,
             io_uid=legacy.io_uid or None,
             io_gid=legacy.io_gid or None,
+            criu_work_path=legacy.criu_work_path,
         )
     # Other runtimes' option types are not ours.
     log.info("ignoring runtime options of type %s", value.type_url)
@@ -236,6 +240,19 @@ def has_private_pid_namespace(bundle: str) -> bool:
         return any(ns.get("type") == "pid" and not ns.get("path") for ns in namespaces)
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def _create_event(req: shim_pb2.CreateTaskRequest, pid: int) -> events_pb2.TaskCreate:
+    return events_pb2.TaskCreate(
+        container_id=req.id,
+        bundle=req.bundle,
+        rootfs=req.rootfs,
+        io=events_pb2.TaskIO(
+            stdin=req.stdin, stdout=req.stdout, stderr=req.stderr, terminal=req.terminal
+        ),
+        checkpoint=req.checkpoint,
+        pid=pid,
+    )
 
 
 def _write_private(path: Path, data: str) -> None:
@@ -290,6 +307,7 @@ class Container:
             kill_all_on_exit=kill_all_on_exit,
             wait_execs=self._wait_execs,
             signal_child=toolkit.signal_child,
+            on_restored=self._restored,
         )
 
     @property
@@ -302,9 +320,9 @@ class Container:
     async def create(cls, req: shim_pb2.CreateTaskRequest, toolkit: Toolkit) -> Container:
         """Runs after id and bundle were validated and the id reserved."""
         if req.checkpoint:
-            raise TtrpcError(
-                Code.UNIMPLEMENTED, "checkpoint restore: not implemented by pyshim yet"
-            )
+            from shim.task.checkpoint import validate_restore_paths
+
+            validate_restore_paths(req.checkpoint, req.parent_checkpoint)
         options = decode_options(req.options if req.HasField("options") else None)
         bundle = Path(req.bundle)
         stdio = StdioStrings(req.stdin, req.stdout, req.stderr, req.terminal)
@@ -341,6 +359,11 @@ class Container:
             undo.push_async_callback(io.close)
             pid_file = bundle / "init.pid"
             undo.callback(_unlink, pid_file)
+            if req.checkpoint:
+                undo.callback(_unlink, container_record_path(req.bundle))
+                container._created_from_checkpoint(req, io, str(pid_file))
+                undo.pop_all()
+                return container
             with toolkit.router.window() as window:
                 try:
                     await runtime.create(
@@ -367,27 +390,38 @@ class Container:
                 # which the page cache survives; after a kernel crash the container is
                 # gone and `delete` does not read it. Exit records stay fsynced.
                 write_record(container_record_path(req.bundle), container.record())
-                toolkit.events.publish(
-                    "/tasks/create",
-                    events_pb2.TaskCreate(
-                        container_id=req.id,
-                        bundle=req.bundle,
-                        rootfs=req.rootfs,
-                        io=events_pb2.TaskIO(
-                            stdin=req.stdin,
-                            stdout=req.stdout,
-                            stderr=req.stderr,
-                            terminal=req.terminal,
-                        ),
-                        checkpoint=req.checkpoint,
-                        pid=pid,
-                    ),
-                )
+                toolkit.events.publish("/tasks/create", _create_event(req, pid))
                 early = toolkit.router.register(pid, container.init, window)
             undo.pop_all()
         if early is not None:
             container.init.reaped(early)
         return container
+
+    def _created_from_checkpoint(
+        self, req: shim_pb2.CreateTaskRequest, io: ProcessIOLike, pid_file: str
+    ) -> None:
+        """The rest of a Create from a checkpoint: the restore itself waits for Start."""
+        from shim.task.checkpoint import RestoreConfig
+
+        self.init.created_from_checkpoint(
+            io,
+            RestoreConfig(
+                image_path=req.checkpoint,
+                work_path=self.options.criu_work_path or os.path.join(self.bundle, "work"),
+                parent_path=req.parent_checkpoint,
+                pid_file=pid_file,
+                no_pivot=self.options.no_pivot,
+            ),
+        )
+        # pid 0 until Start: a shim restarted before then finds no live init.
+        write_record(container_record_path(self.bundle), self.record())
+        self._toolkit.events.publish("/tasks/create", _create_event(req, 0))
+
+    def _restored(self, pid: int) -> None:
+        """The restored init runs as ``pid`` (called within Start)."""
+        self.cgroup = self._toolkit.find_cgroup(pid)
+        self.watch_oom()
+        write_record(container_record_path(self.bundle), self.record())
 
     async def _force_delete(self) -> None:
         with contextlib.suppress(RuntimeFailure):
@@ -459,11 +493,20 @@ class Container:
     async def _recover_live_init(self, pid: int) -> None:
         # Opened before asking runc: if runc then says the container runs, this fd is
         # that process, not a later one that reused the pid.
-        pidfd = self._toolkit.pidfd_open(pid)
+        pidfd = self._toolkit.pidfd_open(pid) if pid > 0 else None
         try:
-            status = str((await self.runtime.state(self.id)).get("status", "stopped"))
+            state = await self.runtime.state(self.id)
+            status = str(state.get("status", "stopped"))
         except RuntimeFailure:
-            status = "stopped"
+            state, status = {}, "stopped"
+        if pid <= 0 and status != "stopped":
+            # Created from a checkpoint by a shim that died during the restore, before
+            # it could record the pid: runc knows it (read just now, so a pidfd opened
+            # after it is that process unless it died and the pid was reused since).
+            pid = int(state.get("pid") or 0)
+            status = status if pid > 0 else "stopped"
+            if pid > 0:
+                pidfd = self._toolkit.pidfd_open(pid)
         if status == "stopped" and pidfd is not None:
             os.close(pidfd)
         if status == "stopped":

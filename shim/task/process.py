@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from signal import NSIG
-from typing import ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import Message
@@ -31,6 +31,9 @@ from shim.records.state import ExitLog, ExitRecord
 from shim.sys.procfs import stat_fields
 from shim.task.exits import Exit, ExitRouter
 from shim.task.runtime import Runtime, RuntimeFailure
+
+if TYPE_CHECKING:
+    from shim.task.checkpoint import CheckpointConfig, RestoreConfig
 
 __all__ = [
     "DRAIN_TIMEOUT",
@@ -151,6 +154,19 @@ class _Created(_State):
         return DELETED
 
 
+class _CreatedCheckpoint(_State):
+    """Created from a checkpoint: nothing runs until Start restores it."""
+
+    status = types_pb2.CREATED
+    name = "created"
+
+    def start(self) -> _State:
+        return RUNNING
+
+    def delete(self) -> _State:
+        return DELETED
+
+
 class _Running(_State):
     status = types_pb2.RUNNING
     name = "running"
@@ -182,6 +198,7 @@ class _Deleted(_State):
 
 
 CREATED = _Created()
+CREATED_CHECKPOINT = _CreatedCheckpoint()
 RUNNING = _Running()
 PAUSED = _Paused()
 STOPPED = _Stopped()
@@ -194,6 +211,7 @@ def _check_pause(state: _State) -> _State:
     raise unknown(
         {
             CREATED: "cannot pause task in created state",
+            CREATED_CHECKPOINT: "cannot pause task in created state",
             PAUSED: "cannot pause a paused container",
             STOPPED: "cannot pause a stopped container",
         }.get(state, "cannot pause a deleted process")
@@ -206,6 +224,7 @@ def _check_resume(state: _State) -> _State:
     raise unknown(
         {
             CREATED: "cannot resume task in created state",
+            CREATED_CHECKPOINT: "cannot resume task in created state",
             RUNNING: "cannot resume a running process",
             STOPPED: "cannot resume a stopped container",
         }.get(state, "cannot resume a deleted process")
@@ -217,6 +236,18 @@ def _check_update(state: _State) -> None:
         raise unknown("cannot update a stopped container")
     if state is DELETED:
         raise unknown("cannot update a deleted process")
+
+
+def _check_checkpoint(state: _State) -> None:
+    if state is RUNNING or state is PAUSED:
+        return
+    raise unknown(
+        {
+            CREATED: "cannot checkpoint a task in created state",
+            CREATED_CHECKPOINT: "cannot checkpoint a task in created state",
+            STOPPED: "cannot checkpoint a stopped container",
+        }.get(state, "cannot checkpoint a deleted process")
+    )
 
 
 def _check_exec(state: _State) -> None:
@@ -395,6 +426,7 @@ class InitProcess(Process):
         kill_all_on_exit: bool,
         wait_execs: Callable[[], Awaitable[None]],
         signal_child: SignalChild | None = None,
+        on_restored: Callable[[int], None] | None = None,
     ) -> None:
         super().__init__(
             container_id=container_id,
@@ -413,6 +445,9 @@ class InitProcess(Process):
         # Set when this shim's `runc create` made the init, so it is our child: a
         # recovered init was an earlier shim's child, and its pid may have been reused.
         self._own_child = False
+        # Created from a checkpoint: what Start restores, and who learns the new pid.
+        self._restore: RestoreConfig | None = None
+        self._on_restored = on_restored
 
     @property
     def status(self) -> types_pb2.Status:
@@ -425,6 +460,12 @@ class InitProcess(Process):
         self.io = io
         self._own_child = True
 
+    def created_from_checkpoint(self, io: ProcessIOLike, restore: RestoreConfig) -> None:
+        """Create with a checkpoint: the IO is ready, runc runs only at Start."""
+        self.io = io
+        self._restore = restore
+        self._state = CREATED_CHECKPOINT
+
     def restore(self, pid: int, status: str) -> None:
         """Recovery of a live init from what runc reports."""
         self.pid = pid
@@ -435,10 +476,13 @@ class InitProcess(Process):
             next_state = self._state.start()
             self._start_in_flight = True
             try:
-                try:
-                    await self._runtime.start(self.container_id)
-                except RuntimeFailure as exc:
-                    raise unknown(f"OCI runtime start failed: {exc.message}") from exc
+                if self._state is CREATED_CHECKPOINT:
+                    await self._restore_checkpoint()
+                else:
+                    try:
+                        await self._runtime.start(self.container_id)
+                    except RuntimeFailure as exc:
+                        raise unknown(f"OCI runtime start failed: {exc.message}") from exc
                 self._state = next_state
                 self._events.publish(
                     "/tasks/start",
@@ -448,6 +492,54 @@ class InitProcess(Process):
                 self._start_in_flight = False
                 self._release_held_exit()
             return self.pid
+
+    async def _restore_checkpoint(self) -> None:
+        from shim.task.checkpoint import restore_args
+
+        restore, io = self._restore, self.io
+        assert restore is not None and io is not None
+        args = restore_args(restore, console_socket=io.console_socket, bundle=self.bundle)
+        with self._router.window() as window:
+            try:
+                await self._runtime.restore(self.container_id, args, stdio=io.runtime_stdio())
+            except RuntimeFailure as exc:
+                raise unknown(f"OCI runtime restore failed: {exc.message}") from exc
+            await io.started()
+            pid = _read_pid_file(Path(restore.pid_file))
+            self.pid = pid
+            # runc detached: the restored init is re-parented to us, the subreaper.
+            self._own_child = True
+            self._restore = None
+            if self._on_restored is not None:
+                self._on_restored(pid)
+            early = self._router.register(pid, self, window)
+        if early is not None:
+            # Held by reaped() until /tasks/start is out (a Start is in flight).
+            self.reaped(early)
+
+    async def checkpoint(self, config: CheckpointConfig) -> None:
+        from shim.task.checkpoint import (
+            checkpoint_args,
+            checkpoint_failure,
+            default_work_path,
+            remove_default_work,
+        )
+
+        async with self._lock:
+            _check_checkpoint(self._state)
+            work = config.work_path or default_work_path(self.bundle)
+            try:
+                await self._runtime.checkpoint(self.container_id, checkpoint_args(config, work))
+            except RuntimeFailure as exc:
+                raise checkpoint_failure(exc.message, bundle=self.bundle, work_path=work) from exc
+            finally:
+                if not config.work_path:
+                    remove_default_work(work)
+            # With exit the init dies now, and its exit is handled like any other.
+            self._events.publish(
+                "/tasks/checkpointed",
+                events_pb2.TaskCheckpointed(container_id=self.container_id, checkpoint=config.path),
+            )
 
     async def kill(self, signal: int, all: bool) -> None:
         if self._state is DELETED:

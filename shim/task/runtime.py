@@ -89,6 +89,11 @@ class Runtime(Protocol):
 
     async def state(self, id: str) -> dict[str, Any]: ...
 
+    # ``args``: the command's flags (shim.task.checkpoint builds them), without the id.
+    async def checkpoint(self, id: str, args: Sequence[str]) -> None: ...
+
+    async def restore(self, id: str, args: Sequence[str], *, stdio: Stdio) -> None: ...
+
 
 def _process_file_dir() -> str:
     return os.environ.get("XDG_RUNTIME_DIR") or os.environ.get("TMPDIR") or "/tmp"
@@ -384,6 +389,15 @@ class Runc:
         if not resources_json.endswith(b"\n"):
             resources_json += b"\n"
         await self._run(["update", "--resources", "-", id], input=resources_json)
+
+    async def checkpoint(self, id: str, args: Sequence[str]) -> None:
+        # The reference's error is runc's own output (CRIU's failure and its log's
+        # path), not log.json's last line.
+        await self._run(["checkpoint", *args, id])
+
+    async def restore(self, id: str, args: Sequence[str], *, stdio: Stdio) -> None:
+        # Like create, half a restore made by a dying shim is no restore.
+        await self._run(["restore", *args, id], stdio=stdio, from_log=True, dies_with_shim=True)
 
     async def state(self, id: str) -> dict[str, Any]:
         output = await self._run(["state", id])

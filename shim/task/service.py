@@ -53,14 +53,6 @@ SERVICE_NAMES = ("containerd.task.v2.Task", "containerd.task.v3.Task")
 
 Empty = empty_pb2.Empty
 
-# runc checkpoints through CRIU; none is installed here and CRIU 3.17 cannot dump on
-# this kernel (its vDSO handling fails), so a dump could only ever fail half-way.
-CHECKPOINT_UNAVAILABLE = (
-    "checkpoint is not supported by pyshim: it needs CRIU, which is not installed "
-    "and (3.17) cannot dump on this kernel (vDSO error)"
-)
-
-
 # After the last container is deleted, how long to wait for Shutdown before leaving.
 EMPTY_SHUTDOWN_GRACE = 5.0
 # After start-up, how long to wait for a first Create (or a recovered container).
@@ -289,8 +281,11 @@ class TaskService:
         return Empty()
 
     async def checkpoint(self, req: shim_pb2.CheckpointTaskRequest) -> Empty:
-        self._container(req.id)
-        raise TtrpcError(Code.UNIMPLEMENTED, CHECKPOINT_UNAVAILABLE)
+        from shim.task.checkpoint import decode_checkpoint_request
+
+        container = self._container(req.id)
+        await container.init.checkpoint(decode_checkpoint_request(req))
+        return Empty()
 
     async def stats(self, req: shim_pb2.StatsRequest) -> shim_pb2.StatsResponse:
         return shim_pb2.StatsResponse(stats=self._container(req.id).stats())

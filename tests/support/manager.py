@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -42,8 +42,13 @@ def require_tools() -> None:
 
 
 class Manager:
-    def __init__(self, root: Path) -> None:
+    # How long pyshimd may take to serve (a qemu TCG guest needs far longer).
+    start_timeout = 30.0
+
+    def __init__(self, root: Path, extra_flags: Sequence[str] = ()) -> None:
         self.root = root
+        # pyshimd flags of the test's own (e.g. --runc-binary).
+        self.extra_flags = list(extra_flags)
         self.run_dir = root / "run"
         self.state_dir = root / "state"
         self.env = dict(os.environ)
@@ -75,7 +80,7 @@ class Manager:
         log.close()
         # Written once serving; a SIGKILLed predecessor leaves its socket file behind.
         pid_file = self.run_dir / "pyshimd.pid"
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + self.start_timeout
         while not (pid_file.exists() and pid_file.read_text().strip() == str(self.proc.pid)):
             if self.proc.poll() is not None:
                 pytest.fail(f"pyshimd exited {self.proc.returncode}:\n{self.daemon_log()}")
@@ -238,11 +243,11 @@ class Manager:
 
 
 @contextlib.contextmanager
-def manager_session() -> Iterator[Manager]:
+def manager_session(extra_flags: Sequence[str] = ()) -> Iterator[Manager]:
     require_tools()
     # Short: the sockets under it must fit in sun_path.
     root = Path(tempfile.mkdtemp(prefix="psm-", dir="/tmp"))
-    m = Manager(root)
+    m = Manager(root, extra_flags)
     try:
         m.start()
         yield m

@@ -321,10 +321,22 @@ class StopRequest(_message.Message):
     def __init__(self, container: _Optional[str] = ..., timeout_seconds: _Optional[int] = ...) -> None: ...
 
 class StartRequest(_message.Message):
-    __slots__ = ("container",)
+    __slots__ = ("container", "checkpoint")
     CONTAINER_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     container: str
-    def __init__(self, container: _Optional[str] = ...) -> None: ...
+    checkpoint: str
+    def __init__(self, container: _Optional[str] = ..., checkpoint: _Optional[str] = ...) -> None: ...
+
+class CheckpointRequest(_message.Message):
+    __slots__ = ("container", "output", "leave_running")
+    CONTAINER_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    LEAVE_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    container: str
+    output: str
+    leave_running: bool
+    def __init__(self, container: _Optional[str] = ..., output: _Optional[str] = ..., leave_running: _Optional[bool] = ...) -> None: ...
 
 class StartResponse(_message.Message):
     __slots__ = ("container",)

@@ -164,6 +164,17 @@ class FakeRuntime:
         await self._call("state", id)
         return dict(self.shared.runc_state)
 
+    async def checkpoint(self, id: str, args: Sequence[str]) -> None:
+        await self._call("checkpoint", id, list(args))
+
+    async def restore(
+        self, id: str, args: Sequence[str], *, stdio: tuple[int | None, int | None, int | None]
+    ) -> None:
+        await self._call("restore", id, list(args))
+        pid_file = args[args.index("--pid-file") + 1]
+        Path(pid_file).write_text(str(self.shared.next_pid))
+        self.shared.next_pid += 1
+
 
 @dataclass
 class Shared:
@@ -435,26 +446,14 @@ async def test_io_failure_before_runc_leaves_nothing(h: Harness) -> None:
     assert sorted(p.name for p in Path(bundle).iterdir()) == ["config.json"]
 
 
-async def test_checkpoint_is_unimplemented_and_stats_need_a_cgroup(h: Harness) -> None:
-    from shim.task.service import CHECKPOINT_UNAVAILABLE
-
-    bundle = h.bundle()
-    with pytest.raises(TtrpcError) as info:
-        await h.create(bundle=bundle, checkpoint="/cp")
-    assert info.value.code == Code.UNIMPLEMENTED
-    await h.create(bundle=bundle)
+async def test_stats_need_a_cgroup(h: Harness) -> None:
+    await h.create()
     # The fake runtime's pids are no processes: no cgroup is known for c1.
     await expect_error(
         h.service.stats(shim_pb2.StatsRequest(id="c1")),
         Code.NOT_FOUND,
         "cgroup does not exist: not found",
     )
-    await expect_error(
-        h.service.checkpoint(shim_pb2.CheckpointTaskRequest(id="c1", path="/x")),
-        Code.UNIMPLEMENTED,
-        CHECKPOINT_UNAVAILABLE,
-    )
-    assert "CRIU" in CHECKPOINT_UNAVAILABLE
 
 
 async def test_unknown_ids_are_not_found(h: Harness) -> None:
