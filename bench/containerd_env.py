@@ -98,7 +98,8 @@ class PrivateContainerd(Containerd):
         _run_parallel([functools.partial(self.remove_container, c) for c in ids], workers)
 
     def shims(self) -> list[Any]:
-        return find_shims(self.address)
+        sockets = {str(self.shim_socket_path(c)): c for c in self.container_ids}
+        return find_shims(self.address, sockets)
 
     # -- cleanup -----------------------------------------------------------
 

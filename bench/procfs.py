@@ -6,7 +6,7 @@ The parsers take text and are unit tested; the readers are thin wrappers.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +19,7 @@ __all__ = [
     "parse_ppid",
     "parse_smaps_rollup",
     "parse_stat_cpu_ticks",
+    "parse_unix_sockets",
     "read_memory",
     "read_wakeups",
     "shim_from_cmdline",
@@ -105,10 +106,7 @@ def shim_from_cmdline(pid: int, argv: Sequence[str], address: str) -> ShimProces
     name the binary. ``start``/``delete`` invocations end with an action word and
     are not daemons.
     """
-    binary = next(
-        (os.path.basename(a) for a in argv[:3] if os.path.basename(a).startswith(_SHIM_PREFIX)),
-        None,
-    )
+    binary = _shim_binary(argv)
     if binary is None:
         return None
     flags = _go_flags(argv)
@@ -116,9 +114,44 @@ def shim_from_cmdline(pid: int, argv: Sequence[str], address: str) -> ShimProces
         return None
     if argv and argv[-1] in ("start", "delete"):
         return None
+    return ShimProcess(
+        pid=pid, binary=binary, runtime=_runtime(binary), container_id=flags.get("id", "")
+    )
+
+
+def _shim_binary(argv: Sequence[str]) -> str | None:
+    return next(
+        (os.path.basename(a) for a in argv[:3] if os.path.basename(a).startswith(_SHIM_PREFIX)),
+        None,
+    )
+
+
+def _runtime(binary: str) -> str:
     parts = binary[len(_SHIM_PREFIX) :].rsplit("-", 1)
-    runtime = f"io.containerd.{parts[0]}.{parts[1]}" if len(parts) == 2 else binary
-    return ShimProcess(pid=pid, binary=binary, runtime=runtime, container_id=flags.get("id", ""))
+    return f"io.containerd.{parts[0]}.{parts[1]}" if len(parts) == 2 else binary
+
+
+def parse_unix_sockets(text: str) -> dict[int, str]:
+    """Inode -> path of the named sockets in a /proc/net/unix text (abstract ones,
+    shown with a leading '@', and unnamed ones are left out)."""
+    found: dict[int, str] = {}
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 8 and fields[7].startswith("/") and fields[6].isdigit():
+            found[int(fields[6])] = fields[7]
+    return found
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    inodes: set[int] = set()
+    for entry in os.scandir(PROC / str(pid) / "fd"):
+        try:
+            target = os.readlink(entry.path)
+        except OSError:
+            continue
+        if target.startswith("socket:[") and target.endswith("]"):
+            inodes.add(int(target[8:-1]))
+    return inodes
 
 
 def _go_flags(argv: Sequence[str]) -> dict[str, str]:
@@ -143,22 +176,44 @@ def _pids() -> Iterator[int]:
             yield int(entry.name)
 
 
-def find_shims(address: str) -> list[ShimProcess]:
-    """Shim daemons re-parented to init whose ``-address`` is our containerd's socket."""
+def find_shims(address: str, sockets: Mapping[str, str] | None = None) -> list[ShimProcess]:
+    """Shim daemons re-parented to init whose ``-address`` is our containerd's socket.
+
+    A shim forked from pyshim's template shows its own command line only where the
+    kernel lets it set one (PR_SET_MM_MAP: not under User-Mode Linux); elsewhere it
+    shows the template's. With ``sockets`` (shim socket path -> container id), such a
+    process is found by the shim socket it holds instead.
+    """
     found: list[ShimProcess] = []
+    listeners: dict[int, str] | None = None
     for pid in _pids():
         try:
             stat_text = (PROC / str(pid) / "stat").read_text()
             if parse_ppid(stat_text) != 1:
                 continue
             raw = (PROC / str(pid) / "cmdline").read_bytes()
+            argv = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+            shim = shim_from_cmdline(pid, argv, address)
+            if shim is None and sockets and _shim_binary(argv) is not None:
+                if listeners is None:
+                    listeners = parse_unix_sockets((PROC / "net" / "unix").read_text())
+                shim = _shim_by_socket(pid, argv, sockets, listeners)
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
-        argv = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
-        shim = shim_from_cmdline(pid, argv, address)
         if shim is not None:
             found.append(shim)
     return sorted(found, key=lambda s: s.pid)
+
+
+def _shim_by_socket(
+    pid: int, argv: Sequence[str], sockets: Mapping[str, str], listeners: Mapping[int, str]
+) -> ShimProcess | None:
+    for inode in _socket_inodes(pid):
+        cid = sockets.get(listeners.get(inode, ""))
+        if cid is not None:
+            binary = _shim_binary(argv) or ""
+            return ShimProcess(pid=pid, binary=binary, runtime=_runtime(binary), container_id=cid)
+    return None
 
 
 def read_memory(pid: int) -> MemoryUsage:

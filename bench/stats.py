@@ -237,9 +237,11 @@ def per_container_mb(total_kb: float, containers: int) -> float:
 
 def pod_grouping_problems(shim_ids: Sequence[str], pods: Mapping[str, Sequence[str]]) -> list[str]:
     """What is wrong with a pod fleet's shims, given the ``-id`` each shim daemon
-    was started with (the pod's first container) and each pod's containers.
+    was started with (the pod's first container; or the pod itself, for a shim found
+    by its socket, which is named for the pod) and each pod's containers.
     Empty when there is exactly one shim per pod."""
     owner = {cid: pod for pod, cids in pods.items() for cid in cids}
+    owner.update((pod, pod) for pod in pods)
     problems: list[str] = []
     if len(shim_ids) != len(pods):
         problems.append(f"{len(shim_ids)} shim processes for {len(pods)} pods")

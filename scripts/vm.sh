@@ -5,6 +5,10 @@
 #   vm.sh build [SUITE]                  build (or reuse) the guest image
 #   vm.sh test  [SUITE] [-- PYTEST ARGS] run the integration suite in a fresh copy of it
 #   vm.sh shell [SUITE]                  a root shell in a fresh copy (the share at /share)
+#   vm.sh bench [SUITE] [-- BENCH ARGS]  `python -m bench BENCH ARGS` in a fresh copy (the
+#                                        guest's Python, containerd and Go shim); its JSON
+#                                        goes to $PYSHIM_VM_BENCH_OUT (default
+#                                        bench/results/vm-SUITE.json)
 #
 # SUITE is trixie (default) or sid. Options before SUITE: --tcg boots the suite's
 # real kernel under qemu TCG (all cgroup v2 controllers, CRIU) instead of
@@ -35,7 +39,7 @@ die() { echo "vm.sh: $*" >&2; exit 2; }
 say() { echo "vm.sh: $*" >&2; }
 
 usage() {
-    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -229,7 +233,8 @@ prepare_share() {  # image dir, work dir, pytest args...
             bin/containerd bin/ctr bin/containerd-shim-runc-v2
     fi
     printf '%s\n' "${CI:-}" >"$share/ci"
-    if [ $# -eq 0 ]; then set -- "${default_pytest[@]}"; fi
+    printf '%s\n' "$guest_module" >"$share/module"
+    if [ $# -eq 0 ] && [ "$guest_module" = pytest ]; then set -- "${default_pytest[@]}"; fi
     printf '%s\n' "$@" >"$share/pytest-args"
 }
 
@@ -315,11 +320,16 @@ run_test() {  # suite tcg pytest-args...
     wait "$tailer" 2>/dev/null || true
     status=$(cat "$work/share/status" 2>/dev/null || echo none)
     say "$suite: guest run took $(($(date +%s) - started))s, status $status"
+    if [ "$guest_module" = bench ] && [ -f "$work/share/bench.json" ]; then
+        local out=${PYSHIM_VM_BENCH_OUT:-$tree/bench/results/vm-$suite.json}
+        cp "$work/share/bench.json" "$out"
+        say "bench results: $out"
+    fi
     if [ "$status" = none ]; then
         say "the guest left no status; console tail:"
         tail -n 40 "$work/console.log" >&2 || true
         status=1
-    elif ! check_tested_on "$work/share/guest-info" "$tcg"; then
+    elif [ "$guest_module" = pytest ] && ! check_tested_on "$work/share/guest-info" "$tcg"; then
         # sid moves every day: its row is kept up to date by hand, trixie's must hold
         # (a failed run keeps pytest's status).
         [ "$suite" = sid ] || [ "$status" != 0 ] || status=3
@@ -368,6 +378,7 @@ run_shell() {  # suite tcg
 # --- command line ------------------------------------------------------------------
 
 [ $# -ge 1 ] || usage
+guest_module=pytest  # what the guest runs: pytest (test), or bench (python -m bench)
 cmd=$1
 shift
 tcg=0
@@ -386,6 +397,7 @@ case $cmd in
     build) build "$suite" >/dev/null ;;
     path) image_dir "$suite" ;;  # where the image of the current recipe is (or would be)
     test) run_test "$suite" "$tcg" "$@" ;;
+    bench) guest_module=bench; run_test "$suite" "$tcg" "$@" ;;
     shell) run_shell "$suite" "$tcg" ;;
     *) usage ;;
 esac

@@ -1,8 +1,9 @@
 #!/bin/sh
 # Runs inside the guest at boot (scripts/vm.sh copies it into the share as run.sh):
-# installs the tree offline from the share's wheels, then runs pytest as root against
-# the guest's own containerd, runc, systemd and cgroup v2. Its output goes to the
-# host as the run goes; its exit status is pytest's.
+# installs the tree offline from the share's wheels, then runs pytest (or, for
+# `vm.sh bench`, python -m bench) as root against the guest's own containerd, runc,
+# systemd and cgroup v2. Its output goes to the host as the run goes; its exit status
+# is pytest's (bench's).
 set -eu
 share=/share
 {
@@ -44,5 +45,9 @@ fi
 ci=$(cat "$share/ci" 2>/dev/null || true)
 [ -z "$ci" ] || export CI="$ci"
 status=0
-python -m pytest -p no:cacheprovider "$@" || status=$?
+if [ "$(cat "$share/module" 2>/dev/null || echo pytest)" = bench ]; then
+    python -m bench --no-plot --out "$share/bench.json" "$@" || status=$?
+else
+    python -m pytest -p no:cacheprovider "$@" || status=$?
+fi
 exit "$status"

@@ -16,6 +16,14 @@ daemon's allocations fill, each dirtying a page again.
 It also builds what the daemon's hand-over would otherwise build in every child
 (the prctl_mm_map ctypes structure), so that it is shared.
 
+Two more writes every daemon would make to shared pages are made once, here:
+`assign_type_versions()` gives every class the version tag the interpreter's
+attribute cache keys on, which the first attribute lookup on a class otherwise writes
+into the class object (~1 KB each, so about one page per class a daemon uses, in
+every daemon); `release_free_heap()` returns the C heap's free pages (the template's
+import and immortalisation temporaries) to the kernel, so the template does not keep
+as its own the memory its daemons allocate into afresh.
+
 What cannot be avoided can still be shared again: daemons forked from one template run
 the same code from the same state, so the pages they copy are mostly byte-identical
 from one daemon to the next. Where the operator asked for it (`PYSHIM_KSM=1` in the
@@ -35,8 +43,10 @@ import types
 
 __all__ = [
     "PACKAGES",
+    "assign_type_versions",
     "immortalize",
     "prepare",
+    "release_free_heap",
 ]
 
 PACKAGES = ("shim", "protocol")
@@ -160,3 +170,49 @@ def immortalize() -> int:
             changed += 1
         stack.extend(gc.get_referents(obj))
     return changed
+
+
+# Looked up on every class and found on none: a name no class defines.
+_VERSION_PROBE = "__pyshim_type_version_probe__"
+
+
+def assign_type_versions() -> int:
+    """Give every class reachable from the collector's lists its attribute-cache
+    version tag now; the number of classes looked up.
+
+    CPython caches attribute lookups on classes by a per-class version tag, which it
+    assigns on a class's first lookup (`_PyType_Lookup`), writing the class object
+    (tp_version_tag and tp_flags). A lookup of a name the class lacks is enough. It
+    goes through `type.__getattribute__` itself, so no metaclass's `__getattr__` runs.
+    A class changed later drops its tag and gets a new one on its next lookup, as
+    always: this only moves the first assignment into the template.
+    """
+    import gc
+
+    looked_up = 0
+    for obj in gc.get_objects():
+        if isinstance(obj, type):
+            try:
+                type.__getattribute__(obj, _VERSION_PROBE)
+            except AttributeError:
+                pass
+            except Exception:  # a descriptor of the metaclass may raise anything
+                continue
+            looked_up += 1
+    return looked_up
+
+
+def release_free_heap() -> bool:
+    """Return the C heap's free pages to the kernel (glibc); whether any were.
+
+    The template's last steps (the collection, immortalize()'s bookkeeping) free
+    megabytes at the top of the heap. Kept, those pages stay the template's: a
+    daemon that allocates there copies them first. Released, the template does not
+    hold them and a daemon gets fresh zero pages.
+    """
+    from shim.sys import syscalls
+
+    try:
+        return syscalls.malloc_trim()
+    except OSError:
+        return False

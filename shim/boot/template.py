@@ -147,7 +147,9 @@ def freeze() -> None:
     # from writing to those pages (and un-sharing them) in every child.
     gc.collect()
     prefork.immortalize()  # after the collection: garbage made immortal would stay
+    prefork.assign_type_versions()
     gc.freeze()
+    prefork.release_free_heap()
 
 
 def _set_name(comm: bytes) -> None:

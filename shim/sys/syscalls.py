@@ -40,6 +40,7 @@ __all__ = [
     "inotify_init1",
     "inotify_rm_watch",
     "load_libc",
+    "malloc_trim",
     "mount",
     "prctl",
     "prctl_mm_map",
@@ -128,6 +129,17 @@ def madvise(address: int, length: int, advice: int) -> None:
     fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     fn.restype = ctypes.c_int
     _check(fn(address, length, advice), "madvise")
+
+
+def malloc_trim() -> bool:
+    """Give the C heap's free pages back to the kernel (glibc's malloc_trim(0)): whether
+    anything was released. False where the C library has no such call (not glibc)."""
+    fn = getattr(_lib(), "malloc_trim", None)
+    if fn is None:
+        return False
+    fn.argtypes = [ctypes.c_size_t]
+    fn.restype = ctypes.c_int
+    return bool(fn(0))
 
 
 def set_child_subreaper(enabled: bool = True) -> None:

@@ -8,13 +8,16 @@ from pathlib import Path
 
 import pytest
 
+from bench import procfs
 from bench.containerd_env import PrivateContainerd, parse_event_line
 from bench.procfs import (
     MemoryUsage,
+    find_shims,
     parse_ctxt_switches,
     parse_ppid,
     parse_smaps_rollup,
     parse_stat_cpu_ticks,
+    parse_unix_sockets,
     shim_from_cmdline,
 )
 
@@ -108,6 +111,56 @@ def test_start_and_delete_invocations_are_not_daemons() -> None:
 def test_unrelated_process_is_ignored() -> None:
     assert shim_from_cmdline(15, ["/usr/bin/containerd", "--config", "x"], ADDRESS) is None
     assert shim_from_cmdline(16, [], ADDRESS) is None
+
+
+NET_UNIX = """\
+Num       RefCount Protocol Flags    Type St Inode Path
+0000000000000000: 00000002 00000000 00010000 0001 01 501 /run/containerd/s/aa
+0000000000000000: 00000002 00000000 00010000 0001 01 502 @/containerd-shim/abstract
+0000000000000000: 00000003 00000000 00000000 0001 03 503
+0000000000000000: 00000002 00000000 00010000 0001 01 504 /run/containerd/s/bb
+"""
+
+
+def test_parse_unix_sockets_keeps_named_paths_only() -> None:
+    assert parse_unix_sockets(NET_UNIX) == {
+        501: "/run/containerd/s/aa",
+        504: "/run/containerd/s/bb",
+    }
+
+
+def _fake_process(proc: Path, pid: int, ppid: int, argv: list[str], inodes: list[int]) -> None:
+    d = proc / str(pid)
+    (d / "fd").mkdir(parents=True)
+    (d / "stat").write_text(f"{pid} (python3) S {ppid} 1 1 0 -1 4194560 0 0 0 0 1 2 0 0\n")
+    (d / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
+    for i, inode in enumerate(inodes):
+        os.symlink(f"socket:[{inode}]", d / "fd" / str(i + 3))
+
+
+def test_forked_shim_showing_the_templates_command_line_is_found_by_its_socket(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Under User-Mode Linux a forked daemon cannot set its command line (no
+    # PR_SET_MM_MAP): it shows the template's, without -address or -id.
+    (tmp_path / "net").mkdir()
+    (tmp_path / "net" / "unix").write_text(NET_UNIX)
+    template = ["/v/bin/python", "-IS", "/v/bin/containerd-shim-pyshim-v1", "template"]
+    _fake_process(tmp_path, 40, 1, template, [])  # the template: no shim socket
+    _fake_process(tmp_path, 41, 1, [*template, "spare"], [503])  # a spare
+    _fake_process(tmp_path, 42, 1, template, [503, 504])  # the daemon of container c2
+    _fake_process(tmp_path, 43, 1, ["/usr/bin/python3", "x.py"], [501])  # not a shim
+    _fake_process(tmp_path, 44, 7, template, [501])  # not re-parented to init
+    _fake_process(tmp_path, 45, 1, _go_argv(), [])  # found by its command line
+    monkeypatch.setattr(procfs, "PROC", tmp_path)
+    sockets = {"/run/containerd/s/aa": "c1", "/run/containerd/s/bb": "c2"}
+    found = find_shims(ADDRESS, sockets)
+    assert [(s.pid, s.runtime, s.container_id) for s in found] == [
+        (42, "io.containerd.pyshim.v1", "c2"),
+        (45, "io.containerd.runc.v2", "c1"),
+    ]
+    # Without the socket map, only command lines count.
+    assert [s.pid for s in find_shims(ADDRESS)] == [45]
 
 
 def test_parse_event_line() -> None:

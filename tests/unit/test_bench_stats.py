@@ -184,6 +184,15 @@ def test_pod_grouping_one_shim_per_pod_is_fine() -> None:
     assert pod_grouping_problems(["pod-go-3-c-go-4", "pod-go-0-c-go-1"], PODS) == []
 
 
+def test_pod_grouping_takes_a_shim_found_by_its_pod_socket() -> None:
+    # A forked shim that cannot show its own command line is found by its socket,
+    # which is named for the pod, not for the pod's first container.
+    assert pod_grouping_problems(["pod-go-3", "pod-go-0"], PODS) == []
+    assert "pod pod-go-0 has 2 shims" in pod_grouping_problems(
+        ["pod-go-0", "pod-go-0-c-go-1", "pod-go-3"], PODS
+    )
+
+
 def test_pod_grouping_reports_a_shim_per_container() -> None:
     problems = pod_grouping_problems(
         ["pod-go-0-c-go-1", "pod-go-0-c-go-2", "pod-go-3-c-go-4"], PODS

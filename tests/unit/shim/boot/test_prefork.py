@@ -149,3 +149,94 @@ def test_immortalized_objects_stay_shared_with_forked_children() -> None:
     # the child copies only its own stack and allocator bookkeeping.
     assert mortal_kb > 8000, (mortal_kb, immortal_kb)
     assert immortal_kb < mortal_kb / 10, (mortal_kb, immortal_kb)
+
+
+# Run by an interpreter >= 3.12 (immortal objects, so reading a class writes nothing
+# but what the attribute cache writes): the first lookup on a class writes its version
+# tag into the class object, in every forked child, unless the template assigned it.
+TYPE_VERSION_CHILD = r"""
+import gc, os
+from shim.boot import prefork
+
+def private_dirty_kb():
+    with open("/proc/self/smaps_rollup") as f:
+        return sum(int(line.split()[1]) for line in f if line.startswith("Private_Dirty"))
+
+def touched_in_child(classes):
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        before = private_dirty_kb()
+        for cls in classes:
+            getattr(cls, "absent", None)
+        os.write(w, str(private_dirty_kb() - before).encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    return int(os.read(r, 64))
+
+classes = [type(f"K{i}", (), {"x": i}) for i in range(4000)]  # ~1 KB each
+gc.collect()
+prefork.immortalize()
+gc.freeze()
+untagged_kb = touched_in_child(classes)
+gc.unfreeze()  # the template assigns them before its freeze
+assert prefork.assign_type_versions() >= 4000
+gc.freeze()
+tagged_kb = touched_in_child(classes)
+print(untagged_kb, tagged_kb)
+"""
+
+
+def test_type_versions_assigned_before_the_fork_keep_classes_shared() -> None:
+    python = _python_312_or_later()
+    if python is None:
+        pytest.skip("no CPython >= 3.12 on this host (reading a class writes its refcount)")
+    untagged_kb, tagged_kb = map(int, _run_child(TYPE_VERSION_CHILD, python).split())
+    # 4000 classes of ~1 KB: a lookup on each copies ~4 MB unless the tags are there.
+    assert untagged_kb > 2000, (untagged_kb, tagged_kb)
+    assert tagged_kb < untagged_kb / 4, (untagged_kb, tagged_kb)
+
+
+def test_type_versions_do_not_run_metaclass_getattr() -> None:
+    calls: list[str] = []
+
+    class Meta(type):
+        def __getattr__(cls, name: str) -> object:
+            calls.append(name)
+            raise AttributeError(name)
+
+    class Probed(metaclass=Meta):
+        pass
+
+    assert prefork.assign_type_versions() > 0
+    assert calls == []
+    assert Probed.__name__ == "Probed"
+
+
+def test_release_free_heap_returns_freed_pages() -> None:
+    # Several MB freed at the top of the C heap are given back to the kernel.
+    script = r"""
+import ctypes
+from shim.boot import prefork
+
+def rss_kb():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS"))
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: keep the blocks on the heap
+libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: free() itself does not trim
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+blocks = [libc.malloc(64 * 1024) for _ in range(160)]
+for b in blocks:
+    ctypes.memset(b, 1, 64 * 1024)
+for b in blocks:
+    libc.free(b)
+before = rss_kb()
+released = prefork.release_free_heap()
+print(int(released), before - rss_kb())
+"""
+    released, freed_kb = map(int, _run_child(script).split())
+    assert released == 1
+    assert freed_kb > 5000, freed_kb
