@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 from google.protobuf.message import Message
 
+from crashtest.plan import generate
+from crashtest.runner import Container, ProcState, Runner
 from manager.service import EventsService
 from protocol.proto import anyutil, timeutil
 from protocol.proto.events import forward_pb2
@@ -25,8 +27,6 @@ from shim.events import OUTBOX_LOG, Publisher
 from shim.reaper import Reaper
 from shim.records.recordlog import log_path, read_live
 from shim.task.process import DurableEventSink
-from tests.crash.plan import generate
-from tests.crash.runner import Container, ProcState, Runner
 from tests.unit.shim.task.test_service import make_harness
 from tests.unit.shim.test_events import FakeContainerd
 
@@ -381,7 +381,7 @@ def _checker() -> Runner:
     r = Runner.__new__(Runner)
     r.plan = generate(1, 0, 0)
     r.log = lambda _m: None
-    from tests.crash.runner import Report
+    from crashtest.runner import Report
 
     r.report = Report("fake", "fake", 1)
     return r

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.crash.procs import Proc, shims
+from crashtest.procs import Proc, shims
 
 ADDRESS = "/run/ctrd.sock"
 ARGV = ("/usr/local/bin/containerd-shim-pyshim-v1", "-namespace", "ns", "-id", "c1",
