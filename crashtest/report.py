@@ -24,7 +24,8 @@ __all__ = [
     "text",
 ]
 
-NO_FAULT = "no fault"
+# Findings no fault hit the container of.
+NO_FAULT = "no fault on it"
 # What a runtime author asks of a run, per fault kind: (name, what breaks it).
 GUARANTEES: tuple[tuple[str, str], ...] = (
     ("exits right", "a lost, wrong or twice-reported exit status (violation)"),
@@ -57,8 +58,9 @@ class FaultRow:
 
 
 def fault_rows(report: Report) -> list[FaultRow]:
-    """Per fault kind (and "no fault" for findings no fault preceded): how often it was
-    planned and fired, the operations that failed under it, the findings after it."""
+    """Per fault kind (and "no fault on it" for findings about a container no fault hit):
+    how often it was planned and fired, the operations that failed under it, and the
+    findings about the containers it hit (Runner.blame)."""
     kinds = [k for k in FAULT_KINDS if k in report.fault_kinds or k in report.faults]
     rows = {k: FaultRow(k) for k in [*kinds, NO_FAULT]}
     for k, n in report.faults.items():
@@ -129,7 +131,7 @@ def text(report: Report, verbose: bool = False) -> str:
     if r.tolerated:
         lines.append(f"  tolerated by definition: {len(r.tolerated)}")
         lines += [f"    {t}" for t in r.tolerated]
-    lines.append("  per fault kind (findings counted under every fault that preceded them):")
+    lines.append("  per fault kind (findings counted under every fault that hit their container):")
     rows = [
         (
             row.kind,

@@ -588,16 +588,39 @@ class Runner:
                 out.append(f"{what}: {status} from {source} ({at})")
         return out
 
+    def blame(self, container: str, until: int) -> list[str]:
+        """The fault kinds that hit ``container`` itself up to step ``until`` (-1: the
+        end): a shim fault on its shim; any other fault during one of its own
+        operations (a full disk or slow runc for as many steps as it lasts); and the
+        fault of the step the finding was made at."""
+        last = until if until >= 0 else len(self.report.timeline)
+        kinds: set[str] = set()
+        windows: list[tuple[int, int, str]] = []
+        for r in self.report.timeline:
+            if r.index > last:
+                break
+            fault = self.plan.steps[r.index].fault if r.index < len(self.plan.steps) else None
+            if fault is not None and r.fired:
+                if fault.steps:
+                    windows.append((r.index, r.index + fault.steps - 1, fault.kind))
+                if fault.kind in ("shim-kill", "shim-stop"):
+                    if fault.slot == container or r.index == until:
+                        kinds.add(fault.kind)
+                elif r.slot == container or r.index == until:
+                    kinds.add(fault.kind)
+            if r.slot == container:
+                kinds.update(k for lo, hi, k in windows if lo <= r.index <= hi)
+        return sorted(kinds)
+
     def _attach_history(self) -> None:
-        kinds = {r.index: r.fault for r in self.report.timeline if r.fault and r.fired}
         for v in self.report.violations:
             if not v.container:
                 v.container = self._name_in(v.detail)
             v.steps = self.history(v.container, v.step) if v.container else []
-            v.fault_kinds = sorted({kinds[i] for i in v.steps if i in kinds})
+            v.fault_kinds = self.blame(v.container, v.step) if v.container else []
             v.records = self._records(v.container)
         for d in self.report.degraded:
-            d.fault_kinds = sorted({kinds[i] for i in self.history(d.container, -1) if i in kinds})
+            d.fault_kinds = self.blame(d.container, -1)
 
 
 def _known(value: int | None) -> set[int]:

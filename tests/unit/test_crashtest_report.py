@@ -13,7 +13,7 @@ import pytest
 
 from crashtest import cli
 from crashtest.drivers import Driver
-from crashtest.plan import FAULT_KINDS, generate
+from crashtest.plan import FAULT_KINDS, Fault, Op, Plan, Step, generate
 from crashtest.report import compare_text, fault_rows, guarantees, html_page, text
 from crashtest.result import Degradation, Report, StepRecord, Violation
 from crashtest.runner import Runner
@@ -81,7 +81,7 @@ def test_fault_rows_count_findings_under_every_fault_before_them() -> None:
     assert rows["daemon-kill"].violations == {"exits": 1, "resources": 1}
     assert rows["daemon-kill"].failed_ops == 1
     assert rows["disk-full"].planned == 1 and rows["disk-full"].fired == 0
-    assert rows["no fault"].violations == {}
+    assert rows["no fault on it"].violations == {}
 
 
 def test_guarantees_per_fault_kind() -> None:
@@ -229,22 +229,20 @@ class _Ids:
         self.ids = {"c0": "c0", "c1": "c1", "c12": "c12"}
 
 
-def test_a_violation_gets_its_containers_steps_and_the_faults_since_its_first() -> None:
-    plan = generate(11, 40, 12)
+def _runner(plan: Plan) -> Runner:
+    """A runner that has run ``plan``: every step recorded, every fault fired."""
     r = Runner(cast(Driver, _Ids()), plan)
     for s in plan.steps:
-        r.report.timeline.append(
-            StepRecord(
-                s.index,
-                s.op.kind,
-                s.op.slot,
-                s.describe(),
-                0.0,
-                0.0,
-                fault=s.fault.kind if s.fault else "",
-                fired=bool(s.fault),
-            )
-        )
+        kind = s.fault.kind if s.fault else ""
+        record = StepRecord(s.index, s.op.kind, s.op.slot, s.describe(), 0.0, 0.0, fault=kind)
+        record.fired = bool(kind)
+        r.report.timeline.append(record)
+    return r
+
+
+def test_a_violation_gets_its_containers_steps_and_the_faults_since_its_first() -> None:
+    plan = generate(11, 40, 12)
+    r = _runner(plan)
     slot = plan.steps[5].op.slot
     mine = [s.index for s in plan.steps if s.op.slot == slot or (s.fault and s.fault.slot == slot)]
     faults = [s.index for s in plan.steps if s.fault and mine[0] <= s.index]
@@ -256,3 +254,26 @@ def test_a_violation_gets_its_containers_steps_and_the_faults_since_its_first() 
     r._attach_history()
     v = r.report.violations[0]
     assert v.container == "c12" and v.steps == r.history("c12", -1)
+
+
+def test_findings_are_blamed_on_the_faults_that_hit_their_container() -> None:
+    plan = Plan(1)
+    plan.steps = [
+        Step(0, Op("run", "c0", mode="serve")),
+        Step(1, Op("run", "c1", mode="serve"), Fault("shim-kill", 0.0, slot="c0")),
+        Step(2, Op("exec", "c1", exec_id="c1-e0"), Fault("disk-full", 0.0, steps=2)),
+        Step(3, Op("status", "c0")),
+        Step(4, Op("kill", "c1", signal=15), Fault("daemon-kill", 0.0)),
+        Step(5, Op("delete", "c0")),
+        Step(6, Op("delete", "c1")),
+    ]
+    r = _runner(plan)
+    # Its shim was killed, and its status step came while the disk was still full.
+    assert r.blame("c0", -1) == ["disk-full", "shim-kill"]
+    # Another container's shim is not its own; the daemon died during its kill.
+    assert r.blame("c1", -1) == ["daemon-kill", "disk-full"]
+    # A finding made at step 4 is blamed on that step's fault too.
+    assert r.blame("c0", 4) == ["daemon-kill", "disk-full", "shim-kill"]
+    assert r.blame("c0", 0) == []
+    r.report.timeline[1].fired = False  # the shim had gone: nothing was hit
+    assert r.blame("c0", -1) == ["disk-full"]
