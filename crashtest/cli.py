@@ -26,7 +26,14 @@ from crashtest.containerd import (
     binary_version,
     unpack_release,
 )
-from crashtest.drivers import DRIVERS, PYSHIM_RUNTIME, Driver, Setup, SetupError
+from crashtest.drivers import (
+    DRIVERS,
+    PYSHIM_RUNTIME,
+    THEIR_FAULT_KINDS,
+    Driver,
+    Setup,
+    SetupError,
+)
 from crashtest.plan import FAULT_KINDS, Plan, generate
 from crashtest.report import compare_text, html_page, text
 from crashtest.result import Report
@@ -115,8 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument(
         "--address",
         metavar="SOCKET",
-        help="use the containerd you run at SOCKET (only shim and client faults: yours is "
-        "never killed, filled or slowed)",
+        help="use the containerd you run at SOCKET (fault kinds default to, and may only be, "
+        "shim-kill, shim-stop and client-kill: yours is never killed, filled or slowed)",
     )
     target.add_argument(
         "--state",
@@ -319,9 +326,16 @@ def _main(args: argparse.Namespace) -> int:
         if len(runs) > 2:
             raise UsageError("--load: at most two results (side by side)")
         return _emit(runs, args)
+    if args.address and args.fault_kinds is None and not args.replay:
+        args.fault_kinds = ",".join(THEIR_FAULT_KINDS)
     s = _settings(args)
     driver, seed = str(s["driver"]), int(str(s["seed"]))
     kinds = _kinds(str(s["fault_kinds"]))
+    if args.address and set(kinds) - set(THEIR_FAULT_KINDS):
+        raise UsageError(
+            f"--address: a containerd you run is never killed, filled or slowed; "
+            f"--fault-kinds may name {', '.join(THEIR_FAULT_KINDS)} only"
+        )
     plan = generate(seed, int(str(s["ops"])), int(str(s["faults"])), kinds)
     if args.dry_run:
         print(plan.dump())

@@ -45,6 +45,10 @@ REAL_RUNC = shutil.which("runc") or "/usr/sbin/runc"
 STOP_WAIT = 15.0
 
 
+# With a containerd someone else runs, nothing of theirs is killed, filled or slowed.
+THEIR_FAULT_KINDS = ("shim-kill", "shim-stop", "client-kill")
+
+
 class SetupError(RuntimeError):
     """The environment could not be built: the harness fails (never skips)."""
 
@@ -371,7 +375,8 @@ class _TheirContainerd:
         for cid in self.ctr("containers", "ls", "-q", check=False).stdout.split():
             self.ctr("containers", "rm", cid, check=False)
         for ref in self.ctr("images", "ls", "-q", check=False).stdout.split():
-            self.ctr("images", "rm", ref, check=False)
+            # --sync: the blobs and snapshots go now, or the namespace cannot be removed.
+            self.ctr("images", "rm", "--sync", ref, check=False)
         subprocess.run(
             [self.host.ctr, "--address", self.address, "namespaces", "rm", self.namespace],
             capture_output=True,
@@ -399,8 +404,7 @@ class ContainerdDriver(Driver):
         self.ctrd: _CrashContainerd | _TheirContainerd
         try:
             if setup.address:
-                # Nothing of theirs is killed, filled or slowed: only shim and client faults.
-                self.fault_kinds = ("shim-kill", "shim-stop", "client-kill")
+                self.fault_kinds = THEIR_FAULT_KINDS
                 self.ctrd = _TheirContainerd(setup.address, setup.state, namespace, setup.host)
             else:
                 self.ctrd = _CrashContainerd(
