@@ -190,6 +190,13 @@ def test_cli_refuses_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
     assert "unknown nope" in capsys.readouterr().err
     assert cli.main(["--faults", "-3", "--dry-run"]) == 2
     assert cli.main(["--driver", "manager", "--compare", "a", "b"]) == 2
+    # A containerd the user runs is never killed, filled or slowed.
+    assert cli.main(["--address", "/x.sock", "--fault-kinds", "daemon-kill", "--dry-run"]) == 2
+    assert "--address" in capsys.readouterr().err
+    assert cli.main(["--address", "/x.sock", "--ops", "60", "--faults", "30", "--dry-run"]) == 0
+    planned = {line.split("!! ")[1].split()[0] for line in capsys.readouterr().out.splitlines()
+               if "!! " in line}  # fmt: skip
+    assert planned == {"shim-kill", "shim-stop", "client-kill"}
     with pytest.raises(SystemExit) as exc:
         cli.main(["--driver", "docker"])
     assert exc.value.code == 2
