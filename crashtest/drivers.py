@@ -204,8 +204,28 @@ class Driver:
     def start_daemon(self) -> None:
         raise NotImplementedError
 
+    @property
+    def bundles(self) -> Path:
+        """The directory holding one bundle per container (named by its id)."""
+        raise NotImplementedError
+
     def shim_pids(self) -> dict[str, int]:
-        found = procs.shims(self.shim_address)
+        """container id -> its shim daemon: by command line (-address, -id), else by
+        who serves the socket its bundle's `address` file names (a shim whose
+        command line says nothing, e.g. pyshim's forked daemons where the kernel
+        refuses PR_SET_MM_MAP, as User-Mode Linux does)."""
+        scan = procs.scan()
+        found = procs.shims(self.shim_address, scan)
+        sockets: dict[str, str] = {}
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(self.bundles):
+                if entry.name not in found:
+                    with contextlib.suppress(OSError):
+                        address = Path(entry.path, "address").read_text().strip()
+                        sockets[address.removeprefix("unix://")] = entry.name
+        if sockets:
+            for path, pid in procs.serving(set(sockets), scan).items():
+                found[sockets[path]] = pid
         self.seen_shims.update(found.values())
         return found
 
@@ -437,6 +457,10 @@ class ContainerdDriver(Driver):
     def socket_dir(self) -> str:
         return self.ctrd.socket_dir
 
+    @property
+    def bundles(self) -> Path:
+        return self.ctrd.state / "io.containerd.runtime.v2.task" / self.ctrd.namespace
+
     def env(self) -> dict[str, str]:
         env = self.ctrd.env()
         env["PATH"] = f"{self.slowbin}:{BIN}:{env.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
@@ -619,8 +643,7 @@ class ContainerdDriver(Driver):
         ctrs = self._ctr("containers", "ls", "-q").out.split()
         if ctrs:
             found.append(f"containerd still lists containers {ctrs}")
-        bundles = self.ctrd.state / "io.containerd.runtime.v2.task" / self.ctrd.namespace
-        found += self._common_leftovers([bundles], Path("/run/containerd/runc"))
+        found += self._common_leftovers([self.bundles], Path("/run/containerd/runc"))
         for mp in procs.mounts_under(str(self.ctrd.tmp)):
             if mp != str(self.ctrd.state):
                 found.append(f"mount {mp} left")
@@ -704,6 +727,10 @@ class ManagerDriver(Driver):
     @property
     def template_dir(self) -> Path:
         return self.tmp / "template"
+
+    @property
+    def bundles(self) -> Path:
+        return self.run_dir / "bundles" / "pyshim"
 
     @property
     def shim_address(self) -> str:
@@ -897,7 +924,7 @@ class ManagerDriver(Driver):
             found.append(f"pyshimd still lists {[c['name'] for c in listed]}")
         found += self._common_leftovers(
             [
-                self.run_dir / "bundles" / "pyshim",
+                self.bundles,
                 self.state_dir / "containers",
                 self.run_dir / "fifo",
             ],
