@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -281,8 +282,10 @@ def keep_evidence(d: Driver, report: Report) -> list[str]:
     for v in report.violations:
         name = v.container or v.detail.split()[0].rstrip(":")
         ids = {d.ids.get(name, name), name} - {""}
+        # As a word: "c2" is not the c2 inside a digest.
+        named = re.compile("|".join(rf"(?<![\w-]){re.escape(i)}(?![\w-])" for i in ids))
         for fname, text_lines in texts.items():
-            quoted = [t for t in text_lines if any(i in t for i in ids)][-EVIDENCE_LINES:]
+            quoted = [t for t in text_lines if ids and named.search(t)][-EVIDENCE_LINES:]
             v.evidence += [f"{fname}: {t[:300]}" for t in quoted]
     return lines
 

@@ -559,7 +559,8 @@ class Runner:
 
     def history(self, container: str, until: int) -> list[int]:
         """The steps that led to a finding about ``container`` at step ``until`` (-1:
-        the end of the run): its own steps and every fault from its first step on."""
+        the end of the run): its own steps, the faults on its shim, and every daemon
+        kill from its first step on (those hit every container)."""
         timeline = self.report.timeline
         last = until if until >= 0 else len(timeline)
         mine = [
@@ -567,11 +568,13 @@ class Runner:
             for r in timeline
             if r.index <= last and (r.slot == container or self._fault_slot(r.index) == container)
         ]
-        if not mine:
-            return [r.index for r in timeline if r.index <= last and r.fault and r.fired]
-        first = mine[0]
-        faults = [r.index for r in timeline if first <= r.index <= last and r.fault and r.fired]
-        return sorted(set(mine) | set(faults))
+        first = mine[0] if mine else 0
+        daemon = [
+            r.index
+            for r in timeline
+            if first <= r.index <= last and r.fault == "daemon-kill" and r.fired
+        ]
+        return sorted(set(mine) | set(daemon))
 
     def _fault_slot(self, index: int) -> str:
         fault = self.plan.steps[index].fault if index < len(self.plan.steps) else None

@@ -29,6 +29,7 @@ def test_violations_keep_the_log_records_and_lines_naming_their_containers(
         "level=info msg=started container 0a1b2c\n"
         "level=info msg=unrelated c3\n"
         "level=warning msg=exit of c2 not recorded\n"
+        "level=debug msg=removed digest=sha256:e1c2d9\n"
     )
     records = tmp_path / "state"
     (records / "containers").mkdir(parents=True)
