@@ -23,9 +23,11 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from crashtest.procs import alive, flag
 
 # The binaries a containerd 2.x directory must hold (directly or in bin/).
 HOST_BINARIES = ("containerd", "ctr", "containerd-shim-runc-v2")
@@ -189,15 +191,6 @@ disabled_plugins = {disabled}
 {v2_only if host.v2 else ""}{extra}"""
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            # A zombie still answers kill(0); treat it as gone.
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-
-
 def _cmdline(pid: int) -> list[str]:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -238,17 +231,6 @@ def _environ_value(pid: int, name: str) -> str | None:
     for entry in entries:
         if entry.startswith(prefix):
             return entry[len(prefix) :].decode(errors="replace")
-    return None
-
-
-def _flag_value(argv: Sequence[str], name: str) -> str | None:
-    """Value of a Go-style flag (-name v, --name v, -name=v) in argv."""
-    for i, arg in enumerate(argv):
-        for prefix in (f"-{name}", f"--{name}"):
-            if arg == prefix and i + 1 < len(argv):
-                return argv[i + 1]
-            if arg.startswith(prefix + "="):
-                return arg[len(prefix) + 1 :]
     return None
 
 
@@ -486,9 +468,9 @@ class Containerd:
             argv = _settled_cmdline(int(entry))
             # Every shim invocation (start, delete, daemon) carries -id and the
             # -address of the containerd it serves; our socket path is unique.
-            if _flag_value(argv, "id") is None:
+            if flag(argv, "id") is None:
                 continue
-            if _flag_value(argv, "address") == self.address:
+            if flag(argv, "address") == self.address:
                 pids.append(int(entry))
         return pids
 
@@ -537,7 +519,7 @@ class Containerd:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and any(_pid_alive(p) for p in self.shim_pids()):
+        while time.monotonic() < deadline and any(alive(p) for p in self.shim_pids()):
             time.sleep(0.05)
 
     def _runc_leftovers(self) -> None:
