@@ -619,8 +619,11 @@ class Runner:
         for v in self.report.violations:
             if not v.container:
                 v.container = self._name_in(v.detail)
-            v.steps = self.history(v.container, v.step) if v.container else []
-            v.fault_kinds = self.blame(v.container, v.step) if v.container else []
+            # A lost exit is placed at the container's creation, but its whole life
+            # led to it.
+            until = -1 if v.kind == "exit-unknown" else v.step
+            v.steps = self.history(v.container, until) if v.container else []
+            v.fault_kinds = self.blame(v.container, until) if v.container else []
             v.records = self._records(v.container)
         for d in self.report.degraded:
             d.fault_kinds = self.blame(d.container, -1)

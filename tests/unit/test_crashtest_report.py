@@ -263,6 +263,11 @@ def test_a_violation_gets_its_containers_steps_and_the_faults_since_its_first() 
     r._attach_history()
     v = r.report.violations[0]
     assert v.container == "c12" and v.steps == r.history("c12", -1)
+    # A lost exit is reported at the container's first step; its whole life is its history.
+    first = mine[0]
+    r.report.violations = [Violation("exit-unknown", first, f"{slot} init: no exit", slot)]
+    r._attach_history()
+    assert r.report.violations[0].steps == r.history(slot, -1) != r.history(slot, first)
 
 
 def test_findings_are_blamed_on_the_faults_that_hit_their_container() -> None:
