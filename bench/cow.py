@@ -960,7 +960,7 @@ def measure(
     from bench.containerd_env import PrivateContainerd
     from bench.procfs import read_memory
     from bench.scenarios import IDLE_CMD, IMAGE, RUNTIMES
-    from tests.support.images import build_busybox_oci_archive
+    from crashtest.images import build_busybox_oci_archive
 
     assert callable(log)
     workdir = Path(tempfile.mkdtemp(prefix="pyshim-cow-", dir="/tmp"))

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.stats import MetricRow, format_markdown, format_table, round_order, summarize
+from crashtest.images import build_busybox_oci_archive
 from protocol.proto.cri.runtime.v1 import api_pb2 as cri
 from tests.support.cri import BUSYBOX_REF, CriNode, build_pause_archive
-from tests.support.images import build_busybox_oci_archive
 
 HANDLERS = {"go": "runc", "py": "pyshim"}
 METRICS = ("pod_start", "run_pod_sandbox", "create_container", "start_container", "teardown")

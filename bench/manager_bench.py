@@ -45,7 +45,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.containerd_env import PrivateContainerd
-from tests.support.images import build_busybox_oci_archive
+from crashtest.images import build_busybox_oci_archive
 from tests.support.manager import Manager, free_subnet
 
 IMAGE = "docker.io/library/busybox:latest"

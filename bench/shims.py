@@ -36,8 +36,8 @@ from bench.scenarios import (
     run_scenario,
 )
 from bench.stats import format_markdown, format_table, parse_counts, rows_from_results
+from crashtest.images import build_busybox_oci_archive
 from tests.support.containerd2 import DEBIAN, Containerd2NotFound, locate
-from tests.support.images import build_busybox_oci_archive
 
 __all__ = ["main"]
 

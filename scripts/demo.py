@@ -23,8 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from crashtest.images import build_busybox_oci_archive  # noqa: E402
 from tests.support.containerd import Containerd  # noqa: E402
-from tests.support.images import build_busybox_oci_archive  # noqa: E402
 from tests.support.template import stop_templates  # noqa: E402
 
 BIN = Path(sys.executable).parent

@@ -57,7 +57,7 @@ fi
 # The shim's interpreter starts for every container (start, daemon, delete): ship
 # compiled bytecode so no start pays for compiling, even where the environment
 # sets PYTHONDONTWRITEBYTECODE (imports then never write .pyc themselves).
-.venv/bin/python -m compileall -q -j 0 protocol shim manager .venv/lib >/dev/null || true
+.venv/bin/python -m compileall -q -j 0 protocol shim manager crashtest .venv/lib >/dev/null || true
 # The shim's own launcher over pip's wrapper: same entry point, started with -IS and
 # an explicit sys.path (skips site and the editable finder, ~20 ms per invocation).
 .venv/bin/python -m shim.boot.launcher .venv/bin/containerd-shim-pyshim-v1
@@ -67,6 +67,6 @@ fi
 # Same-page merging is opt-in (PYSHIM_KSM=1): scripts/ksm.sh says why.
 bash scripts/ksm.sh
 
-for cmd in containerd-shim-pyshim-v1 pyshimd pyshim; do
+for cmd in containerd-shim-pyshim-v1 pyshimd pyshim pyshim-crashtest; do
     ln -sf "$PWD/.venv/bin/$cmd" "/usr/local/bin/$cmd"
 done

@@ -69,7 +69,7 @@ def containerd(request: pytest.FixtureRequest, integration_env: None) -> Iterato
 
 @pytest.fixture(scope="session")
 def busybox_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.support.images import build_busybox_oci_archive
+    from crashtest.images import build_busybox_oci_archive
 
     return build_busybox_oci_archive(
         tmp_path_factory.mktemp("images") / "busybox-oci.tar", ref=BUSYBOX_REF

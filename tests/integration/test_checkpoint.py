@@ -21,7 +21,7 @@ from protocol.proto.runc import options_pb2
 from shim.boot import _wire
 from tests.integration.test_stats_oom import GO_SHIM, PYSHIM, Events, task_status, wait_until
 from tests.support.containerd import Containerd
-from tests.support.images import build_busybox_rootfs
+from crashtest.images import build_busybox_rootfs
 from tests.support.recording_runc import DUMP_LOG, RecordingRunc, install
 
 pytestmark = [

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from crashtest.images import build_busybox_rootfs, oci_config, write_oci_bundle
 from protocol.proto import anyutil
 from protocol.proto.runc import options_pb2
 from protocol.proto.task.v2 import shim_pb2
@@ -21,7 +22,6 @@ from protocol.ttrpc.client import Client
 from protocol.ttrpc.status import Code, TtrpcError
 from tests.support.containerd import Containerd
 from tests.support.hosts import every_host
-from tests.support.images import build_busybox_rootfs, oci_config, write_oci_bundle
 from tests.support.proc import children
 
 pytestmark = pytest.mark.integration

@@ -20,12 +20,12 @@ from typing import Any
 import pytest
 import uvloop
 
+from crashtest.images import oci_config, write_oci_bundle
 from shim.io.stdio import ProcessIO, StdioSpec, open_process_io
 from shim.reaper import Reaper
 from shim.sys import syscalls
 from shim.task.runtime import Runc, RuncOptions, RuntimeFailure
 from tests.support.exits import ExitRecorder
-from tests.support.images import oci_config, write_oci_bundle
 
 pytestmark = pytest.mark.integration
 

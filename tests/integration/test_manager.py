@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.images import build_busybox_oci_archive
+from crashtest.images import build_busybox_oci_archive
 from tests.support.manager import CMD_TIMEOUT, PYSHIM, PYSHIMD, Manager, manager_session
 from tests.support.manager import wait_for as _wait_for
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.images import build_busybox_oci_archive
+from crashtest.images import build_busybox_oci_archive
 from tests.support.manager import Manager, manager_session, wait_for
 
 pytestmark = pytest.mark.integration

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.images import build_busybox_oci_archive
+from crashtest.images import build_busybox_oci_archive
 from tests.support.manager import PYSHIM, Manager, manager_session
 from tests.support.registry import Pusher, Registry, read_oci_archive, running_registry
 

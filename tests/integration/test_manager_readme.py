@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.images import build_busybox_oci_archive
+from crashtest.images import build_busybox_oci_archive
 from tests.support.manager import BIN, Manager, manager_session
 
 pytestmark = pytest.mark.integration

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.images import build_busybox_oci_archive
+from crashtest.images import build_busybox_oci_archive
 from tests.support.manager import Manager, manager_session
 
 pytestmark = pytest.mark.integration

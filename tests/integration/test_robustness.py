@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 from google.protobuf import empty_pb2
 
+from crashtest.images import write_oci_bundle
 from protocol.proto import anyutil
 from protocol.proto.runc import options_pb2
 from protocol.proto.runtime.bootstrap.v1 import bootstrap_pb2
@@ -35,7 +36,6 @@ from protocol.ttrpc.frame import MAX_MESSAGE_SIZE, MessageType, encode_frame, en
 from protocol.ttrpc.messages import RequestMessage, decode_response, encode_request
 from protocol.ttrpc.status import Code, ConnectionClosedError
 from shim.boot import _wire
-from tests.support.images import write_oci_bundle
 from tests.support.template import stop_templates
 
 pytestmark = pytest.mark.integration

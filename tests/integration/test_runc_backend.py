@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 
+from crashtest.images import build_busybox_rootfs, write_oci_bundle
 from protocol.proto.types import mount_pb2
 from shim.reaper import Reaper
 from shim.sys import syscalls
 from shim.task.mount import mount_all, unmount_all
 from shim.task.runtime import Runc, RuncOptions, RuntimeFailure
 from tests.support.exits import ExitRecorder
-from tests.support.images import build_busybox_rootfs, write_oci_bundle
 
 pytestmark = pytest.mark.integration
 

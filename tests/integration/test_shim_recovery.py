@@ -27,6 +27,7 @@ import pytest
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 
+from crashtest.images import build_busybox_rootfs, write_oci_bundle
 from protocol.proto import anyutil
 from protocol.proto.events import forward_pb2
 from protocol.proto.events import task_pb2 as events_pb2
@@ -42,7 +43,6 @@ from shim.events import OUTBOX_LOG
 from shim.records.recordlog import RECORD, encode, log_path, parse, read_live
 from shim.records.statedir import EXIT_LOG
 from shim.sys.procfs import gone
-from tests.support.images import build_busybox_rootfs, write_oci_bundle
 
 pytestmark = pytest.mark.integration
 

@@ -32,8 +32,8 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import Message
 
+from crashtest import images
 from protocol.proto.cri.runtime.v1 import api_pb2 as cri
-from tests.support import images
 from tests.support.containerd import CGROUP_ROOT, RUNC_ROOT, Containerd
 from tests.support.containerd2 import DEBIAN, Host
 

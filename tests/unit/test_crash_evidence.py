@@ -1,4 +1,4 @@
-"""tests/crash: what a run with violations keeps of the daemon's log and records."""
+"""crashtest: what a run with violations keeps of the daemon's log and records."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import shutil
 from pathlib import Path
 from typing import cast
 
-from tests.crash.__main__ import keep_evidence
-from tests.crash.drivers import Driver
-from tests.crash.runner import Report, Violation
+from crashtest.cli import keep_evidence
+from crashtest.drivers import Driver
+from crashtest.report import text
+from crashtest.result import Report, Violation
 
 
 class FakeDriver:
@@ -28,12 +29,15 @@ def test_violations_keep_the_log_records_and_lines_naming_their_containers(
         "level=info msg=started container 0a1b2c\n"
         "level=info msg=unrelated c3\n"
         "level=warning msg=exit of c2 not recorded\n"
+        "level=debug msg=removed digest=sha256:e1c2d9\n"
     )
     records = tmp_path / "state"
     (records / "containers").mkdir(parents=True)
     (records / "containers" / "0a1b2c.json").write_text("{}")
     report = Report(driver="manager", runtime="rt", seed=7)
-    report.violations.append(Violation("exit-unknown", 4, "c2 init: no exit status"))
+    report.violations.append(
+        Violation("exit-unknown", 4, "c2 init: no exit status", container="c2")
+    )
     d = cast(Driver, FakeDriver([log, records, tmp_path / "missing.log"]))
     lines = keep_evidence(d, report)
     kept = Path(lines[0].rsplit(" ", 1)[1])
@@ -41,14 +45,16 @@ def test_violations_keep_the_log_records_and_lines_naming_their_containers(
         assert kept.name.startswith("pyshim-crash-7-")
         assert (kept / "pyshimd.log").read_text() == log.read_text()
         assert (kept / "state" / "containers" / "0a1b2c.json").exists()
-        quoted = [line for line in lines if line.startswith("pyshimd.log: ")]
+        assert len(lines) == 2  # the kept dir, and missing.log not kept
+        quoted = report.violations[0].evidence
         assert quoted == [
             "pyshimd.log: level=info msg=started container 0a1b2c",
             "pyshimd.log: level=warning msg=exit of c2 not recorded",
         ]
         assert any("missing.log: not kept" in line for line in lines)
         report.evidence = lines
-        rendered = report.render()
-        assert "evidence:" in rendered and str(kept) in rendered
+        rendered = text(report)
+        assert "evidence: pyshimd.log: level=warning msg=exit of c2" in rendered
+        assert str(kept) in rendered
     finally:
         shutil.rmtree(kept)

@@ -122,7 +122,7 @@ def imports_into(graph: Graph, sources: str, targets: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def graph() -> dict[str, set[str]]:
-    return import_graph(REPO, ("protocol", "shim", "manager"))
+    return import_graph(REPO, ("protocol", "shim", "manager", "crashtest"))
 
 
 def test_no_import_circle_inside_shim(graph: Graph) -> None:
@@ -143,6 +143,22 @@ def test_the_task_model_never_imports_the_boot_machinery(graph: Graph) -> None:
 def test_layers_call_downward_only(graph: Graph, sources: str, targets: str) -> None:
     """protocol <- shim <- (binary) <- manager: the manager runs the shim binary."""
     assert imports_into(graph, sources, targets) == []
+
+
+@pytest.mark.parametrize("package", ["protocol", "shim", "manager"])
+def test_the_crash_tool_drives_runtimes_from_outside(graph: Graph, package: str) -> None:
+    """crashtest runs containerd, ctr, pyshimd and pyshim as a user would: it imports
+    no runtime code (so it tests any runtime alike), and no runtime imports it."""
+    assert imports_into(graph, "crashtest", package) == []
+    assert imports_into(graph, package, "crashtest") == []
+
+
+def test_no_import_circle_inside_the_crash_tool(graph: Graph) -> None:
+    tool = {m: {t for t in ts if t.startswith("crashtest")} for m, ts in graph.items()}
+    tool = {m: ts for m, ts in tool.items() if m.startswith("crashtest")}
+    assert len(tool) >= 10, sorted(tool)
+    found = circles(tool)
+    assert not found, "import circles: " + " | ".join(describe(tool, c) for c in found)
 
 
 def test_the_graph_sees_every_kind_of_import(tmp_path: Path) -> None:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from crashtest.images import build_busybox_oci_archive
 from manager import images
 from manager.images import ImageError, ImageNotFound, ImageStore, normalize_ref
-from tests.support.images import build_busybox_oci_archive
 
 
 def _tar(entries: Sequence[tuple[str, str, bytes | str]]) -> bytes:

@@ -61,7 +61,7 @@ def is_shim_daemon(p: Proc, address: str) -> bool:
     """The long-lived shim process serving ``address`` (not a start/delete invocation)."""
     if not p.argv or "containerd-shim" not in os.path.basename(p.argv[0]) + " ".join(p.argv[:2]):
         return False
-    if p.state == "Z" or "start" in p.argv or "delete" in p.argv:
+    if p.state == "Z" or _invocation(p):
         return False
     return flag(p.argv, "address") == address and flag(p.argv, "id") is not None
 
@@ -76,6 +76,44 @@ def shims(address: str, procs: Iterable[Proc] | None = None) -> dict[str, int]:
     matches = [p for p in (scan() if procs is None else procs) if is_shim_daemon(p, address)]
     pids = {p.pid for p in matches}
     return {flag(p.argv, "id") or "": p.pid for p in matches if p.ppid not in pids}
+
+
+def _invocation(p: Proc) -> bool:
+    """A shim's `start` or `delete` run (which may hold the socket for a moment)."""
+    return "start" in p.argv or "delete" in p.argv
+
+
+# /proc/net/unix: a socket in the listening state (SO_ACCEPTCON).
+_LISTENING = "00010000"
+
+
+def serving(paths: set[str], procs: Iterable[Proc] | None = None) -> dict[str, int]:
+    """unix socket path -> pid of a process holding it listening, for ``paths``.
+
+    /proc/net/unix names the listening sockets' inodes; an fd of the process shows
+    ``socket:[inode]``. Paths nothing listens on (a dead shim's file) cost no fd scan.
+    """
+    inodes: dict[str, str] = {}
+    with contextlib.suppress(OSError), open("/proc/net/unix") as f:
+        next(f, None)
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 8 and fields[3] == _LISTENING and fields[7] in paths:
+                inodes[f"socket:[{fields[6]}]"] = fields[7]
+    found: dict[str, int] = {}
+    if not inodes:
+        return found
+    for p in scan() if procs is None else procs:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{p.pid}/fd"):
+                with contextlib.suppress(OSError):
+                    path = inodes.get(os.readlink(f"/proc/{p.pid}/fd/{fd}"))
+                    # The first holder wins: a child that inherited the fd comes later.
+                    if path is not None and p.state != "Z" and not _invocation(p):
+                        found.setdefault(path, p.pid)
+        if len(found) == len(set(inodes.values())):
+            break
+    return found
 
 
 def alive(pid: int) -> bool:

@@ -19,15 +19,19 @@ What is acceptable for an exit status (the rules the report applies):
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tests.crash import procs
-from tests.crash.drivers import Driver, Event, Observation, OpOutcome
-from tests.crash.plan import Fault, Op, Plan, Step
+from crashtest import procs
+from crashtest.drivers import Driver, Event, Observation, OpOutcome
+from crashtest.plan import Fault, Op, Plan, Step
+from crashtest.result import Degradation, Report, StepRecord, Violation
+
+__all__ = ["Container", "ProcState", "Report", "Runner", "Violation"]
 
 ZOMBIE_CHECK_EVERY = 25
 # How long the daemon gets to notice a dead shim and clean up after it.
@@ -43,17 +47,6 @@ EMPTY_SHIM_WAIT = 40.0
 
 
 @dataclass
-class Violation:
-    kind: str
-    step: int
-    detail: str
-
-    def describe(self, seed: int) -> str:
-        where = f"step {self.step}" if self.step >= 0 else "end of run"
-        return f"[{self.kind}] seed={seed} {where}: {self.detail}"
-
-
-@dataclass
 class ProcState:
     """One process (init or exec) and what we know about its exit."""
 
@@ -62,6 +55,8 @@ class ProcState:
     started: bool = True
     # Anything may be acceptable (the deciding op failed); only consistency is checked.
     uncertain: bool = False
+    # Accepted only because the shim was SIGKILLed first (the real status was lost).
+    lenient: set[int] = field(default_factory=set)
 
 
 @dataclass
@@ -75,69 +70,6 @@ class Container:
     shim_killed: bool = False
     deleted: bool = False
     created_step: int = 0
-
-
-@dataclass
-class Report:
-    driver: str
-    runtime: str
-    seed: int
-    steps: int = 0
-    ops: dict[str, int] = field(default_factory=dict)
-    op_errors: int = 0
-    unsupported: int = 0
-    faults: dict[str, int] = field(default_factory=dict)
-    faults_skipped: int = 0
-    daemon_restarts: int = 0
-    commands: int = 0
-    events: int = 0
-    containers: int = 0
-    exits_checked: int = 0
-    violations: list[Violation] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    tolerated: list[str] = field(default_factory=list)
-    # After a violation: where the daemon's log and records were kept, and the log
-    # lines that name the containers involved (CI keeps only the output of a run).
-    evidence: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def summary(self) -> str:
-        ops = sum(self.ops.values())
-        faults = sum(self.faults.values())
-        verdict = "OK" if not self.violations else f"{len(self.violations)} VIOLATIONS"
-        return (
-            f"{verdict}: driver={self.driver} runtime={self.runtime} seed={self.seed} "
-            f"ops={ops} faults={faults} containers={self.containers} "
-            f"exits-checked={self.exits_checked} events={self.events} "
-            f"daemon-restarts={self.daemon_restarts} op-errors={self.op_errors} "
-            f"time={self.seconds:.0f}s"
-        )
-
-    def render(self, verbose: bool = False) -> str:
-        lines = [f"crash harness: {self.driver} / {self.runtime}, seed {self.seed}"]
-        lines.append(f"  steps {self.steps}, client commands {self.commands}, {self.seconds:.1f}s")
-        lines.append("  operations: " + ", ".join(f"{k}={v}" for k, v in sorted(self.ops.items())))
-        lines.append(
-            "  faults:     "
-            + (", ".join(f"{k}={v}" for k, v in sorted(self.faults.items())) or "none")
-        )
-        lines.append(f"  faults with nothing to hit (no live shim): {self.faults_skipped}")
-        lines.append(
-            f"  failed operations (expected under faults): {self.op_errors}"
-            f"; unsupported by this driver: {self.unsupported}"
-        )
-        if verbose and self.errors:
-            lines += ["  operation errors:"] + [f"    {e}" for e in self.errors]
-        if self.tolerated:
-            lines.append(f"  tolerated by definition: {len(self.tolerated)}")
-            lines += [f"    {t}" for t in self.tolerated]
-        lines.append(f"  violations: {len(self.violations)}")
-        lines += [f"    {v.describe(self.seed)}" for v in self.violations]
-        if self.evidence:
-            lines.append("  evidence:")
-            lines += [f"    {e}" for e in self.evidence]
-        lines.append(self.summary())
-        return "\n".join(lines)
 
 
 def init_script(op: Op) -> str:
@@ -165,7 +97,15 @@ class Runner:
         self.plan = plan
         self.log = log or (lambda _m: None)
         self.containers: dict[str, Container] = {}
-        self.report = Report(driver.name, driver.runtime, plan.seed)
+        self.report = Report(
+            driver.name,
+            driver.runtime,
+            plan.seed,
+            planned_ops=plan.ops,
+            planned_faults=plan.faults,
+            fault_kinds=list(plan.kinds),
+        )
+        self._t0 = time.monotonic()
         self._disk_full_until = -1
         self._slow_until = -1
         self._step = 0
@@ -174,8 +114,8 @@ class Runner:
 
     # -- bookkeeping ------------------------------------------------------------------
 
-    def violation(self, kind: str, step: int, detail: str) -> None:
-        v = Violation(kind, step, detail)
+    def violation(self, kind: str, step: int, detail: str, container: str = "") -> None:
+        v = Violation(kind, step, detail, container=container)
         self.report.violations.append(v)
         self.log("VIOLATION " + v.describe(self.plan.seed))
 
@@ -186,7 +126,7 @@ class Runner:
     # -- main loop --------------------------------------------------------------------
 
     def run(self) -> Report:
-        t0 = time.monotonic()
+        self._t0 = t0 = time.monotonic()
         try:
             for step in self.plan.steps:
                 self._step = step.index
@@ -195,6 +135,7 @@ class Runner:
                     self._check_zombies(step.index)
             self._end_faults()
             self._finish()
+            self._attach_history()
         finally:
             self.d.set_slow_runc(0)
             self.d.free_disk()
@@ -213,8 +154,20 @@ class Runner:
         self.report.steps += 1
         self.report.ops[op.kind] = self.report.ops.get(op.kind, 0) + 1
         self.log(step.describe())
+        record = StepRecord(
+            step.index,
+            op.kind,
+            op.slot,
+            step.describe(),
+            start=time.monotonic() - self._t0,
+            end=0.0,
+            fault=step.fault.kind if step.fault else "",
+            fault_text=step.fault.describe() if step.fault else "",
+        )
+        self.report.timeline.append(record)
         fault_thread: threading.Thread | None = None
         restart = False
+        skipped_before = self.report.faults_skipped
         if step.fault is not None:
             fault_thread, restart = self._arm(step, step.fault)
         try:
@@ -223,6 +176,16 @@ class Runner:
             if fault_thread is not None:
                 fault_thread.join()
             self.d.cmds.cancel_pending_kill()
+            record.end = time.monotonic() - self._t0
+        if step.fault is not None:
+            record.fired = self.report.faults_skipped == skipped_before
+        if outcome is None:
+            record.outcome = "skipped"
+        elif outcome.unsupported:
+            record.outcome = "unsupported"
+        elif outcome.errors:
+            record.outcome = "error"
+            record.errors = list(outcome.errors)
         if (
             outcome is not None
             and step.index in self._fired
@@ -340,9 +303,9 @@ class Runner:
                 # From here on, an exit not yet observed may honestly be 137.
                 victim = self.containers[fault.slot]
                 victim.shim_killed = True
-                victim.init.acceptable.add(137)
+                victim.init.lenient.add(137)
                 for ps in victim.execs.values():
-                    ps.acceptable.add(137)
+                    ps.lenient.add(137)
                 procs.kill_pid(pid)
 
         else:
@@ -406,7 +369,7 @@ class Runner:
             if name and name in self._reconnect_reported:
                 continue
             self._reconnect_reported.add(name)
-            self.violation("reconnect", step, problem)
+            self.violation("reconnect", step, problem, container=name)
 
     def _check_orphans(self, step: Step) -> None:
         """The daemon must notice the dead shim and kill what it left running."""
@@ -426,6 +389,7 @@ class Runner:
                 step.index,
                 f"{step.fault.slot}: process {p.pid} ({' '.join(p.argv)[:60]}) "
                 f"still running {ORPHAN_WAIT:.0f}s after its shim was SIGKILLed",
+                container=step.fault.slot,
             )
 
     def _end_faults(self) -> None:
@@ -468,6 +432,7 @@ class Runner:
         self._check_order(events, by_id)
         for c in self.containers.values():
             self._check_exits(c)
+        self._check_exit_events(events, by_id)
         deadline = time.monotonic() + LEAK_WAIT
         leftovers = self.d.leftovers()
         while leftovers and time.monotonic() < deadline:
@@ -491,22 +456,36 @@ class Runner:
                     "exit-unknown",
                     c.created_step,
                     f"{c.name} {what}: no exit status was ever reported",
+                    container=c.name,
                 )
                 continue
             self.report.exits_checked += 1
             if len(values) > 1:
                 self.violation(
-                    "exit-twice", where, f"{c.name} {what}: different statuses: {sources}"
+                    "exit-twice",
+                    where,
+                    f"{c.name} {what}: different statuses: {sources}",
+                    container=c.name,
                 )
-            if ps.uncertain or not ps.acceptable:
+            if ps.uncertain or not ps.acceptable | ps.lenient:
                 continue
-            wrong = values - ps.acceptable
+            wrong = values - ps.acceptable - ps.lenient
             if wrong:
                 self.violation(
                     "exit-wrong",
                     where,
-                    f"{c.name} {what}: expected {sorted(ps.acceptable)}, got "
+                    f"{c.name} {what}: expected {sorted(ps.acceptable | ps.lenient)}, got "
                     f"{sorted(wrong)} ({sources})",
+                    container=c.name,
+                )
+            elif values & (ps.lenient - ps.acceptable):
+                self.report.degraded.append(
+                    Degradation(
+                        "exit-lost-to-137",
+                        c.name,
+                        f"{c.name} {what}: reported 137 after its shim was SIGKILLed; the "
+                        f"workload decided {sorted(ps.acceptable) or 'nothing yet'} ({sources})",
+                    )
                 )
 
     def _check_order(self, events: list[Event], by_id: dict[str, Container]) -> None:
@@ -534,18 +513,120 @@ class Runner:
                             -1,
                             f"{name} {proc or 'init'}: {topic} before {before} "
                             f"({' '.join(topics)})",
+                            container=name,
                         )
             if "/tasks/exit" in topics and proc:
                 i = topics.index("/tasks/exit")
                 if "/tasks/exec-started" in topics[i + 1 :]:
-                    self.violation("order", -1, f"{name} {proc}: exit before exec-started")
+                    self.violation(
+                        "order", -1, f"{name} {proc}: exit before exec-started", container=name
+                    )
             if (
                 not proc
                 and "/tasks/exit" in topics
                 and "/tasks/start" in topics
                 and topics.index("/tasks/exit") < topics.index("/tasks/start")
             ):
-                self.violation("order", -1, f"{name}: init exit before start")
+                self.violation("order", -1, f"{name}: init exit before start", container=name)
+
+    def _check_exit_events(self, events: list[Event], by_id: dict[str, Container]) -> None:
+        """An init whose exit some other source reported and that was not in doubt
+        should have had a /tasks/exit event: one that never came is noted."""
+        with_exit = {
+            ev.container_id for ev in events if ev.topic == "/tasks/exit" and not ev.process
+        }
+        for cid, c in by_id.items():
+            seen = [o for o in c.init.observations if not o[1].startswith("event")]
+            if seen and not c.init.uncertain and cid not in with_exit:
+                self.report.degraded.append(
+                    Degradation(
+                        "exit-event-missing",
+                        c.name,
+                        f"{c.name} init: exit {seen[0][0]} reported by {seen[0][1]}, "
+                        "but no /tasks/exit event reached the subscriber",
+                    )
+                )
+
+    # -- history ----------------------------------------------------------------------
+
+    def _name_in(self, text: str) -> str:
+        """The container a leftover's description names (by runtime id or name)."""
+        for name, cid in sorted(self.d.ids.items()):
+            for key in {cid, name} - {""}:
+                if re.search(rf"(?<![\w-]){re.escape(key)}(?![\w-])", text):
+                    return name
+        return ""
+
+    def history(self, container: str, until: int) -> list[int]:
+        """The steps that led to a finding about ``container`` at step ``until`` (-1:
+        the end of the run): its own steps, the faults on its shim, and every daemon
+        kill from its first step on (those hit every container)."""
+        timeline = self.report.timeline
+        last = until if until >= 0 else len(timeline)
+        mine = [
+            r.index
+            for r in timeline
+            if r.index <= last and (r.slot == container or self._fault_slot(r.index) == container)
+        ]
+        first = mine[0] if mine else 0
+        daemon = [
+            r.index
+            for r in timeline
+            if first <= r.index <= last and r.fault == "daemon-kill" and r.fired
+        ]
+        return sorted(set(mine) | set(daemon))
+
+    def _fault_slot(self, index: int) -> str:
+        fault = self.plan.steps[index].fault if index < len(self.plan.steps) else None
+        return fault.slot if fault is not None else ""
+
+    def _records(self, container: str) -> list[str]:
+        c = self.containers.get(container)
+        if c is None:
+            return []
+        out = []
+        for what, ps in [("init", c.init), *((f"exec {k}", v) for k, v in c.execs.items())]:
+            for status, source, step in ps.observations:
+                at = f"step {step}" if step >= 0 else "end"
+                out.append(f"{what}: {status} from {source} ({at})")
+        return out
+
+    def blame(self, container: str, until: int) -> list[str]:
+        """The fault kinds that hit ``container`` itself up to step ``until`` (-1: the
+        end): a shim fault on its shim; any other fault during one of its own
+        operations (a full disk or slow runc for as many steps as it lasts); and the
+        fault of the step the finding was made at."""
+        last = until if until >= 0 else len(self.report.timeline)
+        kinds: set[str] = set()
+        windows: list[tuple[int, int, str]] = []
+        for r in self.report.timeline:
+            if r.index > last:
+                break
+            fault = self.plan.steps[r.index].fault if r.index < len(self.plan.steps) else None
+            if fault is not None and r.fired:
+                if fault.steps:
+                    windows.append((r.index, r.index + fault.steps - 1, fault.kind))
+                if fault.kind in ("shim-kill", "shim-stop"):
+                    if fault.slot == container or r.index == until:
+                        kinds.add(fault.kind)
+                elif r.slot == container or r.index == until:
+                    kinds.add(fault.kind)
+            if r.slot == container:
+                kinds.update(k for lo, hi, k in windows if lo <= r.index <= hi)
+        return sorted(kinds)
+
+    def _attach_history(self) -> None:
+        for v in self.report.violations:
+            if not v.container:
+                v.container = self._name_in(v.detail)
+            # A lost exit is placed at the container's creation, but its whole life
+            # led to it.
+            until = -1 if v.kind == "exit-unknown" else v.step
+            v.steps = self.history(v.container, until) if v.container else []
+            v.fault_kinds = self.blame(v.container, until) if v.container else []
+            v.records = self._records(v.container)
+        for d in self.report.degraded:
+            d.fault_kinds = self.blame(d.container, -1)
 
 
 def _known(value: int | None) -> set[int]:

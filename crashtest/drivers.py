@@ -1,5 +1,7 @@
 """The two ways to run containers: containerd (ctr, any runtime) and the pyshim manager.
 
+Drivers use containerd, ctr, pyshimd and pyshim as a user would (their command lines,
+sockets, logs and /proc), never a runtime's code, so any runtime can be put under test.
 A driver knows how to start/stop/SIGKILL its daemon, how to turn a workload operation
 into client commands, where its shims and state live, and how to observe exits and
 events. The runner decides what is expected; drivers only report what they see.
@@ -22,12 +24,19 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shim.boot.start import socket_address
-from tests.crash import procs
-from tests.crash.commands import Commands, Result
-from tests.support.containerd import Containerd
-from tests.support.images import build_busybox_oci_archive
-from tests.support.template import stop_templates
+from crashtest import procs
+from crashtest.commands import Commands, Result
+from crashtest.containerd import (
+    DEBIAN,
+    SOCKET_DIR,
+    Containerd,
+    ContainerdError,
+    Host,
+    processes_with_env,
+    shim_socket,
+)
+from crashtest.images import build_busybox_oci_archive
+from crashtest.plan import FAULT_KINDS
 
 IMAGE_REF = "docker.io/library/busybox:latest"
 BIN = Path(sys.executable).parent
@@ -36,8 +45,28 @@ REAL_RUNC = shutil.which("runc") or "/usr/sbin/runc"
 STOP_WAIT = 15.0
 
 
+# With a containerd someone else runs, nothing of theirs is killed, filled or slowed.
+THEIR_FAULT_KINDS = ("shim-kill", "shim-stop", "client-kill")
+
+
 class SetupError(RuntimeError):
     """The environment could not be built: the harness fails (never skips)."""
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Where a driver runs its containers.
+
+    ``host``: which containerd to start (1.6 from PATH, or a 2.x bin dir); ``address``:
+    a containerd the user already runs (its socket) instead of one of ours, whose
+    ``state`` dir holds the bundles the leak check looks at.
+    """
+
+    runtime: str
+    tmpfs_size: str = "32m"
+    host: Host = DEBIAN
+    address: str = ""
+    state: str = "/run/containerd"
 
 
 @dataclass(frozen=True)
@@ -117,15 +146,22 @@ class Driver:
 
     name = ""
     supports_pause = False
+    # The faults it can inject (a containerd someone else runs cannot be killed here).
+    fault_kinds: tuple[str, ...] = FAULT_KINDS
 
-    def __init__(self, runtime: str, tmpfs_size: str) -> None:
-        self.runtime = runtime
-        self.tmpfs_size = tmpfs_size
+    def __init__(self, setup: Setup) -> None:
+        self.setup = setup
+        self.runtime = setup.runtime
+        self.tmpfs_size = setup.tmpfs_size
         self.cmds = Commands()
         self.tmp = Path(tempfile.mkdtemp(prefix="crash-", dir="/tmp"))
         self.slowbin = self.tmp / "slowbin"
         _write_slow_runc(self.slowbin)
-        self.archive = build_busybox_oci_archive(self.tmp / "busybox.tar", ref=IMAGE_REF)
+        try:
+            self.archive = build_busybox_oci_archive(self.tmp / "busybox.tar", ref=IMAGE_REF)
+        except OSError as exc:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise SetupError(f"building the test image: {exc}") from None
         self.ids: dict[str, str] = {}  # workload name -> runtime container id
         self.seen_shims: set[int] = set()
         # Shims SIGKILLed after `start` returned but before the daemon could dial them:
@@ -143,6 +179,11 @@ class Driver:
     @property
     def shim_namespace(self) -> str:
         raise NotImplementedError
+
+    @property
+    def socket_dir(self) -> str:
+        """Where the shims bind their sockets."""
+        return SOCKET_DIR
 
     @property
     def disk(self) -> Path:
@@ -163,8 +204,28 @@ class Driver:
     def start_daemon(self) -> None:
         raise NotImplementedError
 
+    @property
+    def bundles(self) -> Path:
+        """The directory holding one bundle per container (named by its id)."""
+        raise NotImplementedError
+
     def shim_pids(self) -> dict[str, int]:
-        found = procs.shims(self.shim_address)
+        """container id -> its shim daemon: by command line (-address, -id), else by
+        who serves the socket its bundle's `address` file names (a shim whose
+        command line says nothing, e.g. pyshim's forked daemons where the kernel
+        refuses PR_SET_MM_MAP, as User-Mode Linux does)."""
+        scan = procs.scan()
+        found = procs.shims(self.shim_address, scan)
+        sockets: dict[str, str] = {}
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(self.bundles):
+                if entry.name not in found:
+                    with contextlib.suppress(OSError):
+                        address = Path(entry.path, "address").read_text().strip()
+                        sockets[address.removeprefix("unix://")] = entry.name
+        if sockets:
+            for path, pid in procs.serving(set(sockets), scan).items():
+                found[sockets[path]] = pid
         self.seen_shims.update(found.values())
         return found
 
@@ -250,7 +311,7 @@ class Driver:
         for p in procs.in_cgroup_of(keys, scan):
             found.append(f"container process {p.pid} {' '.join(p.argv)[:80]} left ({p.cgroup})")
         for cid in ids - self.unreachable_sockets:
-            sock = socket_address(self.shim_address, self.shim_namespace, cid)
+            sock = shim_socket(self.shim_address, self.shim_namespace, cid, self.socket_dir)
             if os.path.exists(sock.removeprefix("unix://")):
                 found.append(f"shim socket {sock} of {cid} left")
         for d in state_dirs:
@@ -274,13 +335,75 @@ class Driver:
 class _CrashContainerd(Containerd):
     """Our private containerd with the slow-runc wrapper first on the shims' PATH."""
 
-    slowbin: Path | None = None
+    def __init__(self, slowbin: Path, **kw: object) -> None:
+        self.slowbin = slowbin
+        super().__init__(**kw)  # type: ignore[arg-type]
 
     def env(self) -> dict[str, str]:
         env = super().env()
-        if self.slowbin is not None:
-            env["PATH"] = f"{self.slowbin}:{env['PATH']}"
+        env["PATH"] = f"{self.slowbin}:{env['PATH']}"
         return env
+
+
+class _TheirContainerd:
+    """A containerd the user runs (by its socket): used through ctr only, never
+    stopped, killed or reconfigured; our namespace is removed at the end."""
+
+    def __init__(self, address: str, state: str, namespace: str, host: Host) -> None:
+        self.address = address
+        self.state = Path(state)
+        self.namespace = namespace
+        self.host = host
+        self.log_path: Path | None = None
+        self.socket_dir = SOCKET_DIR
+        self.tmp = Path("/nonexistent")
+        if not os.path.exists(address):
+            raise SetupError(f"--address {address}: no such socket")
+        res = self.ctr("version", check=False, timeout=10)
+        if res.returncode != 0:
+            raise SetupError(f"--address {address}: ctr version failed: {res.stderr.strip()}")
+
+    @property
+    def pid(self) -> int | None:
+        return None
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["CONTAINERD_SUPPRESS_DEPRECATION_WARNINGS"] = "1"
+        return env
+
+    def ctr(
+        self, *args: str, check: bool = True, timeout: float = 60.0
+    ) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run(
+            [self.host.ctr, "--address", self.address, "-n", self.namespace, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.env(),
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+        if check and res.returncode != 0:
+            raise SetupError(f"ctr {' '.join(args)}: {res.stderr.strip()}")
+        return res
+
+    def close(self) -> None:
+        for tid in self.ctr("tasks", "ls", "-q", check=False).stdout.split():
+            self.ctr("tasks", "kill", "-s", "SIGKILL", tid, check=False)
+            self.ctr("tasks", "delete", "-f", tid, check=False)
+        for cid in self.ctr("containers", "ls", "-q", check=False).stdout.split():
+            self.ctr("containers", "rm", cid, check=False)
+        for ref in self.ctr("images", "ls", "-q", check=False).stdout.split():
+            # --sync: the blobs and snapshots go now, or the namespace cannot be removed.
+            self.ctr("images", "rm", "--sync", ref, check=False)
+        subprocess.run(
+            [self.host.ctr, "--address", self.address, "namespaces", "rm", self.namespace],
+            capture_output=True,
+            timeout=60,
+            env=self.env(),
+            check=False,
+        )
 
 
 _EXIT_CODE = re.compile(r"exit with non-zero exit code (\d+)")
@@ -291,19 +414,25 @@ class ContainerdDriver(Driver):
     name = "containerd"
     supports_pause = True
 
-    def __init__(self, runtime: str, tmpfs_size: str) -> None:
-        super().__init__(runtime, tmpfs_size)
-        _CrashContainerd.slowbin = self.slowbin
+    def __init__(self, setup: Setup) -> None:
+        super().__init__(setup)
         # Not the temp dir's suffix: mkdtemp may end it in "_", which containerd
         # refuses at the end of a namespace.
-        self.ctrd = _CrashContainerd(namespace=f"crash-{os.getpid()}-{secrets.token_hex(3)}")
+        namespace = f"crash-{os.getpid()}-{secrets.token_hex(3)}"
         self._events_proc: subprocess.Popen[bytes] | None = None
         self.events_path = self.tmp / "events.log"
+        self.ctrd: _CrashContainerd | _TheirContainerd
         try:
-            # The bundles (state dir) go on a small tmpfs so the disk can be filled.
-            self.ctrd.stop()
-            _tmpfs(self.ctrd.state, tmpfs_size)
-            self.ctrd.start()
+            if setup.address:
+                self.fault_kinds = THEIR_FAULT_KINDS
+                self.ctrd = _TheirContainerd(setup.address, setup.state, namespace, setup.host)
+            else:
+                self.ctrd = _CrashContainerd(
+                    self.slowbin, namespace=namespace, host=setup.host, start=False
+                )
+                # The bundles (state dir) go on a small tmpfs so the disk can be filled.
+                _tmpfs(self.ctrd.state, self.tmpfs_size)
+                self.ctrd.start()
             res = self.ctrd.ctr("images", "import", str(self.archive), check=False, timeout=120)
             if res.returncode != 0:
                 raise SetupError(f"ctr images import: {res.stderr}")
@@ -324,19 +453,38 @@ class ContainerdDriver(Driver):
     def disk(self) -> Path:
         return self.ctrd.state
 
+    @property
+    def socket_dir(self) -> str:
+        return self.ctrd.socket_dir
+
+    @property
+    def bundles(self) -> Path:
+        return self.ctrd.state / "io.containerd.runtime.v2.task" / self.ctrd.namespace
+
+    def env(self) -> dict[str, str]:
+        env = self.ctrd.env()
+        env["PATH"] = f"{self.slowbin}:{BIN}:{env.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
+        return env
+
     def cgroup_key(self, cid: str) -> str:
         # ctr's default cgroupsPath is /<namespace>/<id>; ids repeat across runs.
         return f"{self.ctrd.namespace}/{cid}"
 
     def _ctr(self, *args: str, timeout: float = 30.0) -> Result:
         return self._run(
-            "ctr", "--address", self.ctrd.address, "-n", self.ctrd.namespace, *args, timeout=timeout
+            self.ctrd.host.ctr,
+            "--address",
+            self.ctrd.address,
+            "-n",
+            self.ctrd.namespace,
+            *args,
+            timeout=timeout,
         )
 
     def _start_events(self) -> None:
         with open(self.events_path, "ab") as out:
             self._events_proc = subprocess.Popen(
-                ["ctr", "--address", self.ctrd.address, "events"],
+                [self.ctrd.host.ctr, "--address", self.ctrd.address, "events"],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.DEVNULL,
@@ -353,12 +501,20 @@ class ContainerdDriver(Driver):
     def daemon_pid(self) -> int | None:
         return self.ctrd.pid
 
+    def _ours(self) -> _CrashContainerd:
+        if not isinstance(self.ctrd, _CrashContainerd):
+            raise SetupError("a containerd we did not start is never killed or restarted")
+        return self.ctrd
+
     def kill_daemon(self) -> None:
-        self.ctrd.kill9(start_again=False)
+        self._ours().kill9(start_again=False)
         self._stop_events()
 
     def start_daemon(self) -> None:
-        self.ctrd.start()
+        try:
+            self._ours().start()
+        except ContainerdError as exc:
+            raise SetupError(f"containerd did not start again: {exc}") from None
         self._start_events()
 
     def run(self, name: str, script: str) -> OpOutcome:
@@ -487,22 +643,26 @@ class ContainerdDriver(Driver):
         ctrs = self._ctr("containers", "ls", "-q").out.split()
         if ctrs:
             found.append(f"containerd still lists containers {ctrs}")
-        bundles = self.ctrd.state / "io.containerd.runtime.v2.task" / self.ctrd.namespace
-        found += self._common_leftovers([bundles], Path("/run/containerd/runc"))
+        found += self._common_leftovers([self.bundles], Path("/run/containerd/runc"))
         for mp in procs.mounts_under(str(self.ctrd.tmp)):
             if mp != str(self.ctrd.state):
                 found.append(f"mount {mp} left")
         return found
 
     def evidence_files(self) -> list[Path]:
-        return [self.ctrd.log_path, self.events_path]
+        log = self.ctrd.log_path
+        return [log, self.events_path] if log is not None else [self.events_path]
 
     def close(self) -> None:
         self._stop_events()
-        self.free_disk()
-        with contextlib.suppress(Exception):
-            self.ctrd.close()
-        _umount(self.ctrd.state)
+        ctrd = getattr(self, "ctrd", None)
+        if isinstance(ctrd, _CrashContainerd):
+            self.free_disk()
+        if ctrd is not None:
+            with contextlib.suppress(Exception):
+                ctrd.close()
+        if isinstance(ctrd, _CrashContainerd):
+            _umount(ctrd.state)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
@@ -522,6 +682,7 @@ def _event(topic: str, data: dict[str, object]) -> Event:
 
 # ---------------------------------------------------------------------- manager
 
+PYSHIM_RUNTIME = "io.containerd.pyshim.v1"
 PYSHIM = str(BIN / "pyshim")
 PYSHIMD = str(BIN / "pyshimd")
 EXIT_MANAGER_ERROR = 125
@@ -531,17 +692,22 @@ _MANAGER_EVENT = re.compile(r"forwarded event (/tasks/[a-z-]+) (\{.*\})")
 class ManagerDriver(Driver):
     name = "manager"
 
-    def __init__(self, runtime: str, tmpfs_size: str) -> None:
-        super().__init__(runtime, tmpfs_size)
-        if runtime != "io.containerd.pyshim.v1":
-            raise SetupError("the manager driver runs pyshim's shim only")
+    def __init__(self, setup: Setup) -> None:
+        if setup.runtime != PYSHIM_RUNTIME:
+            raise SetupError(f"the manager driver runs pyshim's shim ({PYSHIM_RUNTIME}) only")
+        if setup.address or setup.host != DEBIAN:
+            raise SetupError("the manager driver starts its own pyshimd: no containerd to name")
+        for binary in (PYSHIM, PYSHIMD):
+            if not os.access(binary, os.X_OK):
+                raise SetupError(f"{binary} not found: the manager driver needs pyshim installed")
+        super().__init__(setup)
         self.run_dir = self.tmp / "run"
         self.state_dir = self.tmp / "state"
         self.log_path = self.tmp / "pyshimd.log"
         self.proc: subprocess.Popen[bytes] | None = None
         try:
             # Sockets, bundles, fifos and runc state: the disk that can fill up.
-            _tmpfs(self.run_dir, tmpfs_size)
+            _tmpfs(self.run_dir, self.tmpfs_size)
             self.start_daemon()
             res = self._pyshim("image", "import", str(self.archive), timeout=120)
             if not res.ok:
@@ -561,6 +727,10 @@ class ManagerDriver(Driver):
     @property
     def template_dir(self) -> Path:
         return self.tmp / "template"
+
+    @property
+    def bundles(self) -> Path:
+        return self.run_dir / "bundles" / "pyshim"
 
     @property
     def shim_address(self) -> str:
@@ -754,7 +924,7 @@ class ManagerDriver(Driver):
             found.append(f"pyshimd still lists {[c['name'] for c in listed]}")
         found += self._common_leftovers(
             [
-                self.run_dir / "bundles" / "pyshim",
+                self.bundles,
                 self.state_dir / "containers",
                 self.run_dir / "fifo",
             ],
@@ -776,7 +946,9 @@ class ManagerDriver(Driver):
         with contextlib.suppress(Exception):
             self.cleanup_all()
         self._stop_daemon()
-        stop_templates(self.template_dir)
+        # pyshim's shim fork template (and its spare) carry the directory we named.
+        for pid in processes_with_env("PYSHIM_TEMPLATE_DIR", str(self.template_dir)):
+            procs.kill_pid(pid)
         # Anything still alive is stopped by PID: shims serving our socket, then
         # whatever runc still knows in our private root.
         for pid in procs.shims(self.shim_address).values():
@@ -796,7 +968,7 @@ class ManagerDriver(Driver):
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-DRIVERS: dict[str, Callable[[str, str], Driver]] = {
+DRIVERS: dict[str, Callable[[Setup], Driver]] = {
     "containerd": ContainerdDriver,
     "manager": ManagerDriver,
 }

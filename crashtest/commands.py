@@ -7,7 +7,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from tests.crash import procs
+from crashtest import procs
 
 DEFAULT_TIMEOUT = 30.0
 

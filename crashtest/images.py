@@ -1,7 +1,8 @@
 """Busybox rootfs, OCI runtime bundles and OCI image archives built from /bin/busybox.
 
-Tests never pull images: everything here comes from the static busybox that the
-distribution installs, so the suites run offline and the bytes are reproducible.
+Nothing is pulled: everything here comes from the static busybox that the distribution
+installs (busybox-static), so the crash tool and pyshim's test suites run offline and
+the bytes are reproducible.
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ FAULT_KINDS = (
     "client-kill",  # SIGKILL the ctr/pyshim client mid-call
     "slow-runc",  # runc sleeps before doing anything, for a few steps
 )
+FAULT_WEIGHTS = (2.0, 2.0, 1.0, 1.0, 1.5, 1.0)
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,10 @@ class Step:
 class Plan:
     seed: int
     steps: list[Step] = field(default_factory=list)
+    # What it was generated from: enough to generate it again.
+    ops: int = 0
+    faults: int = 0
+    kinds: tuple[str, ...] = FAULT_KINDS
 
     def dump(self) -> str:
         return "\n".join(s.describe() for s in self.steps)
@@ -124,18 +129,26 @@ def _script_delay(rng: random.Random) -> float:
     return rng.choice(DELAYS)
 
 
-def generate(seed: int, ops: int, faults: int) -> Plan:
-    """``ops`` operations, ``faults`` of them carrying a fault, then deletes of the rest."""
+def generate(seed: int, ops: int, faults: int, kinds: tuple[str, ...] = FAULT_KINDS) -> Plan:
+    """``ops`` operations, ``faults`` of them carrying a fault of one of ``kinds``, then
+    deletes of the rest. With every kind, plans are those of earlier versions."""
+    unknown = sorted(set(kinds) - set(FAULT_KINDS))
+    if unknown or not kinds:
+        raise ValueError(f"fault kinds {unknown or '(none)'}: choose from {', '.join(FAULT_KINDS)}")
+    if ops < 0 or faults < 0:
+        raise ValueError("ops and faults cannot be negative")
+    # In FAULT_KINDS order, whatever order they were named in: the plan depends on the set.
+    kinds = tuple(k for k in FAULT_KINDS if k in kinds)
     rng = random.Random(seed)
     fault_at = set(rng.sample(range(ops), min(faults, ops))) if ops else set()
-    plan = Plan(seed)
+    plan = Plan(seed, ops=ops, faults=faults, kinds=kinds)
     live: dict[str, _Slot] = {}
     counter = 0
     for i in range(ops):
         op = _next_op(rng, live, counter)
         if op.kind == "run":
             counter += 1
-        fault = _fault(rng, live, op) if i in fault_at else None
+        fault = _fault(rng, live, op, kinds) if i in fault_at else None
         plan.steps.append(Step(i, op, fault))
         _apply(live, op)
     # Every container is deleted by the end, so the leak checks see a clean slate.
@@ -209,8 +222,9 @@ def _apply(live: dict[str, _Slot], op: Op) -> None:
         del live[op.slot]
 
 
-def _fault(rng: random.Random, live: dict[str, _Slot], op: Op) -> Fault:
-    kind = rng.choices(FAULT_KINDS, (2.0, 2.0, 1.0, 1.0, 1.5, 1.0))[0]
+def _fault(rng: random.Random, live: dict[str, _Slot], op: Op, kinds: tuple[str, ...]) -> Fault:
+    weights = [w for k, w in zip(FAULT_KINDS, FAULT_WEIGHTS, strict=True) if k in kinds]
+    kind = rng.choices(kinds, weights)[0]
     at = rng.choice((0.0, 0.05, 0.2, 0.5))
     if kind in ("shim-kill", "shim-stop"):
         # Mostly the shim the operation talks to: that is where mid-call faults hurt.
