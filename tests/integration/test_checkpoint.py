@@ -16,12 +16,12 @@ from pathlib import Path
 import grpc
 import pytest
 
+from crashtest.images import build_busybox_rootfs
 from protocol.proto import anyutil
 from protocol.proto.runc import options_pb2
 from shim.boot import _wire
 from tests.integration.test_stats_oom import GO_SHIM, PYSHIM, Events, task_status, wait_until
 from tests.support.containerd import Containerd
-from crashtest.images import build_busybox_rootfs
 from tests.support.recording_runc import DUMP_LOG, RecordingRunc, install
 
 pytestmark = [

@@ -47,7 +47,7 @@ class Manager:
 
     def __init__(self, root: Path, extra_flags: Sequence[str] = ()) -> None:
         self.root = root
-        # pyshimd flags of the test's own (e.g. --runc-binary).
+        # pyshimd flags of the test's own (e.g. --runc-binary, --cni-path).
         self.extra_flags = list(extra_flags)
         self.run_dir = root / "run"
         self.state_dir = root / "state"
@@ -66,8 +66,6 @@ class Manager:
         self.subnet = free_subnet()
         # Registry CAs, as <certs_dir>/<host:port>/ca.crt.
         self.certs_dir = root / "certs.d"
-        # More pyshimd flags for the next start (e.g. --cni-path).
-        self.extra_flags: list[str] = []
 
     def start(self) -> None:
         log = self.log_path.open("ab")
