@@ -118,7 +118,9 @@ async def test_stop_during_a_policy_restart_stops_what_it_started(
             kills.append(sig)
             sup.record_exit(c, 128 + sig, 10)
 
-    async def launch(c_: Container, tty_size: tuple[int, int] = (0, 0)) -> None:
+    async def launch(
+        c_: Container, tty_size: tuple[int, int] = (0, 0), checkpoint: str = ""
+    ) -> None:
         await gate.wait()
         c_.client = Client()  # type: ignore[assignment]
         c_.record.status = "running"
