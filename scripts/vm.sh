@@ -158,6 +158,19 @@ build() {  # suite -> prints the image dir (built now unless already there)
 #   is down is gone after the restart ("cleaning leaked shim process": its task lists
 #   no pids then), where 1.6 reports it STOPPED, as the test expects (README, Known
 #   limits).
+# - test_stale_socket_gets_new_daemon: finds the new daemon by its command line, which
+#   a daemon forked from the template keeps as the template's under UML (no
+#   PR_SET_MM_MAP, as for test_template); whether the second start is forked or
+#   re-executed depends on timing (failed once in sid, passed in trixie).
+# sid only (sid_pytest): the suite takes the containerd on PATH for Debian 12's 1.6
+# (host "1.6": 1.x's config, messages and types), and sid's is 2.1:
+# - test_pod_lifecycle_on_pyshim[1.6]: 2.1 records task API 2 in each task's
+#   bootstrap.json, where the test expects none from 1.x (2.3's v3 is checked in [2.3]);
+# - test_shim_cgroup_from_the_go_clients_legacy_create_options: 2.x no longer knows
+#   containerd.linux.runc.CreateOptions ("type with url ... not found"), the 1.x type
+#   the test sends through containerd;
+# - test_update_pause_resume_ps_checkpoint[1.6]: ctr 2.x words the refused checkpoint
+#   as 2.3's ctr does, which the [2.3] case checks.
 default_pytest=(-m integration tests/integration tests/guest
     --ignore=tests/integration/test_ttrpc_interop.py
     --ignore=tests/integration/test_crash_harness.py
@@ -172,7 +185,12 @@ default_pytest=(-m integration tests/integration tests/guest
     --ignore=tests/integration/test_manager_lifecycle.py
     --ignore=tests/integration/test_manager_pull.py
     --deselect=tests/integration/test_ctr_lifecycle.py::test_containerd_killed_and_restarted
+    --deselect=tests/integration/test_shim_cli.py::test_stale_socket_gets_new_daemon
     --durations=15)
+sid_pytest=(
+    "--deselect=tests/integration/test_cri.py::test_pod_lifecycle_on_pyshim[1.6]"
+    --deselect=tests/integration/test_ctr_lifecycle.py::test_shim_cgroup_from_the_go_clients_legacy_create_options
+    "--deselect=tests/integration/test_stats_oom.py::test_update_pause_resume_ps_checkpoint[1.6]")
 
 # --- one boot --------------------------------------------------------------------
 
@@ -234,7 +252,6 @@ prepare_share() {  # image dir, work dir, pytest args...
     fi
     printf '%s\n' "${CI:-}" >"$share/ci"
     printf '%s\n' "$guest_module" >"$share/module"
-    if [ $# -eq 0 ] && [ "$guest_module" = pytest ]; then set -- "${default_pytest[@]}"; fi
     printf '%s\n' "$@" >"$share/pytest-args"
 }
 
@@ -291,8 +308,9 @@ run_test() {  # suite tcg pytest-args...
     work=$(mktemp -d /dev/shm/pyshim-vm.XXXXXX)
     # shellcheck disable=SC2064
     trap "cleanup '$work'" EXIT
-    if [ $# -eq 0 ]; then
+    if [ $# -eq 0 ] && [ "$guest_module" = pytest ]; then
         set -- "${default_pytest[@]}"
+        [ "$suite" != sid ] || set -- "$@" "${sid_pytest[@]}"
         # CRIU needs CHECKPOINT_RESTORE, which only the real kernel has (the last -m wins).
         [ "$tcg" = 1 ] || set -- "$@" -m "integration and not criu"
     fi
@@ -337,17 +355,24 @@ run_test() {  # suite tcg pytest-args...
     return "$status"
 }
 
-check_tested_on() {  # guest-info tcg: README's "Tested on" row for this guest is true
-    local info=$1 tcg=$2 row
+check_tested_on() {  # guest-info tcg: README's "Tested on" rows for this guest are true
+    local info=$1 tcg=$2 head tail row rows=() missing=0
     info() { sed -n "s/^$1=//p" "$info"; }
-    row="| $(info distribution) | $(info kernel) ($([ "$tcg" = 1 ] && echo "qemu TCG" ||
+    head="| $(info distribution) | $(info kernel) ($([ "$tcg" = 1 ] && echo "qemu TCG" ||
         echo "User-Mode Linux")) | $(info cgroup | sed 's/^cgroup2fs$/v2/'); cgroupfs and systemd drivers |"
-    row="$row $(info containerd) | $(info runc) | $(info python) |"
-    if ! grep -qF -- "$row" "$tree/README.md"; then
-        say "README.md's \"Tested on\" table has no row for this guest; it should read:"
-        echo "$row" >&2
-        return 1
-    fi
+    tail="| $(info runc) | $(info python) |"
+    rows+=("$head $(info containerd) $tail")
+    # containerd 2.3 from the share, for the tests marked for both hosts.
+    [ -z "$(info containerd2)" ] ||
+        rows+=("$head $(info containerd2) (\`../shared/containerd\`, the tests marked for both hosts) $tail")
+    for row in "${rows[@]}"; do
+        if ! grep -qF -- "$row" "$tree/README.md"; then
+            say "README.md's \"Tested on\" table has no row for this guest; it should read:"
+            echo "$row" >&2
+            missing=1
+        fi
+    done
+    return "$missing"
 }
 
 cleanup() {

@@ -15,6 +15,9 @@ share=/share
     echo "runc=$(runc --version | awk 'NR==1 {print $3}')"
     echo "python=$(python3 -c 'import platform; print(platform.python_version())')"
     echo "systemd=$(systemctl --version | awk 'NR==1 {print $2}')"
+    if [ -x "$share/containerd2/containerd" ]; then
+        echo "containerd2=$("$share/containerd2/containerd" --version | awk '{print $3}' | sed 's/^v//')"
+    fi
 } >"$share/guest-info"
 sed 's/^/guest: /' "$share/guest-info"
 echo "guest: running ($(cut -d' ' -f1 /proc/uptime) s since boot)"

@@ -75,6 +75,12 @@ KSM_ENV = "PYSHIM_KSM"
 QUICK_PREFIX = OP + b"\0"  # a shim/quickstart.py request, not JSON
 # How long a forked daemon waits for `start`'s go-ahead before giving up.
 GO_TIMEOUT = 30.0
+# Seconds the template waits, with no daemon of its own alive and no request, before it
+# exits (its spare with it): a node whose containers are gone keeps no pyshim process,
+# so `systemctl restart containerd` finds none left over in containerd's cgroup. Read
+# from the environment (containerd's); 0 keeps the template for good.
+IDLE_ENV = "PYSHIM_TEMPLATE_IDLE"
+DEFAULT_IDLE = 300.0
 MAX_REQUEST = 1 << 20
 # /proc/<pid>/comm of a direct-exec daemon: the launcher's name, cut to 15 bytes.
 SHIM_COMM = b"containerd-shim"
@@ -835,9 +841,23 @@ def _bind(directory: str, key: str) -> socket.socket:
     return sock
 
 
-def _serve_requests(listener: socket.socket, key: str, watch: CodeWatch | None = None) -> None:
-    """Accept requests until told to quit, or until the code changes; blocked in
-    poll(2) in between (no timeout)."""
+def idle_timeout_ms(env: Mapping[str, str]) -> int | None:
+    """IDLE_ENV as poll(2)'s timeout; None for no timeout (0, or not a number >= 0)."""
+    raw = env.get(IDLE_ENV)
+    try:
+        seconds = DEFAULT_IDLE if raw is None else float(raw)
+    except ValueError:
+        seconds = DEFAULT_IDLE
+    if not seconds >= 0:  # NaN too
+        seconds = DEFAULT_IDLE
+    return int(seconds * 1000) if 0 < seconds < float("inf") else None
+
+
+def _serve_requests(
+    listener: socket.socket, key: str, watch: CodeWatch | None = None, idle_ms: int | None = None
+) -> None:
+    """Accept requests until told to quit, until the code changes, or until idle for
+    ``idle_ms`` with no daemon of ours alive; blocked in poll(2) in between."""
     import select
 
     spares = _Spares()
@@ -852,11 +872,16 @@ def _serve_requests(listener: socket.socket, key: str, watch: CodeWatch | None =
             watched = {link.fileno(): link for link in spares.links()}
             for fd in watched:
                 poller.register(fd, select.POLLIN)
+            # While a daemon we made lives (its pidfd is watched) or a spare is handing
+            # over, no timeout: the template is kept for the next start of that node.
+            timeout = None if janitor.watched or spares.busy is not None else idle_ms
             try:
-                events = poller.poll()
+                events = poller.poll(timeout)
             finally:
                 for fd in watched:
                     poller.unregister(fd)
+            if not events and timeout is not None:
+                return  # idle: the next start spawns a template again
             for fd, _ in events:
                 if fd in watched:
                     spares.readable(watched[fd], janitor.adopt)
@@ -921,7 +946,7 @@ def serve(directory: str, key: str | None = None, *, main: Callable[[list[str]],
     inode = os.stat(path).st_ino
     link = quick_link(directory, key) if watch is not None else None
     try:
-        _serve_requests(listener, key, watch)
+        _serve_requests(listener, key, watch, idle_timeout_ms(os.environ))
     finally:
         listener.close()
         _listener = None

@@ -9,10 +9,13 @@ the event loop through `shim.io.copy.Copier`.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import signal
 import stat
+import struct
+import termios
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -40,6 +43,10 @@ LOGGER_STOP_TIMEOUT = 12.0
 LOGGER_READY_TIMEOUT = 30.0
 # After SIGKILL the exit arrives promptly; the bound only protects close().
 _KILL_WAIT = 5.0
+# drain(): how often to look whether the client has read a fifo empty. Only while a
+# process's exit waits on its unread output, within the drain's own bound.
+_UNREAD_FIRST_LOOK = 0.001
+_UNREAD_MAX_LOOK = 0.05
 
 
 class StdioError(Exception):
@@ -189,8 +196,17 @@ class _Dest:
     fd: int
     # Our own read handle on a fifo destination: while it is open a client that
     # goes away makes our writes wait (back-pressure) instead of failing EPIPE.
+    # Once the copies end it stays open until the client has read the fifo empty
+    # (drain), since it is what lets us see how much the client has not read yet.
     keeper: int | None = None
     refs: int = 0
+
+
+def unread_bytes(fd: int) -> int:
+    """How many bytes wait in the pipe or fifo that `fd` is an end of (FIONREAD)."""
+    raw = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+    n: int = struct.unpack("i", raw)[0]
+    return n
 
 
 class _Logger:
@@ -243,6 +259,8 @@ class ProcessIO:
         # (the Go shim copies only after create succeeds, too).
         self._pending_outputs: list[tuple[int, _Dest, str]] = []
         self._dests: dict[int, _Dest] = {}
+        # Keepers of fifos whose copy ended, kept until the client read them empty.
+        self._unread: list[int] = []
         self._console: ConsoleSocket | None = None
         self._master: int | None = None
         self._tty_dest: _Dest | None = None
@@ -282,9 +300,38 @@ class ProcessIO:
             self._stdin_closer = None
 
     async def drain(self, timeout: float) -> None:
+        """Wait (at most `timeout` s) until the output is copied and read.
+
+        Copied: every output copy reached the end of its source and wrote all of it.
+        Read: the client has also taken it out of the fifos. A client may stop
+        reading as soon as the exit is reported (containerd 2.x's client closes its
+        fifos at task Delete, which ctr run calls right after Wait returns), so the
+        bytes still in a fifo then would be lost: the exit waits for them too.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         pending = [c.done for c in self._outputs if not c.done.done()]
         if pending:
             await asyncio.wait(pending, timeout=timeout)
+        # No readiness event says "a pipe is empty" (EPOLLOUT means "not full"), so
+        # look, backing off: one look when the client keeps up, a few when it lags.
+        delay = _UNREAD_FIRST_LOOK
+        for keeper in list(self._unread):
+            # close() may run while we sleep: it takes the keeper out of the list.
+            while keeper in self._unread:
+                try:
+                    unread = unread_bytes(keeper)
+                except OSError:
+                    unread = 0
+                if unread == 0:
+                    self._unread.remove(keeper)
+                    self._close(keeper)
+                    break
+                left = deadline - loop.time()
+                if left <= 0:
+                    return
+                await asyncio.sleep(min(delay, left))
+                delay = min(delay * 2, _UNREAD_MAX_LOOK)
 
     async def close(self) -> None:
         if self._closing is not None:
@@ -300,6 +347,7 @@ class ProcessIO:
             for fd in list(self._fds):
                 self._close(fd)
             self._dests.clear()
+            self._unread.clear()
             if self._logger is not None:
                 await self._logger.stop()
         finally:
@@ -460,9 +508,13 @@ class ProcessIO:
         if dest.refs > 0:
             return
         self._dests.pop(dest.fd, None)
+        # Our write end closed: the client reads what the fifo holds, then EOF.
         self._close(dest.fd)
         if dest.keeper is not None:
-            self._close(dest.keeper)
+            if self._closing is None:
+                self._unread.append(dest.keeper)
+            else:
+                self._close(dest.keeper)
 
     def _open_stdin(self, path: str) -> None:
         # Reading first makes the write open below succeed at once, and both

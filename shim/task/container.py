@@ -308,6 +308,7 @@ class Container:
             wait_execs=self._wait_execs,
             signal_child=toolkit.signal_child,
             on_restored=self._restored,
+            on_reaped=self._flush_oom,
         )
 
     @property
@@ -622,6 +623,11 @@ class Container:
         await asyncio.gather(*(e.settled() for e in list(self.execs.values())))
         # Runs before the init's exit is published: an OOM kill that caused the exit
         # must reach containerd first (CRI derives the OOMKilled reason from it).
+        self._flush_oom()
+
+    def _flush_oom(self) -> None:
+        # Also called the moment the init is reaped: under runc's systemd driver the
+        # container's scope, memory.events with it, goes once systemd sees it empty.
         if self._toolkit.oom is not None:
             self._toolkit.oom.flush(self.id)
 

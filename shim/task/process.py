@@ -427,6 +427,7 @@ class InitProcess(Process):
         wait_execs: Callable[[], Awaitable[None]],
         signal_child: SignalChild | None = None,
         on_restored: Callable[[int], None] | None = None,
+        on_reaped: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(
             container_id=container_id,
@@ -440,6 +441,7 @@ class InitProcess(Process):
         )
         self._kill_all_on_exit = kill_all_on_exit
         self._wait_execs = wait_execs
+        self._on_reaped = on_reaped
         self._pausing = False
         self._signal_child = signal_child
         # Set when this shim's `runc create` made the init, so it is our child: a
@@ -639,6 +641,13 @@ class InitProcess(Process):
             self._forget()
             if self.io is not None:
                 await self.io.close()
+
+    def reaped(self, exit: Exit) -> None:
+        if self._on_reaped is not None:
+            # At once, before anything awaits: what must be read before the container's
+            # cgroup goes (systemd removes a scope as soon as it sees it empty).
+            self._on_reaped()
+        super().reaped(exit)
 
     async def _before_exit_recorded(self) -> None:
         if self._kill_all_on_exit:

@@ -50,13 +50,50 @@ def flat_keyed(path: Path) -> dict[str, int]:
     return {k: int(v) for k, v in (line.split() for line in path.read_text().splitlines())}
 
 
-def run_pair(ctrd: Containerd, image: str, *flags: str) -> dict[str, Path]:
+@pytest.fixture(params=["cgroupfs", "systemd"])
+def driver(request: pytest.FixtureRequest) -> str:
+    """runc's cgroup driver, chosen the ways containerd users choose it."""
+    assert isinstance(request.param, str)
+    return request.param
+
+
+def driver_flags(ctrd: Containerd, driver: str, runtime: str, cid: str, tmp: Path) -> list[str]:
+    """ctr's flags for `driver`: pyshim takes SystemdCgroup from a runtime options TOML
+    (ctr gives a runtime it does not know as runc only that), the Go shim from ctr's
+    runc flag. Either way the container is then the scope system.slice/<prefix>-<id>."""
+    if driver == "cgroupfs":
+        return []
+    cgroup = ["--cgroup", f"system.slice:pyshim{ctrd.namespace}:{cid}"]
+    if runtime == GO_SHIM:
+        return ["--runc-systemd-cgroup", *cgroup]
+    config = tmp / "systemd-cgroup.toml"
+    config.write_text("SystemdCgroup = true\n")
+    return ["--runtime-config-path", str(config), *cgroup]
+
+
+def run_one(
+    ctrd: Containerd, image: str, runtime: str, cid: str, driver: str, tmp: Path, *flags: str
+) -> None:
+    ctrd.ctr("run", "-d", *flags, *driver_flags(ctrd, driver, runtime, cid, tmp),
+             "--runtime", runtime, image, cid, "sleep", "300")  # fmt: skip
+    wait_until(f"{cid} running", lambda: task_status(ctrd, cid) == "RUNNING")
+    group = cgroup_of(init_pid(ctrd, cid))
+    if driver == "systemd":
+        assert group == CGROUP_ROOT / "system.slice" / f"pyshim{ctrd.namespace}-{cid}.scope"
+    else:
+        assert group == CGROUP_ROOT / ctrd.namespace / cid
+
+
+def run_pair(ctrd: Containerd, image: str, driver: str, tmp: Path, *flags: str) -> dict[str, Path]:
     """The same container under pyshim ("py") and the Go shim ("go"): their cgroups."""
     for runtime, cid in ((PYSHIM, "py"), (GO_SHIM, "go")):
-        ctrd.ctr("run", "-d", *flags, "--runtime", runtime, image, cid, "sleep", "300")
-    wait_until("both running",
-               lambda: all(task_status(ctrd, c) == "RUNNING" for c in ("py", "go")))  # fmt: skip
+        run_one(ctrd, image, runtime, cid, driver, tmp, *flags)
     return {cid: cgroup_of(init_pid(ctrd, cid)) for cid in ("py", "go")}
+
+
+def pids_max(group: Path) -> int:
+    raw = (group / "pids.max").read_text().strip()
+    return U64_MAX if raw == "max" else int(raw)
 
 
 def metrics(ctrd: Containerd, cid: str) -> dict[str, Any]:
@@ -76,9 +113,9 @@ def update(ctrd: Containerd, cid: str, resources: bytes) -> None:
 
 
 def test_v2_metrics_are_shaped_and_valued_like_the_go_shims(
-    containerd: Containerd, busybox_image: str
+    containerd: Containerd, busybox_image: str, driver: str, tmp_path: Path
 ) -> None:
-    groups = run_pair(containerd, busybox_image, "--memory-limit", str(64 * MiB))
+    groups = run_pair(containerd, busybox_image, driver, tmp_path, "--memory-limit", str(64 * MiB))
     # ctr leaves out zeros, so a key's absence proves nothing on its own. Counters
     # that only grow, read before the metrics, tell: one already above zero must be
     # in pyshim's figures. memory.stat's sizes go up and down (exempt here: 0), and
@@ -91,8 +128,12 @@ def test_v2_metrics_are_shaped_and_valued_like_the_go_shims(
     py, go = metrics(containerd, "py"), metrics(containerd, "go")
     # The same sections, empty ones included (ctr prints an empty io or rdma as {}).
     assert sorted(py) == sorted(go), (py, go)
-    # Limits and counts of the same container are the same figures, "max" included.
-    assert py["pids"] == go["pids"] == {"current": 1, "limit": U64_MAX}, (py["pids"], go["pids"])
+    # Limits and counts of the same container are the same figures, "max" included
+    # (systemd gives a scope its DefaultTasksMax).
+    want = {"current": 1, "limit": pids_max(groups["py"])}
+    assert py["pids"] == go["pids"] == want, (py["pids"], go["pids"], want)
+    if driver == "cgroupfs":
+        assert want["limit"] == U64_MAX
     for key in ("usage_limit", "swap_limit"):
         assert py["memory"].get(key) == go["memory"].get(key), key
     assert py["memory"]["usage_limit"] == 64 * MiB
@@ -107,9 +148,9 @@ def test_v2_metrics_are_shaped_and_valued_like_the_go_shims(
 
 
 def test_update_writes_the_go_shims_values_and_refuses_bad_json_before_runc(
-    containerd: Containerd, busybox_image: str
+    containerd: Containerd, busybox_image: str, driver: str, tmp_path: Path
 ) -> None:
-    groups = run_pair(containerd, busybox_image, "--memory-limit", str(64 * MiB))
+    groups = run_pair(containerd, busybox_image, driver, tmp_path, "--memory-limit", str(64 * MiB))
     resources = {"memory": {"limit": 48 * MiB}, "cpu": {"quota": 50000, "period": 100000},
                  "pids": {"limit": 20}}  # fmt: skip
     for cid in ("py", "go"):
@@ -134,11 +175,10 @@ def test_update_writes_the_go_shims_values_and_refuses_bad_json_before_runc(
 
 
 def test_pause_and_resume_through_cgroup_freeze(
-    containerd: Containerd, busybox_image: str, events: Events
+    containerd: Containerd, busybox_image: str, events: Events, driver: str, tmp_path: Path
 ) -> None:
     ctr = containerd.ctr
-    ctr("run", "-d", "--runtime", PYSHIM, busybox_image, "p1", "sleep", "300")
-    wait_until("p1 running", lambda: task_status(containerd, "p1") == "RUNNING")
+    run_one(containerd, busybox_image, PYSHIM, "p1", driver, tmp_path)
     ctr("task", "exec", "-d", "--exec-id", "e1", "p1", "sleep", "300")
     group = cgroup_of(init_pid(containerd, "p1"))
     pids = [int(p) for p in (group / "cgroup.procs").read_text().split()]
@@ -159,12 +199,11 @@ def test_pause_and_resume_through_cgroup_freeze(
 
 
 def test_oom_in_an_exec_is_published_from_memory_events(
-    containerd: Containerd, busybox_image: str, events: Events
+    containerd: Containerd, busybox_image: str, events: Events, driver: str, tmp_path: Path
 ) -> None:
     ctr = containerd.ctr
-    ctr("run", "-d", "--memory-limit", str(16 * MiB), "--runtime", PYSHIM,
-        busybox_image, "o1", "sleep", "300")  # fmt: skip
-    wait_until("o1 running", lambda: task_status(containerd, "o1") == "RUNNING")
+    run_one(containerd, busybox_image, PYSHIM, "o1", driver, tmp_path,
+            "--memory-limit", str(16 * MiB))  # fmt: skip
     group = cgroup_of(init_pid(containerd, "o1"))
     res = ctr("task", "exec", "--exec-id", "hog", "o1", "tail", "/dev/zero",
               check=False, timeout=120)  # fmt: skip

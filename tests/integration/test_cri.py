@@ -181,10 +181,16 @@ def test_pod_lifecycle_on_pyshim(node: CriNode) -> None:
     url = c.exec(cri.ExecRequest(container_id=tool, cmd=["sh"], tty=True, stdin=True,
                                  stdout=True))  # fmt: skip
     assert url.startswith(f"http://127.0.0.1:{node.stream_port}/exec/"), url
-    result = ws_exec(url, stdin=b"stty size; echo tty-$((6*7)); exit 5\n", resize=(91, 23))
+    # The resize and the typed line reach the shim by separate ways (ResizePty, the
+    # stdin fifo): wait, bounded, for the size rather than read it once (in a loaded
+    # guest the line won, and stty read a 0x0 terminal).
+    line = (b'i=0; until [ "$(stty size 2>/dev/null)" = "23 91" ] || [ $i -ge 400 ];'
+            b' do i=$((i+1)); sleep 0.05; done;'
+            b' echo "size-$(stty size)"; echo tty-$((6*7)); exit 5\n')  # fmt: skip
+    result = ws_exec(url, stdin=line, resize=(91, 23))
     text = result.stdout.decode(errors="replace")
     assert "tty-42" in text, text
-    assert "23 91" in text, text  # the resize reached the exec's pty
+    assert "size-23 91" in text, text  # the resize reached the exec's pty
     assert result.status.get("status") == "Failure", result.status
     causes = result.status["details"]["causes"]
     assert {"reason": "ExitCode", "message": "5"} in causes, result.status

@@ -45,7 +45,9 @@ def task_status(ctrd: Containerd, cid: str) -> str:
     return "<missing>"
 
 
-def wait_until(what: str, check: Callable[[], bool], timeout: float = 15.0) -> None:
+# A bound on a condition, not a pace: under User-Mode Linux on a loaded machine a
+# `ctr run` took over 15 s to reach RUNNING (VM tier).
+def wait_until(what: str, check: Callable[[], bool], timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() > deadline:

@@ -146,10 +146,12 @@ def _wait_gone(pid: int, timeout: float = 10) -> None:
 
 async def _connect(address: str, cid: str) -> shim_pb2.ConnectResponse:
     path = address.removeprefix("unix://")
-    async with await Client.connect(path, timeout=5) as client:
+    # Bounds, not paces: a re-executed daemon's first answer took over 5 s in a loaded
+    # User-Mode Linux guest (sid, VM tier).
+    async with await Client.connect(path, timeout=30) as client:
         return await client.call(
             TASK_SERVICE, "Connect", shim_pb2.ConnectRequest(id=cid),
-            shim_pb2.ConnectResponse, timeout=5,
+            shim_pb2.ConnectResponse, timeout=30,
         )  # fmt: skip
 
 

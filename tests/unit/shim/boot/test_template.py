@@ -529,6 +529,43 @@ def test_new_template_retires_stale_one(serve: Running) -> None:
     assert not newer.socket.exists()
 
 
+def test_idle_template_exits_with_its_spare(
+    serve: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(template.IDLE_ENV, "2")
+    idle = serve.launch("i" * 24)  # type: ignore[attr-defined]  # retires the first
+    assert serve.exited() is not None
+    _until(lambda: spare_pids(idle.directory), "the idle template's spare")
+    assert idle.exited(timeout=15) == 0
+    assert not idle.socket.exists()
+    _until(lambda: not spare_pids(idle.directory), "the idle template's spare to exit")
+
+
+def test_a_request_restarts_the_idle_wait(serve: Running, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(template.IDLE_ENV, "1.5")
+    idle = serve.launch("i" * 24)  # type: ignore[attr-defined]
+    for _ in range(3):
+        time.sleep(0.7)
+        # A request it refuses is still a request.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
+            conn.settimeout(5)
+            conn.connect(str(idle.socket))
+            conn.send(b"{}")
+            assert b"bad request" in conn.recv(4096)
+    assert idle.exited(timeout=0.05) is None
+    assert idle.exited(timeout=10) == 0
+
+
+@pytest.mark.parametrize(
+    ("value", "ms"),
+    [(None, 300_000), ("2", 2000), ("0.25", 250), ("0", None), ("inf", None), ("-1", 300_000),
+     ("nan", 300_000), ("soon", 300_000)],
+)  # fmt: skip
+def test_idle_timeout_from_the_environment(value: str | None, ms: int | None) -> None:
+    env = {} if value is None else {template.IDLE_ENV: value}
+    assert template.idle_timeout_ms(env) == ms
+
+
 def test_second_template_for_same_key_exits(serve: Running, tdir: Path) -> None:
     # The lock is held: returns at once.
     assert template.serve(str(tdir), KEY, main=_probe_main) == 0

@@ -395,12 +395,75 @@ def test_output_written_right_before_exit_is_drained(run: Runner, tmp_path: Path
             c.end(1)
             c.end(2)
             await asyncio.wait_for(pio.drain(5), 6)
-            # After drain everything is in the fifos and our ends are closed: EOF.
+            # After drain the clients have read everything and our ends are closed: EOF.
             got = await asyncio.wait_for(asyncio.gather(*readers), 5)
             assert got == [b"x" * 60000, b"bye\n"]
         finally:
             c.close()
             await pio.close()
+
+    run(body())
+
+
+async def _until_unread(fd: int, n: int) -> None:
+    deadline = time.monotonic() + 5
+    while stdio.unread_bytes(fd) != n:
+        assert time.monotonic() < deadline, f"{stdio.unread_bytes(fd)} bytes in the fifo, not {n}"
+        await asyncio.sleep(0.01)
+
+
+def test_drain_waits_until_the_client_has_read_the_fifo(run: Runner, tmp_path: Path) -> None:
+    # The exit is reported once drain returns, and a client may stop reading then:
+    # containerd 2.x's client closes its fifos at task Delete, which ctr run calls
+    # as soon as Wait answers. Bytes the copy wrote but the client had not yet read
+    # were lost that way (ctr run under containerd 2.3 on a slow guest).
+    async def body() -> None:
+        out = mkfifo(tmp_path, "out")
+        client = os.open(out, os.O_RDONLY | os.O_NONBLOCK)
+        pio = await open_io(StdioSpec("", out, "", False))
+        c = Container(pio)
+        data = b"x" * 30000 + b"END"
+        try:
+            await pio.started()
+            c.write(1, data)
+            c.end(1)
+            draining = asyncio.ensure_future(pio.drain(10))
+            await _until_unread(client, len(data))  # all copied, none read yet
+            await asyncio.sleep(0.2)
+            assert not draining.done()
+            got = read_until_eof(client)  # our write end is closed: the data, then EOF
+            assert got == data
+            await asyncio.wait_for(draining, 5)
+        finally:
+            c.close()
+            os.close(client)
+            await pio.close()
+
+    run(body())
+
+
+def test_drain_gives_up_on_a_client_that_does_not_read(run: Runner, tmp_path: Path) -> None:
+    async def body() -> None:
+        out = mkfifo(tmp_path, "out")
+        client = os.open(out, os.O_RDONLY | os.O_NONBLOCK)
+        before = fd_count()
+        pio = await open_io(StdioSpec("", out, "", False))
+        c = Container(pio)
+        try:
+            await pio.started()
+            c.write(1, b"never read")
+            c.end(1)
+            await _until_unread(client, len(b"never read"))
+            start = time.monotonic()
+            await pio.drain(0.3)
+            assert 0.25 < time.monotonic() - start < 2
+            await pio.drain(0.1)  # the delete's drain gives up the same way
+        finally:
+            c.close()
+            await pio.close()
+        assert fd_count() == before
+        assert read_until_eof(client) == b"never read"
+        os.close(client)
 
     run(body())
 

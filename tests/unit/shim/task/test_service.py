@@ -819,3 +819,15 @@ async def test_failed_create_stops_watching(
     with pytest.raises(OSError):
         await h.create()
     assert oom.calls == [("watch", "c1"), ("unwatch", "c1")]
+
+
+async def test_oom_is_read_the_moment_the_init_is_reaped(tmp_path: Path) -> None:
+    # Under runc's systemd driver the container's scope, and its memory.events, goes
+    # as soon as systemd sees it empty: the kill is read before anything awaits.
+    h, oom = _oom_harness(tmp_path)
+    pid = await h.run()
+    oom.calls.clear()
+    h.reaper.exit(pid, 137)
+    assert oom.calls == [("flush", "c1")]
+    await h.service.wait(shim_pb2.WaitRequest(id="c1"))
+    assert oom.calls[-1] == ("flush", "c1")
