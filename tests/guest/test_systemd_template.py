@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from crashtest.containerd import START_TIMEOUT
 from shim.boot.template import IDLE_ENV, TEMPLATE_COMM
 from tests.guest.test_cgroup_v2 import CGROUP_ROOT
 from tests.integration.test_stats_oom import PYSHIM, task_status, wait_until
-from tests.support.containerd import START_TIMEOUT, Containerd
+from tests.support.containerd import Containerd
 from tests.support.cri import BUSYBOX_REF
 
 pytestmark = pytest.mark.integration
