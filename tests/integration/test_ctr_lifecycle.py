@@ -233,8 +233,9 @@ def test_orphans_are_reaped_by_the_shim(containerd: Containerd) -> None:
     # re-parented to the nearest subreaper: the shim. (ctr --with-ns pid:/proc/1/ns/pid
     # fails in runc on this host for the Go shim too, so the spec comes from --config.)
     rootfs = build_busybox_rootfs(containerd.tmp / "orph-rootfs")
-    # The orphans live long enough to be seen on a slow machine (a VM), then go.
-    script = "for i in 1 2 3; do (sleep 5 &); done; exec sleep 1000"
+    # The orphans live until the test has seen them re-parented and kills them: a
+    # fixed lifetime raced the test on a busy machine (they had gone before it looked).
+    script = "for i in 1 2 3; do (sleep 1000 &); done; exec sleep 1000"
     config = oci_config(["sh", "-c", script], pid_namespace=False, root_path=str(rootfs))
     config_path = containerd.tmp / "orph.json"
     config_path.write_text(json.dumps(config))
@@ -244,7 +245,14 @@ def test_orphans_are_reaped_by_the_shim(containerd: Containerd) -> None:
     sock = shim_socket(containerd, "orph")
     init = task_pid(containerd, "orph")
     [shim] = [p for p in containerd.shim_pids() if init in dict(children(p))]
-    wait_until("the orphans to reach the shim", lambda: len(children(shim)) >= 4, timeout=5)
+
+    def orphans() -> list[int]:
+        return [p for p, _ in children(shim) if p != init]
+
+    wait_until("the orphans to reach the shim", lambda: len(orphans()) == 3, timeout=60)
+    for pid in orphans():
+        os.kill(pid, signal.SIGKILL)
+    # Reaped by the shim (a zombie would stay its child).
     wait_until("the orphans to be reaped", lambda: [p for p, _ in children(shim)] == [init],
                timeout=30)  # fmt: skip
     assert task_status(containerd, "orph") == "RUNNING"
