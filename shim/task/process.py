@@ -154,17 +154,10 @@ class _Created(_State):
         return DELETED
 
 
-class _CreatedCheckpoint(_State):
-    """Created from a checkpoint: nothing runs until Start restores it."""
-
-    status = types_pb2.CREATED
-    name = "created"
-
-    def start(self) -> _State:
-        return RUNNING
-
-    def delete(self) -> _State:
-        return DELETED
+class _CreatedCheckpoint(_Created):
+    """Created from a checkpoint: nothing runs until Start restores it. Its own
+    instance, so the operations that differ (pause, resume, checkpoint) can tell it
+    from CREATED by identity."""
 
 
 class _Running(_State):
