@@ -23,9 +23,13 @@ def pytest_runtest_makereport(
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
     if report.failed and report.when in ("setup", "call"):
-        ctrd = getattr(item, "funcargs", {}).get("containerd")
-        if isinstance(ctrd, Containerd):
-            report.sections.append((f"containerd log tail ({ctrd.log_path})", ctrd.log_tail(120)))
+        # A test's own containerd, or the one inside a fixture's node (CRI's CriNode).
+        for value in getattr(item, "funcargs", {}).values():
+            ctrd = value if isinstance(value, Containerd) else getattr(value, "containerd", None)
+            if isinstance(ctrd, Containerd):
+                report.sections.append(
+                    (f"containerd log tail ({ctrd.log_path})", ctrd.log_tail(120))
+                )
     return report
 
 
