@@ -10,26 +10,42 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
-
-from google.protobuf import empty_pb2
-from google.protobuf.message import Message
 
 from manager import units
 from manager.apiclient import BlockingManagerClient, ManagerClient, ManagerNotRunning
 from manager.paths import Paths
 from manager.streams import POLL_INTERVAL, LogTail, forward_stdin
-from manager.terminal import raw_mode, terminal_size
-from protocol.proto import timeutil
-from protocol.proto.manager.v1 import manager_pb2 as pb
+from protocol.proto.manager.v1 import manager_lite as lite
 from protocol.ttrpc.status import Code, TtrpcError
 
 if TYPE_CHECKING:
     import asyncio
+    from collections.abc import Callable, Coroutine, Sequence
+
+    from google.protobuf.message import Message
 
     from manager.logindex import LineTimes
+    from protocol.proto import timeutil
+    from protocol.proto.lite import WireMessage
+    from protocol.proto.manager.v1 import manager_pb2 as pb
+else:
+
+    class _Lazy:
+        """A module imported on first use: `run`, `wait`, `rm` and `kill` build
+        LiteMessages (manager_lite) and never import protobuf (~40 % of a `pyshim run`'s
+        own CPU); the other commands still use the generated classes."""
+
+        def __init__(self, name: str) -> None:
+            self._name = name
+
+        def __getattr__(self, attr: str) -> Any:
+            module = __import__(self._name, fromlist=["_"])
+            return getattr(module, attr)
+
+    pb = _Lazy("protocol.proto.manager.v1.manager_pb2")
+    timeutil = _Lazy("protocol.proto.timeutil")
 
 T = TypeVar("T")
 # docker's convention: the manager failed, as opposed to the container's own status.
@@ -72,7 +88,7 @@ def parse_restart(text: str) -> tuple[str, int]:
     )
 
 
-def parse_publish(text: str) -> pb.PortMapping:
+def parse_publish(text: str) -> lite.PortMapping:
     """``HOST:CONTAINER[/tcp|udp]`` or ``IP:HOST:CONTAINER[/tcp|udp]``."""
     spec, _, proto = text.partition("/")
     proto = proto or "tcp"
@@ -88,10 +104,12 @@ def parse_publish(text: str) -> pb.PortMapping:
         raise argparse.ArgumentTypeError(f"invalid -p {text!r}: ports are numbers") from None
     if not (0 < host < 65536 and 0 < container < 65536):
         raise argparse.ArgumentTypeError(f"invalid -p {text!r}: ports are 1-65535")
-    return pb.PortMapping(host_port=host, container_port=container, protocol=proto, host_ip=host_ip)
+    return lite.PortMapping(
+        host_port=host, container_port=container, protocol=proto, host_ip=host_ip
+    )
 
 
-def parse_volume(text: str) -> pb.MountRequest:
+def parse_volume(text: str) -> lite.MountRequest:
     """``-v /host:/dest[:ro|rw]`` (a bind) or ``-v NAME:/dest[:ro|rw]`` (a named volume)."""
     parts = text.split(":")
     mode = parts.pop() if len(parts) == 3 else ""
@@ -105,15 +123,15 @@ def parse_volume(text: str) -> pb.MountRequest:
     kind = "bind" if source.startswith(("/", ".")) else "volume"
     if kind == "bind":
         source = os.path.abspath(source)
-    return pb.MountRequest(type=kind, source=source, destination=dest, readonly=mode == "ro")
+    return lite.MountRequest(type=kind, source=source, destination=dest, readonly=mode == "ro")
 
 
-def parse_tmpfs(text: str) -> pb.MountRequest:
+def parse_tmpfs(text: str) -> lite.MountRequest:
     """``--tmpfs /dest[:size=64m,mode=1777,noexec]``."""
     dest, _, options = text.partition(":")
     if not dest.startswith("/"):
         raise argparse.ArgumentTypeError(f"invalid --tmpfs {text!r}: {dest} is not absolute")
-    return pb.MountRequest(type="tmpfs", destination=dest, options=options)
+    return lite.MountRequest(type="tmpfs", destination=dest, options=options)
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
@@ -420,9 +438,11 @@ async def _interactive_session(
     stdin_path: str,
     tty: bool,
     from_end: bool,
-) -> pb.WaitResponse:
+) -> lite.WaitResponse:
     """Show output, feed stdin, follow the terminal size, until the process exits."""
     import asyncio
+
+    from manager.terminal import raw_mode, terminal_size
 
     loop = asyncio.get_running_loop()
     tail = LogTail(Path(log_path), sys.stdout.fileno(), from_end=from_end)
@@ -467,7 +487,9 @@ async def _interactive_session(
     return result
 
 
-def _output_until_exit(mc: BlockingManagerClient, container: str, log_path: str) -> pb.WaitResponse:
+def _output_until_exit(
+    mc: BlockingManagerClient, container: str, log_path: str
+) -> lite.WaitResponse:
     """_interactive_session without a terminal or stdin, on the blocking client: the log
     is copied while Wait is pending, then once more (the shim drains a process's
     output into the log before it reports the exit)."""
@@ -481,7 +503,7 @@ def _output_until_exit(mc: BlockingManagerClient, container: str, log_path: str)
     return result
 
 
-def _report_exit(res: pb.WaitResponse) -> None:
+def _report_exit(res: lite.WaitResponse) -> None:
     if res.exit_reason:
         sys.stderr.write(f"pyshim: {res.exit_reason}\n")
 
@@ -489,7 +511,7 @@ def _report_exit(res: pb.WaitResponse) -> None:
 async def cmd_run(mc: ManagerClient, args: argparse.Namespace) -> int:
     image, cmd = split_image_and_cmd(args.image_and_cmd, args.rootfs)
     rootfs = str(Path(args.rootfs).absolute()) if args.rootfs else ""
-    cfg = pb.ContainerConfig(
+    cfg = lite.ContainerConfig(
         name=args.name or "",
         args=cmd,
         env=args.env,
@@ -513,9 +535,11 @@ async def cmd_run(mc: ManagerClient, args: argparse.Namespace) -> int:
     if args.rm and args.restart[0] != "no":
         raise UsageError("--rm and --restart cannot be combined")
     if args.tty:
+        from manager.terminal import terminal_size
+
         cfg.tty_width, cfg.tty_height = terminal_size(sys.stdin.fileno())
     try:
-        resp = await mc.call("Run", pb.RunRequest(config=cfg), pb.RunResponse)
+        resp = await mc.call("Run", lite.RunRequest(config=cfg), lite.RunResponse)
     except TtrpcError as exc:
         if not (image and exc.code == Code.NOT_FOUND and exc.message.startswith("image ")):
             raise
@@ -524,7 +548,7 @@ async def cmd_run(mc: ManagerClient, args: argparse.Namespace) -> int:
         # docker's way: an image that is not here is pulled, then run.
         sys.stderr.write(f"Unable to find image {image!r} locally\n")
         await _pull(mc, image)
-        resp = await mc.call("Run", pb.RunRequest(config=cfg), pb.RunResponse)
+        resp = await mc.call("Run", lite.RunRequest(config=cfg), lite.RunResponse)
     c = resp.container
     if args.detach:
         print(c.id)
@@ -545,7 +569,7 @@ async def cmd_run(mc: ManagerClient, args: argparse.Namespace) -> int:
     finally:
         if args.rm:
             with contextlib.suppress(TtrpcError):
-                await mc.empty("Remove", pb.RemoveRequest(container=c.id, force=True))
+                await mc.empty("Remove", lite.RemoveRequest(container=c.id, force=True))
     _report_exit(res)
     return res.exit_status
 
@@ -564,6 +588,8 @@ async def cmd_exec(mc: ManagerClient, args: argparse.Namespace) -> int:
         stdin=args.interactive,
     )
     if args.tty:
+        from manager.terminal import terminal_size
+
         req.tty_width, req.tty_height = terminal_size(sys.stdin.fileno())
     resp = await mc.call("Exec", req, pb.ExecResponse)
     res = await _interactive_session(
@@ -694,7 +720,7 @@ async def cmd_logs(mc: ManagerClient, args: argparse.Namespace) -> int:
 
 
 async def cmd_kill(mc: ManagerClient, args: argparse.Namespace) -> int:
-    await mc.empty("Kill", pb.KillRequest(container=args.container, signal=args.signal))
+    await mc.empty("Kill", lite.KillRequest(container=args.container, signal=args.signal))
     return 0
 
 
@@ -709,7 +735,7 @@ async def cmd_rm(mc: ManagerClient, args: argparse.Namespace) -> int:
     rc = 0
     for ref in args.containers:
         try:
-            await mc.empty("Remove", pb.RemoveRequest(container=ref, force=args.force))
+            await mc.empty("Remove", lite.RemoveRequest(container=ref, force=args.force))
         except TtrpcError as exc:
             sys.stderr.write(f"pyshim: {exc.message}\n")
             rc = EXIT_MANAGER_ERROR
@@ -719,13 +745,13 @@ async def cmd_rm(mc: ManagerClient, args: argparse.Namespace) -> int:
 
 
 async def _each(
-    mc: ManagerClient, refs: Sequence[str], method: str, make: Callable[[str], Message]
+    mc: ManagerClient, refs: Sequence[str], method: str, make: Callable[[str], WireMessage]
 ) -> int:
     """One request per container, docker's way: print each that worked, report the rest."""
     rc = 0
     for ref in refs:
         try:
-            await mc.call(method, make(ref), _RESPONSES.get(method, empty_pb2.Empty))
+            await mc.call(method, make(ref), _response_type(method))
         except TtrpcError as exc:
             sys.stderr.write(f"pyshim: {exc.message}\n")
             rc = EXIT_MANAGER_ERROR
@@ -734,10 +760,9 @@ async def _each(
     return rc
 
 
-_RESPONSES: dict[str, type[Message]] = {
-    "Start": pb.StartResponse,
-    "Restart": pb.StartResponse,
-}
+def _response_type(method: str) -> type[WireMessage]:
+    """What _each's methods answer: Start and Restart the new run, the others Empty."""
+    return pb.StartResponse if method in ("Start", "Restart") else lite.Empty
 
 
 async def cmd_stop(mc: ManagerClient, args: argparse.Namespace) -> int:
