@@ -212,192 +212,308 @@ def parse_signal(text: str) -> int:
         raise argparse.ArgumentTypeError(f"unknown signal {text!r}") from None
 
 
+class _CommandParser(argparse.ArgumentParser):
+    """A command's parser that gets its arguments when it is used (parsing, help):
+    every command's add_argument calls on each start cost a `pyshim run` ~15 % of its
+    own CPU. `pyshim --help` lists the commands from their add_parser help."""
+
+    _fill: Callable[[argparse.ArgumentParser], None] | None = None
+
+    def arguments(
+        self, fill: Callable[[argparse.ArgumentParser], None]
+    ) -> Callable[[argparse.ArgumentParser], None]:
+        """Decorator: ``fill(self)`` adds this command's arguments, once, when needed."""
+        self._fill = fill
+        return fill
+
+    def _filled(self) -> None:
+        fill, self._fill = self._fill, None
+        if fill is not None:
+            fill(self)
+
+    # Every way of parsing (parse_args, parse_known_args, a parent's subcommand
+    # action; Python 3.11-3.13) goes through _parse_known_args.
+    def _parse_known_args(self, *args: Any, **kwargs: Any) -> Any:
+        self._filled()
+        return super()._parse_known_args(*args, **kwargs)
+
+    def format_usage(self) -> str:
+        self._filled()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self._filled()
+        return super().format_help()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pyshim", description="run containers with pyshimd")
     p.add_argument("--run-dir", help="pyshimd's run dir (env PYSHIM_RUN_DIR, /run/pyshim)")
     p.add_argument("--state-dir", help="pyshimd's state dir (env PYSHIM_STATE_DIR)")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser
+    )
 
     run = sub.add_parser("run", help="create and start a container")
-    run.add_argument("--rm", action="store_true", help="remove it once it exited")
-    run.add_argument("-d", "--detach", action="store_true", help="print its id and return")
-    run.add_argument("-t", "--tty", action="store_true", help="give it a terminal")
-    run.add_argument("-i", "--interactive", action="store_true", help="keep its stdin open")
-    run.add_argument("--name")
-    run.add_argument("-e", "--env", action="append", default=[], type=parse_env, metavar="K=V")
-    run.add_argument("-w", "--workdir", default="")
-    run.add_argument("-u", "--user", default="", metavar="UID[:GID]")
-    run.add_argument(
-        "-m", "--memory", type=parse_size, default=0, metavar="SIZE", help="limit, e.g. 512m, 1g"
-    )
-    run.add_argument("--cpus", type=parse_cpus, default=0.0)
-    run.add_argument(
-        "--restart",
-        type=parse_restart,
-        default=("no", 0),
-        metavar="POLICY",
-        help="no (default), on-failure[:N], always, unless-stopped",
-    )
-    run.add_argument(
-        "--network",
-        "--net",
-        default="bridge",
-        choices=["bridge", "host", "none"],
-        help="bridge (default: pyshimd's bridge, NAT to the outside), host, none",
-    )
-    run.add_argument(
-        "-p",
-        "--publish",
-        action="append",
-        default=[],
-        type=parse_publish,
-        metavar="HOST:CONTAINER[/PROTO]",
-        help="publish a container port on the host (bridge network)",
-    )
-    run.add_argument(
-        "-v",
-        "--volume",
-        action="append",
-        default=[],
-        type=parse_volume,
-        metavar="SRC:DEST[:ro]",
-        help="bind a host dir (absolute or ./relative SRC) or a named volume (SRC=NAME)",
-    )
-    run.add_argument(
-        "--tmpfs",
-        action="append",
-        default=[],
-        type=parse_tmpfs,
-        metavar="DEST[:OPTS]",
-        help="a tmpfs, e.g. /cache:size=64m,mode=1777",
-    )
-    run.add_argument(
-        "--stop-signal", default="", metavar="SIGNAL", help="for stop (default: the image's)"
-    )
-    run.add_argument("--rootfs", default="", help="use this directory as the root")
-    run.add_argument("image_and_cmd", nargs=argparse.REMAINDER, metavar="[IMAGE] -- CMD")
+
+    @run.arguments
+    def _(run: argparse.ArgumentParser) -> None:
+        run.add_argument("--rm", action="store_true", help="remove it once it exited")
+        run.add_argument("-d", "--detach", action="store_true", help="print its id and return")
+        run.add_argument("-t", "--tty", action="store_true", help="give it a terminal")
+        run.add_argument("-i", "--interactive", action="store_true", help="keep its stdin open")
+        run.add_argument("--name")
+        run.add_argument("-e", "--env", action="append", default=[], type=parse_env, metavar="K=V")
+        run.add_argument("-w", "--workdir", default="")
+        run.add_argument("-u", "--user", default="", metavar="UID[:GID]")
+        run.add_argument(
+            "-m",
+            "--memory",
+            type=parse_size,
+            default=0,
+            metavar="SIZE",
+            help="limit, e.g. 512m, 1g",
+        )
+        run.add_argument("--cpus", type=parse_cpus, default=0.0)
+        run.add_argument(
+            "--restart",
+            type=parse_restart,
+            default=("no", 0),
+            metavar="POLICY",
+            help="no (default), on-failure[:N], always, unless-stopped",
+        )
+        run.add_argument(
+            "--network",
+            "--net",
+            default="bridge",
+            choices=["bridge", "host", "none"],
+            help="bridge (default: pyshimd's bridge, NAT to the outside), host, none",
+        )
+        run.add_argument(
+            "-p",
+            "--publish",
+            action="append",
+            default=[],
+            type=parse_publish,
+            metavar="HOST:CONTAINER[/PROTO]",
+            help="publish a container port on the host (bridge network)",
+        )
+        run.add_argument(
+            "-v",
+            "--volume",
+            action="append",
+            default=[],
+            type=parse_volume,
+            metavar="SRC:DEST[:ro]",
+            help="bind a host dir (absolute or ./relative SRC) or a named volume (SRC=NAME)",
+        )
+        run.add_argument(
+            "--tmpfs",
+            action="append",
+            default=[],
+            type=parse_tmpfs,
+            metavar="DEST[:OPTS]",
+            help="a tmpfs, e.g. /cache:size=64m,mode=1777",
+        )
+        run.add_argument(
+            "--stop-signal", default="", metavar="SIGNAL", help="for stop (default: the image's)"
+        )
+        run.add_argument("--rootfs", default="", help="use this directory as the root")
+        run.add_argument("image_and_cmd", nargs=argparse.REMAINDER, metavar="[IMAGE] -- CMD")
 
     ex = sub.add_parser("exec", help="run a command in a running container")
-    ex.add_argument("-t", "--tty", action="store_true")
-    ex.add_argument("-i", "--interactive", action="store_true")
-    ex.add_argument("-e", "--env", action="append", default=[], type=parse_env, metavar="K=V")
-    ex.add_argument("-w", "--workdir", default="")
-    ex.add_argument("-u", "--user", default="", metavar="UID[:GID]")
-    ex.add_argument("container")
-    ex.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD")
+
+    @ex.arguments
+    def _(ex: argparse.ArgumentParser) -> None:
+        ex.add_argument("-t", "--tty", action="store_true")
+        ex.add_argument("-i", "--interactive", action="store_true")
+        ex.add_argument("-e", "--env", action="append", default=[], type=parse_env, metavar="K=V")
+        ex.add_argument("-w", "--workdir", default="")
+        ex.add_argument("-u", "--user", default="", metavar="UID[:GID]")
+        ex.add_argument("container")
+        ex.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD")
 
     at = sub.add_parser("attach", help="connect to a container's output (and stdin)")
-    at.add_argument("container")
+
+    @at.arguments
+    def _(at: argparse.ArgumentParser) -> None:
+        at.add_argument("container")
 
     ps = sub.add_parser("ps", help="list containers")
-    ps.add_argument("-a", "--all", action="store_true", help="include stopped containers")
-    ps.add_argument("--json", action="store_true")
+
+    @ps.arguments
+    def _(ps: argparse.ArgumentParser) -> None:
+        ps.add_argument("-a", "--all", action="store_true", help="include stopped containers")
+        ps.add_argument("--json", action="store_true")
 
     lg = sub.add_parser("logs", help="print a container's output")
-    lg.add_argument("-f", "--follow", action="store_true")
-    lg.add_argument(
-        "-n", "--tail", type=parse_tail, default=-1, metavar="N", help="only the last N lines"
-    )
-    lg.add_argument("-t", "--timestamps", action="store_true", help="when each line was written")
-    lg.add_argument(
-        "--since",
-        type=parse_since,
-        default=0,
-        metavar="WHEN",
-        help="lines written since: 10m, 1h30m, 2026-12-06T20:00:00Z or unix seconds",
-    )
-    lg.add_argument("container")
+
+    @lg.arguments
+    def _(lg: argparse.ArgumentParser) -> None:
+        lg.add_argument("-f", "--follow", action="store_true")
+        lg.add_argument(
+            "-n", "--tail", type=parse_tail, default=-1, metavar="N", help="only the last N lines"
+        )
+        lg.add_argument(
+            "-t", "--timestamps", action="store_true", help="when each line was written"
+        )
+        lg.add_argument(
+            "--since",
+            type=parse_since,
+            default=0,
+            metavar="WHEN",
+            help="lines written since: 10m, 1h30m, 2026-12-06T20:00:00Z or unix seconds",
+        )
+        lg.add_argument("container")
 
     k = sub.add_parser("kill", help="signal a container")
-    k.add_argument("-s", "--signal", type=parse_signal, default=int(signal.SIGKILL))
-    k.add_argument("container")
+
+    @k.arguments
+    def _(k: argparse.ArgumentParser) -> None:
+        k.add_argument("-s", "--signal", type=parse_signal, default=int(signal.SIGKILL))
+        k.add_argument("container")
 
     w = sub.add_parser("wait", help="print a container's exit status once it exited")
-    w.add_argument("container")
+
+    @w.arguments
+    def _(w: argparse.ArgumentParser) -> None:
+        w.add_argument("container")
 
     rm = sub.add_parser("rm", help="remove containers")
-    rm.add_argument("-f", "--force", action="store_true", help="kill it first if running")
-    rm.add_argument("containers", nargs="+", metavar="container")
+
+    @rm.arguments
+    def _(rm: argparse.ArgumentParser) -> None:
+        rm.add_argument("-f", "--force", action="store_true", help="kill it first if running")
+        rm.add_argument("containers", nargs="+", metavar="container")
 
     ins = sub.add_parser("inspect", help="a container's details as JSON")
-    ins.add_argument("container")
+
+    @ins.arguments
+    def _(ins: argparse.ArgumentParser) -> None:
+        ins.add_argument("container")
 
     st = sub.add_parser(
         "stop", help="stop containers: the stop signal, then SIGKILL after the timeout"
     )
-    st.add_argument(
-        "-t", "--time", type=parse_timeout, default=-1, metavar="SECONDS", help="default 10"
-    )
-    st.add_argument("containers", nargs="+", metavar="container")
+
+    @st.arguments
+    def _(st: argparse.ArgumentParser) -> None:
+        st.add_argument(
+            "-t", "--time", type=parse_timeout, default=-1, metavar="SECONDS", help="default 10"
+        )
+        st.add_argument("containers", nargs="+", metavar="container")
+
     sa = sub.add_parser("start", help="start stopped containers again (same id, same log)")
-    sa.add_argument(
-        "--checkpoint",
-        default="",
-        metavar="DIR",
-        help="continue from this checkpoint (pyshim checkpoint --output DIR) instead of "
-        "running the command anew; one container only",
-    )
-    sa.add_argument("containers", nargs="+", metavar="container")
+
+    @sa.arguments
+    def _(sa: argparse.ArgumentParser) -> None:
+        sa.add_argument(
+            "--checkpoint",
+            default="",
+            metavar="DIR",
+            help="continue from this checkpoint (pyshim checkpoint --output DIR) instead of "
+            "running the command anew; one container only",
+        )
+        sa.add_argument("containers", nargs="+", metavar="container")
+
     cp = sub.add_parser(
         "checkpoint",
         help="save a running container's processes to a directory (CRIU); it stops unless "
         "--leave-running; `pyshim start --checkpoint DIR` continues it",
     )
-    cp.add_argument(
-        "-o",
-        "--output",
-        required=True,
-        metavar="DIR",
-        help="where CRIU writes its images: a new or empty directory",
-    )
-    cp.add_argument(
-        "--leave-running", action="store_true", help="keep the container running afterwards"
-    )
-    cp.add_argument("container")
+
+    @cp.arguments
+    def _(cp: argparse.ArgumentParser) -> None:
+        cp.add_argument(
+            "-o",
+            "--output",
+            required=True,
+            metavar="DIR",
+            help="where CRIU writes its images: a new or empty directory",
+        )
+        cp.add_argument(
+            "--leave-running", action="store_true", help="keep the container running afterwards"
+        )
+        cp.add_argument("container")
+
     rs = sub.add_parser("restart", help="stop, then start containers")
-    rs.add_argument(
-        "-t", "--time", type=parse_timeout, default=-1, metavar="SECONDS", help="default 10"
-    )
-    rs.add_argument("containers", nargs="+", metavar="container")
+
+    @rs.arguments
+    def _(rs: argparse.ArgumentParser) -> None:
+        rs.add_argument(
+            "-t", "--time", type=parse_timeout, default=-1, metavar="SECONDS", help="default 10"
+        )
+        rs.add_argument("containers", nargs="+", metavar="container")
+
     pa = sub.add_parser("pause", help="freeze every process of containers")
-    pa.add_argument("containers", nargs="+", metavar="container")
+
+    @pa.arguments
+    def _(pa: argparse.ArgumentParser) -> None:
+        pa.add_argument("containers", nargs="+", metavar="container")
+
     up = sub.add_parser("unpause", help="thaw paused containers")
-    up.add_argument("containers", nargs="+", metavar="container")
+
+    @up.arguments
+    def _(up: argparse.ArgumentParser) -> None:
+        up.add_argument("containers", nargs="+", metavar="container")
 
     sts = sub.add_parser("stats", help="CPU, memory, pids and network I/O of containers")
-    sts.add_argument("--no-stream", action="store_true", help="one sample, then exit")
-    sts.add_argument("--json", action="store_true", help="with --no-stream: as JSON")
-    sts.add_argument("containers", nargs="*", metavar="container", help="default: all running")
+
+    @sts.arguments
+    def _(sts: argparse.ArgumentParser) -> None:
+        sts.add_argument("--no-stream", action="store_true", help="one sample, then exit")
+        sts.add_argument("--json", action="store_true", help="with --no-stream: as JSON")
+        sts.add_argument("containers", nargs="*", metavar="container", help="default: all running")
+
     tp = sub.add_parser("top", help="the processes of a container")
-    tp.add_argument("--json", action="store_true")
-    tp.add_argument("container")
+
+    @tp.arguments
+    def _(tp: argparse.ArgumentParser) -> None:
+        tp.add_argument("--json", action="store_true")
+        tp.add_argument("container")
 
     pl = sub.add_parser("pull", help="fetch an image from a registry (OCI distribution API)")
-    pl.add_argument("ref", metavar="IMAGE", help="e.g. busybox, registry.example:5000/app:1")
+
+    @pl.arguments
+    def _(pl: argparse.ArgumentParser) -> None:
+        pl.add_argument("ref", metavar="IMAGE", help="e.g. busybox, registry.example:5000/app:1")
+
     lo = sub.add_parser("login", help="keep credentials for a registry (checked first)")
-    lo.add_argument("registry", metavar="HOST[:PORT]")
-    lo.add_argument("-u", "--username", required=True)
-    lo.add_argument("-p", "--password", help="prefer --password-stdin")
-    lo.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+
+    @lo.arguments
+    def _(lo: argparse.ArgumentParser) -> None:
+        lo.add_argument("registry", metavar="HOST[:PORT]")
+        lo.add_argument("-u", "--username", required=True)
+        lo.add_argument("-p", "--password", help="prefer --password-stdin")
+        lo.add_argument(
+            "--password-stdin", action="store_true", help="read the password from stdin"
+        )
 
     vol = sub.add_parser("volume", help="manage named volumes")
-    vsub = vol.add_subparsers(dest="volume_command", required=True, metavar="COMMAND")
-    vc = vsub.add_parser("create", help="create a volume (run -v NAME:/dir also does)")
-    vc.add_argument("name")
-    vls = vsub.add_parser("ls", help="list volumes")
-    vls.add_argument("--json", action="store_true")
-    vrm = vsub.add_parser("rm", help="remove volumes no container uses")
-    vrm.add_argument("names", nargs="+", metavar="name")
+
+    @vol.arguments
+    def _(vol: argparse.ArgumentParser) -> None:
+        vsub = vol.add_subparsers(dest="volume_command", required=True, metavar="COMMAND")
+        vc = vsub.add_parser("create", help="create a volume (run -v NAME:/dir also does)")
+        vc.add_argument("name")
+        vls = vsub.add_parser("ls", help="list volumes")
+        vls.add_argument("--json", action="store_true")
+        vrm = vsub.add_parser("rm", help="remove volumes no container uses")
+        vrm.add_argument("names", nargs="+", metavar="name")
 
     img = sub.add_parser("image", help="manage images")
-    isub = img.add_subparsers(dest="image_command", required=True, metavar="COMMAND")
-    imp = isub.add_parser("import", help="import an OCI image layout or docker-archive tar")
-    imp.add_argument("archive")
-    imp.add_argument("--ref", default="", help="name for an image the archive leaves unnamed")
-    ils = isub.add_parser("ls", help="list images")
-    ils.add_argument("--json", action="store_true")
-    irm = isub.add_parser("rm", help="remove an image")
-    irm.add_argument("ref")
+
+    @img.arguments
+    def _(img: argparse.ArgumentParser) -> None:
+        isub = img.add_subparsers(dest="image_command", required=True, metavar="COMMAND")
+        imp = isub.add_parser("import", help="import an OCI image layout or docker-archive tar")
+        imp.add_argument("archive")
+        imp.add_argument("--ref", default="", help="name for an image the archive leaves unnamed")
+        ils = isub.add_parser("ls", help="list images")
+        ils.add_argument("--json", action="store_true")
+        irm = isub.add_parser("rm", help="remove an image")
+        irm.add_argument("ref")
+
     return p
 
 
