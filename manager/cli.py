@@ -231,11 +231,11 @@ class _CommandParser(argparse.ArgumentParser):
         if fill is not None:
             fill(self)
 
-    # Every way of parsing (parse_args, parse_known_args, a parent's subcommand
-    # action; Python 3.11-3.13) goes through _parse_known_args.
-    def _parse_known_args(self, *args: Any, **kwargs: Any) -> Any:
+    # Every way of parsing (parse_args, a parent's subcommand action) starts here, and
+    # sets the arguments' defaults before anything else.
+    def parse_known_args(self, *args: Any, **kwargs: Any) -> Any:
         self._filled()
-        return super()._parse_known_args(*args, **kwargs)
+        return super().parse_known_args(*args, **kwargs)
 
     def format_usage(self) -> str:
         self._filled()
