@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, TypeVar
 
+from manager.paths import Paths, socket_path
 from protocol.proto.manager.v1 import manager_lite as lite
 from protocol.ttrpc.blocking import BlockingClient
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from manager.paths import Paths
     from protocol.proto.lite import WireMessage
     from protocol.proto.manager.v1 import manager_pb2 as pb
     from protocol.ttrpc.client import Client
@@ -38,14 +38,15 @@ class ManagerClient:
     blocking = False
 
     @classmethod
-    async def connect(cls, paths: Paths) -> ManagerClient:
+    async def connect(cls, run_dir: str | None, state_dir: str | None) -> ManagerClient:
+        """pyshimd at the run dir the flags (or the environment) name."""
         # Imported by those who use it: it brings asyncio.
         from protocol.ttrpc.client import Client
 
         try:
-            client = await Client.connect(str(paths.socket), timeout=CONNECT_TIMEOUT)
+            client = await Client.connect(socket_path(run_dir), timeout=CONNECT_TIMEOUT)
         except OSError as exc:
-            _raise_not_running(paths, exc)
+            _raise_not_running(run_dir, state_dir, exc)
             raise
         return cls(client)
 
@@ -79,11 +80,11 @@ class BlockingManagerClient(ManagerClient):
         self._blocking = client
 
     @classmethod
-    def connect_blocking(cls, paths: Paths) -> BlockingManagerClient:
+    def connect_blocking(cls, run_dir: str | None, state_dir: str | None) -> BlockingManagerClient:
         try:
-            client = BlockingClient.connect(str(paths.socket), timeout=CONNECT_TIMEOUT)
+            client = BlockingClient.connect(socket_path(run_dir), timeout=CONNECT_TIMEOUT)
         except OSError as exc:
-            _raise_not_running(paths, exc)
+            _raise_not_running(run_dir, state_dir, exc)
             raise
         return cls(client)
 
@@ -103,9 +104,9 @@ class BlockingManagerClient(ManagerClient):
         )
 
 
-def _raise_not_running(paths: Paths, exc: OSError) -> None:
+def _raise_not_running(run_dir: str | None, state_dir: str | None, exc: OSError) -> None:
     """ManagerNotRunning for the errors that mean it; others stay as they are."""
-    err = _not_running(paths, exc)
+    err = _not_running(Paths.resolve(run_dir, state_dir), exc)
     if err is not None:
         raise err from exc
 

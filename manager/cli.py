@@ -4,25 +4,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import re
 import signal
 import sys
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from manager import units
 from manager.apiclient import BlockingManagerClient, ManagerClient, ManagerNotRunning
-from manager.paths import Paths
 from manager.streams import POLL_INTERVAL, LogTail, forward_stdin
 from protocol.proto.manager.v1 import manager_lite as lite
 from protocol.ttrpc.status import Code, TtrpcError
 
 if TYPE_CHECKING:
     import asyncio
+    import json
     from collections.abc import Callable, Coroutine, Sequence
+    from pathlib import Path
 
     from google.protobuf.message import Message
 
@@ -33,9 +32,10 @@ if TYPE_CHECKING:
 else:
 
     class _Lazy:
-        """A module imported on first use: `run`, `wait`, `rm` and `kill` build
-        LiteMessages (manager_lite) and never import protobuf (~40 % of a `pyshim run`'s
-        own CPU); the other commands still use the generated classes."""
+        """A module imported on first use. `run`, `wait`, `rm` and `kill` build
+        LiteMessages (manager_lite) and never import protobuf (~25 % of a `pyshim run`'s
+        own CPU); the other commands still use the generated classes. json: only for
+        --json and inspect."""
 
         def __init__(self, name: str) -> None:
             self._name = name
@@ -46,6 +46,7 @@ else:
 
     pb = _Lazy("protocol.proto.manager.v1.manager_pb2")
     timeutil = _Lazy("protocol.proto.timeutil")
+    json = _Lazy("json")
 
 T = TypeVar("T")
 # docker's convention: the manager failed, as opposed to the container's own status.
@@ -561,7 +562,7 @@ async def _interactive_session(
     from manager.terminal import raw_mode, terminal_size
 
     loop = asyncio.get_running_loop()
-    tail = LogTail(Path(log_path), sys.stdout.fileno(), from_end=from_end)
+    tail = LogTail(log_path, sys.stdout.fileno(), from_end=from_end)
     done = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
     use_tty = tty and os.isatty(sys.stdin.fileno())
@@ -609,7 +610,7 @@ def _output_until_exit(
     """_interactive_session without a terminal or stdin, on the blocking client: the log
     is copied while Wait is pending, then once more (the shim drains a process's
     output into the log before it reports the exit)."""
-    tail = LogTail(Path(log_path), sys.stdout.fileno())
+    tail = LogTail(log_path, sys.stdout.fileno())
     try:
         result = mc.wait_while(container, "", tail.pump, POLL_INTERVAL)
         tail.pump()
@@ -626,7 +627,11 @@ def _report_exit(res: lite.WaitResponse) -> None:
 
 async def cmd_run(mc: ManagerClient, args: argparse.Namespace) -> int:
     image, cmd = split_image_and_cmd(args.image_and_cmd, args.rootfs)
-    rootfs = str(Path(args.rootfs).absolute()) if args.rootfs else ""
+    rootfs = ""
+    if args.rootfs:
+        from pathlib import Path  # here: pathlib is ~8 % of a `pyshim run` without --rootfs
+
+        rootfs = str(Path(args.rootfs).absolute())
     cfg = lite.ContainerConfig(
         name=args.name or "",
         args=cmd,
@@ -805,6 +810,8 @@ async def cmd_ps(mc: ManagerClient, args: argparse.Namespace) -> int:
 
 async def cmd_logs(mc: ManagerClient, args: argparse.Namespace) -> int:
     c = (await mc.inspect(args.container)).container
+    from pathlib import Path
+
     path = Path(c.log_path)
     stamped = args.timestamps or args.since
     tail = LogTail(
@@ -941,6 +948,8 @@ async def cmd_inspect(mc: ManagerClient, args: argparse.Namespace) -> int:
 
 async def cmd_image(mc: ManagerClient, args: argparse.Namespace) -> int:
     if args.image_command == "import":
+        from pathlib import Path
+
         path = Path(args.archive).absolute()
         if not path.is_file():
             raise UsageError(f"{args.archive}: no such file")
@@ -1197,11 +1206,11 @@ def drive(coro: Coroutine[Any, Any, T]) -> T:
     raise RuntimeError("a command on the blocking client waited for an event loop")
 
 
-async def _dispatch(paths: Paths, args: argparse.Namespace, *, blocking: bool = False) -> int:
+async def _dispatch(args: argparse.Namespace, *, blocking: bool = False) -> int:
     mc = (
-        BlockingManagerClient.connect_blocking(paths)
+        BlockingManagerClient.connect_blocking(args.run_dir, args.state_dir)
         if blocking
-        else await ManagerClient.connect(paths)
+        else await ManagerClient.connect(args.run_dir, args.state_dir)
     )
     try:
         return await COMMANDS[args.command](mc, args)
@@ -1212,14 +1221,13 @@ async def _dispatch(paths: Paths, args: argparse.Namespace, *, blocking: bool = 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    paths = Paths.resolve(args.run_dir, args.state_dir)
     try:
         if _runs_blocking(args):
             with contextlib.suppress(NeedsEventLoop):
-                return drive(_dispatch(paths, args, blocking=True))
+                return drive(_dispatch(args, blocking=True))
         import asyncio
 
-        return asyncio.run(_dispatch(paths, args))
+        return asyncio.run(_dispatch(args))
     except UsageError as exc:
         parser.error(str(exc))
     except (ManagerNotRunning, CommandError) as exc:
