@@ -9,7 +9,7 @@ import re
 import signal
 import sys
 import time
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from manager import units
 from manager.apiclient import BlockingManagerClient, ManagerClient, ManagerNotRunning
@@ -213,51 +213,64 @@ def parse_signal(text: str) -> int:
         raise argparse.ArgumentTypeError(f"unknown signal {text!r}") from None
 
 
-class _CommandParser(argparse.ArgumentParser):
-    """A command's parser that gets its arguments when it is used (parsing, help):
-    every command's add_argument calls on each start cost a `pyshim run` ~15 % of its
-    own CPU. `pyshim --help` lists the commands from their add_parser help."""
+if TYPE_CHECKING:
+    _SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
+else:
+    _SubParsers = argparse._SubParsersAction
 
-    _fill: Callable[[argparse.ArgumentParser], None] | None = None
 
-    def arguments(
-        self, fill: Callable[[argparse.ArgumentParser], None]
-    ) -> Callable[[argparse.ArgumentParser], None]:
-        """Decorator: ``fill(self)`` adds this command's arguments, once, when needed."""
-        self._fill = fill
-        return fill
+class _Commands(_SubParsers):
+    """The subcommands, each one's parser made (and its arguments added) only when it
+    is the command given: making every command's parser, each with its own gettext
+    lookups, help formatter and arguments, cost each `pyshim run` ~20 % of its own
+    CPU. `pyshim --help` lists them from their help alone."""
 
-    def _filled(self) -> None:
-        fill, self._fill = self._fill, None
-        if fill is not None:
-            fill(self)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pending: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Any]] = {}
 
-    # Every way of parsing (parse_args, a parent's subcommand action) starts here, and
-    # sets the arguments' defaults before anything else.
-    def parse_known_args(self, *args: Any, **kwargs: Any) -> Any:
-        self._filled()
-        return super().parse_known_args(*args, **kwargs)
+    def command(
+        self, name: str, **kwargs: Any
+    ) -> Callable[[Callable[[argparse.ArgumentParser], None]], None]:
+        """Decorator: the function adds command ``name``'s arguments to its parser;
+        ``kwargs`` are add_parser's."""
 
-    def format_usage(self) -> str:
-        self._filled()
-        return super().format_usage()
+        def register(fill: Callable[[argparse.ArgumentParser], None]) -> None:
+            # The listing entry add_parser would make, now; the parser when used.
+            self._choices_actions.append(
+                self._ChoicesPseudoAction(name, (), kwargs.pop("help", None))
+            )
+            # A key now: argparse checks a command against these names before the call.
+            self._name_parser_map[name] = cast(argparse.ArgumentParser, None)
+            self._pending[name] = (fill, kwargs)
 
-    def format_help(self) -> str:
-        self._filled()
-        return super().format_help()
+        return register
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        pending = self._pending.pop(values[0], None) if values else None
+        if pending is not None:
+            fill, kwargs = pending
+            del self._name_parser_map[values[0]]  # add_parser refuses a name it has
+            fill(self.add_parser(values[0], **kwargs))
+        super().__call__(parser, namespace, values, option_string)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pyshim", description="run containers with pyshimd")
     p.add_argument("--run-dir", help="pyshimd's run dir (env PYSHIM_RUN_DIR, /run/pyshim)")
     p.add_argument("--state-dir", help="pyshimd's state dir (env PYSHIM_STATE_DIR)")
-    sub = p.add_subparsers(
-        dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser
+    sub = cast(
+        _Commands,
+        p.add_subparsers(dest="command", required=True, metavar="COMMAND", action=_Commands),
     )
 
-    run = sub.add_parser("run", help="create and start a container")
-
-    @run.arguments
+    @sub.command("run", help="create and start a container")
     def _(run: argparse.ArgumentParser) -> None:
         run.add_argument("--rm", action="store_true", help="remove it once it exited")
         run.add_argument("-d", "--detach", action="store_true", help="print its id and return")
@@ -322,9 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
         run.add_argument("--rootfs", default="", help="use this directory as the root")
         run.add_argument("image_and_cmd", nargs=argparse.REMAINDER, metavar="[IMAGE] -- CMD")
 
-    ex = sub.add_parser("exec", help="run a command in a running container")
-
-    @ex.arguments
+    @sub.command("exec", help="run a command in a running container")
     def _(ex: argparse.ArgumentParser) -> None:
         ex.add_argument("-t", "--tty", action="store_true")
         ex.add_argument("-i", "--interactive", action="store_true")
@@ -334,22 +345,16 @@ def build_parser() -> argparse.ArgumentParser:
         ex.add_argument("container")
         ex.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD")
 
-    at = sub.add_parser("attach", help="connect to a container's output (and stdin)")
-
-    @at.arguments
+    @sub.command("attach", help="connect to a container's output (and stdin)")
     def _(at: argparse.ArgumentParser) -> None:
         at.add_argument("container")
 
-    ps = sub.add_parser("ps", help="list containers")
-
-    @ps.arguments
+    @sub.command("ps", help="list containers")
     def _(ps: argparse.ArgumentParser) -> None:
         ps.add_argument("-a", "--all", action="store_true", help="include stopped containers")
         ps.add_argument("--json", action="store_true")
 
-    lg = sub.add_parser("logs", help="print a container's output")
-
-    @lg.arguments
+    @sub.command("logs", help="print a container's output")
     def _(lg: argparse.ArgumentParser) -> None:
         lg.add_argument("-f", "--follow", action="store_true")
         lg.add_argument(
@@ -367,46 +372,32 @@ def build_parser() -> argparse.ArgumentParser:
         )
         lg.add_argument("container")
 
-    k = sub.add_parser("kill", help="signal a container")
-
-    @k.arguments
+    @sub.command("kill", help="signal a container")
     def _(k: argparse.ArgumentParser) -> None:
         k.add_argument("-s", "--signal", type=parse_signal, default=int(signal.SIGKILL))
         k.add_argument("container")
 
-    w = sub.add_parser("wait", help="print a container's exit status once it exited")
-
-    @w.arguments
+    @sub.command("wait", help="print a container's exit status once it exited")
     def _(w: argparse.ArgumentParser) -> None:
         w.add_argument("container")
 
-    rm = sub.add_parser("rm", help="remove containers")
-
-    @rm.arguments
+    @sub.command("rm", help="remove containers")
     def _(rm: argparse.ArgumentParser) -> None:
         rm.add_argument("-f", "--force", action="store_true", help="kill it first if running")
         rm.add_argument("containers", nargs="+", metavar="container")
 
-    ins = sub.add_parser("inspect", help="a container's details as JSON")
-
-    @ins.arguments
+    @sub.command("inspect", help="a container's details as JSON")
     def _(ins: argparse.ArgumentParser) -> None:
         ins.add_argument("container")
 
-    st = sub.add_parser(
-        "stop", help="stop containers: the stop signal, then SIGKILL after the timeout"
-    )
-
-    @st.arguments
+    @sub.command("stop", help="stop containers: the stop signal, then SIGKILL after the timeout")
     def _(st: argparse.ArgumentParser) -> None:
         st.add_argument(
             "-t", "--time", type=parse_timeout, default=-1, metavar="SECONDS", help="default 10"
         )
         st.add_argument("containers", nargs="+", metavar="container")
 
-    sa = sub.add_parser("start", help="start stopped containers again (same id, same log)")
-
-    @sa.arguments
+    @sub.command("start", help="start stopped containers again (same id, same log)")
     def _(sa: argparse.ArgumentParser) -> None:
         sa.add_argument(
             "--checkpoint",
@@ -417,13 +408,11 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sa.add_argument("containers", nargs="+", metavar="container")
 
-    cp = sub.add_parser(
+    @sub.command(
         "checkpoint",
         help="save a running container's processes to a directory (CRIU); it stops unless "
         "--leave-running; `pyshim start --checkpoint DIR` continues it",
     )
-
-    @cp.arguments
     def _(cp: argparse.ArgumentParser) -> None:
         cp.add_argument(
             "-o",
@@ -437,51 +426,37 @@ def build_parser() -> argparse.ArgumentParser:
         )
         cp.add_argument("container")
 
-    rs = sub.add_parser("restart", help="stop, then start containers")
-
-    @rs.arguments
+    @sub.command("restart", help="stop, then start containers")
     def _(rs: argparse.ArgumentParser) -> None:
         rs.add_argument(
             "-t", "--time", type=parse_timeout, default=-1, metavar="SECONDS", help="default 10"
         )
         rs.add_argument("containers", nargs="+", metavar="container")
 
-    pa = sub.add_parser("pause", help="freeze every process of containers")
-
-    @pa.arguments
+    @sub.command("pause", help="freeze every process of containers")
     def _(pa: argparse.ArgumentParser) -> None:
         pa.add_argument("containers", nargs="+", metavar="container")
 
-    up = sub.add_parser("unpause", help="thaw paused containers")
-
-    @up.arguments
+    @sub.command("unpause", help="thaw paused containers")
     def _(up: argparse.ArgumentParser) -> None:
         up.add_argument("containers", nargs="+", metavar="container")
 
-    sts = sub.add_parser("stats", help="CPU, memory, pids and network I/O of containers")
-
-    @sts.arguments
+    @sub.command("stats", help="CPU, memory, pids and network I/O of containers")
     def _(sts: argparse.ArgumentParser) -> None:
         sts.add_argument("--no-stream", action="store_true", help="one sample, then exit")
         sts.add_argument("--json", action="store_true", help="with --no-stream: as JSON")
         sts.add_argument("containers", nargs="*", metavar="container", help="default: all running")
 
-    tp = sub.add_parser("top", help="the processes of a container")
-
-    @tp.arguments
+    @sub.command("top", help="the processes of a container")
     def _(tp: argparse.ArgumentParser) -> None:
         tp.add_argument("--json", action="store_true")
         tp.add_argument("container")
 
-    pl = sub.add_parser("pull", help="fetch an image from a registry (OCI distribution API)")
-
-    @pl.arguments
+    @sub.command("pull", help="fetch an image from a registry (OCI distribution API)")
     def _(pl: argparse.ArgumentParser) -> None:
         pl.add_argument("ref", metavar="IMAGE", help="e.g. busybox, registry.example:5000/app:1")
 
-    lo = sub.add_parser("login", help="keep credentials for a registry (checked first)")
-
-    @lo.arguments
+    @sub.command("login", help="keep credentials for a registry (checked first)")
     def _(lo: argparse.ArgumentParser) -> None:
         lo.add_argument("registry", metavar="HOST[:PORT]")
         lo.add_argument("-u", "--username", required=True)
@@ -490,9 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--password-stdin", action="store_true", help="read the password from stdin"
         )
 
-    vol = sub.add_parser("volume", help="manage named volumes")
-
-    @vol.arguments
+    @sub.command("volume", help="manage named volumes")
     def _(vol: argparse.ArgumentParser) -> None:
         vsub = vol.add_subparsers(dest="volume_command", required=True, metavar="COMMAND")
         vc = vsub.add_parser("create", help="create a volume (run -v NAME:/dir also does)")
@@ -502,9 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
         vrm = vsub.add_parser("rm", help="remove volumes no container uses")
         vrm.add_argument("names", nargs="+", metavar="name")
 
-    img = sub.add_parser("image", help="manage images")
-
-    @img.arguments
+    @sub.command("image", help="manage images")
     def _(img: argparse.ArgumentParser) -> None:
         isub = img.add_subparsers(dest="image_command", required=True, metavar="COMMAND")
         imp = isub.add_parser("import", help="import an OCI image layout or docker-archive tar")
