@@ -4,32 +4,49 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import re
 import signal
 import sys
 import time
-from collections.abc import Callable, Coroutine, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
-
-from google.protobuf import empty_pb2
-from google.protobuf.message import Message
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from manager import units
 from manager.apiclient import BlockingManagerClient, ManagerClient, ManagerNotRunning
-from manager.paths import Paths
 from manager.streams import POLL_INTERVAL, LogTail, forward_stdin
-from manager.terminal import raw_mode, terminal_size
-from protocol.proto import timeutil
-from protocol.proto.manager.v1 import manager_pb2 as pb
+from protocol.proto.manager.v1 import manager_lite as lite
 from protocol.ttrpc.status import Code, TtrpcError
 
 if TYPE_CHECKING:
     import asyncio
+    import json
+    from collections.abc import Callable, Coroutine, Sequence
+    from pathlib import Path
+
+    from google.protobuf.message import Message
 
     from manager.logindex import LineTimes
+    from protocol.proto import timeutil
+    from protocol.proto.lite import WireMessage
+    from protocol.proto.manager.v1 import manager_pb2 as pb
+else:
+
+    class _Lazy:
+        """A module imported on first use. `run`, `wait`, `rm` and `kill` build
+        LiteMessages (manager_lite) and never import protobuf (~25 % of a `pyshim run`'s
+        own CPU); the other commands still use the generated classes. json: only for
+        --json and inspect."""
+
+        def __init__(self, name: str) -> None:
+            self._name = name
+
+        def __getattr__(self, attr: str) -> Any:
+            module = __import__(self._name, fromlist=["_"])
+            return getattr(module, attr)
+
+    pb = _Lazy("protocol.proto.manager.v1.manager_pb2")
+    timeutil = _Lazy("protocol.proto.timeutil")
+    json = _Lazy("json")
 
 T = TypeVar("T")
 # docker's convention: the manager failed, as opposed to the container's own status.
@@ -72,7 +89,7 @@ def parse_restart(text: str) -> tuple[str, int]:
     )
 
 
-def parse_publish(text: str) -> pb.PortMapping:
+def parse_publish(text: str) -> lite.PortMapping:
     """``HOST:CONTAINER[/tcp|udp]`` or ``IP:HOST:CONTAINER[/tcp|udp]``."""
     spec, _, proto = text.partition("/")
     proto = proto or "tcp"
@@ -88,10 +105,12 @@ def parse_publish(text: str) -> pb.PortMapping:
         raise argparse.ArgumentTypeError(f"invalid -p {text!r}: ports are numbers") from None
     if not (0 < host < 65536 and 0 < container < 65536):
         raise argparse.ArgumentTypeError(f"invalid -p {text!r}: ports are 1-65535")
-    return pb.PortMapping(host_port=host, container_port=container, protocol=proto, host_ip=host_ip)
+    return lite.PortMapping(
+        host_port=host, container_port=container, protocol=proto, host_ip=host_ip
+    )
 
 
-def parse_volume(text: str) -> pb.MountRequest:
+def parse_volume(text: str) -> lite.MountRequest:
     """``-v /host:/dest[:ro|rw]`` (a bind) or ``-v NAME:/dest[:ro|rw]`` (a named volume)."""
     parts = text.split(":")
     mode = parts.pop() if len(parts) == 3 else ""
@@ -105,15 +124,15 @@ def parse_volume(text: str) -> pb.MountRequest:
     kind = "bind" if source.startswith(("/", ".")) else "volume"
     if kind == "bind":
         source = os.path.abspath(source)
-    return pb.MountRequest(type=kind, source=source, destination=dest, readonly=mode == "ro")
+    return lite.MountRequest(type=kind, source=source, destination=dest, readonly=mode == "ro")
 
 
-def parse_tmpfs(text: str) -> pb.MountRequest:
+def parse_tmpfs(text: str) -> lite.MountRequest:
     """``--tmpfs /dest[:size=64m,mode=1777,noexec]``."""
     dest, _, options = text.partition(":")
     if not dest.startswith("/"):
         raise argparse.ArgumentTypeError(f"invalid --tmpfs {text!r}: {dest} is not absolute")
-    return pb.MountRequest(type="tmpfs", destination=dest, options=options)
+    return lite.MountRequest(type="tmpfs", destination=dest, options=options)
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
@@ -194,192 +213,279 @@ def parse_signal(text: str) -> int:
         raise argparse.ArgumentTypeError(f"unknown signal {text!r}") from None
 
 
+if TYPE_CHECKING:
+    _SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
+else:
+    _SubParsers = argparse._SubParsersAction
+
+
+class _Commands(_SubParsers):
+    """The subcommands, each one's parser made (and its arguments added) only when it
+    is the command given: making every command's parser, each with its own gettext
+    lookups, help formatter and arguments, cost each `pyshim run` ~20 % of its own
+    CPU. `pyshim --help` lists them from their help alone."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pending: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Any]] = {}
+
+    def command(
+        self, name: str, **kwargs: Any
+    ) -> Callable[[Callable[[argparse.ArgumentParser], None]], None]:
+        """Decorator: the function adds command ``name``'s arguments to its parser;
+        ``kwargs`` are add_parser's."""
+
+        def register(fill: Callable[[argparse.ArgumentParser], None]) -> None:
+            # The listing entry add_parser would make, now; the parser when used.
+            self._choices_actions.append(
+                self._ChoicesPseudoAction(name, (), kwargs.pop("help", None))
+            )
+            # A key now: argparse checks a command against these names before the call.
+            self._name_parser_map[name] = cast(argparse.ArgumentParser, None)
+            self._pending[name] = (fill, kwargs)
+
+        return register
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        pending = self._pending.pop(values[0], None) if values else None
+        if pending is not None:
+            fill, kwargs = pending
+            del self._name_parser_map[values[0]]  # add_parser refuses a name it has
+            fill(self.add_parser(values[0], **kwargs))
+        super().__call__(parser, namespace, values, option_string)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pyshim", description="run containers with pyshimd")
     p.add_argument("--run-dir", help="pyshimd's run dir (env PYSHIM_RUN_DIR, /run/pyshim)")
     p.add_argument("--state-dir", help="pyshimd's state dir (env PYSHIM_STATE_DIR)")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = cast(
+        _Commands,
+        p.add_subparsers(dest="command", required=True, metavar="COMMAND", action=_Commands),
+    )
 
-    run = sub.add_parser("run", help="create and start a container")
-    run.add_argument("--rm", action="store_true", help="remove it once it exited")
-    run.add_argument("-d", "--detach", action="store_true", help="print its id and return")
-    run.add_argument("-t", "--tty", action="store_true", help="give it a terminal")
-    run.add_argument("-i", "--interactive", action="store_true", help="keep its stdin open")
-    run.add_argument("--name")
-    run.add_argument("-e", "--env", action="append", default=[], type=parse_env, metavar="K=V")
-    run.add_argument("-w", "--workdir", default="")
-    run.add_argument("-u", "--user", default="", metavar="UID[:GID]")
-    run.add_argument(
-        "-m", "--memory", type=parse_size, default=0, metavar="SIZE", help="limit, e.g. 512m, 1g"
-    )
-    run.add_argument("--cpus", type=parse_cpus, default=0.0)
-    run.add_argument(
-        "--restart",
-        type=parse_restart,
-        default=("no", 0),
-        metavar="POLICY",
-        help="no (default), on-failure[:N], always, unless-stopped",
-    )
-    run.add_argument(
-        "--network",
-        "--net",
-        default="bridge",
-        choices=["bridge", "host", "none"],
-        help="bridge (default: pyshimd's bridge, NAT to the outside), host, none",
-    )
-    run.add_argument(
-        "-p",
-        "--publish",
-        action="append",
-        default=[],
-        type=parse_publish,
-        metavar="HOST:CONTAINER[/PROTO]",
-        help="publish a container port on the host (bridge network)",
-    )
-    run.add_argument(
-        "-v",
-        "--volume",
-        action="append",
-        default=[],
-        type=parse_volume,
-        metavar="SRC:DEST[:ro]",
-        help="bind a host dir (absolute or ./relative SRC) or a named volume (SRC=NAME)",
-    )
-    run.add_argument(
-        "--tmpfs",
-        action="append",
-        default=[],
-        type=parse_tmpfs,
-        metavar="DEST[:OPTS]",
-        help="a tmpfs, e.g. /cache:size=64m,mode=1777",
-    )
-    run.add_argument(
-        "--stop-signal", default="", metavar="SIGNAL", help="for stop (default: the image's)"
-    )
-    run.add_argument("--rootfs", default="", help="use this directory as the root")
-    run.add_argument("image_and_cmd", nargs=argparse.REMAINDER, metavar="[IMAGE] -- CMD")
+    @sub.command("run", help="create and start a container")
+    def _(run: argparse.ArgumentParser) -> None:
+        run.add_argument("--rm", action="store_true", help="remove it once it exited")
+        run.add_argument("-d", "--detach", action="store_true", help="print its id and return")
+        run.add_argument("-t", "--tty", action="store_true", help="give it a terminal")
+        run.add_argument("-i", "--interactive", action="store_true", help="keep its stdin open")
+        run.add_argument("--name")
+        run.add_argument("-e", "--env", action="append", default=[], type=parse_env, metavar="K=V")
+        run.add_argument("-w", "--workdir", default="")
+        run.add_argument("-u", "--user", default="", metavar="UID[:GID]")
+        run.add_argument(
+            "-m",
+            "--memory",
+            type=parse_size,
+            default=0,
+            metavar="SIZE",
+            help="limit, e.g. 512m, 1g",
+        )
+        run.add_argument("--cpus", type=parse_cpus, default=0.0)
+        run.add_argument(
+            "--restart",
+            type=parse_restart,
+            default=("no", 0),
+            metavar="POLICY",
+            help="no (default), on-failure[:N], always, unless-stopped",
+        )
+        run.add_argument(
+            "--network",
+            "--net",
+            default="bridge",
+            choices=["bridge", "host", "none"],
+            help="bridge (default: pyshimd's bridge, NAT to the outside), host, none",
+        )
+        run.add_argument(
+            "-p",
+            "--publish",
+            action="append",
+            default=[],
+            type=parse_publish,
+            metavar="HOST:CONTAINER[/PROTO]",
+            help="publish a container port on the host (bridge network)",
+        )
+        run.add_argument(
+            "-v",
+            "--volume",
+            action="append",
+            default=[],
+            type=parse_volume,
+            metavar="SRC:DEST[:ro]",
+            help="bind a host dir (absolute or ./relative SRC) or a named volume (SRC=NAME)",
+        )
+        run.add_argument(
+            "--tmpfs",
+            action="append",
+            default=[],
+            type=parse_tmpfs,
+            metavar="DEST[:OPTS]",
+            help="a tmpfs, e.g. /cache:size=64m,mode=1777",
+        )
+        run.add_argument(
+            "--stop-signal", default="", metavar="SIGNAL", help="for stop (default: the image's)"
+        )
+        run.add_argument("--rootfs", default="", help="use this directory as the root")
+        run.add_argument("image_and_cmd", nargs=argparse.REMAINDER, metavar="[IMAGE] -- CMD")
 
-    ex = sub.add_parser("exec", help="run a command in a running container")
-    ex.add_argument("-t", "--tty", action="store_true")
-    ex.add_argument("-i", "--interactive", action="store_true")
-    ex.add_argument("-e", "--env", action="append", default=[], type=parse_env, metavar="K=V")
-    ex.add_argument("-w", "--workdir", default="")
-    ex.add_argument("-u", "--user", default="", metavar="UID[:GID]")
-    ex.add_argument("container")
-    ex.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD")
+    @sub.command("exec", help="run a command in a running container")
+    def _(ex: argparse.ArgumentParser) -> None:
+        ex.add_argument("-t", "--tty", action="store_true")
+        ex.add_argument("-i", "--interactive", action="store_true")
+        ex.add_argument("-e", "--env", action="append", default=[], type=parse_env, metavar="K=V")
+        ex.add_argument("-w", "--workdir", default="")
+        ex.add_argument("-u", "--user", default="", metavar="UID[:GID]")
+        ex.add_argument("container")
+        ex.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD")
 
-    at = sub.add_parser("attach", help="connect to a container's output (and stdin)")
-    at.add_argument("container")
+    @sub.command("attach", help="connect to a container's output (and stdin)")
+    def _(at: argparse.ArgumentParser) -> None:
+        at.add_argument("container")
 
-    ps = sub.add_parser("ps", help="list containers")
-    ps.add_argument("-a", "--all", action="store_true", help="include stopped containers")
-    ps.add_argument("--json", action="store_true")
+    @sub.command("ps", help="list containers")
+    def _(ps: argparse.ArgumentParser) -> None:
+        ps.add_argument("-a", "--all", action="store_true", help="include stopped containers")
+        ps.add_argument("--json", action="store_true")
 
-    lg = sub.add_parser("logs", help="print a container's output")
-    lg.add_argument("-f", "--follow", action="store_true")
-    lg.add_argument(
-        "-n", "--tail", type=parse_tail, default=-1, metavar="N", help="only the last N lines"
-    )
-    lg.add_argument("-t", "--timestamps", action="store_true", help="when each line was written")
-    lg.add_argument(
-        "--since",
-        type=parse_since,
-        default=0,
-        metavar="WHEN",
-        help="lines written since: 10m, 1h30m, 2026-12-06T20:00:00Z or unix seconds",
-    )
-    lg.add_argument("container")
+    @sub.command("logs", help="print a container's output")
+    def _(lg: argparse.ArgumentParser) -> None:
+        lg.add_argument("-f", "--follow", action="store_true")
+        lg.add_argument(
+            "-n", "--tail", type=parse_tail, default=-1, metavar="N", help="only the last N lines"
+        )
+        lg.add_argument(
+            "-t", "--timestamps", action="store_true", help="when each line was written"
+        )
+        lg.add_argument(
+            "--since",
+            type=parse_since,
+            default=0,
+            metavar="WHEN",
+            help="lines written since: 10m, 1h30m, 2026-12-06T20:00:00Z or unix seconds",
+        )
+        lg.add_argument("container")
 
-    k = sub.add_parser("kill", help="signal a container")
-    k.add_argument("-s", "--signal", type=parse_signal, default=int(signal.SIGKILL))
-    k.add_argument("container")
+    @sub.command("kill", help="signal a container")
+    def _(k: argparse.ArgumentParser) -> None:
+        k.add_argument("-s", "--signal", type=parse_signal, default=int(signal.SIGKILL))
+        k.add_argument("container")
 
-    w = sub.add_parser("wait", help="print a container's exit status once it exited")
-    w.add_argument("container")
+    @sub.command("wait", help="print a container's exit status once it exited")
+    def _(w: argparse.ArgumentParser) -> None:
+        w.add_argument("container")
 
-    rm = sub.add_parser("rm", help="remove containers")
-    rm.add_argument("-f", "--force", action="store_true", help="kill it first if running")
-    rm.add_argument("containers", nargs="+", metavar="container")
+    @sub.command("rm", help="remove containers")
+    def _(rm: argparse.ArgumentParser) -> None:
+        rm.add_argument("-f", "--force", action="store_true", help="kill it first if running")
+        rm.add_argument("containers", nargs="+", metavar="container")
 
-    ins = sub.add_parser("inspect", help="a container's details as JSON")
-    ins.add_argument("container")
+    @sub.command("inspect", help="a container's details as JSON")
+    def _(ins: argparse.ArgumentParser) -> None:
+        ins.add_argument("container")
 
-    st = sub.add_parser(
-        "stop", help="stop containers: the stop signal, then SIGKILL after the timeout"
-    )
-    st.add_argument(
-        "-t", "--time", type=parse_timeout, default=-1, metavar="SECONDS", help="default 10"
-    )
-    st.add_argument("containers", nargs="+", metavar="container")
-    sa = sub.add_parser("start", help="start stopped containers again (same id, same log)")
-    sa.add_argument(
-        "--checkpoint",
-        default="",
-        metavar="DIR",
-        help="continue from this checkpoint (pyshim checkpoint --output DIR) instead of "
-        "running the command anew; one container only",
-    )
-    sa.add_argument("containers", nargs="+", metavar="container")
-    cp = sub.add_parser(
+    @sub.command("stop", help="stop containers: the stop signal, then SIGKILL after the timeout")
+    def _(st: argparse.ArgumentParser) -> None:
+        st.add_argument(
+            "-t", "--time", type=parse_timeout, default=-1, metavar="SECONDS", help="default 10"
+        )
+        st.add_argument("containers", nargs="+", metavar="container")
+
+    @sub.command("start", help="start stopped containers again (same id, same log)")
+    def _(sa: argparse.ArgumentParser) -> None:
+        sa.add_argument(
+            "--checkpoint",
+            default="",
+            metavar="DIR",
+            help="continue from this checkpoint (pyshim checkpoint --output DIR) instead of "
+            "running the command anew; one container only",
+        )
+        sa.add_argument("containers", nargs="+", metavar="container")
+
+    @sub.command(
         "checkpoint",
         help="save a running container's processes to a directory (CRIU); it stops unless "
         "--leave-running; `pyshim start --checkpoint DIR` continues it",
     )
-    cp.add_argument(
-        "-o",
-        "--output",
-        required=True,
-        metavar="DIR",
-        help="where CRIU writes its images: a new or empty directory",
-    )
-    cp.add_argument(
-        "--leave-running", action="store_true", help="keep the container running afterwards"
-    )
-    cp.add_argument("container")
-    rs = sub.add_parser("restart", help="stop, then start containers")
-    rs.add_argument(
-        "-t", "--time", type=parse_timeout, default=-1, metavar="SECONDS", help="default 10"
-    )
-    rs.add_argument("containers", nargs="+", metavar="container")
-    pa = sub.add_parser("pause", help="freeze every process of containers")
-    pa.add_argument("containers", nargs="+", metavar="container")
-    up = sub.add_parser("unpause", help="thaw paused containers")
-    up.add_argument("containers", nargs="+", metavar="container")
+    def _(cp: argparse.ArgumentParser) -> None:
+        cp.add_argument(
+            "-o",
+            "--output",
+            required=True,
+            metavar="DIR",
+            help="where CRIU writes its images: a new or empty directory",
+        )
+        cp.add_argument(
+            "--leave-running", action="store_true", help="keep the container running afterwards"
+        )
+        cp.add_argument("container")
 
-    sts = sub.add_parser("stats", help="CPU, memory, pids and network I/O of containers")
-    sts.add_argument("--no-stream", action="store_true", help="one sample, then exit")
-    sts.add_argument("--json", action="store_true", help="with --no-stream: as JSON")
-    sts.add_argument("containers", nargs="*", metavar="container", help="default: all running")
-    tp = sub.add_parser("top", help="the processes of a container")
-    tp.add_argument("--json", action="store_true")
-    tp.add_argument("container")
+    @sub.command("restart", help="stop, then start containers")
+    def _(rs: argparse.ArgumentParser) -> None:
+        rs.add_argument(
+            "-t", "--time", type=parse_timeout, default=-1, metavar="SECONDS", help="default 10"
+        )
+        rs.add_argument("containers", nargs="+", metavar="container")
 
-    pl = sub.add_parser("pull", help="fetch an image from a registry (OCI distribution API)")
-    pl.add_argument("ref", metavar="IMAGE", help="e.g. busybox, registry.example:5000/app:1")
-    lo = sub.add_parser("login", help="keep credentials for a registry (checked first)")
-    lo.add_argument("registry", metavar="HOST[:PORT]")
-    lo.add_argument("-u", "--username", required=True)
-    lo.add_argument("-p", "--password", help="prefer --password-stdin")
-    lo.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    @sub.command("pause", help="freeze every process of containers")
+    def _(pa: argparse.ArgumentParser) -> None:
+        pa.add_argument("containers", nargs="+", metavar="container")
 
-    vol = sub.add_parser("volume", help="manage named volumes")
-    vsub = vol.add_subparsers(dest="volume_command", required=True, metavar="COMMAND")
-    vc = vsub.add_parser("create", help="create a volume (run -v NAME:/dir also does)")
-    vc.add_argument("name")
-    vls = vsub.add_parser("ls", help="list volumes")
-    vls.add_argument("--json", action="store_true")
-    vrm = vsub.add_parser("rm", help="remove volumes no container uses")
-    vrm.add_argument("names", nargs="+", metavar="name")
+    @sub.command("unpause", help="thaw paused containers")
+    def _(up: argparse.ArgumentParser) -> None:
+        up.add_argument("containers", nargs="+", metavar="container")
 
-    img = sub.add_parser("image", help="manage images")
-    isub = img.add_subparsers(dest="image_command", required=True, metavar="COMMAND")
-    imp = isub.add_parser("import", help="import an OCI image layout or docker-archive tar")
-    imp.add_argument("archive")
-    imp.add_argument("--ref", default="", help="name for an image the archive leaves unnamed")
-    ils = isub.add_parser("ls", help="list images")
-    ils.add_argument("--json", action="store_true")
-    irm = isub.add_parser("rm", help="remove an image")
-    irm.add_argument("ref")
+    @sub.command("stats", help="CPU, memory, pids and network I/O of containers")
+    def _(sts: argparse.ArgumentParser) -> None:
+        sts.add_argument("--no-stream", action="store_true", help="one sample, then exit")
+        sts.add_argument("--json", action="store_true", help="with --no-stream: as JSON")
+        sts.add_argument("containers", nargs="*", metavar="container", help="default: all running")
+
+    @sub.command("top", help="the processes of a container")
+    def _(tp: argparse.ArgumentParser) -> None:
+        tp.add_argument("--json", action="store_true")
+        tp.add_argument("container")
+
+    @sub.command("pull", help="fetch an image from a registry (OCI distribution API)")
+    def _(pl: argparse.ArgumentParser) -> None:
+        pl.add_argument("ref", metavar="IMAGE", help="e.g. busybox, registry.example:5000/app:1")
+
+    @sub.command("login", help="keep credentials for a registry (checked first)")
+    def _(lo: argparse.ArgumentParser) -> None:
+        lo.add_argument("registry", metavar="HOST[:PORT]")
+        lo.add_argument("-u", "--username", required=True)
+        lo.add_argument("-p", "--password", help="prefer --password-stdin")
+        lo.add_argument(
+            "--password-stdin", action="store_true", help="read the password from stdin"
+        )
+
+    @sub.command("volume", help="manage named volumes")
+    def _(vol: argparse.ArgumentParser) -> None:
+        vsub = vol.add_subparsers(dest="volume_command", required=True, metavar="COMMAND")
+        vc = vsub.add_parser("create", help="create a volume (run -v NAME:/dir also does)")
+        vc.add_argument("name")
+        vls = vsub.add_parser("ls", help="list volumes")
+        vls.add_argument("--json", action="store_true")
+        vrm = vsub.add_parser("rm", help="remove volumes no container uses")
+        vrm.add_argument("names", nargs="+", metavar="name")
+
+    @sub.command("image", help="manage images")
+    def _(img: argparse.ArgumentParser) -> None:
+        isub = img.add_subparsers(dest="image_command", required=True, metavar="COMMAND")
+        imp = isub.add_parser("import", help="import an OCI image layout or docker-archive tar")
+        imp.add_argument("archive")
+        imp.add_argument("--ref", default="", help="name for an image the archive leaves unnamed")
+        ils = isub.add_parser("ls", help="list images")
+        ils.add_argument("--json", action="store_true")
+        irm = isub.add_parser("rm", help="remove an image")
+        irm.add_argument("ref")
+
     return p
 
 
@@ -420,12 +526,14 @@ async def _interactive_session(
     stdin_path: str,
     tty: bool,
     from_end: bool,
-) -> pb.WaitResponse:
+) -> lite.WaitResponse:
     """Show output, feed stdin, follow the terminal size, until the process exits."""
     import asyncio
 
+    from manager.terminal import raw_mode, terminal_size
+
     loop = asyncio.get_running_loop()
-    tail = LogTail(Path(log_path), sys.stdout.fileno(), from_end=from_end)
+    tail = LogTail(log_path, sys.stdout.fileno(), from_end=from_end)
     done = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
     use_tty = tty and os.isatty(sys.stdin.fileno())
@@ -467,11 +575,13 @@ async def _interactive_session(
     return result
 
 
-def _output_until_exit(mc: BlockingManagerClient, container: str, log_path: str) -> pb.WaitResponse:
+def _output_until_exit(
+    mc: BlockingManagerClient, container: str, log_path: str
+) -> lite.WaitResponse:
     """_interactive_session without a terminal or stdin, on the blocking client: the log
     is copied while Wait is pending, then once more (the shim drains a process's
     output into the log before it reports the exit)."""
-    tail = LogTail(Path(log_path), sys.stdout.fileno())
+    tail = LogTail(log_path, sys.stdout.fileno())
     try:
         result = mc.wait_while(container, "", tail.pump, POLL_INTERVAL)
         tail.pump()
@@ -481,15 +591,19 @@ def _output_until_exit(mc: BlockingManagerClient, container: str, log_path: str)
     return result
 
 
-def _report_exit(res: pb.WaitResponse) -> None:
+def _report_exit(res: lite.WaitResponse) -> None:
     if res.exit_reason:
         sys.stderr.write(f"pyshim: {res.exit_reason}\n")
 
 
 async def cmd_run(mc: ManagerClient, args: argparse.Namespace) -> int:
     image, cmd = split_image_and_cmd(args.image_and_cmd, args.rootfs)
-    rootfs = str(Path(args.rootfs).absolute()) if args.rootfs else ""
-    cfg = pb.ContainerConfig(
+    rootfs = ""
+    if args.rootfs:
+        from pathlib import Path  # here: pathlib is ~8 % of a `pyshim run` without --rootfs
+
+        rootfs = str(Path(args.rootfs).absolute())
+    cfg = lite.ContainerConfig(
         name=args.name or "",
         args=cmd,
         env=args.env,
@@ -513,9 +627,11 @@ async def cmd_run(mc: ManagerClient, args: argparse.Namespace) -> int:
     if args.rm and args.restart[0] != "no":
         raise UsageError("--rm and --restart cannot be combined")
     if args.tty:
+        from manager.terminal import terminal_size
+
         cfg.tty_width, cfg.tty_height = terminal_size(sys.stdin.fileno())
     try:
-        resp = await mc.call("Run", pb.RunRequest(config=cfg), pb.RunResponse)
+        resp = await mc.call("Run", lite.RunRequest(config=cfg), lite.RunResponse)
     except TtrpcError as exc:
         if not (image and exc.code == Code.NOT_FOUND and exc.message.startswith("image ")):
             raise
@@ -524,7 +640,7 @@ async def cmd_run(mc: ManagerClient, args: argparse.Namespace) -> int:
         # docker's way: an image that is not here is pulled, then run.
         sys.stderr.write(f"Unable to find image {image!r} locally\n")
         await _pull(mc, image)
-        resp = await mc.call("Run", pb.RunRequest(config=cfg), pb.RunResponse)
+        resp = await mc.call("Run", lite.RunRequest(config=cfg), lite.RunResponse)
     c = resp.container
     if args.detach:
         print(c.id)
@@ -545,7 +661,7 @@ async def cmd_run(mc: ManagerClient, args: argparse.Namespace) -> int:
     finally:
         if args.rm:
             with contextlib.suppress(TtrpcError):
-                await mc.empty("Remove", pb.RemoveRequest(container=c.id, force=True))
+                await mc.empty("Remove", lite.RemoveRequest(container=c.id, force=True))
     _report_exit(res)
     return res.exit_status
 
@@ -564,6 +680,8 @@ async def cmd_exec(mc: ManagerClient, args: argparse.Namespace) -> int:
         stdin=args.interactive,
     )
     if args.tty:
+        from manager.terminal import terminal_size
+
         req.tty_width, req.tty_height = terminal_size(sys.stdin.fileno())
     resp = await mc.call("Exec", req, pb.ExecResponse)
     res = await _interactive_session(
@@ -663,6 +781,8 @@ async def cmd_ps(mc: ManagerClient, args: argparse.Namespace) -> int:
 
 async def cmd_logs(mc: ManagerClient, args: argparse.Namespace) -> int:
     c = (await mc.inspect(args.container)).container
+    from pathlib import Path
+
     path = Path(c.log_path)
     stamped = args.timestamps or args.since
     tail = LogTail(
@@ -694,7 +814,7 @@ async def cmd_logs(mc: ManagerClient, args: argparse.Namespace) -> int:
 
 
 async def cmd_kill(mc: ManagerClient, args: argparse.Namespace) -> int:
-    await mc.empty("Kill", pb.KillRequest(container=args.container, signal=args.signal))
+    await mc.empty("Kill", lite.KillRequest(container=args.container, signal=args.signal))
     return 0
 
 
@@ -709,7 +829,7 @@ async def cmd_rm(mc: ManagerClient, args: argparse.Namespace) -> int:
     rc = 0
     for ref in args.containers:
         try:
-            await mc.empty("Remove", pb.RemoveRequest(container=ref, force=args.force))
+            await mc.empty("Remove", lite.RemoveRequest(container=ref, force=args.force))
         except TtrpcError as exc:
             sys.stderr.write(f"pyshim: {exc.message}\n")
             rc = EXIT_MANAGER_ERROR
@@ -719,13 +839,13 @@ async def cmd_rm(mc: ManagerClient, args: argparse.Namespace) -> int:
 
 
 async def _each(
-    mc: ManagerClient, refs: Sequence[str], method: str, make: Callable[[str], Message]
+    mc: ManagerClient, refs: Sequence[str], method: str, make: Callable[[str], WireMessage]
 ) -> int:
     """One request per container, docker's way: print each that worked, report the rest."""
     rc = 0
     for ref in refs:
         try:
-            await mc.call(method, make(ref), _RESPONSES.get(method, empty_pb2.Empty))
+            await mc.call(method, make(ref), _response_type(method))
         except TtrpcError as exc:
             sys.stderr.write(f"pyshim: {exc.message}\n")
             rc = EXIT_MANAGER_ERROR
@@ -734,10 +854,9 @@ async def _each(
     return rc
 
 
-_RESPONSES: dict[str, type[Message]] = {
-    "Start": pb.StartResponse,
-    "Restart": pb.StartResponse,
-}
+def _response_type(method: str) -> type[WireMessage]:
+    """What _each's methods answer: Start and Restart the new run, the others Empty."""
+    return pb.StartResponse if method in ("Start", "Restart") else lite.Empty
 
 
 async def cmd_stop(mc: ManagerClient, args: argparse.Namespace) -> int:
@@ -800,6 +919,8 @@ async def cmd_inspect(mc: ManagerClient, args: argparse.Namespace) -> int:
 
 async def cmd_image(mc: ManagerClient, args: argparse.Namespace) -> int:
     if args.image_command == "import":
+        from pathlib import Path
+
         path = Path(args.archive).absolute()
         if not path.is_file():
             raise UsageError(f"{args.archive}: no such file")
@@ -1056,11 +1177,11 @@ def drive(coro: Coroutine[Any, Any, T]) -> T:
     raise RuntimeError("a command on the blocking client waited for an event loop")
 
 
-async def _dispatch(paths: Paths, args: argparse.Namespace, *, blocking: bool = False) -> int:
+async def _dispatch(args: argparse.Namespace, *, blocking: bool = False) -> int:
     mc = (
-        BlockingManagerClient.connect_blocking(paths)
+        BlockingManagerClient.connect_blocking(args.run_dir, args.state_dir)
         if blocking
-        else await ManagerClient.connect(paths)
+        else await ManagerClient.connect(args.run_dir, args.state_dir)
     )
     try:
         return await COMMANDS[args.command](mc, args)
@@ -1071,14 +1192,13 @@ async def _dispatch(paths: Paths, args: argparse.Namespace, *, blocking: bool = 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    paths = Paths.resolve(args.run_dir, args.state_dir)
     try:
         if _runs_blocking(args):
             with contextlib.suppress(NeedsEventLoop):
-                return drive(_dispatch(paths, args, blocking=True))
+                return drive(_dispatch(args, blocking=True))
         import asyncio
 
-        return asyncio.run(_dispatch(paths, args))
+        return asyncio.run(_dispatch(args))
     except UsageError as exc:
         parser.error(str(exc))
     except (ManagerNotRunning, CommandError) as exc:

@@ -11,11 +11,11 @@ import os
 import select
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import asyncio
+    from os import PathLike
 
     from manager.logindex import LineTimes
 
@@ -47,7 +47,7 @@ class LogTail:
 
     def __init__(
         self,
-        path: Path,
+        path: str | PathLike[str],
         out_fd: int,
         *,
         from_end: bool = False,
@@ -55,7 +55,7 @@ class LogTail:
         timestamps: bool = False,
         since_ns: int = 0,
     ) -> None:
-        self._f = path.open("rb")
+        self._f = open(path, "rb")  # noqa: SIM115 - closed by close()
         if from_end:
             self._f.seek(0, os.SEEK_END)
         self._out = out_fd

@@ -10,17 +10,21 @@ import select
 import socket
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import DecodeError
 
 from protocol.ttrpc.connection import CallCompleted, CallFailed, ClientConnection
 from protocol.ttrpc.frame import MAX_MESSAGE_SIZE
 from protocol.ttrpc.status import Code, ConnectionClosedError, TtrpcError
 
+if TYPE_CHECKING:
+    from protocol.proto.lite import WireMessage
+
 __all__ = ["BlockingClient"]
 
-Resp = TypeVar("Resp", bound=Message)
+# A generated class or a LiteMessage (protocol.proto.lite): both read and write bytes.
+Resp = TypeVar("Resp", bound="WireMessage")
 DEADLINE_MESSAGE = "context deadline exceeded"
 RECV_SIZE = 65536
 
@@ -57,7 +61,7 @@ class BlockingClient:
         self,
         service: str,
         method: str,
-        request: Message,
+        request: WireMessage,
         response_type: type[Resp],
         *,
         timeout: float | None = None,

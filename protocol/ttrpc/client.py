@@ -10,9 +10,9 @@ import asyncio
 import logging
 import socket
 from collections.abc import Mapping, Sequence
-from typing import TypeVar, cast
+from typing import TYPE_CHECKING, TypeVar, cast
 
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import DecodeError
 
 from protocol.ttrpc.connection import (
     CallCompleted,
@@ -24,11 +24,15 @@ from protocol.ttrpc.connection import (
 from protocol.ttrpc.frame import MAX_MESSAGE_SIZE
 from protocol.ttrpc.status import Code, ConnectionClosedError, TtrpcError
 
+if TYPE_CHECKING:
+    from protocol.proto.lite import WireMessage
+
 __all__ = ["Client", "Metadata"]
 
 log = logging.getLogger(__name__)
 
-Resp = TypeVar("Resp", bound=Message)
+# A generated class or a LiteMessage (protocol.proto.lite): both read and write bytes.
+Resp = TypeVar("Resp", bound="WireMessage")
 
 Metadata = Mapping[str, str | Sequence[str]]
 """Call metadata: key -> value, or key -> several values (sent in order)."""
@@ -83,7 +87,7 @@ class Client:
         self,
         service: str,
         method: str,
-        request: Message,
+        request: WireMessage,
         response_type: type[Resp],
         *,
         timeout: float | None = None,

@@ -1,18 +1,23 @@
 """The ``ttrpc.Request`` / ``ttrpc.Response`` envelopes (spec ttrpc.md §3, §5).
 
-The rest of the package sees plain dataclasses; only this module knows the generated
-protobuf classes, so the wire encoding has a single seam.
+The rest of the package sees plain tuples; only this module knows the wire encoding,
+so it has a single seam. What a client does (encode a request, decode a response) is
+written out with protocol.wire: a short-lived client such as the `pyshim` CLI then
+never imports the protobuf runtime (tests hold the bytes to the generated classes).
+A server's request decoding, which must take whatever a peer sends, stays on the
+generated class.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-from google.protobuf.message import DecodeError, EncodeError
+from protocol import wire
 
-from protocol.proto import ttrpc_pb2
-from protocol.proto.rpc import status_pb2
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from protocol.proto import ttrpc_pb2
 
 __all__ = [
     "MessageDecodeError",
@@ -47,20 +52,25 @@ class ResponseMessage(NamedTuple):
 
 
 def encode_request(req: RequestMessage) -> bytes:
-    msg = ttrpc_pb2.Request(
-        service=req.service,
-        method=req.method,
-        payload=req.payload,
-        timeout_nano=req.timeout_nano,
-        metadata=[ttrpc_pb2.KeyValue(key=k, value=v) for k, v in req.metadata],
+    """Field-number order and proto3 defaults left out, as protobuf writes it."""
+    metadata = b"".join(
+        wire.field_bytes(5, wire.field_str(1, k) + wire.field_str(2, v), always=True)
+        for k, v in req.metadata
     )
-    try:
-        return msg.SerializeToString()
-    except EncodeError as exc:  # pragma: no cover - every field here is always set
-        raise ValueError(str(exc)) from exc
+    return (
+        wire.field_str(1, req.service)
+        + wire.field_str(2, req.method)
+        + wire.field_bytes(3, req.payload)
+        + wire.field_varint(4, req.timeout_nano)
+        + metadata
+    )
 
 
 def decode_request(data: bytes) -> RequestMessage:
+    from google.protobuf.message import DecodeError
+
+    from protocol.proto import ttrpc_pb2
+
     msg = ttrpc_pb2.Request()
     try:
         msg.ParseFromString(data)
@@ -79,20 +89,37 @@ def encode_response(resp: ResponseMessage) -> bytes:
     """Success omits ``status`` entirely (as Go does), so an empty result encodes to
     zero bytes; failure carries ``status`` and no payload (spec §5)."""
     if resp.code == 0:
-        return ttrpc_pb2.Response(payload=resp.payload).SerializeToString()
-    status = status_pb2.Status(code=resp.code, message=resp.message)
-    return ttrpc_pb2.Response(status=status).SerializeToString()
+        return wire.field_bytes(2, resp.payload)
+    status = wire.field_varint(1, resp.code) + wire.field_str(2, resp.message)
+    return wire.field_bytes(1, status, always=True)
 
 
 def decode_response(data: bytes) -> ResponseMessage:
-    msg = ttrpc_pb2.Response()
+    """protobuf's reading: last value wins, a repeated ``status`` merges, fields of a
+    wire type other than declared are unknown fields (skipped)."""
+    code, message, payload = 0, "", b""
     try:
-        msg.ParseFromString(data)
-    except DecodeError as exc:
+        for number, wire_type, value in wire.iter_fields(data):
+            if wire_type != wire.LEN:
+                continue
+            assert isinstance(value, bytes)
+            if number == 2:
+                payload = value
+            elif number == 1:
+                for n, wt, v in wire.iter_fields(value):
+                    if n == 1 and wt == wire.VARINT:
+                        assert isinstance(v, int)
+                        # int32, as protobuf reads it: the low 32 bits, signed.
+                        v &= 0xFFFF_FFFF
+                        code = v - (1 << 32) if v >> 31 else v
+                    elif n == 2 and wt == wire.LEN:
+                        assert isinstance(v, bytes)
+                        message = v.decode()
+    except (ValueError, UnicodeDecodeError) as exc:
         raise MessageDecodeError(_detail(exc)) from exc
-    if msg.HasField("status") and msg.status.code != 0:
-        return ResponseMessage(code=msg.status.code, message=msg.status.message)
-    return ResponseMessage(payload=msg.payload)
+    if code != 0:
+        return ResponseMessage(code=code, message=message)
+    return ResponseMessage(payload=payload)
 
 
 def _pairs(kvs: Iterable[ttrpc_pb2.KeyValue]) -> tuple[tuple[str, str], ...]:

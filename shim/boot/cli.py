@@ -52,7 +52,7 @@ def run_info() -> int:
     """-info (containerd 2.x): RuntimeInfo as raw protobuf on stdout."""
     import subprocess
 
-    from shim.boot import _wire
+    from protocol import wire
     from shim.boot.info import features_binary
 
     options = sys.stdin.buffer.read()
@@ -66,17 +66,13 @@ def run_info() -> int:
     else:
         if res.returncode == 0:
             features = res.stdout
-    version = _wire.field_str(1, VERSION) + _wire.field_str(2, REVISION)
+    version = wire.field_str(1, VERSION) + wire.field_str(2, REVISION)
     info = (
-        _wire.field_str(1, RUNTIME_NAME)
-        + _wire.field_bytes(2, version)
+        wire.field_str(1, RUNTIME_NAME)
+        + wire.field_bytes(2, version)
         # The options arrive as a serialized Any, which is exactly the embedded field.
-        + _wire.field_bytes(3, options)
-        + (
-            _wire.field_bytes(4, _wire.any_message(FEATURES_TYPE_URL, features))
-            if features
-            else b""
-        )
+        + wire.field_bytes(3, options)
+        + (wire.field_bytes(4, wire.any_message(FEATURES_TYPE_URL, features)) if features else b"")
     )
     sys.stdout.buffer.write(info)
     sys.stdout.flush()

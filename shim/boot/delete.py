@@ -11,7 +11,7 @@ import os
 import sys
 import time
 
-from shim.boot import _wire
+from protocol import wire
 from shim.boot import minijson as json
 from shim.records.recordfile import read_regular_file
 from shim.records.recordlog import log_path, read_live
@@ -404,9 +404,9 @@ def delete_response(pid: int, exit_status: int, exited_at_ns: int) -> bytes:
     """containerd.task.v2.DeleteResponse; exited_at is always present (1.6 expects it)."""
     seconds, nanos = divmod(exited_at_ns, 1_000_000_000)
     return (
-        _wire.field_varint(1, pid)
-        + _wire.field_varint(2, exit_status)
-        + _wire.field_bytes(3, _wire.timestamp(seconds, nanos), always=True)
+        wire.field_varint(1, pid)
+        + wire.field_varint(2, exit_status)
+        + wire.field_bytes(3, wire.timestamp(seconds, nanos), always=True)
     )
 
 

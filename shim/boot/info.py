@@ -1,12 +1,12 @@
 """What `-info` (containerd 2.2+) reports about the runtime binary pyshim would run.
 
-Builtins and `_wire` only: containerd runs `-info` once per runtime on the first task
+Builtins and `protocol.wire` only: containerd runs `-info` once per runtime on the first task
 create, with the runtime options it would pass to `start` on stdin.
 """
 
 from __future__ import annotations
 
-from shim.boot import _wire
+from protocol import wire
 
 RUNC_OPTIONS_TYPE = "containerd.runc.v1.Options"
 BINARY_NAME_FIELD = 6  # containerd.runc.v1.Options.binary_name
@@ -19,9 +19,9 @@ def features_binary(options: bytes) -> str:
     if not options:
         return DEFAULT_BINARY
     try:
-        type_url, value = _wire.decode_any(options)
+        type_url, value = wire.decode_any(options)
         if type_url.rsplit("/", 1)[-1] == RUNC_OPTIONS_TYPE:
-            return _wire.string_field(value, BINARY_NAME_FIELD) or DEFAULT_BINARY
+            return wire.string_field(value, BINARY_NAME_FIELD) or DEFAULT_BINARY
     except (ValueError, UnicodeDecodeError):
         pass
     return DEFAULT_BINARY

@@ -15,7 +15,8 @@ import os
 import stat
 import sys
 
-from shim.boot import _wire, bootstrap, minijson
+from protocol import wire
+from shim.boot import bootstrap, minijson
 from shim.boot.rendezvous import sha256
 
 TYPE_CHECKING = False  # typing costs ~3 ms at start-up; mypy honours this name
@@ -101,15 +102,15 @@ class StdinOptions:
 
 
 def _options_from_any(data: bytes) -> str:
-    type_url, value = _wire.decode_any(data)
+    type_url, value = wire.decode_any(data)
     name = type_url.rsplit("/", 1)[-1]
     number = SHIM_CGROUP_FIELDS.get(name)
     if number:
-        return _wire.string_field(value, number)
+        return wire.string_field(value, number)
     if name == "runtimeoptions.v1.Options":  # TOML (shim/task/runtimeconfig.py)
         from shim.task import runtimeconfig
 
-        path, body = _wire.string_field(value, 2), _wire.bytes_field(value, 3)
+        path, body = wire.string_field(value, 2), wire.bytes_field(value, 3)
         cgroup = runtimeconfig.read_config(path, body).get("shimcgroup", "")
         if not isinstance(cgroup, str):
             raise ValueError(f"ShimCgroup must be a string, not {cgroup!r}")
@@ -121,9 +122,9 @@ def parse_stdin(data: bytes, *, container_id: str, namespace: str) -> StdinOptio
     if not data:
         return StdinOptions()
     try:
-        fields = list(_wire.iter_fields(data))
+        fields = list(wire.iter_fields(data))
         strings = {
-            n: v.decode() for n, w, v in fields if w == _wire.LEN and isinstance(v, bytes) and n < 8
+            n: v.decode() for n, w, v in fields if w == wire.LEN and isinstance(v, bytes) and n < 8
         }
         is_bootstrap = strings.get(1) == container_id and strings.get(2) == namespace
     except (ValueError, UnicodeDecodeError):
@@ -132,15 +133,15 @@ def parse_stdin(data: bytes, *, container_id: str, namespace: str) -> StdinOptio
         cgroup = ""
         socket_dir: str | None = None
         for n, w, v in fields:
-            if n == 8 and w == _wire.LEN and isinstance(v, bytes):
-                ext = dict((num, val) for num, _, val in _wire.iter_fields(v))
+            if n == 8 and w == wire.LEN and isinstance(v, bytes):
+                ext = dict((num, val) for num, _, val in wire.iter_fields(v))
                 opts = ext.get(1)
                 if isinstance(opts, bytes) and not cgroup:
                     try:
                         cgroup = _options_from_any(opts)
                     except ValueError as exc:
                         raise StartError(f"failed to decode runtime options: {exc}") from None
-            elif n == 9 and w == _wire.LEN and isinstance(v, bytes):
+            elif n == 9 and w == wire.LEN and isinstance(v, bytes):
                 socket_dir = v.decode()
         return StdinOptions(cgroup, socket_dir or None, bootstrap=True)
     try:

@@ -17,9 +17,9 @@ import grpc
 import pytest
 
 from crashtest.images import build_busybox_rootfs
+from protocol import wire
 from protocol.proto import anyutil
 from protocol.proto.runc import options_pb2
-from shim.boot import _wire
 from tests.integration.test_stats_oom import GO_SHIM, PYSHIM, Events, task_status, wait_until
 from tests.support.containerd import Containerd
 from tests.support.recording_runc import DUMP_LOG, RecordingRunc, install
@@ -57,7 +57,7 @@ def _normalized(argv: list[str], ctrd: Containerd, cid: str) -> list[str]:
 def _checkpoint(ctrd: Containerd, cid: str, opts: options_pb2.CheckpointOptions) -> None:
     """containerd's Tasks.Checkpoint with runc CheckpointOptions (what ctr cannot set).
     With an image_path containerd only passes it on as the request's path."""
-    request = _wire.field_str(1, cid) + _wire.field_bytes(3, anyutil.pack(opts).SerializeToString())
+    request = wire.field_str(1, cid) + wire.field_bytes(3, anyutil.pack(opts).SerializeToString())
     ctrd.tasks_call("Checkpoint", request, timeout=60)
 
 
@@ -80,10 +80,10 @@ def _stop(ctrd: Containerd, cid: str) -> None:
 
 def _exit_status(ctrd: Containerd, cid: str) -> int:
     """The task's recorded exit status (`ctr task ls` does not show it)."""
-    response = ctrd.tasks_call("Get", _wire.field_str(1, cid))
-    process = next(v for n, _, v in _wire.iter_fields(response) if n == 1)
+    response = ctrd.tasks_call("Get", wire.field_str(1, cid))
+    process = next(v for n, _, v in wire.iter_fields(response) if n == 1)
     assert isinstance(process, bytes)
-    fields = {n: v for n, _, v in _wire.iter_fields(process)}
+    fields = {n: v for n, _, v in wire.iter_fields(process)}
     status = fields.get(9, 0)  # containerd.v1.types.Process.exit_status
     assert isinstance(status, int)
     return status
@@ -186,9 +186,9 @@ def _create_from_checkpoint(ctrd: Containerd, cid: str, image: Path, runc: Recor
     options = options_pb2.Options(binary_name=str(runc.path), criu_image_path=str(image))
     response = ctrd.tasks_call(
         "Create",
-        _wire.field_str(1, cid) + _wire.field_bytes(9, anyutil.pack(options).SerializeToString()),
+        wire.field_str(1, cid) + wire.field_bytes(9, anyutil.pack(options).SerializeToString()),
     )
-    pid = next((v for n, _, v in _wire.iter_fields(response) if n == 2), 0)
+    pid = next((v for n, _, v in wire.iter_fields(response) if n == 2), 0)
     assert isinstance(pid, int)
     return pid
 
@@ -208,8 +208,8 @@ def test_restore_command_lines_and_restored_init_match_the_go_shim(
         assert _create_from_checkpoint(containerd, cid, image, runc) == 0
         assert task_status(containerd, cid) == "CREATED"
         assert runc.commands("restore") == [] or all(cid not in c for c in runc.commands("restore"))
-        started = containerd.tasks_call("Start", _wire.field_str(1, cid))
-        pid = next(v for n, _, v in _wire.iter_fields(started) if n == 1)
+        started = containerd.tasks_call("Start", wire.field_str(1, cid))
+        pid = next(v for n, _, v in wire.iter_fields(started) if n == 1)
         assert isinstance(pid, int) and pid > 0
         assert task_status(containerd, cid) == "RUNNING"
         # The restored init is any init: exec into it, kill it, its exit is recorded.
@@ -239,15 +239,15 @@ def test_checkpoint_errors_before_runc(
                    cid, "/bin/sleep", "300")  # fmt: skip
     containerd.tasks_call(
         "Create",
-        _wire.field_str(1, cid)
-        + _wire.field_bytes(
+        wire.field_str(1, cid)
+        + wire.field_bytes(
             9, anyutil.pack(options_pb2.Options(binary_name=str(runc.path))).SerializeToString()
         ),
     )
     with pytest.raises(grpc.RpcError) as created:
         _checkpoint(containerd, cid, options_pb2.CheckpointOptions(image_path="/tmp/x"))
     assert "cannot checkpoint a task in created state" in str(created.value.details())
-    containerd.tasks_call("Start", _wire.field_str(1, cid))
+    containerd.tasks_call("Start", wire.field_str(1, cid))
     with pytest.raises(grpc.RpcError) as relative:
         _checkpoint(
             containerd, cid, options_pb2.CheckpointOptions(image_path="/tmp/x", work_path="w")

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from google.protobuf import empty_pb2
 
+from protocol import wire
 from protocol.proto.task.v2 import shim_pb2  # v3 has the same messages
 from protocol.ttrpc.client import Client
 from protocol.ttrpc.status import Code, TtrpcError
-from shim.boot import _wire
 from shim.boot.start import socket_address
 from tests.support.containerd import Containerd
 
@@ -38,7 +38,7 @@ def _bootstrap(ctrd: Containerd, cid: str) -> dict[str, object]:
 
 def _fields(data: bytes) -> dict[int, list[int | bytes]]:
     out: dict[int, list[int | bytes]] = {}
-    for number, _, value in _wire.iter_fields(data):
+    for number, _, value in wire.iter_fields(data):
         out.setdefault(number, []).append(value)
     return out
 
@@ -111,8 +111,8 @@ def test_info_reads_like_the_go_shims(containerd: Containerd) -> None:
     go_info, py_info = _fields(go.stdout), _fields(py.stdout)
     assert go_info[1] == [GO_SHIM.encode()] and py_info[1] == [PYSHIM.encode()]
     assert set(go_info) == set(py_info) == {1, 2, 4}
-    go_features = _wire.decode_any(bytes(go_info[4][0]))
-    py_features = _wire.decode_any(bytes(py_info[4][0]))
+    go_features = wire.decode_any(bytes(go_info[4][0]))
+    py_features = wire.decode_any(bytes(py_info[4][0]))
     assert go_features[0] == py_features[0] == FEATURES_URL
     # Both are runc's own `runc features` (the Go shim re-encodes the same JSON).
     assert json.loads(go_features[1]) == json.loads(py_features[1])

@@ -359,8 +359,8 @@ def test_shim_cgroup_from_the_go_clients_legacy_create_options(
 ) -> None:
     """containerd's Go client (WithShimCgroup) sends `containerd.linux.runc.CreateOptions`
     to every runtime not named io.containerd.runc.*: its shim_cgroup places the shim."""
+    from protocol import wire
     from protocol.proto.runctypes import runc_pb2
-    from shim.boot import _wire
 
     rootfs = build_busybox_rootfs(tmp_path / "rootfs")
     name = f"pyshim-test-{os.getpid()}-{time.monotonic_ns()}"
@@ -380,15 +380,15 @@ def test_shim_cgroup_from_the_go_clients_legacy_create_options(
         containerd.ctr("container", "create", "--rootfs", "--runtime", RUNTIME, str(rootfs),
                        "legacy", "/bin/sleep", "300")  # fmt: skip
         options = anyutil.pack(runc_pb2.CreateOptions(shim_cgroup=f"/{name}"))
-        created = containerd.tasks_call("Create", _wire.field_str(1, "legacy")
-                              + _wire.field_bytes(9, options.SerializeToString()))  # fmt: skip
-        init = next(v for n, _, v in _wire.iter_fields(created) if n == 2)
+        created = containerd.tasks_call("Create", wire.field_str(1, "legacy")
+                              + wire.field_bytes(9, options.SerializeToString()))  # fmt: skip
+        init = next(v for n, _, v in wire.iter_fields(created) if n == 2)
         assert isinstance(init, int) and init > 0
         shim = int(Path(f"/proc/{init}/stat").read_text().rsplit(")", 1)[1].split()[1])
         cgroups = Path(f"/proc/{shim}/cgroup").read_text().splitlines()
         placed = [line for line in cgroups if line.endswith(f":/{name}")]
         assert placed and len(placed) >= len(made) - 1, cgroups  # v2 line aside on hybrid hosts
-        containerd.tasks_call("Start", _wire.field_str(1, "legacy"))
+        containerd.tasks_call("Start", wire.field_str(1, "legacy"))
         assert task_status(containerd, "legacy") == "RUNNING"
     finally:
         containerd.ctr("task", "kill", "-s", "SIGKILL", "legacy", check=False)

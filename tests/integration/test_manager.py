@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -233,3 +234,51 @@ def test_exit_events_are_recorded_once(manager: Manager) -> None:
     assert "ignoring a second exit 137 (already recorded 42)" in manager.daemon_log()
     # rm stopped the container pyshimd believed exited, and its shim with it.
     _wait_for(lambda: not Path(f"/proc/{shim_pid}").exists())
+
+
+# The quick commands' point (bench/README.md, manager path): they must not load what
+# a `pyshim run` cannot afford at every start. Checked on the real commands against
+# the real pyshimd, started as the installed `pyshim` is (-IS, launcher's sys.path).
+_HEAVY_PROBE = """
+import sys
+sys.path.extend({paths!r})
+from manager.cli import main
+rc = main(sys.argv[1:])
+heavy = sorted(
+    m for m in sys.modules
+    if m.split(".")[0] in ("asyncio", "pathlib", "json", "urllib")
+    or m.endswith("_pb2")
+    or (m.startswith("google.protobuf.") and m != "google.protobuf.message")
+)
+sys.stderr.write("HEAVY=" + ",".join(heavy) + "\\n")
+sys.exit(rc)
+"""
+
+
+def test_quick_commands_import_no_asyncio_protobuf_pathlib_json(manager: Manager) -> None:
+    from shim.boot.launcher import import_paths
+
+    code = _HEAVY_PROBE.format(paths=import_paths())
+
+    def probe(*args: str) -> tuple[int, str, list[str]]:
+        res = subprocess.run(
+            [sys.executable, "-IS", "-c", code, *args],
+            env=manager.env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=CMD_TIMEOUT,
+        )
+        heavy = [ln for ln in res.stderr.splitlines() if ln.startswith("HEAVY=")]
+        assert heavy, res.stderr + manager.daemon_log()
+        return res.returncode, res.stdout, [m for m in heavy[-1][6:].split(",") if m]
+
+    rc, out, heavy = probe("run", "--rm", "--network", "none", "--", "sh", "-c", "echo hi; exit 3")
+    assert (rc, out, heavy) == (3, "hi\n", [])
+    rc, cid, heavy = probe("run", "-d", "--name", "quick", "--", "sleep", "1000")
+    assert (rc, heavy) == (0, []) and len(cid.strip()) == 16
+    assert probe("kill", "quick")[::2] == (0, [])
+    assert probe("wait", "quick") == (0, "137\n", [])
+    assert probe("rm", "quick") == (0, "quick\n", [])
+    # The probe sees what is loaded: a command that still uses protobuf shows it.
+    assert any(m.endswith("manager_pb2") for m in probe("ps", "--json")[2])

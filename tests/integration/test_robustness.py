@@ -27,6 +27,7 @@ import pytest
 from google.protobuf import empty_pb2
 
 from crashtest.images import write_oci_bundle
+from protocol import wire
 from protocol.proto import anyutil
 from protocol.proto.runc import options_pb2
 from protocol.proto.runtime.bootstrap.v1 import bootstrap_pb2
@@ -35,7 +36,6 @@ from protocol.ttrpc.client import Client
 from protocol.ttrpc.frame import MAX_MESSAGE_SIZE, MessageType, encode_frame, encode_header
 from protocol.ttrpc.messages import RequestMessage, decode_response, encode_request
 from protocol.ttrpc.status import Code, ConnectionClosedError
-from shim.boot import _wire
 from tests.support.template import stop_templates
 
 pytestmark = pytest.mark.integration
@@ -88,9 +88,9 @@ class Shim:
         # containerd 2.3's BootstrapParams (id, namespace, socket_dir) keeps the socket
         # in our temp dir instead of /run/containerd/s.
         params = (
-            _wire.field_str(1, self.id)
-            + _wire.field_str(2, NAMESPACE)
-            + _wire.field_str(9, str(self.socket_dir))
+            wire.field_str(1, self.id)
+            + wire.field_str(2, NAMESPACE)
+            + wire.field_str(9, str(self.socket_dir))
         )
         argv = [
             _binary(),

@@ -45,8 +45,11 @@ class Manager:
     # How long pyshimd may take to serve (a qemu TCG guest needs far longer).
     start_timeout = 30.0
 
-    def __init__(self, root: Path, extra_flags: Sequence[str] = ()) -> None:
+    def __init__(
+        self, root: Path, extra_flags: Sequence[str] = (), log_level: str = "debug"
+    ) -> None:
         self.root = root
+        self.log_level = log_level
         # pyshimd flags of the test's own (e.g. --runc-binary, --cni-path).
         self.extra_flags = list(extra_flags)
         self.run_dir = root / "run"
@@ -70,7 +73,7 @@ class Manager:
     def start(self) -> None:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [PYSHIMD, "--log-level", "debug", *self.daemon_flags()],
+            [PYSHIMD, "--log-level", self.log_level, *self.daemon_flags()],
             env=self.env,
             stdout=log,
             stderr=log,

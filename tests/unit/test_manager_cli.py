@@ -128,3 +128,22 @@ def test_publish_specs() -> None:
     for bad in ("80", "a:b", "0:80", "80:70000", "80:80/sctp", "1:2:3:4"):
         with pytest.raises(argparse.ArgumentTypeError):
             cli.parse_publish(bad)
+
+
+def test_run_defaults_without_flags() -> None:
+    """A command's arguments are added when it is parsed: their defaults must be set
+    all the same (argparse sets defaults before it parses)."""
+    args = cli.build_parser().parse_args(["run", "busybox", "--", "true"])
+    assert (args.rm, args.detach, args.tty, args.interactive) == (False, False, False, False)
+    assert (args.env, args.publish, args.volume, args.network) == ([], [], [], "bridge")
+    assert args.restart == ("no", 0)
+    kill = cli.build_parser().parse_args(["kill", "web"])
+    assert kill.signal == signal.SIGKILL
+
+
+def test_every_command_parses_and_has_help(capsys: pytest.CaptureFixture[str]) -> None:
+    for name in cli.COMMANDS:
+        with pytest.raises(SystemExit) as exc:
+            cli.build_parser().parse_args([name, "--help"])
+        assert exc.value.code == 0
+        assert f"usage: pyshim {name}" in capsys.readouterr().out

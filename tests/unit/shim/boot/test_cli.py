@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from protocol import wire
 from protocol.proto.task.v2 import shim_pb2
-from shim.boot import _wire, cli, delete, flags
+from shim.boot import cli, delete, flags
 from shim.boot.flags import FlagError, HelpRequested, parse_flags
 
 # The argv containerd 1.6.20 was observed to use (shim-cli.md).
@@ -255,17 +256,17 @@ def test_action_errors_follow_the_go_convention(
 def test_info_prints_runtime_info(
     monkeypatch: pytest.MonkeyPatch, capfdbinary: pytest.CaptureFixture[bytes]
 ) -> None:
-    options = _wire.any_message("runtimeoptions.v1.Options", _wire.field_str(2, "/cfg.toml"))
+    options = wire.any_message("runtimeoptions.v1.Options", wire.field_str(2, "/cfg.toml"))
     stdin = io.TextIOWrapper(io.BytesIO(options))
     monkeypatch.setattr(sys, "stdin", stdin)
     assert cli.main(["shim", "-info"]) == 0
     out = capfdbinary.readouterr().out
-    fields = {n: v for n, _, v in _wire.iter_fields(out)}
+    fields = {n: v for n, _, v in wire.iter_fields(out)}
     assert fields[1] == b"io.containerd.pyshim.v1"
-    version = {n: v for n, _, v in _wire.iter_fields(fields[2])}  # type: ignore[arg-type]
+    version = {n: v for n, _, v in wire.iter_fields(fields[2])}  # type: ignore[arg-type]
     assert version[1] == cli.VERSION.encode()
     assert fields[3] == options
-    type_url, features = _wire.decode_any(fields[4])  # type: ignore[arg-type]
+    type_url, features = wire.decode_any(fields[4])  # type: ignore[arg-type]
     assert type_url == cli.FEATURES_TYPE_URL
     assert "ociVersionMax" in json.loads(features)
 

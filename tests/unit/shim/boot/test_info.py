@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from protocol import wire
 from protocol.proto import anyutil
 from protocol.proto.runc import options_pb2
-from shim.boot import _wire, cli, info
+from shim.boot import cli, info
 
 
 def _any(msg: options_pb2.Options) -> bytes:
@@ -24,7 +25,7 @@ def _any(msg: options_pb2.Options) -> bytes:
         (b"", "runc"),
         (_any(options_pb2.Options()), "runc"),
         (_any(options_pb2.Options(binary_name="crun", root="/r")), "crun"),
-        (_wire.any_message("runtimeoptions.v1.Options", _wire.field_str(2, "/c.toml")), "runc"),
+        (wire.any_message("runtimeoptions.v1.Options", wire.field_str(2, "/c.toml")), "runc"),
         (b"\xff\xff", "runc"),
     ],
     ids=["none", "runc-default", "binary-name", "cri-options", "garbage"],
@@ -43,7 +44,7 @@ def test_info_asks_the_binary_name_for_its_features(
     options = _any(options_pb2.Options(binary_name="fake-oci"))
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(options)))
     assert cli.main(["shim", "-info"]) == 0
-    fields = {n: v for n, _, v in _wire.iter_fields(capfdbinary.readouterr().out)}
+    fields = {n: v for n, _, v in wire.iter_fields(capfdbinary.readouterr().out)}
     assert fields[3] == options
-    type_url, features = _wire.decode_any(fields[4])  # type: ignore[arg-type]
+    type_url, features = wire.decode_any(fields[4])  # type: ignore[arg-type]
     assert (type_url, features) == (cli.FEATURES_TYPE_URL, b'{"ociVersionMax":"9.9.9"}')

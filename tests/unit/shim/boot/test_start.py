@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from protocol import wire
 from protocol.proto import anyutil
 from protocol.proto.runc import options_pb2
 from protocol.proto.runctypes import runc_pb2
-from shim.boot import _wire, start
+from shim.boot import start
 from shim.boot.flags import parse_flags
 from tests.support.imports import printed_by_isolated
 
@@ -163,21 +164,21 @@ def test_stdin_legacy_create_options_shim_cgroup() -> None:
 
 
 def test_stdin_other_options_ignored() -> None:
-    raw = _wire.any_message("containerd.linux.runc.CreateOptions", _wire.field_str(3, "/etc/x"))
+    raw = wire.any_message("containerd.linux.runc.CreateOptions", wire.field_str(3, "/etc/x"))
     assert start.parse_stdin(raw, container_id="c1", namespace="ns").shim_cgroup == ""
 
 
 def test_stdin_runtime_options_toml_shim_cgroup(tmp_path: Path) -> None:
     # CRI 1.7+ sends the runtime's options section inline; ctr a file's name.
     body = b'SystemdCgroup = true\nShimCgroup = "/pyshim/c1"\n'
-    raw = _wire.any_message("runtimeoptions.v1.Options", _wire.field_bytes(3, body))
+    raw = wire.any_message("runtimeoptions.v1.Options", wire.field_bytes(3, body))
     assert start.parse_stdin(raw, container_id="c1", namespace="ns").shim_cgroup == "/pyshim/c1"
     config = tmp_path / "runtime.toml"
     config.write_text('shim_cgroup = "/pyshim/c2"\n')
-    raw = _wire.any_message("runtimeoptions.v1.Options", _wire.field_str(2, str(config)))
+    raw = wire.any_message("runtimeoptions.v1.Options", wire.field_str(2, str(config)))
     assert start.parse_stdin(raw, container_id="c1", namespace="ns").shim_cgroup == "/pyshim/c2"
     for bad in (b"ShimCgroup = ", b"ShimCgroup = 3\n"):
-        raw = _wire.any_message("runtimeoptions.v1.Options", _wire.field_bytes(3, bad))
+        raw = wire.any_message("runtimeoptions.v1.Options", wire.field_bytes(3, bad))
         with pytest.raises(start.StartError, match="failed to decode runtime options"):
             start.parse_stdin(raw, container_id="c1", namespace="ns")
 
@@ -185,18 +186,18 @@ def test_stdin_runtime_options_toml_shim_cgroup(tmp_path: Path) -> None:
 def test_stdin_bootstrap_params() -> None:
     opts_any = anyutil.pack(options_pb2.Options(shim_cgroup="/g")).SerializeToString()
     params = (
-        _wire.field_str(1, "c1")
-        + _wire.field_str(2, "ns")
-        + _wire.field_varint(3, -4)  # LogLevel DEBUG: a ten-byte negative varint
-        + _wire.field_bytes(8, _wire.field_bytes(1, opts_any))
-        + _wire.field_str(9, "/run/other/s")
+        wire.field_str(1, "c1")
+        + wire.field_str(2, "ns")
+        + wire.field_varint(3, -4)  # LogLevel DEBUG: a ten-byte negative varint
+        + wire.field_bytes(8, wire.field_bytes(1, opts_any))
+        + wire.field_str(9, "/run/other/s")
     )
     opts = start.parse_stdin(params, container_id="c1", namespace="ns")
     assert (opts.shim_cgroup, opts.socket_dir) == ("/g", "/run/other/s")
 
 
 def test_stdin_bootstrap_for_another_id_is_read_as_any() -> None:
-    params = _wire.field_str(1, "other") + _wire.field_str(2, "ns")
+    params = wire.field_str(1, "other") + wire.field_str(2, "ns")
     opts = start.parse_stdin(params, container_id="c1", namespace="ns")
     assert opts.socket_dir is None
 

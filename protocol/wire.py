@@ -1,8 +1,9 @@
-"""Just enough protobuf wire format for the short-lived `start`, `delete` and `-info`.
+"""Just enough protobuf wire format for short-lived programs: the shim's `start`,
+`delete` and `-info`, and (through protocol.proto.lite) the `pyshim` CLI.
 
-Those run once per container; importing the protobuf runtime and generated
-modules would cost more than everything else they do. Tests check the bytes
-against the generated classes.
+Those run once per container or command; importing the protobuf runtime and
+generated modules would cost more than everything else they do. Tests check the
+bytes against the generated classes.
 """
 
 from __future__ import annotations
