@@ -241,3 +241,27 @@ async def test_fsyncs_on_the_run_path(
         assert stored is not None and stored.exit_status == 0
         await sup.remove(c.id, force=False)
     assert len(fsyncs) == before_answer + after_exit
+
+
+async def test_after_a_power_loss_the_first_save_is_enough(tmp_path: Path) -> None:
+    # What a reboot leaves of a `run --rm` that Run answered: the synced first save
+    # (status created, no shim address), no snapshot, no bundle. Recovery must still
+    # find the container, and remove it with its state directory.
+    sup = _supervisor(tmp_path)
+    rec = ContainerRecord(
+        id="0ff1ce",
+        name="gone",
+        bundle=str(tmp_path / "run" / "bundles" / "0ff1ce"),
+        created_at_ns=1,
+        command=["true"],
+        auto_remove=True,
+    )
+    sup.store.save(rec)
+    sup.paths.log("0ff1ce").touch()
+    await sup.recover()
+    for _ in range(100):
+        if "0ff1ce" not in sup.containers:
+            break
+        await asyncio.sleep(0.01)
+    assert "0ff1ce" not in sup.containers
+    assert not sup.paths.container_dir("0ff1ce").exists()
