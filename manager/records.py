@@ -1,4 +1,24 @@
-"""Durable per-container records: msgspec JSON, written atomically (tmp + fsync + rename)."""
+"""Per-container records: msgspec JSON, written atomically (tmp + rename), synced or not.
+
+What must be durable, and before what (docs/crash-recovery.md, "What pyshimd syncs"):
+a process crash (pyshimd SIGKILLed) loses nothing that was written, synced or not,
+since the page cache keeps it; only a kernel crash or power loss does, and that also
+kills every container and shim. So a save is synced (file fsync, rename, directory
+fsync) only when what it says must survive that and cannot be rebuilt at recovery:
+
+- the first save of a container, before anything exists that only the record says
+  how to undo (its state directory, log, writable layer, IP lease; the shim);
+- the save before Run answers and the exit before waiters learn it, for a container
+  that is kept (not --rm): ``ps -a``/``inspect`` show it after a reboot as they did;
+- every other transition (stop, pause, restart policy, ...) as before.
+
+The rest is a *snapshot* (``save(rec, durable=False)``): the same record in a file of
+its own beside the durable one, renamed into place but never synced. Recovery reads
+the snapshot when it is whole and newer (``seq``), else the durable record. So a
+snapshot torn or zeroed by a power loss can never replace what was synced: at worst
+recovery sees the last durable state, and rebuilds the rest from the shim (its
+bundle's ``address``, State) or finds it moot (after a reboot no shim is alive).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +32,8 @@ import msgspec
 from manager.paths import Paths
 
 RECORD_VERSION = 1
+# The unsynced snapshot beside record.json (RecordStore.save).
+SNAPSHOT_NAME = "record.snapshot.json"
 
 
 class MountSpec(msgspec.Struct, kw_only=True):
@@ -41,6 +63,8 @@ class UserMount(msgspec.Struct, kw_only=True):
 
 class ContainerRecord(msgspec.Struct, kw_only=True):
     version: int = RECORD_VERSION
+    # Bumped by every save: the newer of the durable record and the snapshot wins.
+    seq: int = 0
     id: str
     name: str
     bundle: str
@@ -91,17 +115,40 @@ class RecordError(Exception):
     pass
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
+    """tmp + rename: a reader sees the old or the new file whole. ``durable``: the file
+    and the rename are synced before this returns (else only a process crash is
+    survived). A directory this creates is synced into its parent too."""
+    created = _make_dirs(path.parent)
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(fd, data)
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    if durable:
+        # The rename lives in the directory; new directories live in their parents.
+        for directory in (path.parent, *created):
+            fsync_dir(directory)
+
+
+def _make_dirs(directory: Path) -> list[Path]:
+    """mkdir -p; the parents of the directories it made (each needs its entry synced)."""
+    if directory.is_dir():
+        return []
+    parents = _make_dirs(directory.parent)
+    try:
+        directory.mkdir()
+    except FileExistsError:
+        return parents
+    return [directory.parent, *parents]
+
+
+def fsync_dir(directory: Path) -> None:
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dfd)
     finally:
@@ -112,21 +159,37 @@ class RecordStore:
     def __init__(self, paths: Paths) -> None:
         self._paths = paths
 
-    def save(self, record: ContainerRecord) -> None:
-        write_atomic(self._paths.record(record.id), msgspec.json.encode(record))
+    def _snapshot(self, container_id: str) -> Path:
+        return self._paths.record(container_id).with_name(SNAPSHOT_NAME)
+
+    def save(self, record: ContainerRecord, durable: bool = True) -> None:
+        """``durable=False`` only for what recovery can do without after a power loss
+        (module docstring); the first save of a container is always durable."""
+        record.seq += 1
+        data = msgspec.json.encode(record)
+        path = self._paths.record(record.id)
+        if durable or not path.exists():
+            write_atomic(path, data)
+            # Older than what was just synced; gone so that nothing stale lingers.
+            with contextlib.suppress(FileNotFoundError):
+                self._snapshot(record.id).unlink()
+        else:
+            write_atomic(self._snapshot(record.id), data, durable=False)
 
     def load(self, container_id: str) -> ContainerRecord | None:
-        path = self._paths.record(container_id)
+        """The durable record, or the snapshot when it is whole and newer."""
         try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            return None
+            snapshot = _read(self._snapshot(container_id))
+        except RecordError:
+            snapshot = None  # torn by a power loss: the durable record stands
         try:
-            record = msgspec.json.decode(data, type=ContainerRecord)
-        except msgspec.DecodeError as exc:
-            raise RecordError(f"corrupt record {path}: {exc}") from exc
-        if record.version != RECORD_VERSION:
-            raise RecordError(f"record {path} has unknown version {record.version}")
+            record = _read(self._paths.record(container_id))
+        except RecordError:
+            if snapshot is None:
+                raise
+            return snapshot
+        if snapshot is not None and (record is None or snapshot.seq > record.seq):
+            return snapshot
         return record
 
     def load_all(self) -> tuple[list[ContainerRecord], list[str]]:
@@ -150,5 +213,21 @@ class RecordStore:
         return records, problems
 
     def delete(self, container_id: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self._paths.record(container_id).unlink()
+        # The snapshot first: it never outlives its durable record.
+        for path in (self._snapshot(container_id), self._paths.record(container_id)):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
+def _read(path: Path) -> ContainerRecord | None:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        record = msgspec.json.decode(data, type=ContainerRecord)
+    except msgspec.DecodeError as exc:
+        raise RecordError(f"corrupt record {path}: {exc}") from exc
+    if record.version != RECORD_VERSION:
+        raise RecordError(f"record {path} has unknown version {record.version}")
+    return record

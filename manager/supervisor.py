@@ -212,7 +212,9 @@ class Supervisor:
         restart = wants_restart(rec) and not c.removing
         if restart:
             rec.status = "restarting"
-        self.store.save(rec)
+        # Synced before waiters learn it, unless the container is --rm: recovery removes
+        # one of those whatever exit its record holds (or finds none: shim gone, 255).
+        self.store.save(rec, durable=not rec.auto_remove)
         log.info(
             "container %s exited with status %d%s", c.id, status, f" ({reason})" * bool(reason)
         )
@@ -571,7 +573,9 @@ class Supervisor:
         )
         rec.cni_result, _ = await both(add, self._ensure_masquerade())
         rec.ip_address = cni.result_ip(rec.cni_result)
-        self.store.save(rec)
+        # Unsynced: DEL needs only the config (host-local releases by container id);
+        # after a reboot the veth is gone with the namespace.
+        self.store.save(rec, durable=False)
 
     async def _ensure_masquerade(self) -> None:
         """Once per pyshimd: every ADD waits for the first one's check."""
@@ -613,11 +617,15 @@ class Supervisor:
     async def _create_and_start(self, c: Container, cfg: manager_pb2.ContainerConfig) -> None:
         if c.record.network == "bridge":
             c.record.cni_config = self.network.conflist(ports=bool(c.record.ports))
-        # Before anything is made: what to undo after a crash (files, namespace, CNI).
+        # Before anything is made: what to undo after a crash (files, namespace, CNI,
+        # the shim). The one save of `run --rm` that is synced (records.py: the first
+        # save, durable, also puts the container's directory durably in place).
         self.store.save(c.record)
         self._make_netns(c)
         self._prepare_bundle(c, cfg)
-        self.store.save(c.record)
+        # Unsynced: what the image resolved to. Kept containers have it synced before
+        # Run answers (_mark_started); a --rm one is removed at recovery without it.
+        self.store.save(c.record, durable=False)
         tty_size = (cfg.tty_width, cfg.tty_height)
         # CNI ADD runs while the shim starts and runc creates the container: runc's init
         # waits on its exec fifo until Start, so the container's process runs only once
@@ -650,8 +658,9 @@ class Supervisor:
             self.log_index.watch(self.paths.log(cid))
         rec.started_at_ns = _now_ns()
         address = await self.launcher.start(cid, bundle)
+        # Not saved here: the save at Start carries it, and until then recovery reads
+        # the same address from the bundle's `address` file (the shim wrote it there).
         c.record.shim_address = address
-        self.store.save(c.record)
         c.client = await ShimClient.dial(address)
         conn = await c.client.connect(cid)
         c.record.shim_pid = conn.shim_pid
@@ -691,7 +700,10 @@ class Supervisor:
         first (it comes on the shim's event connection and can overtake Start's reply)."""
         if not c.record.exited:
             c.record.status = "running"
-            self.store.save(c.record)
+            # Before Run answers. Synced for a kept container (after a reboot `ps -a`
+            # shows what it ran); for --rm a snapshot: recovery finds the shim by the
+            # bundle's address, asks it the pid and status, and removes the container.
+            self.store.save(c.record, durable=not c.record.auto_remove)
 
     # ------------------------------------------------------------------ teardown
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from manager.paths import Paths
@@ -53,3 +54,40 @@ def test_unknown_version_is_refused(tmp_path: Path) -> None:
     store.save(rec)
     with pytest.raises(RecordError, match="version 99"):
         store.load("c1")
+
+
+def test_snapshot_is_read_when_newer_and_never_replaces_a_synced_record(
+    tmp_path: Path,
+) -> None:
+    paths = Paths(tmp_path / "run", tmp_path / "state")
+    store = RecordStore(paths)
+    rec = _record()
+    store.save(rec, durable=False)  # the first save is durable whatever it is asked
+    assert os.listdir(paths.container_dir("c1")) == ["record.json"]
+    rec.status = "running"
+    store.save(rec, durable=False)
+    snapshot = paths.container_dir("c1") / "record.snapshot.json"
+    assert snapshot.exists()
+    loaded = store.load("c1")
+    assert loaded is not None and loaded.status == "running"
+    # What a power loss can leave of an unsynced file: empty, zeroed or cut short.
+    for torn in (b"", b"\0" * 64, snapshot.read_bytes()[:20]):
+        snapshot.write_bytes(torn)
+        loaded = store.load("c1")
+        assert loaded is not None and loaded.status == "created"
+    # A durable save supersedes the snapshot and removes it.
+    rec.status = "stopped"
+    store.save(rec)
+    assert not snapshot.exists()
+    loaded = store.load("c1")
+    assert loaded is not None and loaded.status == "stopped"
+    # An older snapshot left beside a newer durable record (a crash between the two
+    # steps of a durable save) is ignored.
+    old = _record()
+    old.status = "running"
+    old.seq = 1
+    snapshot.write_bytes(msgspec.json.encode(old))
+    loaded = store.load("c1")
+    assert loaded is not None and loaded.status == "stopped"
+    store.delete("c1")
+    assert os.listdir(paths.container_dir("c1")) == []

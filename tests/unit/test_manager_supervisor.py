@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,10 @@ from manager.images import ImageStore
 from manager.launcher import ShimLauncher
 from manager.paths import Paths
 from manager.records import ContainerRecord, RecordStore
+from manager.shimclient import ShimClient
 from manager.supervisor import Container, Supervisor, valid_identifier
+from protocol.proto.manager.v1 import manager_pb2
+from protocol.proto.task.v2 import shim_pb2
 
 
 def _supervisor(tmp_path: Path) -> Supervisor:
@@ -140,3 +144,124 @@ async def test_stop_during_a_policy_restart_stops_what_it_started(
     await asyncio.wait_for(asyncio.gather(restarting, stopping), 5)
     assert kills == [c.record.stop_signal]
     assert c.record.exited and c.record.manually_stopped
+
+
+class _FakeShim:
+    """The ShimClient calls of a run and its removal; the init exits when told."""
+
+    def __init__(self) -> None:
+        self.exit = asyncio.Event()
+        self._closed = asyncio.Event()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    async def connect(self, cid: str) -> shim_pb2.ConnectResponse:
+        return shim_pb2.ConnectResponse(shim_pid=1)
+
+    async def create(self, req: shim_pb2.CreateTaskRequest) -> shim_pb2.CreateTaskResponse:
+        return shim_pb2.CreateTaskResponse(pid=2)
+
+    async def start(self, cid: str, *_: object, **__: object) -> shim_pb2.StartResponse:
+        return shim_pb2.StartResponse(pid=2)
+
+    async def wait(self, cid: str, *_: object) -> shim_pb2.WaitResponse:
+        await self.exit.wait()
+        return shim_pb2.WaitResponse(exit_status=0)
+
+    async def delete(self, cid: str, *_: object) -> shim_pb2.DeleteResponse:
+        return shim_pb2.DeleteResponse()
+
+    async def shutdown(self, cid: str) -> None:
+        self._closed.set()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    def close(self) -> None:
+        self._closed.set()
+
+
+@pytest.mark.parametrize(
+    ("auto_remove", "before_answer", "after_exit"),
+    [
+        # The first save only: the record, its new directory, the containers dir.
+        (True, 3, 0),
+        # + the save at Start (record, directory); the exit (record, directory).
+        (False, 5, 2),
+    ],
+)
+async def test_fsyncs_on_the_run_path(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    auto_remove: bool,
+    before_answer: int,
+    after_exit: int,
+) -> None:
+    # Each fsync is one disk flush on `pyshim run`'s critical path (~5-30 ms on a busy
+    # disk): docs/crash-recovery.md says which saves need one. A new one must come
+    # with a reason there and a new count here.
+    sup = _supervisor(tmp_path)
+    sup.paths.containers_dir.mkdir(parents=True)
+    shim = _FakeShim()
+
+    async def start(self: ShimLauncher, cid: str, bundle: Path) -> str:
+        return "unix:///nonexistent"
+
+    async def dial(address: str) -> _FakeShim:
+        return shim
+
+    monkeypatch.setattr(ShimLauncher, "start", start)
+    monkeypatch.setattr(ShimClient, "dial", dial)
+    fsyncs: list[int] = []
+    real_fsync = os.fsync
+
+    def counting_fsync(fd: int) -> None:
+        fsyncs.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counting_fsync)
+    cfg = manager_pb2.ContainerConfig(args=["true"], network="none", auto_remove=auto_remove)
+    c = await sup.run(cfg)
+    assert len(fsyncs) == before_answer
+    stored = sup.store.load(c.id)
+    assert stored is not None and (stored.status, stored.pid) == ("running", 2)
+    shim.exit.set()
+    await asyncio.wait_for(c.exited.wait(), 5)
+    if auto_remove:
+        for _ in range(100):
+            if c.id not in sup.containers:
+                break
+            await asyncio.sleep(0.01)
+        assert c.id not in sup.containers
+        assert not sup.paths.container_dir(c.id).exists()
+    else:
+        stored = sup.store.load(c.id)
+        assert stored is not None and stored.exit_status == 0
+        await sup.remove(c.id, force=False)
+    assert len(fsyncs) == before_answer + after_exit
+
+
+async def test_after_a_power_loss_the_first_save_is_enough(tmp_path: Path) -> None:
+    # What a reboot leaves of a `run --rm` that Run answered: the synced first save
+    # (status created, no shim address), no snapshot, no bundle. Recovery must still
+    # find the container, and remove it with its state directory.
+    sup = _supervisor(tmp_path)
+    rec = ContainerRecord(
+        id="0ff1ce",
+        name="gone",
+        bundle=str(tmp_path / "run" / "bundles" / "0ff1ce"),
+        created_at_ns=1,
+        command=["true"],
+        auto_remove=True,
+    )
+    sup.store.save(rec)
+    sup.paths.log("0ff1ce").touch()
+    await sup.recover()
+    for _ in range(100):
+        if "0ff1ce" not in sup.containers:
+            break
+        await asyncio.sleep(0.01)
+    assert "0ff1ce" not in sup.containers
+    assert not sup.paths.container_dir("0ff1ce").exists()
