@@ -11,6 +11,7 @@ from manager.paths import NAMESPACE
 from protocol.proto.task.v2 import shim_pb2
 from protocol.ttrpc.address import dial_path
 from protocol.ttrpc.client import Client
+from protocol.ttrpc.status import Code, TtrpcError
 
 TASK_SERVICE = "containerd.task.v2.Task"
 # containerd's budgets: shim.load for Connect, task.state for State, shim.shutdown.
@@ -21,19 +22,34 @@ SHUTDOWN_TIMEOUT = 3.0
 CALL_TIMEOUT = 30.0
 # A dump or restore under CRIU takes as long as the container's memory needs.
 CHECKPOINT_TIMEOUT = 600.0
+# The shim's `start` returns once its socket is bound, before its daemon serves: the
+# first calls wait for a daemon still starting its interpreter. How long `start` took
+# (an interpreter of its own, or a fork of the warm template) measures how slow this
+# machine is at that, so a client of a shim it just started gives every bounded call
+# this many times that long, never less than the call's usual budget. Under qemu TCG a
+# `start` takes seconds, and the daemon's first answer more than Connect's 5 s.
+SLOW_START_FACTOR = 10.0
 R = TypeVar("R", bound=Message)
 _METADATA = {"containerd-namespace-ttrpc": NAMESPACE}
 
 
+def call_budget(usual: float, start_seconds: float) -> float:
+    """A bounded call's deadline on a shim whose `start` took ``start_seconds``."""
+    return max(usual, SLOW_START_FACTOR * start_seconds)
+
+
 class ShimClient:
-    def __init__(self, client: Client, address: str) -> None:
+    def __init__(self, client: Client, address: str, start_seconds: float = 0.0) -> None:
         self._client = client
         self.address = address
+        self._start_seconds = start_seconds
 
     @classmethod
-    async def dial(cls, address: str) -> ShimClient:
+    async def dial(cls, address: str, *, start_seconds: float = 0.0) -> ShimClient:
+        """A client of the shim at ``address``; ``start_seconds``: how long its `start`
+        took, for a shim just started (see SLOW_START_FACTOR), else 0."""
         client = await Client.connect(dial_path(address), timeout=CONNECT_TIMEOUT)
-        return cls(client, address)
+        return cls(client, address, start_seconds)
 
     @property
     def closed(self) -> bool:
@@ -46,9 +62,19 @@ class ShimClient:
         await self._client.wait_closed()
 
     async def _call(self, method: str, req: Message, resp: type[R], timeout: float | None) -> R:
-        return await self._client.call(
-            TASK_SERVICE, method, req, resp, timeout=timeout, metadata=_METADATA
-        )
+        if timeout is not None:
+            timeout = call_budget(timeout, self._start_seconds)
+        try:
+            return await self._client.call(
+                TASK_SERVICE, method, req, resp, timeout=timeout, metadata=_METADATA
+            )
+        except TtrpcError as exc:
+            if exc.code != Code.DEADLINE_EXCEEDED:
+                raise
+            # ttrpc's own words name neither the call nor the wait.
+            raise TtrpcError(
+                exc.code, f"shim {method}: {exc.message} (no answer in {timeout:g} s)"
+            ) from exc
 
     async def connect(self, container_id: str) -> shim_pb2.ConnectResponse:
         req = shim_pb2.ConnectRequest(id=container_id)

@@ -649,10 +649,11 @@ class Supervisor:
         if self.log_index is not None:
             self.log_index.watch(self.paths.log(cid))
         rec.started_at_ns = _now_ns()
+        began = time.monotonic()
         address = await self.launcher.start(cid, bundle)
         c.record.shim_address = address
         self.store.save(c.record)
-        c.client = await ShimClient.dial(address)
+        c.client = await ShimClient.dial(address, start_seconds=time.monotonic() - began)
         conn = await c.client.connect(cid)
         c.record.shim_pid = conn.shim_pid
         options = options_pb2.Options(root=str(self.paths.runc_root), binary_name=self.runc_binary)
