@@ -649,6 +649,9 @@ class Supervisor:
         if self.log_index is not None:
             self.log_index.watch(self.paths.log(cid))
         rec.started_at_ns = _now_ns()
+        # containerd gives every task's bundle a fresh `work` dir (linked there): the
+        # shims' CRIU work paths default to it, and runc makes only their last part.
+        (bundle / "work").mkdir(mode=0o700, exist_ok=True)
         began = time.monotonic()
         address = await self.launcher.start(cid, bundle)
         c.record.shim_address = address
