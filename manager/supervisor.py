@@ -652,11 +652,10 @@ class Supervisor:
         # containerd gives every task's bundle a fresh `work` dir (linked there): the
         # shims' CRIU work paths default to it, and runc makes only their last part.
         (bundle / "work").mkdir(mode=0o700, exist_ok=True)
-        began = time.monotonic()
         address = await self.launcher.start(cid, bundle)
         c.record.shim_address = address
         self.store.save(c.record)
-        c.client = await ShimClient.dial(address, start_seconds=time.monotonic() - began)
+        c.client = await ShimClient.dial(address, fresh=True)
         conn = await c.client.connect(cid)
         c.record.shim_pid = conn.shim_pid
         options = options_pb2.Options(root=str(self.paths.runc_root), binary_name=self.runc_binary)
