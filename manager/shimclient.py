@@ -11,6 +11,7 @@ from manager.paths import NAMESPACE
 from protocol.proto.task.v2 import shim_pb2
 from protocol.ttrpc.address import dial_path
 from protocol.ttrpc.client import Client
+from protocol.ttrpc.status import Code, TtrpcError
 
 TASK_SERVICE = "containerd.task.v2.Task"
 # containerd's budgets: shim.load for Connect, task.state for State, shim.shutdown.
@@ -21,19 +22,28 @@ SHUTDOWN_TIMEOUT = 3.0
 CALL_TIMEOUT = 30.0
 # A dump or restore under CRIU takes as long as the container's memory needs.
 CHECKPOINT_TIMEOUT = 600.0
+# A shim just started: its `start` returns once the socket is bound, before its daemon
+# serves. Until the daemon's first answer a call waits for the daemon, not a fixed
+# short time: a daemon that dies takes its listener along, which fails the call at
+# once, so this bound only catches one that is alive and wedged. (In a loaded qemu
+# TCG guest a daemon forked in 1.1 s had not answered Connect after 11 s.)
+FIRST_ANSWER_TIMEOUT = 120.0
 R = TypeVar("R", bound=Message)
 _METADATA = {"containerd-namespace-ttrpc": NAMESPACE}
 
 
 class ShimClient:
-    def __init__(self, client: Client, address: str) -> None:
+    def __init__(self, client: Client, address: str, fresh: bool = False) -> None:
         self._client = client
         self.address = address
+        self._fresh = fresh
 
     @classmethod
-    async def dial(cls, address: str) -> ShimClient:
+    async def dial(cls, address: str, *, fresh: bool = False) -> ShimClient:
+        """A client of the shim at ``address``; ``fresh``: a shim just started, whose
+        first answer may take up to FIRST_ANSWER_TIMEOUT."""
         client = await Client.connect(dial_path(address), timeout=CONNECT_TIMEOUT)
-        return cls(client, address)
+        return cls(client, address, fresh)
 
     @property
     def closed(self) -> bool:
@@ -46,9 +56,22 @@ class ShimClient:
         await self._client.wait_closed()
 
     async def _call(self, method: str, req: Message, resp: type[R], timeout: float | None) -> R:
-        return await self._client.call(
-            TASK_SERVICE, method, req, resp, timeout=timeout, metadata=_METADATA
-        )
+        if timeout is not None and self._fresh:
+            timeout = max(timeout, FIRST_ANSWER_TIMEOUT)
+        try:
+            answer = await self._client.call(
+                TASK_SERVICE, method, req, resp, timeout=timeout, metadata=_METADATA
+            )
+        except TtrpcError as exc:
+            if exc.code != Code.DEADLINE_EXCEEDED:
+                self._fresh = False  # it answered, with an error
+                raise
+            # ttrpc's own words name neither the call nor the wait.
+            raise TtrpcError(
+                exc.code, f"shim {method}: {exc.message} (no answer in {timeout:g} s)"
+            ) from exc
+        self._fresh = False
+        return answer
 
     async def connect(self, container_id: str) -> shim_pb2.ConnectResponse:
         req = shim_pb2.ConnectRequest(id=container_id)

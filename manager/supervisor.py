@@ -657,11 +657,14 @@ class Supervisor:
         if self.log_index is not None:
             self.log_index.watch(self.paths.log(cid))
         rec.started_at_ns = _now_ns()
+        # containerd gives every task's bundle a fresh `work` dir (linked there): the
+        # shims' CRIU work paths default to it, and runc makes only their last part.
+        (bundle / "work").mkdir(mode=0o700, exist_ok=True)
         address = await self.launcher.start(cid, bundle)
         # Not saved here: the save at Start carries it, and until then recovery reads
         # the same address from the bundle's `address` file (the shim wrote it there).
         c.record.shim_address = address
-        c.client = await ShimClient.dial(address)
+        c.client = await ShimClient.dial(address, fresh=True)
         conn = await c.client.connect(cid)
         c.record.shim_pid = conn.shim_pid
         options = options_pb2.Options(root=str(self.paths.runc_root), binary_name=self.runc_binary)

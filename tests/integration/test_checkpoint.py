@@ -54,11 +54,13 @@ def _normalized(argv: list[str], ctrd: Containerd, cid: str) -> list[str]:
     ]
 
 
-def _checkpoint(ctrd: Containerd, cid: str, opts: options_pb2.CheckpointOptions) -> None:
+def _checkpoint(
+    ctrd: Containerd, cid: str, opts: options_pb2.CheckpointOptions, timeout: float = 60.0
+) -> None:
     """containerd's Tasks.Checkpoint with runc CheckpointOptions (what ctr cannot set).
     With an image_path containerd only passes it on as the request's path."""
     request = wire.field_str(1, cid) + wire.field_bytes(3, anyutil.pack(opts).SerializeToString())
-    ctrd.tasks_call("Checkpoint", request, timeout=60)
+    ctrd.tasks_call("Checkpoint", request, timeout=timeout)
 
 
 def _run(ctrd: Containerd, image: str, runc: RecordingRunc, kind: str, cid: str) -> None:

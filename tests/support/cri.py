@@ -21,6 +21,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.parse
@@ -40,6 +41,7 @@ from tests.support.containerd2 import DEBIAN, Host
 __all__ = [
     "BUSYBOX_REF",
     "PAUSE_REF",
+    "PYSHIM_AS_RUNC",
     "CriClient",
     "CriNode",
     "LogLine",
@@ -53,6 +55,11 @@ BUSYBOX_REF = "docker.io/library/busybox:latest"
 PAUSE_REF = "pyshim.test/pause:1"
 PYSHIM_RUNTIME = "io.containerd.pyshim.v1"
 GO_RUNTIME = "io.containerd.runc.v2"
+# containerd 2.x only: pyshim's binary (runtime_path) under the Go shim's runtime type.
+# CRI's CheckpointContainer hands CheckpointOptions (CRIU's work path, where the archive
+# takes stats-dump from) to the runtime named io.containerd.runc.v2 alone.
+PYSHIM_AS_RUNC = "pyshim-as-runc"
+PYSHIM_SHIM_BINARY = Path(sys.executable).parent / "containerd-shim-pyshim-v1"
 CNI_BIN_DIR = "/usr/lib/cni"
 # libcni's cache of ADD results; its location is not configurable in containerd 1.6.
 CNI_RESULTS_DIR = Path("/var/lib/cni/results")
@@ -202,6 +209,15 @@ class CriClient:
             cri.ContainerStatsResponse,
         )
         return resp.stats
+
+    def checkpoint_container(self, container_id: str, location: str, timeout: float) -> None:
+        """An archive of the running container at ``location`` (containerd >= 2.0)."""
+        self._runtime(
+            "CheckpointContainer",
+            cri.CheckpointContainerRequest(container_id=container_id, location=location),
+            cri.CheckpointContainerResponse,
+            timeout,
+        )
 
     def image_status(self, image: str) -> cri.ImageStatusResponse:
         return self._call(
@@ -418,6 +434,9 @@ def _cri_config_v3(*, net_conf_dir: Path, stream_port: int, systemd_cgroup: bool
       runtime_type = "{PYSHIM_RUNTIME}"
     [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
       runtime_type = "{GO_RUNTIME}"{systemd}
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.{PYSHIM_AS_RUNC}]
+      runtime_type = "{GO_RUNTIME}"
+      runtime_path = "{PYSHIM_SHIM_BINARY}"
   [plugins."io.containerd.cri.v1.runtime".cni]
     bin_dirs = ["{CNI_BIN_DIR}"]
     conf_dir = "{net_conf_dir}"

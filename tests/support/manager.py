@@ -130,8 +130,8 @@ class Manager:
         self._note_shims()
         return res
 
-    def ok(self, *args: str, input: bytes | None = None) -> str:
-        res = self.cli(*args, input=input)
+    def ok(self, *args: str, input: bytes | None = None, timeout: float = CMD_TIMEOUT) -> str:
+        res = self.cli(*args, input=input, timeout=timeout)
         assert res.returncode == 0, (res.returncode, res.stdout, res.stderr, self.daemon_log())
         return res.stdout
 

@@ -5,6 +5,8 @@ Written as an executable script (``install``) that a shim is given as its runc
 ``calls.jsonl`` beside it; everything but checkpoint and restore goes to the real
 runc. CRIU cannot dump on the host's kernel, so the two are faked:
 
+- both make ``--image-path`` and ``--work-path`` as runc does (their last part only:
+  a missing parent fails as in runc);
 - ``checkpoint``: succeeds having written an empty ``inventory.img`` (CRIU's first
   file) into the image dir; without ``--leave-running`` it kills the container as
   CRIU's dump does (SIGKILL). When a file ``fail`` is beside the
@@ -44,11 +46,25 @@ def flag(name):
     return args[args.index(name) + 1] if name in args else None
 
 
+def mkdir(path):
+    # As runc makes the image and work dirs: the last part only (os.Mkdir).
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        sys.stderr.write(f"mkdir {{path}}: {{exc.strerror.lower()}}\n")
+        sys.exit(1)
+
+
+if command in ("checkpoint", "restore"):
+    for name in ("--image-path", "--work-path"):
+        if flag(name):
+            mkdir(flag(name))
 if command == "checkpoint":
     fail = os.path.join(here, "fail")
     if os.path.exists(fail):
         work = flag("--work-path")
-        os.makedirs(work, exist_ok=True)
         with open(os.path.join(work, "dump.log"), "w") as f:
             f.write({dump_log!r})
         sys.stderr.write(open(fail).read())
@@ -56,7 +72,6 @@ if command == "checkpoint":
     # What CRIU writes first, so that the image dir looks like one.
     image = flag("--image-path")
     if image:
-        os.makedirs(image, exist_ok=True)
         open(os.path.join(image, "inventory.img"), "w").close()
     if "--leave-running" not in args:
         sys.exit(subprocess.call([*REAL, "kill", args[-1], "9"]))

@@ -1002,3 +1002,17 @@ class PullImageResponse(_message.Message):
     IMAGE_REF_FIELD_NUMBER: _ClassVar[int]
     image_ref: str
     def __init__(self, image_ref: _Optional[str] = ...) -> None: ...
+
+class CheckpointContainerRequest(_message.Message):
+    __slots__ = ("container_id", "location", "timeout")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    LOCATION_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    location: str
+    timeout: int
+    def __init__(self, container_id: _Optional[str] = ..., location: _Optional[str] = ..., timeout: _Optional[int] = ...) -> None: ...
+
+class CheckpointContainerResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
