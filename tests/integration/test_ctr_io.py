@@ -73,6 +73,16 @@ class Terminal:
             if select.select([self.proc.fd], [], [], 0.1)[0]:
                 with contextlib.suppress(OSError):
                     self.seen += os.read(self.proc.fd, 4096)
+        # What ctr wrote just before it exited is still in the terminal, unread when the
+        # loop saw it gone (sid's guest: "27 91\r" seen, the `tty` line after it not).
+        while select.select([self.proc.fd], [], [], 0)[0]:
+            try:
+                data = os.read(self.proc.fd, 4096)
+            except OSError:  # EIO: the terminal's other side is closed and drained
+                break
+            if not data:
+                break
+            self.seen += data
         status = self.proc.exitstatus
         assert status is not None, f"ctr killed by signal {self.proc.signalstatus}"
         return int(status)
