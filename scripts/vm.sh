@@ -343,6 +343,12 @@ run_test() {  # suite tcg pytest-args...
         cp "$work/share/bench.json" "$out"
         say "bench results: $out"
     fi
+    if [ "$status" != 0 ] && [ -f "$work/share/journal.log" ]; then
+        # A test that saw a process vanish ("ttrpc: closed") is explained here, if at all.
+        say "the guest's kernel on processes that died (journal):"
+        grep -E "segfault|traps:|general protection|Out of memory|Killed process|code=dumped" \
+            "$work/share/journal.log" | tail -n 20 >&2 || say "(nothing)"
+    fi
     if [ "$status" = none ]; then
         say "the guest left no status; console tail:"
         tail -n 40 "$work/console.log" >&2 || true
