@@ -209,7 +209,7 @@ async def test_fsyncs_on_the_run_path(
     async def start(self: ShimLauncher, cid: str, bundle: Path) -> str:
         return "unix:///nonexistent"
 
-    async def dial(address: str) -> _FakeShim:
+    async def dial(address: str, fresh: bool = False) -> _FakeShim:
         return shim
 
     monkeypatch.setattr(ShimLauncher, "start", start)
