@@ -76,7 +76,7 @@ async def measure(runs: int) -> tuple[list[float], list[float]]:
         async def start(self: ShimLauncher, cid: str, bundle: Path) -> str:
             return "unix:///nonexistent"
 
-        async def dial(address: str) -> FakeShim:
+        async def dial(address: str, fresh: bool = False) -> FakeShim:
             return shim
 
         ShimLauncher.start = start  # type: ignore[method-assign,assignment]

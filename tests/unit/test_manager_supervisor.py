@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.manager_run_path import FakeShim
 from manager.images import ImageStore
 from manager.launcher import ShimLauncher
 from manager.paths import Paths
@@ -15,7 +16,6 @@ from manager.records import ContainerRecord, RecordStore
 from manager.shimclient import ShimClient
 from manager.supervisor import Container, Supervisor, valid_identifier
 from protocol.proto.manager.v1 import manager_pb2
-from protocol.proto.task.v2 import shim_pb2
 
 
 def _supervisor(tmp_path: Path) -> Supervisor:
@@ -146,43 +146,6 @@ async def test_stop_during_a_policy_restart_stops_what_it_started(
     assert c.record.exited and c.record.manually_stopped
 
 
-class _FakeShim:
-    """The ShimClient calls of a run and its removal; the init exits when told."""
-
-    def __init__(self) -> None:
-        self.exit = asyncio.Event()
-        self._closed = asyncio.Event()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed.is_set()
-
-    async def connect(self, cid: str) -> shim_pb2.ConnectResponse:
-        return shim_pb2.ConnectResponse(shim_pid=1)
-
-    async def create(self, req: shim_pb2.CreateTaskRequest) -> shim_pb2.CreateTaskResponse:
-        return shim_pb2.CreateTaskResponse(pid=2)
-
-    async def start(self, cid: str, *_: object, **__: object) -> shim_pb2.StartResponse:
-        return shim_pb2.StartResponse(pid=2)
-
-    async def wait(self, cid: str, *_: object) -> shim_pb2.WaitResponse:
-        await self.exit.wait()
-        return shim_pb2.WaitResponse(exit_status=0)
-
-    async def delete(self, cid: str, *_: object) -> shim_pb2.DeleteResponse:
-        return shim_pb2.DeleteResponse()
-
-    async def shutdown(self, cid: str) -> None:
-        self._closed.set()
-
-    async def wait_closed(self) -> None:
-        await self._closed.wait()
-
-    def close(self) -> None:
-        self._closed.set()
-
-
 @pytest.mark.parametrize(
     ("auto_remove", "before_answer", "after_exit"),
     [
@@ -204,12 +167,12 @@ async def test_fsyncs_on_the_run_path(
     # with a reason there and a new count here.
     sup = _supervisor(tmp_path)
     sup.paths.containers_dir.mkdir(parents=True)
-    shim = _FakeShim()
+    shim = FakeShim()
 
     async def start(self: ShimLauncher, cid: str, bundle: Path) -> str:
         return "unix:///nonexistent"
 
-    async def dial(address: str, fresh: bool = False) -> _FakeShim:
+    async def dial(address: str, fresh: bool = False) -> FakeShim:
         return shim
 
     monkeypatch.setattr(ShimLauncher, "start", start)
