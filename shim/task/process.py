@@ -539,6 +539,12 @@ class InitProcess(Process):
     async def kill(self, signal: int, all: bool) -> None:
         if self._state is DELETED:
             raise not_found("cannot kill a deleted process")
+        if not all and self.has_exited:
+            # What `runc kill` answers once the init is dead ("container not running"),
+            # without the run of runc: CRI's SIGKILL after a stop timeout lands here while
+            # containerd deletes the task, and containerd 1.7 closes its connection the
+            # moment Delete answers, failing a Kill that is still waiting on runc.
+            raise not_found("process already finished")
         signal_child = self._signal_child
         if signal_child is not None and not all and self._may_signal_directly():
             try:

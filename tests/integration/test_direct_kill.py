@@ -6,6 +6,7 @@ see which kills ran `runc kill` and that the signals took effect.
 
 from __future__ import annotations
 
+import asyncio
 import signal
 
 import pytest
@@ -45,10 +46,11 @@ async def test_running_init_is_killed_without_runc_and_then_not_found() -> None:
             Code.NOT_FOUND,
             "process already finished: not found",
         )
-        # After the exit the pid is no longer ours: runc decides, as before.
-        assert rig.runc_kills(runc_log) == ["kill dk1 9"]
+        # A dead init is answered at once, as runc would ("container not running").
+        assert rig.runc_kills(runc_log) == []
+        # --all may still find processes in the cgroup: runc's.
         await kill(rig, signal.SIGKILL, all=True)
-        assert rig.runc_kills(runc_log) == ["kill dk1 9", "kill --all dk1 9"]
+        assert rig.runc_kills(runc_log) == ["kill --all dk1 9"]
         await delete(rig)
 
 
@@ -77,3 +79,40 @@ async def test_kill_all_and_paused_init_go_through_runc() -> None:
         assert rig.runc_kills(runc_log) == ["kill --all dk3 0", "kill dk3 9"]
         assert (await rig.wait()).exit_status == 137
         await delete(rig)
+
+
+async def test_kill_of_a_dead_init_during_a_slow_delete_is_answered_at_once() -> None:
+    # CRI's StopContainer sends SIGKILL once its timeout passes, which may be while
+    # containerd deletes the exited task; containerd 1.7 closes the connection as soon
+    # as Delete answers, so a Kill still waiting on runc would fail with "ttrpc: closed".
+    async with shim_rig("dk4", ["sleep", "300"]) as rig:
+        await rig.start_daemon()
+        runc, runc_log = rig.logging_runc()
+        deleting, gate = rig.tmp / "deleting", rig.tmp / "gate"
+        slow = rig.tmp / "slow-delete-runc"
+        slow.write_text(
+            "#!/bin/sh\n"
+            f'case " $* " in *" delete "*) touch {deleting}\n'
+            f"  while [ ! -e {gate} ]; do sleep 0.05; done;; esac\n"
+            f'exec {runc} "$@"\n'
+        )
+        slow.chmod(0o755)
+        await rig.create_and_start(str(slow))
+        await kill(rig, signal.SIGKILL)
+        assert (await rig.wait()).exit_status == 137
+        delete_call = asyncio.create_task(delete(rig))
+        try:
+            async with asyncio.timeout(30):
+                while not deleting.exists():
+                    await asyncio.sleep(0.05)
+            with pytest.raises(TtrpcError) as info:
+                await kill(rig, signal.SIGKILL)
+            assert (info.value.code, info.value.message) == (
+                Code.NOT_FOUND,
+                "process already finished: not found",
+            )
+            assert not delete_call.done()
+            assert rig.runc_kills(runc_log) == []
+        finally:
+            gate.touch()
+            await delete_call
