@@ -269,19 +269,29 @@ def _ctr_on_a_terminal(ctrd: Containerd, *args: str) -> None:
     assert res.returncode == 0, output.decode(errors="replace")
 
 
-def _create_restored(ctrd: Containerd, cid: str, image: Path, log: Path) -> None:
+def _create_restored(ctrd: Containerd, cid: str, image: Path, stdout: Path) -> int:
     """Tasks.Create from a checkpoint directory (runc Options.criu_image_path), on a
-    terminal whose output goes to ``log``, then Tasks.Start (where runc restores)."""
+    terminal whose output goes to the fifo ``stdout`` as ctr's do (the Go shim opens a
+    restored terminal's stdout as a fifo whatever its scheme), then Tasks.Start (where
+    runc restores). Returns the fifo's fd that keeps a reader there: the caller closes
+    it once the task is gone."""
     options = options_pb2.Options(criu_image_path=str(image))
-    ctrd.tasks_call(
-        "Create",
-        wire.field_str(1, cid)
-        + wire.field_str(5, f"file://{log}")
-        + wire.field_varint(7, 1)  # terminal
-        + wire.field_bytes(9, anyutil.pack(options).SerializeToString()),
-        timeout=SLOW,
-    )
-    ctrd.tasks_call("Start", wire.field_str(1, cid), timeout=SLOW)
+    os.mkfifo(stdout)
+    reader = os.open(stdout, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        ctrd.tasks_call(
+            "Create",
+            wire.field_str(1, cid)
+            + wire.field_str(5, str(stdout))
+            + wire.field_varint(7, 1)  # terminal
+            + wire.field_bytes(9, anyutil.pack(options).SerializeToString()),
+            timeout=SLOW,
+        )
+        ctrd.tasks_call("Start", wire.field_str(1, cid), timeout=SLOW)
+    except BaseException:
+        os.close(reader)
+        raise
+    return reader
 
 
 @CONTAINERD_2_3
@@ -308,9 +318,12 @@ def test_checkpoint_and_restore_with_a_terminal(
     frozen = _values(count)
     containerd.ctr("task", "delete", "tty")
 
-    _create_restored(containerd, "tty", image, tmp_path / "restored.log")
-    assert task_status(containerd, "tty") == "RUNNING"
-    wait_until("more values", lambda: len(_values(count)) > len(frozen) + 2, SLOW)
-    values = _values(count)
-    assert values == list(range(len(values))), values
-    _remove(containerd, "tty")
+    reader = _create_restored(containerd, "tty", image, tmp_path / "restored.out")
+    try:
+        assert task_status(containerd, "tty") == "RUNNING"
+        wait_until("more values", lambda: len(_values(count)) > len(frozen) + 2, SLOW)
+        values = _values(count)
+        assert values == list(range(len(values))), values
+        _remove(containerd, "tty")
+    finally:
+        os.close(reader)
