@@ -92,6 +92,11 @@ class Paths(NamedTuple):
     def record(self, container_id: str) -> Path:
         return self.container_dir(container_id) / "record.json"
 
+    def bundle_source(self, container_id: str) -> Path:
+        """What the bundle (on the run dir, a tmpfs) is made of, kept to make it again
+        after a reboot: the spec and the root's symlinks."""
+        return self.container_dir(container_id) / "bundle.json"
+
     def log(self, container_id: str) -> Path:
         return self.container_dir(container_id) / "ctr.log"
 

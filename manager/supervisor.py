@@ -17,7 +17,7 @@ import secrets
 import shutil
 import signal
 import time
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -251,6 +251,10 @@ class Supervisor:
             log.warning("container %s: restart failed: %s", c.id, exc)
             if not c.record.exited:
                 self.record_exit(c, 255, 0, f"restart failed: {exc}")
+            elif wants_restart(c.record) and not c.removing:
+                # It failed before the container's last exit was cleared: no new exit
+                # comes to schedule the next try.
+                self._schedule_restart(c)
 
     async def _auto_remove(self, c: Container) -> None:
         try:
@@ -447,17 +451,40 @@ class Supervisor:
             netns_path=str(self.paths.netns(cid)),
             extra_mounts=self._spec_mounts(c.record),
         )
-        bundle.mkdir(parents=True, exist_ok=True, mode=0o711)
-        (bundle / "rootfs").mkdir(exist_ok=True, mode=0o711)
-        for name, target in links:
-            (bundle / "rootfs" / name.lstrip("/")).symlink_to(target)
-        (bundle / "config.json").write_text(json.dumps(spec, indent=2))
+        if not c.record.auto_remove:
+            # A --rm container never starts again; any other may, after a reboot too.
+            source = {"config": spec, "links": links}
+            self.paths.bundle_source(cid).write_text(json.dumps(source))
+        _write_bundle(bundle, spec, links)
         self.paths.log(cid).touch(mode=0o640)
         if cfg.stdin:
-            fifo_dir = self.paths.fifo_dir(cid)
-            fifo_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            os.mkfifo(fifo_dir / "stdin", 0o600)
+            self._make_stdin_fifo(cid)
         return mounts
+
+    def _make_stdin_fifo(self, cid: str) -> None:
+        fifo_dir = self.paths.fifo_dir(cid)
+        fifo_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.mkfifo(fifo_dir / "stdin", 0o600)
+
+    async def _remake_after_reboot(self, c: Container) -> None:
+        """The run dir is a tmpfs: after a reboot a container's bundle, network namespace
+        and stdin fifo are gone, and its network's lease and rules are stale. Made again
+        from what the state dir keeps, the network joined anew (as at its first start)."""
+        rec = c.record
+        try:
+            source = json.loads(self.paths.bundle_source(c.id).read_text())
+            spec, links = source["config"], [(n, t) for n, t in source["links"]]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ocispec.SpecError(f"its bundle is gone and cannot be made again: {exc}") from exc
+        log.info("container %s: making its bundle and network again (after a reboot)", c.id)
+        await self._release_network(c)
+        rec.cni_result = {}
+        rec.ip_address = ""
+        self._make_netns(c)
+        _write_bundle(Path(rec.bundle), spec, links)
+        if rec.stdin:
+            self._make_stdin_fifo(c.id)
+        await self._cni_add(c)
 
     def _check_mounts(self, cfg: manager_pb2.ContainerConfig) -> list[UserMount]:
         found: list[UserMount] = []
@@ -863,6 +890,8 @@ class Supervisor:
             if not c.record.exited:
                 return  # started by someone else meanwhile
             await self._release_shim(c)
+            if not os.path.isdir(c.record.bundle):
+                await self._remake_after_reboot(c)
             _clear_bundle(Path(c.record.bundle))
             rec = c.record
             rec.exit_status = None
@@ -1281,6 +1310,14 @@ def _stop_shim_processes(container_id: str, manager_address: str) -> None:
 
 # What the manager itself puts in a bundle; everything else there is the last shim's.
 _BUNDLE_OWN = frozenset({"config.json", "rootfs", "log"})
+
+
+def _write_bundle(bundle: Path, spec: dict[str, Any], links: Sequence[tuple[str, str]]) -> None:
+    bundle.mkdir(parents=True, exist_ok=True, mode=0o711)
+    (bundle / "rootfs").mkdir(exist_ok=True, mode=0o711)
+    for name, target in links:
+        (bundle / "rootfs" / name.lstrip("/")).symlink_to(target)
+    (bundle / "config.json").write_text(json.dumps(spec, indent=2))
 
 
 def _clear_bundle(bundle: Path) -> None:

@@ -162,6 +162,23 @@ class Manager:
                     self.cli("rm", "-f", c["id"], timeout=30)
         self._note_shims()
         self.stop()
+        self._kill_everything()
+        self.remove_network_traces()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def power_off(self) -> None:
+        """What a reboot leaves: pyshimd, shims, the template and containers gone
+        without any clean-up of theirs, mounts and network state (bridge, rules) gone,
+        the run dir (a tmpfs) empty; the state dir as it was."""
+        self._note_shims()
+        if self.proc is not None:
+            self.kill()
+        self._kill_everything()
+        self.remove_network_traces()
+        shutil.rmtree(self.run_dir)
+
+    def _kill_everything(self) -> None:
+        """Templates, shims and containers killed, and every mount under root undone."""
         stop_templates(self.template_dir)
         for pid in self.shim_pids:
             with contextlib.suppress(OSError):
@@ -184,8 +201,6 @@ class Manager:
                 target = line.split()[1]
                 if target.startswith(str(self.root)):
                     subprocess.run(["umount", "-l", target], capture_output=True, check=False)
-        self.remove_network_traces()
-        shutil.rmtree(self.root, ignore_errors=True)
 
     def network_traces(self, *, keep_masquerade: bool = False) -> list[str]:
         """iptables rules (any table) that name this test's network, bridge or subnet;

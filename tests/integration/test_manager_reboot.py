@@ -1,0 +1,89 @@
+"""After a reboot: pyshimd's records survive in its state dir, everything else (shims,
+containers, bundles on the run dir's tmpfs, mounts, network namespaces, the bridge and
+its rules) is gone. As with docker, `always` and `unless-stopped` containers come back
+when pyshimd starts, a stopped one stays stopped, and any of them can be started again
+by hand, with its network, its log and its rw layer.
+"""
+
+from __future__ import annotations
+
+import socket
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from crashtest.images import build_busybox_oci_archive
+from tests.support.manager import Manager, manager_session, wait_for
+
+pytestmark = pytest.mark.integration
+
+IMAGE = "docker.io/library/bb:reboot"
+# Counts its runs in its rw layer.
+COUNT = "echo $((0 + $(cat /n 2>/dev/null || echo 0) + 1)) > /n; cat /n; sleep 1000"
+HTTPD = "echo up; mkdir -p /www && echo hello > /www/index.html && exec busybox httpd -f -p 8080 -h /www"  # noqa: E501
+
+
+@pytest.fixture
+def manager() -> Iterator[Manager]:
+    with manager_session() as m:
+        archive = build_busybox_oci_archive(m.root / "bb.tar", ref=IMAGE)
+        m.ok("image", "import", str(archive))
+        yield m
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _get(url: str) -> str | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            body: bytes = resp.read()
+            return body.decode()
+    except OSError:
+        return None
+
+
+def _status(m: Manager, ref: str) -> object:
+    return m.inspect(ref)["status"]
+
+
+def test_containers_after_a_reboot(manager: Manager) -> None:
+    port = _free_port()
+    manager.ok("run", "-d", "--name", "web", "--restart", "always", "-p", f"{port}:8080",
+               IMAGE, "--", "sh", "-c", HTTPD)  # fmt: skip
+    manager.ok("run", "-d", "--name", "plain", IMAGE, "--", "sh", "-c", COUNT)
+    manager.ok("run", "-d", "--name", "keep", "--restart", "unless-stopped", "--", "sleep", "1000")
+    manager.ok("stop", "-t", "0", "keep")
+    wait_for(lambda: _get(f"http://127.0.0.1:{port}/") == "hello\n")
+    wait_for(lambda: manager.ok("logs", "plain") == "1\n")
+
+    manager.power_off()
+    manager.start()
+
+    # `always` comes back, with its published port; `unless-stopped` stopped by hand and
+    # a container without a policy stay stopped, their shims' end recorded.
+    wait_for(lambda: _status(manager, "web") == "running", timeout=60)
+    wait_for(lambda: _get(f"http://127.0.0.1:{port}/") == "hello\n")
+    assert manager.ok("logs", "web") == "up\nup\n"
+    assert _status(manager, "keep") == "stopped"
+    assert _status(manager, "plain") == "stopped"
+
+    # Started by hand: the same container, its rw layer and log kept.
+    manager.ok("start", "plain")
+    wait_for(lambda: manager.ok("logs", "plain") == "1\n2\n")
+    manager.ok("start", "keep")
+    assert _status(manager, "keep") == "running"
+    ip = str(manager.inspect("web")["ip_address"])
+    res = manager.cli("exec", "plain", "--", "busybox", "wget", "-q", "-O", "-",
+                      f"http://{ip}:8080/")  # fmt: skip
+    assert (res.returncode, res.stdout) == (0, "hello\n"), res.stderr
+    manager.ok("rm", "-f", "web", "plain", "keep")
+    # Nothing of either network (before and after the reboot) is left.
+    assert manager.network_traces(keep_masquerade=True) == []
+    leases = [p.name for p in (manager.state_dir / "cni" / "ipam").rglob("*.*.*.*")]
+    assert leases == []
