@@ -87,3 +87,19 @@ def test_containers_after_a_reboot(manager: Manager) -> None:
     assert manager.network_traces(keep_masquerade=True) == []
     leases = [p.name for p in (manager.state_dir / "cni" / "ipam").rglob("*.*.*.*")]
     assert leases == []
+
+
+def test_a_bundle_that_cannot_be_made_again_is_a_clear_error(manager: Manager) -> None:
+    cid = manager.ok("run", "-d", "--name", "lost", "--restart", "always", "--", "sleep",
+                     "1000").strip()  # fmt: skip
+    (manager.state_dir / "containers" / cid / "bundle.json").unlink()
+    manager.power_off()
+    manager.start()
+    # The policy keeps trying with back-off, each try failing with the reason.
+    wait_for(lambda: int(manager.inspect("lost")["restart_count"]) >= 3)  # type: ignore[call-overload]
+    assert _status(manager, "lost") == "restarting"
+    assert "restart failed: its bundle is gone and cannot be made again" in manager.daemon_log()
+    res = manager.cli("start", "lost")
+    assert res.returncode == 125
+    assert "cannot start lost: its bundle is gone and cannot be made again" in res.stderr
+    manager.ok("rm", "-f", "lost")
