@@ -13,14 +13,13 @@ import os
 import signal
 import socket
 import subprocess
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from crashtest.images import build_busybox_oci_archive
 from tests.support.manager import Manager, manager_session, wait_for
+from tests.support.net import free_port, http_get
 
 pytestmark = pytest.mark.integration
 
@@ -31,25 +30,8 @@ HTTPD = "mkdir -p /www && echo hello from $(busybox hostname) > /www/index.html 
 @pytest.fixture
 def manager() -> Iterator[Manager]:
     with manager_session() as m:
-        archive = build_busybox_oci_archive(m.root / "bb.tar", ref=IMAGE)
-        m.ok("image", "import", str(archive))
+        m.import_busybox(IMAGE)
         yield m
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _get(url: str) -> str | None:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            body: bytes = resp.read()
-            return body.decode()
-    except OSError:
-        return None
 
 
 def _host_netns() -> str:
@@ -73,7 +55,7 @@ def _leftovers(m: Manager, ip: str) -> list[str]:
 
 
 def test_published_port_container_ip_and_clean_rm(manager: Manager) -> None:
-    port = _free_port()
+    port = free_port()
     chains_before = "CNI-HOSTPORT-DNAT" in _iptables_nat()
     manager.ok("run", "-d", "--name", "web", "-p", f"{port}:8080", IMAGE, "--", "sh", "-c", HTTPD)
     info = manager.inspect("web")
@@ -84,9 +66,9 @@ def test_published_port_container_ip_and_clean_rm(manager: Manager) -> None:
         {"host_port": port, "container_port": 8080, "protocol": "tcp", "host_ip": ""}
     ]
     # From the host through the published port on loopback (portmap's DNAT).
-    wait_for(lambda: _get(f"http://127.0.0.1:{port}/") == "hello from web\n")
+    wait_for(lambda: http_get(f"http://127.0.0.1:{port}/") == "hello from web\n")
     # From the host and from another container, by the container's own address.
-    assert _get(f"http://{ip}:8080/") == "hello from web\n"
+    assert http_get(f"http://{ip}:8080/") == "hello from web\n"
     res = manager.cli(
         "run", "--rm", IMAGE, "--", "busybox", "wget", "-q", "-O", "-", f"http://{ip}:8080/"
     )
@@ -95,7 +77,7 @@ def test_published_port_container_ip_and_clean_rm(manager: Manager) -> None:
 
     manager.ok("rm", "-f", "web")
     assert _leftovers(manager, ip) == []
-    assert _get(f"http://127.0.0.1:{port}/") is None
+    assert http_get(f"http://127.0.0.1:{port}/") is None
     # portmap's shared chains go with the last published port when pyshimd made them
     # (if another CNI user had them first, they are its own and stay).
     assert not (manager.state_dir / "cni" / "hostport-chains-created").exists()
@@ -109,13 +91,13 @@ def _iptables_nat() -> str:
 
 
 def test_pyshimd_restart_loses_no_network_state(manager: Manager) -> None:
-    port = _free_port()
+    port = free_port()
     manager.ok("run", "-d", "--name", "web", "-p", f"{port}:8080", IMAGE, "--", "sh", "-c", HTTPD)
     ip = str(manager.inspect("web")["ip_address"])
-    wait_for(lambda: _get(f"http://127.0.0.1:{port}/") == "hello from web\n")
+    wait_for(lambda: http_get(f"http://127.0.0.1:{port}/") == "hello from web\n")
     manager.kill(signal.SIGKILL)
     manager.start()
-    assert _get(f"http://127.0.0.1:{port}/") == "hello from web\n"
+    assert http_get(f"http://127.0.0.1:{port}/") == "hello from web\n"
     assert manager.inspect("web")["ip_address"] == ip
     # The address stays taken: the next container gets another one.
     other = manager.ok("run", "-d", "--name", "other", IMAGE, "--", "sleep", "1000").strip()
@@ -126,7 +108,7 @@ def test_pyshimd_restart_loses_no_network_state(manager: Manager) -> None:
     assert res.returncode == 125 and "already" in res.stderr, res.stderr
     # A restart of the container keeps its network.
     manager.ok("restart", "-t", "1", "web")
-    wait_for(lambda: _get(f"http://127.0.0.1:{port}/") == "hello from web\n")
+    wait_for(lambda: http_get(f"http://127.0.0.1:{port}/") == "hello from web\n")
     assert manager.inspect("web")["ip_address"] == ip
     manager.ok("rm", "-f", "web", "other")
     assert _leftovers(manager, ip) == [] and _leftovers(manager, other_ip) == []
@@ -253,7 +235,7 @@ def test_failed_cni_add_leaves_nothing_and_never_starts_the_process(
         "run",
         "--rm",
         "-p",
-        f"{_free_port()}:80",
+        f"{free_port()}:80",
         "-v",
         f"{out}:/out",
         IMAGE,

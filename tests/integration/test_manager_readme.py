@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ import pytest
 
 from crashtest.images import build_busybox_oci_archive
 from tests.support.manager import BIN, Manager, manager_session
+from tests.support.net import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -41,13 +41,6 @@ def manager() -> Iterator[Manager]:
         yield m
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def test_readme_example_runs_as_written(manager: Manager) -> None:
     lines = readme_commands()
     assert lines[0].startswith("pyshimd &")
@@ -57,7 +50,7 @@ def test_readme_example_runs_as_written(manager: Manager) -> None:
     build_busybox_oci_archive(
         work / "busybox.tar", "docker.io/library/busybox:latest", ("httpd", "wget")
     )
-    port = str(_free_port())
+    port = str(free_port())
     env = dict(manager.env, PATH=f"{BIN}:{os.environ['PATH']}")
     outputs: list[str] = []
     for line in lines[1:]:

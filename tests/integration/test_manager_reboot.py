@@ -7,14 +7,12 @@ by hand, with its network, its log and its rw layer.
 
 from __future__ import annotations
 
-import socket
-import urllib.request
 from collections.abc import Iterator
 
 import pytest
 
-from crashtest.images import build_busybox_oci_archive
 from tests.support.manager import Manager, manager_session, wait_for
+from tests.support.net import free_port, http_get
 
 pytestmark = pytest.mark.integration
 
@@ -27,25 +25,8 @@ HTTPD = "echo up; mkdir -p /www && echo hello > /www/index.html && exec busybox 
 @pytest.fixture
 def manager() -> Iterator[Manager]:
     with manager_session() as m:
-        archive = build_busybox_oci_archive(m.root / "bb.tar", ref=IMAGE)
-        m.ok("image", "import", str(archive))
+        m.import_busybox(IMAGE)
         yield m
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _get(url: str) -> str | None:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            body: bytes = resp.read()
-            return body.decode()
-    except OSError:
-        return None
 
 
 def _status(m: Manager, ref: str) -> object:
@@ -53,13 +34,13 @@ def _status(m: Manager, ref: str) -> object:
 
 
 def test_containers_after_a_reboot(manager: Manager) -> None:
-    port = _free_port()
+    port = free_port()
     manager.ok("run", "-d", "--name", "web", "--restart", "always", "-p", f"{port}:8080",
                IMAGE, "--", "sh", "-c", HTTPD)  # fmt: skip
     manager.ok("run", "-d", "--name", "plain", IMAGE, "--", "sh", "-c", COUNT)
     manager.ok("run", "-d", "--name", "keep", "--restart", "unless-stopped", "--", "sleep", "1000")
     manager.ok("stop", "-t", "0", "keep")
-    wait_for(lambda: _get(f"http://127.0.0.1:{port}/") == "hello\n")
+    wait_for(lambda: http_get(f"http://127.0.0.1:{port}/") == "hello\n")
     wait_for(lambda: manager.ok("logs", "plain") == "1\n")
 
     manager.power_off()
@@ -68,7 +49,7 @@ def test_containers_after_a_reboot(manager: Manager) -> None:
     # `always` comes back, with its published port; `unless-stopped` stopped by hand and
     # a container without a policy stay stopped, their shims' end recorded.
     wait_for(lambda: _status(manager, "web") == "running", timeout=60)
-    wait_for(lambda: _get(f"http://127.0.0.1:{port}/") == "hello\n")
+    wait_for(lambda: http_get(f"http://127.0.0.1:{port}/") == "hello\n")
     assert manager.ok("logs", "web") == "up\nup\n"
     assert _status(manager, "keep") == "stopped"
     assert _status(manager, "plain") == "stopped"

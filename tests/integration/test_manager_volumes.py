@@ -7,7 +7,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from crashtest.images import build_busybox_oci_archive
 from tests.support.manager import Manager, manager_session
 
 pytestmark = pytest.mark.integration
@@ -40,8 +39,7 @@ def test_bind_mounts_read_write_and_read_only(manager: Manager) -> None:
 
 
 def test_named_volumes_outlive_containers(manager: Manager) -> None:
-    archive = build_busybox_oci_archive(manager.root / "bb.tar", ref=IMAGE)
-    manager.ok("image", "import", str(archive))
+    manager.import_busybox(IMAGE)
     assert manager.ok("volume", "create", "data").strip() == "data"
     manager.ok("run", "--name", "writer", "-v", "data:/d", IMAGE, "--", "sh", "-c", "echo 1 > /d/f")
     # Made on first use, like docker's.

@@ -37,6 +37,7 @@ from crashtest import images
 from protocol.proto.cri.runtime.v1 import api_pb2 as cri
 from tests.support.containerd import CGROUP_ROOT, RUNC_ROOT, Containerd
 from tests.support.containerd2 import DEBIAN, Host
+from tests.support.net import free_port
 
 __all__ = [
     "BUSYBOX_REF",
@@ -331,13 +332,6 @@ def build_pause_archive(dest_tar: Path, ref: str = PAUSE_REF) -> Path:
 
 
 # -- the node ----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _free_subnet() -> str:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from crashtest.images import build_busybox_oci_archive
 from tests.support.template import stop_templates
 
 BIN = Path(sys.executable).parent
@@ -134,6 +135,11 @@ class Manager:
         res = self.cli(*args, input=input, timeout=timeout)
         assert res.returncode == 0, (res.returncode, res.stdout, res.stderr, self.daemon_log())
         return res.stdout
+
+    def import_busybox(self, ref: str) -> None:
+        """A busybox image named ``ref`` in this pyshimd's store, with no registry."""
+        archive = build_busybox_oci_archive(self.root / "bb.tar", ref=ref)
+        self.ok("image", "import", str(archive))
 
     def inspect(self, ref: str) -> dict[str, object]:
         out: dict[str, object] = json.loads(self.ok("inspect", ref))

@@ -30,16 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tests.support.net import free_port
+
 REGISTRY_BIN = "/usr/bin/docker-registry"
 SERVICE = "pyshim-test"
 ISSUER = "pyshim-test-issuer"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _openssl(*args: str) -> None:
@@ -88,7 +83,7 @@ class TokenServer:
         ).stdout  # fmt: skip
         self.x5c = base64.b64encode(der).decode()
         self.user, self.password = user, password
-        self.port = _free_port()
+        self.port = free_port()
         self.requests: list[str] = []
         outer = self
 
@@ -177,7 +172,7 @@ def running_registry(root: Path, *, token_auth: bool = False) -> Iterator[Regist
     ca, crt, key = make_ca_and_cert(root / "tls")
     user, password = "tester", secrets.token_hex(8)
     token = TokenServer(root / "tls", user, password) if token_auth else None
-    port = _free_port()
+    port = free_port()
     if token is not None:
         auth = (f"  token:\n    realm: {token.realm}\n    service: {SERVICE}\n"
                 f"    issuer: {ISSUER}\n    rootcertbundle: {token.cert}\n")  # fmt: skip
