@@ -6,16 +6,18 @@ program more than everything else it does (~40 % of a `pyshim run`'s own CPU). A
 ``LiteMessage`` subclass declares fields as ``name: type = number(N)``; it encodes
 them with ``protocol.wire`` in field-number order, as protobuf does, and skips on
 decoding the fields it does not declare (as unknown fields are). Only the kinds the
-messages below need: string, bytes, int (int32/int64/uint32), bool, double, embedded
-messages, repeated strings and messages. tests/unit/test_proto_lite.py checks every
-declaration against the generated descriptor and the bytes against the generated
-classes, both ways.
+messages below need: string, bytes, int (int32/uint32), int64, uint64, bool, double,
+embedded messages, repeated strings and messages. ``to_dict`` is json_format's
+MessageToDict for them (the CLI's `--json`). tests/unit/test_proto_lite.py checks every
+declaration against the generated descriptor, and the bytes and the dicts against the
+generated classes', both ways.
 """
 
 from __future__ import annotations
 
 import struct
 import sys
+import time
 
 from google.protobuf.message import DecodeError
 
@@ -34,7 +36,20 @@ if TYPE_CHECKING:
         def FromString(cls, s: bytes, /) -> Self: ...
 
 
-_SCALARS = {"str": "", "bytes": b"", "int": 0, "bool": False, "float": 0.0}
+# The 64-bit integers' annotations: Python ints all the same, but ProtoJSON writes them
+# as strings and a uint64 has no sign.
+int64 = int
+uint64 = int
+
+_SCALARS = {
+    "str": "",
+    "bytes": b"",
+    "int": 0,
+    "int64": 0,
+    "uint64": 0,
+    "bool": False,
+    "float": 0.0,
+}
 _SIGN = 1 << 63
 _MASK = (1 << 64) - 1
 
@@ -72,6 +87,9 @@ class LiteMessage:
     FIELDS: ClassVar[tuple[_Field, ...]] = ()
     _BY_NUMBER: ClassVar[dict[int, _Field]] = {}
     _NAMES: ClassVar[frozenset[str]] = frozenset()
+    # The singular message fields: they have presence (HasField), as in protobuf.
+    _SUBMESSAGES: ClassVar[tuple[str, ...]] = ()
+    _has: set[str]
 
     def __init_subclass__(cls) -> None:
         scope = vars(sys.modules[cls.__module__])
@@ -101,11 +119,15 @@ class LiteMessage:
         cls.FIELDS = tuple(sorted(fields, key=lambda f: f.number))
         cls._BY_NUMBER = {f.number: f for f in fields}
         cls._NAMES = frozenset(f.name for f in fields)
+        cls._SUBMESSAGES = tuple(
+            f.name for f in cls.FIELDS if f.message is not None and not f.repeated
+        )
 
     def __init__(self, **values: Any) -> None:
         unknown = values.keys() - self._NAMES
         if unknown:
             raise TypeError(f"{type(self).__name__} has no field {min(unknown)!r}")
+        self._has = {n for n in self._SUBMESSAGES if values.get(n) is not None}
         for f in self.FIELDS:
             value = values.get(f.name)
             if f.repeated:
@@ -124,12 +146,16 @@ class LiteMessage:
         shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in self.FIELDS)
         return f"{type(self).__name__}({shown})"
 
+    def HasField(self, name: str) -> bool:
+        """A singular message field given, read from the wire, or filled in since."""
+        return name in self._has or bool(getattr(self, name).SerializeToString())
+
     def SerializeToString(self) -> bytes:
         out = []
         for f in self.FIELDS:
             value = getattr(self, f.name)
             for item in value if f.repeated else (value,):
-                out.append(_encode(f, item, always=f.repeated))
+                out.append(_encode(f, item, always=f.repeated or f.name in self._has))
         return b"".join(out)
 
     @classmethod
@@ -155,15 +181,19 @@ class LiteMessage:
                 getattr(self, f.name).append(f.message.FromString(value))
             else:
                 getattr(self, f.name)._merge(value)  # protobuf merges a repeated one
+                self._has.add(f.name)
             return
         item: object
         if f.kind == "str":
             assert isinstance(value, bytes)
             item = value.decode()
-        elif f.kind == "int":
+        elif f.kind in ("int", "int64"):
             assert isinstance(value, int)
             value &= _MASK  # a varint may carry more than 64 bits; protobuf drops them
             item = value - (1 << 64) if value & _SIGN else value
+        elif f.kind == "uint64":
+            assert isinstance(value, int)
+            item = value & _MASK
         elif f.kind == "bool":
             item = bool(value)
         elif f.kind == "float":
@@ -177,7 +207,13 @@ class LiteMessage:
             setattr(self, f.name, item)
 
 
-_WIRE_TYPE = {"int": wire.VARINT, "bool": wire.VARINT, "float": 1}
+_WIRE_TYPE = {
+    "int": wire.VARINT,
+    "int64": wire.VARINT,
+    "uint64": wire.VARINT,
+    "bool": wire.VARINT,
+    "float": 1,
+}
 
 
 def _wire_type(f: _Field) -> int:
@@ -188,8 +224,7 @@ def _encode(f: _Field, value: Any, *, always: bool) -> bytes:
     """One field; proto3 leaves out a singular scalar at its default (and so do we)."""
     kind = f.kind
     if kind == "message":
-        # A singular message is left out when empty: protobuf's "not set" for every
-        # request made here (none sets an empty message on purpose).
+        # Written when it has content or presence (given or read, even empty).
         return wire.field_bytes(f.number, value.SerializeToString(), always=always)
     if kind == "str":
         return wire.field_bytes(f.number, value.encode(), always=always)
@@ -209,8 +244,77 @@ class Empty(LiteMessage):
 class Timestamp(LiteMessage):
     """google.protobuf.Timestamp."""
 
-    seconds: int = number(1)
+    seconds: int64 = number(1)
     nanos: int = number(2)
 
     def ns(self) -> int:
         return self.seconds * 1_000_000_000 + self.nanos
+
+
+def to_dict(msg: LiteMessage) -> dict[str, Any]:
+    """json_format.MessageToDict(msg, preserving_proto_field_name=True,
+    always_print_fields_with_no_presence=True), key order included: the fields that
+    are set in number order (protobuf's ListFields), then the others at their defaults
+    (every message here declares its fields in number order), a singular message only
+    when present; a Timestamp as RFC 3339, 64-bit integers as strings, bytes as base64.
+    """
+    out: dict[str, Any] = {}
+    unset: list[_Field] = []
+    for f in msg.FIELDS:
+        value = getattr(msg, f.name)
+        if f.repeated:
+            if value:
+                out[f.name] = [_json_value(f, v) for v in value]
+            else:
+                unset.append(f)
+        elif f.message is not None:
+            if msg.HasField(f.name):
+                out[f.name] = _json_value(f, value)
+        elif value != _SCALARS[f.kind]:
+            out[f.name] = _json_value(f, value)
+        else:
+            unset.append(f)
+    for f in unset:
+        out[f.name] = [] if f.repeated else _json_value(f, _SCALARS[f.kind])
+    return out
+
+
+def _json_value(f: _Field, value: Any) -> Any:
+    kind = f.kind
+    if kind == "message":
+        return timestamp_text(value) if f.message is Timestamp else to_dict(value)
+    if kind in ("int64", "uint64"):
+        return str(value)
+    if kind == "bytes":
+        import base64
+
+        return base64.b64encode(value).decode()
+    if kind == "float" and value != value:
+        return "NaN"
+    if kind == "float" and value in (float("inf"), float("-inf")):
+        return "Infinity" if value > 0 else "-Infinity"
+    return value
+
+
+# google.protobuf.Timestamp's range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
+_TIMESTAMP_MIN = -62135596800
+_TIMESTAMP_MAX = 253402300799
+
+
+def timestamp_text(ts: Timestamp) -> str:
+    """Timestamp.ToJsonString: RFC 3339 in UTC with 0, 3, 6 or 9 fraction digits."""
+    seconds, nanos = ts.seconds, ts.nanos
+    if not (_TIMESTAMP_MIN <= seconds <= _TIMESTAMP_MAX and 0 <= nanos < 1_000_000_000):
+        raise ValueError(f"Timestamp is not valid: {seconds}s {nanos}ns")
+    t = time.gmtime(seconds)
+    text = (
+        f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}"
+        f"T{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}"
+    )
+    if nanos == 0:
+        return text + "Z"
+    if nanos % 1_000_000 == 0:
+        return f"{text}.{nanos // 1_000_000:03d}Z"
+    if nanos % 1_000 == 0:
+        return f"{text}.{nanos // 1_000:06d}Z"
+    return f"{text}.{nanos:09d}Z"

@@ -1,9 +1,10 @@
 """The CLI's LiteMessages against manager.proto's generated classes: same fields (names,
-numbers, kinds), same bytes both ways; and the ttrpc envelope written out by hand
-against ttrpc.proto's classes."""
+numbers, kinds), same bytes both ways, same `--json` (to_dict against MessageToDict);
+and the ttrpc envelope written out by hand against ttrpc.proto's classes."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 from google.protobuf import empty_pb2, timestamp_pb2
 from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import DecodeError, Message
 
 from protocol.proto import lite as litebase
@@ -29,7 +31,10 @@ F = FieldDescriptor
 _KINDS = {
     "str": {F.TYPE_STRING},
     "bytes": {F.TYPE_BYTES},
-    "int": {F.TYPE_INT32, F.TYPE_INT64, F.TYPE_UINT32},
+    # JSON writes 64-bit integers as strings: the lite kind must say which they are.
+    "int": {F.TYPE_INT32, F.TYPE_UINT32},
+    "int64": {F.TYPE_INT64},
+    "uint64": {F.TYPE_UINT64},
     "bool": {F.TYPE_BOOL},
     "float": {F.TYPE_DOUBLE},
     "message": {F.TYPE_MESSAGE},
@@ -65,11 +70,15 @@ def test_lite_declares_every_field_as_the_proto_does(
             assert f.message.__name__ == want.message_type.name, name
 
 
-def _filled(gen: type[Message], depth: int = 0) -> Message:
-    """Every field set to something other than its default (repeated ones twice)."""
+def _filled(gen: type[Message], depth: int = 0, *, every: int = 1, first: int = 0) -> Message:
+    """Every field set to something other than its default (repeated ones twice); with
+    ``every``/``first``, only every ``every``-th field from the ``first``."""
     msg = gen()
+    if gen is timestamp_pb2.Timestamp:  # a valid one: JSON refuses others
+        msg = gen(seconds=1765051200 + depth, nanos=[5, 120_000_000, 7_000][depth % 3])
+        return msg
     fields: Any = gen.DESCRIPTOR.fields
-    for f in fields:
+    for f in list(fields)[first::every]:
         values: list[object]
         if f.type == F.TYPE_MESSAGE:
             sub = type(getattr(msg, f.name)) if not _is_repeated(f) else None
@@ -87,6 +96,8 @@ def _filled(gen: type[Message], depth: int = 0) -> Message:
             values = [0.25, 1.5]
         elif f.type == F.TYPE_UINT32:
             values = [2**32 - 1 - f.number, 3]
+        elif f.type == F.TYPE_UINT64:  # above 2**63: no sign
+            values = [2**64 - 1 - f.number, 3]
         else:  # int32/int64: a negative one tests the ten-byte varint
             values = [-(f.number + 1), 7]
         if _is_repeated(f):
@@ -105,6 +116,66 @@ def test_same_bytes_both_ways(lite: type[LiteMessage], gen: type[Message]) -> No
         decoded = lite.FromString(data)
         assert decoded.SerializeToString() == data
         assert gen.FromString(decoded.SerializeToString()) == msg
+
+
+def _variants(gen: type[Message]) -> list[Message]:
+    """Empty, full, and half set (either half): which fields are set orders the JSON."""
+    return [gen(), _filled(gen), _filled(gen, every=2), _filled(gen, every=2, first=1)]
+
+
+def _message_json(msg: Message) -> str:
+    """What the CLI printed for `--json` before it had LiteMessages."""
+    d = MessageToDict(
+        msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    return json.dumps(d, indent=2)
+
+
+@pytest.mark.parametrize(
+    ("lite", "gen"), [p for p in PAIRS if p[0] is not litebase.Timestamp], ids=lambda c: c.__name__
+)
+def test_to_dict_is_message_to_dict(lite: type[LiteMessage], gen: type[Message]) -> None:
+    for msg in _variants(gen):
+        data = msg.SerializeToString()
+        assert json.dumps(litebase.to_dict(lite.FromString(data)), indent=2) == _message_json(msg)
+
+
+def test_a_present_empty_message_is_kept_as_protobuf_keeps_it() -> None:
+    """exited_at sent at the epoch (empty on the wire, but there) is printed, and
+    written again; one never given is neither."""
+    gen = manager_pb2.Container(id="x")
+    gen.exited_at.SetInParent()
+    got = manager_lite.Container.FromString(gen.SerializeToString())
+    assert got.HasField("exited_at") and not got.HasField("started_at")
+    assert got.SerializeToString() == gen.SerializeToString()
+    assert json.dumps(litebase.to_dict(got), indent=2) == _message_json(gen)
+    made = manager_lite.Container(id="x", exited_at=litebase.Timestamp())
+    assert made.SerializeToString() == gen.SerializeToString()
+
+
+@pytest.mark.parametrize(
+    ("seconds", "nanos"),
+    [
+        (0, 0),
+        (-62135596800, 0),  # Go's zero time, the earliest protobuf takes
+        (253402300799, 999_999_999),
+        (-1, 500_000_000),
+        (1765051200, 1_000),
+        (1765051200, 123_456_789),
+        (951782400, 10_000_000),  # 2000-02-29
+    ],
+)
+def test_timestamp_text_is_protobufs(seconds: int, nanos: int) -> None:
+    want = timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos).ToJsonString()
+    assert litebase.timestamp_text(litebase.Timestamp(seconds=seconds, nanos=nanos)) == want
+
+
+@pytest.mark.parametrize(("seconds", "nanos"), [(-62135596801, 0), (0, -1), (0, 10**9)])
+def test_timestamp_text_refuses_what_protobuf_refuses(seconds: int, nanos: int) -> None:
+    with pytest.raises(ValueError):
+        timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos).ToJsonString()
+    with pytest.raises(ValueError):
+        litebase.timestamp_text(litebase.Timestamp(seconds=seconds, nanos=nanos))
 
 
 def test_unknown_fields_are_skipped_and_defaults_read() -> None:
