@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
     from google.protobuf.message import Message
 
-    from manager.logindex import LineTimes
+    from manager.logtimes import LineTimes
     from protocol.proto import timeutil
     from protocol.proto.lite import WireMessage
     from protocol.proto.manager.v1 import manager_pb2 as pb
@@ -724,7 +724,7 @@ def _to_dict(msg: Message) -> dict[str, object]:
 
 
 def _line_times(path: Path) -> LineTimes:
-    from manager.logindex import LineTimes
+    from manager.logtimes import LineTimes
 
     return LineTimes.for_log(path)
 

@@ -5,13 +5,12 @@ passes through pyshimd). pyshimd watches every log with inotify and, when one gr
 appends ``<size> <unix ns>\\n`` to ``<log>.idx``: the bytes before ``size`` were written
 by that time. A line's time is that of the first entry at or past its end. While
 pyshimd is down nothing is indexed; when it comes back the log's mtime (its last write)
-stands for everything written meanwhile.
+stands for everything written meanwhile. This is the writer; manager.logtimes reads.
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import ctypes
 import logging
@@ -21,17 +20,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from manager.logtimes import index_path, read_index
+
 log = logging.getLogger("pyshimd")
 
 IN_MODIFY = 0x00000002
 IN_NONBLOCK = 0o4000
 IN_CLOEXEC = 0o2000000
 _EVENT = struct.Struct("iIII")
-INDEX_SUFFIX = ".idx"
-
-
-def index_path(log_path: Path) -> Path:
-    return log_path.with_name(log_path.name + INDEX_SUFFIX)
 
 
 @dataclass
@@ -127,50 +123,6 @@ class LogIndexer:
                 self._append(w, size, now)
 
 
-def _last_indexed(path: Path) -> int:
+def _last_indexed(path: str) -> int:
     entries = read_index(path)
     return entries[-1][0] if entries else 0
-
-
-def read_index(path: Path) -> list[tuple[int, int]]:
-    """(size, ns) pairs, sizes increasing; a torn last line is left out."""
-    try:
-        text = path.read_text()
-    except OSError:
-        return []
-    out: list[tuple[int, int]] = []
-    for line in text.split("\n")[:-1]:
-        size_s, _, ns_s = line.partition(" ")
-        with contextlib.suppress(ValueError):
-            size, ns = int(size_s), int(ns_s)
-            if not out or size > out[-1][0]:
-                out.append((size, ns))
-    return out
-
-
-class LineTimes:
-    """The write time of the byte ending at an offset, from a log's index: bytes past
-    the index but in the file when it was read get the file's mtime (its last write),
-    bytes written since (`logs -f`) the time they are read."""
-
-    def __init__(self, entries: list[tuple[int, int]], size: int, mtime_ns: int) -> None:
-        self._sizes = [s for s, _ in entries]
-        self._times = [t for _, t in entries]
-        self._size = size
-        self._mtime = mtime_ns
-
-    @classmethod
-    def for_log(cls, log_path: Path) -> LineTimes:
-        entries = read_index(index_path(log_path))
-        try:
-            st = log_path.stat()
-        except OSError:
-            return cls(entries, 0, 0)
-        return cls(entries, st.st_size, st.st_mtime_ns)
-
-    def at(self, end_offset: int) -> int:
-        """The time the byte before ``end_offset`` was known written."""
-        i = bisect.bisect_left(self._sizes, end_offset)
-        if i < len(self._times):
-            return self._times[i]
-        return self._mtime if end_offset <= self._size else time.time_ns()

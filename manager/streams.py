@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     import asyncio
     from os import PathLike
 
-    from manager.logindex import LineTimes
+    from manager.logtimes import LineTimes
 
 # Only while following: how often a quiet log is looked at again.
 POLL_INTERVAL = 0.05
