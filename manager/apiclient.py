@@ -1,8 +1,8 @@
 """The CLI's side of the manager API: over the asyncio ttrpc client, or (for the
 commands that need no event loop) over the blocking one, which starts ~30 ms sooner.
 
-The calls here take LiteMessages (manager_lite) or generated classes alike; what they
-build themselves is lite, so a command that uses nothing else never imports protobuf.
+The calls here take LiteMessages (manager_lite) or generated classes alike; the CLI
+uses LiteMessages only, so it never imports protobuf.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from protocol.proto.lite import WireMessage
-    from protocol.proto.manager.v1 import manager_pb2 as pb
     from protocol.ttrpc.client import Client
 
 R = TypeVar("R", bound="WireMessage")
@@ -59,10 +58,9 @@ class ManagerClient:
     async def empty(self, method: str, req: WireMessage) -> None:
         await self.call(method, req, lite.Empty)
 
-    async def inspect(self, ref: str) -> pb.InspectResponse:
-        from protocol.proto.manager.v1 import manager_pb2 as pb
-
-        return await self.call("Inspect", pb.InspectRequest(container=ref), pb.InspectResponse)
+    async def inspect(self, ref: str) -> lite.InspectResponse:
+        req = lite.InspectRequest(container=ref)
+        return await self.call("Inspect", req, lite.InspectResponse)
 
     async def wait(self, ref: str, exec_id: str = "") -> lite.WaitResponse:
         req = lite.WaitRequest(container=ref, exec_id=exec_id)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from manager import units
 from manager.apiclient import BlockingManagerClient, ManagerClient, ManagerNotRunning
 from manager.streams import POLL_INTERVAL, LogTail, forward_stdin
+from protocol.proto.lite import to_dict
 from protocol.proto.manager.v1 import manager_lite as lite
 from protocol.ttrpc.status import Code, TtrpcError
 
@@ -21,21 +22,15 @@ if TYPE_CHECKING:
     import asyncio
     import json
     from collections.abc import Callable, Coroutine, Sequence
-    from pathlib import Path
-
-    from google.protobuf.message import Message
 
     from manager.logtimes import LineTimes
-    from protocol.proto import timeutil
     from protocol.proto.lite import WireMessage
-    from protocol.proto.manager.v1 import manager_pb2 as pb
 else:
 
     class _Lazy:
-        """A module imported on first use. `run`, `wait`, `rm` and `kill` build
-        LiteMessages (manager_lite) and never import protobuf (~25 % of a `pyshim run`'s
-        own CPU); the other commands still use the generated classes. json: only for
-        --json and inspect."""
+        """A module imported on first use: json, only for --json and inspect. (Messages
+        are LiteMessages, manager_lite: no command imports protobuf, ~25 % of a `pyshim
+        run`'s own CPU and ~40 % of a `pyshim ps`'s.)"""
 
         def __init__(self, name: str) -> None:
             self._name = name
@@ -44,8 +39,6 @@ else:
             module = __import__(self._name, fromlist=["_"])
             return getattr(module, attr)
 
-    pb = _Lazy("protocol.proto.manager.v1.manager_pb2")
-    timeutil = _Lazy("protocol.proto.timeutil")
     json = _Lazy("json")
 
 T = TypeVar("T")
@@ -544,12 +537,14 @@ async def _interactive_session(
             with contextlib.suppress(TtrpcError):
                 await mc.empty(
                     "Resize",
-                    pb.ResizeRequest(container=container, exec_id=exec_id, width=cols, height=rows),
+                    lite.ResizeRequest(
+                        container=container, exec_id=exec_id, width=cols, height=rows
+                    ),
                 )
 
     async def close_stdin() -> None:
         with contextlib.suppress(TtrpcError):
-            await mc.empty("CloseIO", pb.CloseIORequest(container=container, exec_id=exec_id))
+            await mc.empty("CloseIO", lite.CloseIORequest(container=container, exec_id=exec_id))
 
     with raw_mode(sys.stdin.fileno()) if use_tty else contextlib.nullcontext():
         if use_tty:
@@ -576,18 +571,14 @@ async def _interactive_session(
 
 
 def _output_until_exit(
-    mc: BlockingManagerClient, container: str, log_path: str
+    mc: BlockingManagerClient, container: str, tail: LogTail
 ) -> lite.WaitResponse:
     """_interactive_session without a terminal or stdin, on the blocking client: the log
     is copied while Wait is pending, then once more (the shim drains a process's
     output into the log before it reports the exit)."""
-    tail = LogTail(log_path, sys.stdout.fileno())
-    try:
-        result = mc.wait_while(container, "", tail.pump, POLL_INTERVAL)
-        tail.pump()
-        tail.flush()
-    finally:
-        tail.close()
+    result = mc.wait_while(container, "", tail.pump, POLL_INTERVAL)
+    tail.pump()
+    tail.flush()
     return result
 
 
@@ -647,7 +638,11 @@ async def cmd_run(mc: ManagerClient, args: argparse.Namespace) -> int:
         return 0
     try:
         if isinstance(mc, BlockingManagerClient):
-            res = _output_until_exit(mc, c.id, c.log_path)
+            tail = LogTail(c.log_path, sys.stdout.fileno())
+            try:
+                res = _output_until_exit(mc, c.id, tail)
+            finally:
+                tail.close()
         else:
             res = await _interactive_session(
                 mc,
@@ -670,7 +665,7 @@ async def cmd_exec(mc: ManagerClient, args: argparse.Namespace) -> int:
     cmd = _strip_dashdash(args.cmd)
     if not cmd:
         raise UsageError("no command given: pyshim exec NAME -- CMD...")
-    req = pb.ExecRequest(
+    req = lite.ExecRequest(
         container=args.container,
         args=cmd,
         env=args.env,
@@ -683,7 +678,7 @@ async def cmd_exec(mc: ManagerClient, args: argparse.Namespace) -> int:
         from manager.terminal import terminal_size
 
         req.tty_width, req.tty_height = terminal_size(sys.stdin.fileno())
-    resp = await mc.call("Exec", req, pb.ExecResponse)
+    resp = await mc.call("Exec", req, lite.ExecResponse)
     res = await _interactive_session(
         mc,
         container=resp.container_id,
@@ -713,17 +708,7 @@ async def cmd_attach(mc: ManagerClient, args: argparse.Namespace) -> int:
     return res.exit_status
 
 
-def _to_dict(msg: Message) -> dict[str, object]:
-    """Proto field names, every field (as `--json` and `inspect` show them)."""
-    # Imported when asked for: json_format costs every other command ~10 ms.
-    from google.protobuf.json_format import MessageToDict
-
-    return MessageToDict(
-        msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
-
-
-def _line_times(path: Path) -> LineTimes:
+def _line_times(path: str) -> LineTimes:
     from manager.logtimes import LineTimes
 
     return LineTimes.for_log(path)
@@ -737,25 +722,26 @@ def _ago(ts_ns: int) -> str:
     return f"{secs}s ago"
 
 
-def status_text(c: pb.Container) -> str:
+def status_text(c: lite.Container) -> str:
     oom = " OOMKilled" if c.oom_killed else ""
     if c.exited:
-        ago = _ago(timeutil.ns_from_timestamp(c.exited_at))
+        ago = _ago(c.exited_at.ns())
         if c.status == "restarting":
             return f"restarting ({c.exit_status}){oom} {ago}"
         return f"exited ({c.exit_status}){oom} {ago}"
     return c.status + oom
 
 
-def container_json(c: pb.Container) -> dict[str, object]:
-    d = _to_dict(c)
+def container_json(c: lite.Container) -> dict[str, object]:
+    """Proto field names, every field (as `--json` and `inspect` show them)."""
+    d = to_dict(c)
     if not c.exited:
         d.pop("exited_at", None)
     return d
 
 
 async def cmd_ps(mc: ManagerClient, args: argparse.Namespace) -> int:
-    resp = await mc.call("List", pb.ListRequest(all=args.all), pb.ListResponse)
+    resp = await mc.call("List", lite.ListRequest(all=args.all), lite.ListResponse)
     if args.json:
         print(json.dumps([container_json(c) for c in resp.containers], indent=2))
         return 0
@@ -768,7 +754,7 @@ async def cmd_ps(mc: ManagerClient, args: argparse.Namespace) -> int:
                 c.name,
                 c.image or "-",
                 command if len(command) <= 30 else command[:27] + "...",
-                _ago(timeutil.ns_from_timestamp(c.created_at)),
+                _ago(c.created_at.ns()),
                 status_text(c),
                 str(c.pid) if c.pid and not c.exited else "-",
             )
@@ -780,15 +766,13 @@ async def cmd_ps(mc: ManagerClient, args: argparse.Namespace) -> int:
 
 
 async def cmd_logs(mc: ManagerClient, args: argparse.Namespace) -> int:
+    assert isinstance(mc, BlockingManagerClient)  # _runs_blocking: -f too
     c = (await mc.inspect(args.container)).container
-    from pathlib import Path
-
-    path = Path(c.log_path)
     stamped = args.timestamps or args.since
     tail = LogTail(
-        path,
+        c.log_path,
         sys.stdout.fileno(),
-        times=_line_times(path) if stamped else None,
+        times=_line_times(c.log_path) if stamped else None,
         timestamps=args.timestamps,
         since_ns=args.since,
     )
@@ -798,16 +782,8 @@ async def cmd_logs(mc: ManagerClient, args: argparse.Namespace) -> int:
         if not args.follow or c.exited:
             tail.pump()
             tail.flush()
-            return 0
-        import asyncio
-
-        done = asyncio.Event()
-        follower = asyncio.create_task(tail.follow(done))
-        try:
-            await mc.wait(c.id)
-        finally:
-            done.set()
-            await follower
+        else:
+            _output_until_exit(mc, c.id, tail)
     finally:
         tail.close()
     return 0
@@ -856,7 +832,7 @@ async def _each(
 
 def _response_type(method: str) -> type[WireMessage]:
     """What _each's methods answer: Start and Restart the new run, the others Empty."""
-    return pb.StartResponse if method in ("Start", "Restart") else lite.Empty
+    return lite.StartResponse if method in ("Start", "Restart") else lite.Empty
 
 
 async def cmd_stop(mc: ManagerClient, args: argparse.Namespace) -> int:
@@ -864,7 +840,7 @@ async def cmd_stop(mc: ManagerClient, args: argparse.Namespace) -> int:
         mc,
         args.containers,
         "Stop",
-        lambda r: pb.StopRequest(container=r, timeout_seconds=args.time),
+        lambda r: lite.StopRequest(container=r, timeout_seconds=args.time),
     )
 
 
@@ -878,13 +854,13 @@ async def cmd_start(mc: ManagerClient, args: argparse.Namespace) -> int:
         mc,
         args.containers,
         "Start",
-        lambda r: pb.StartRequest(container=r, checkpoint=checkpoint),
+        lambda r: lite.StartRequest(container=r, checkpoint=checkpoint),
     )
 
 
 async def cmd_checkpoint(mc: ManagerClient, args: argparse.Namespace) -> int:
     output = os.path.abspath(args.output)
-    req = pb.CheckpointRequest(
+    req = lite.CheckpointRequest(
         container=args.container, output=output, leave_running=args.leave_running
     )
     await mc.empty("Checkpoint", req)
@@ -897,16 +873,16 @@ async def cmd_restart(mc: ManagerClient, args: argparse.Namespace) -> int:
         mc,
         args.containers,
         "Restart",
-        lambda r: pb.StopRequest(container=r, timeout_seconds=args.time),
+        lambda r: lite.StopRequest(container=r, timeout_seconds=args.time),
     )
 
 
 async def cmd_pause(mc: ManagerClient, args: argparse.Namespace) -> int:
-    return await _each(mc, args.containers, "Pause", lambda r: pb.PauseRequest(container=r))
+    return await _each(mc, args.containers, "Pause", lambda r: lite.PauseRequest(container=r))
 
 
 async def cmd_unpause(mc: ManagerClient, args: argparse.Namespace) -> int:
-    return await _each(mc, args.containers, "Unpause", lambda r: pb.PauseRequest(container=r))
+    return await _each(mc, args.containers, "Unpause", lambda r: lite.PauseRequest(container=r))
 
 
 async def cmd_inspect(mc: ManagerClient, args: argparse.Namespace) -> int:
@@ -919,20 +895,18 @@ async def cmd_inspect(mc: ManagerClient, args: argparse.Namespace) -> int:
 
 async def cmd_image(mc: ManagerClient, args: argparse.Namespace) -> int:
     if args.image_command == "import":
-        from pathlib import Path
-
-        path = Path(args.archive).absolute()
-        if not path.is_file():
+        path = os.path.abspath(args.archive)
+        if not os.path.isfile(path):
             raise UsageError(f"{args.archive}: no such file")
-        req = pb.ImageImportRequest(archive_path=str(path), ref=args.ref)
-        resp = await mc.call("ImageImport", req, pb.ImageImportResponse)
+        req = lite.ImageImportRequest(archive_path=path, ref=args.ref)
+        resp = await mc.call("ImageImport", req, lite.ImageImportResponse)
         for image in resp.images:
             print(f"{image.ref} {image.digest}")
         return 0
     if args.image_command == "ls":
-        listed = await mc.call("ImageList", pb.ImageListRequest(), pb.ImageListResponse)
+        listed = await mc.call("ImageList", lite.ImageListRequest(), lite.ImageListResponse)
         if args.json:
-            print(json.dumps([_to_dict(im) for im in listed.images], indent=2))
+            print(json.dumps([to_dict(im) for im in listed.images], indent=2))
             return 0
         _table(
             [("REF", "DIGEST", "LAYERS", "SIZE")]
@@ -942,7 +916,7 @@ async def cmd_image(mc: ManagerClient, args: argparse.Namespace) -> int:
             ]
         )
         return 0
-    await mc.empty("ImageRemove", pb.ImageRemoveRequest(ref=args.ref))
+    await mc.empty("ImageRemove", lite.ImageRemoveRequest(ref=args.ref))
     print(args.ref)
     return 0
 
@@ -953,21 +927,21 @@ STATS_INTERVAL = 1.0
 STATS_SAMPLE_GAP = 0.5
 
 
-def _cpu_percent(before: pb.ContainerStats | None, now: pb.ContainerStats) -> float:
+def _cpu_percent(before: lite.ContainerStats | None, now: lite.ContainerStats) -> float:
     """Share of one CPU used between two samples (docker's: 200% = two CPUs busy)."""
     if before is None:
         return 0.0
-    dt = timeutil.ns_from_timestamp(now.read_at) - timeutil.ns_from_timestamp(before.read_at)
+    dt = now.read_at.ns() - before.read_at.ns()
     used = now.cpu_usage_ns - before.cpu_usage_ns
     return 100.0 * used / dt if dt > 0 and used > 0 else 0.0
 
 
 def _stats_rows(
-    before: dict[str, pb.ContainerStats], now: Sequence[pb.ContainerStats]
+    before: dict[str, lite.ContainerStats], now: Sequence[lite.ContainerStats]
 ) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
     for s in now:
-        d = _to_dict(s)
+        d = to_dict(s)
         d["cpu_percent"] = round(_cpu_percent(before.get(s.id), s), 2)
         d["memory_percent"] = (
             round(100.0 * s.memory_usage / s.memory_limit, 2) if s.memory_limit else None
@@ -976,7 +950,7 @@ def _stats_rows(
     return rows
 
 
-def _stats_table(before: dict[str, pb.ContainerStats], now: Sequence[pb.ContainerStats]) -> str:
+def _stats_table(before: dict[str, lite.ContainerStats], now: Sequence[lite.ContainerStats]) -> str:
     rows = [("CONTAINER ID", "NAME", "CPU %", "MEM USAGE / LIMIT", "MEM %", "NET I/O", "PIDS")]
     for s, d in zip(now, _stats_rows(before, now), strict=True):
         limit = _size(s.memory_limit) if s.memory_limit else "-"
@@ -996,18 +970,17 @@ def _stats_table(before: dict[str, pb.ContainerStats], now: Sequence[pb.Containe
 
 
 async def cmd_stats(mc: ManagerClient, args: argparse.Namespace) -> int:
-    import asyncio
-
+    # On the blocking client (_runs_blocking): it only waits between calls.
     if args.json and not args.no_stream:
         raise UsageError("--json needs --no-stream")
-    req = pb.StatsRequest(containers=args.containers)
+    req = lite.StatsRequest(containers=args.containers)
 
-    async def sample() -> list[pb.ContainerStats]:
-        return list((await mc.call("Stats", req, pb.StatsResponse)).stats)
+    async def sample() -> list[lite.ContainerStats]:
+        return list((await mc.call("Stats", req, lite.StatsResponse)).stats)
 
     first = await sample()
     if args.no_stream:
-        await asyncio.sleep(STATS_SAMPLE_GAP)
+        time.sleep(STATS_SAMPLE_GAP)
         now = await sample()
         before = {s.id: s for s in first}
         if args.json:
@@ -1018,7 +991,7 @@ async def cmd_stats(mc: ManagerClient, args: argparse.Namespace) -> int:
     clear = "\x1b[2J\x1b[H" if os.isatty(sys.stdout.fileno()) else ""
     before = {s.id: s for s in first}
     while True:
-        await asyncio.sleep(STATS_INTERVAL)
+        time.sleep(STATS_INTERVAL)
         now = await sample()
         sys.stdout.write(clear + _stats_table(before, now))
         sys.stdout.flush()
@@ -1026,9 +999,9 @@ async def cmd_stats(mc: ManagerClient, args: argparse.Namespace) -> int:
 
 
 async def cmd_top(mc: ManagerClient, args: argparse.Namespace) -> int:
-    resp = await mc.call("Top", pb.TopRequest(container=args.container), pb.TopResponse)
+    resp = await mc.call("Top", lite.TopRequest(container=args.container), lite.TopResponse)
     if args.json:
-        print(json.dumps([_to_dict(p) for p in resp.processes], indent=2))
+        print(json.dumps([to_dict(p) for p in resp.processes], indent=2))
         return 0
     _table(
         [("PID", "PPID", "USER", "COMMAND")]
@@ -1041,7 +1014,7 @@ async def cmd_top(mc: ManagerClient, args: argparse.Namespace) -> int:
 PROGRESS_INTERVAL = 0.2
 
 
-def _bar(lp: pb.LayerProgress, width: int = 30) -> str:
+def _bar(lp: lite.LayerProgress, width: int = 30) -> str:
     name = lp.digest.removeprefix("sha256:")[:12]
     if lp.state in ("downloading", "waiting") and lp.size:
         filled = min(width, width * lp.done // lp.size)
@@ -1050,17 +1023,17 @@ def _bar(lp: pb.LayerProgress, width: int = 30) -> str:
     return f"{name}: {lp.state}"
 
 
-async def _pull(mc: ManagerClient, ref: str) -> pb.Image:
+async def _pull(mc: ManagerClient, ref: str) -> lite.Image:
     """Pull, drawing a bar per layer while it runs when stdout is a terminal."""
     import asyncio
 
-    pulling = asyncio.create_task(mc.call("Pull", pb.PullRequest(ref=ref), pb.PullResponse))
+    pulling = asyncio.create_task(mc.call("Pull", lite.PullRequest(ref=ref), lite.PullResponse))
     if os.isatty(sys.stdout.fileno()):
         drawn = 0
         while not pulling.done():
             await asyncio.wait({pulling}, timeout=PROGRESS_INTERVAL)
             prog = await mc.call(
-                "PullProgress", pb.PullProgressRequest(ref=ref), pb.PullProgressResponse
+                "PullProgress", lite.PullProgressRequest(ref=ref), lite.PullProgressResponse
             )
             lines = [_bar(lp) for lp in prog.layers]
             sys.stdout.write(("\x1b[F" * drawn) + "".join(f"\x1b[2K{ln}\n" for ln in lines))
@@ -1082,7 +1055,7 @@ async def cmd_login(mc: ManagerClient, args: argparse.Namespace) -> int:
     if args.password_stdin == (args.password is not None):
         raise UsageError("give the password with exactly one of -p and --password-stdin")
     password = sys.stdin.readline().rstrip("\n") if args.password_stdin else args.password
-    req = pb.LoginRequest(registry=args.registry, username=args.username, password=password)
+    req = lite.LoginRequest(registry=args.registry, username=args.username, password=password)
     await mc.empty("Login", req)
     print("Login Succeeded")
     return 0
@@ -1090,20 +1063,20 @@ async def cmd_login(mc: ManagerClient, args: argparse.Namespace) -> int:
 
 async def cmd_volume(mc: ManagerClient, args: argparse.Namespace) -> int:
     if args.volume_command == "create":
-        v = await mc.call("VolumeCreate", pb.VolumeCreateRequest(name=args.name), pb.Volume)
+        v = await mc.call("VolumeCreate", lite.VolumeCreateRequest(name=args.name), lite.Volume)
         print(v.name)
         return 0
     if args.volume_command == "ls":
-        listed = await mc.call("VolumeList", pb.VolumeListRequest(), pb.VolumeListResponse)
+        listed = await mc.call("VolumeList", lite.VolumeListRequest(), lite.VolumeListResponse)
         if args.json:
-            print(json.dumps([_to_dict(v) for v in listed.volumes], indent=2))
+            print(json.dumps([to_dict(v) for v in listed.volumes], indent=2))
             return 0
         _table(
             [("NAME", "USED BY", "MOUNTPOINT")]
             + [(v.name, ",".join(v.used_by) or "-", v.mountpoint) for v in listed.volumes]
         )
         return 0
-    return await _each(mc, args.names, "VolumeRemove", lambda n: pb.VolumeRemoveRequest(name=n))
+    return await _each(mc, args.names, "VolumeRemove", lambda n: lite.VolumeRemoveRequest(name=n))
 
 
 def _format_table(rows: Sequence[Sequence[str]]) -> str:
@@ -1151,18 +1124,19 @@ COMMANDS = {
 }
 
 
-# Commands that only make calls one after another: they run on the blocking client,
-# without asyncio (its import is ~30 ms of a CLI that takes ~100 ms). `run` too when
-# nothing but output is to be moved (no -i, no -t).
-BLOCKING_COMMANDS = frozenset(
-    {"ps", "rm", "inspect", "kill", "wait", "stop", "start", "restart", "pause", "unpause"}
-)
+# Commands that do something else while a call is pending (feed stdin, follow the
+# terminal's size, draw a pull's progress): they need an event loop. The others make
+# calls one after another (a log is copied while Wait is pending by the blocking
+# client's own idle callback) and run on the blocking client, without asyncio (its
+# import is ~30 ms of a CLI that takes ~100 ms). `run` too when nothing but output is
+# to be moved (no -i, no -t).
+EVENT_LOOP_COMMANDS = frozenset({"exec", "attach", "pull"})
 
 
 def _runs_blocking(args: argparse.Namespace) -> bool:
     if args.command == "run":
         return not (args.interactive or args.tty)
-    return args.command in BLOCKING_COMMANDS
+    return args.command not in EVENT_LOOP_COMMANDS
 
 
 def drive(coro: Coroutine[Any, Any, T]) -> T:

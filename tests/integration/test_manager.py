@@ -14,12 +14,19 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
+from google.protobuf.message import Message
 
 from crashtest.images import build_busybox_oci_archive
+from manager.apiclient import MANAGER_SERVICE
+from protocol.proto.manager.v1 import manager_pb2
 from tests.support.manager import CMD_TIMEOUT, PYSHIM, PYSHIMD, Manager, manager_session
 from tests.support.manager import wait_for as _wait_for
+from tests.support.net import free_port
+
+M = TypeVar("M", bound=Message)
 
 pytestmark = pytest.mark.integration
 
@@ -255,7 +262,9 @@ sys.exit(rc)
 """
 
 
-def test_quick_commands_import_no_asyncio_protobuf_pathlib_json(manager: Manager) -> None:
+def test_commands_import_no_asyncio_protobuf_pathlib_json(manager: Manager) -> None:
+    """Every command but exec, attach, pull and run -i/-t: run on the blocking client
+    with LiteMessages; json only where JSON is printed (--json, inspect)."""
     from shim.boot.launcher import import_paths
 
     code = _HEAVY_PROBE.format(paths=import_paths())
@@ -273,12 +282,117 @@ def test_quick_commands_import_no_asyncio_protobuf_pathlib_json(manager: Manager
         assert heavy, res.stderr + manager.daemon_log()
         return res.returncode, res.stdout, [m for m in heavy[-1][6:].split(",") if m]
 
+    def light(*args: str, allow: str = "") -> str:
+        """The command's output; it worked and loaded nothing heavy but ``allow``."""
+        rc, out, heavy = probe(*args)
+        assert rc == 0, (args, out, manager.daemon_log())
+        assert [m for m in heavy if m.split(".")[0] != allow] == [], args
+        if allow:
+            assert allow in heavy, args  # (the probe sees it: it is there)
+        return out
+
     rc, out, heavy = probe("run", "--rm", "--network", "none", "--", "sh", "-c", "echo hi; exit 3")
     assert (rc, out, heavy) == (3, "hi\n", [])
     rc, cid, heavy = probe("run", "-d", "--name", "quick", "--", "sleep", "1000")
     assert (rc, heavy) == (0, []) and len(cid.strip()) == 16
-    assert probe("kill", "quick")[::2] == (0, [])
-    assert probe("wait", "quick") == (0, "137\n", [])
-    assert probe("rm", "quick") == (0, "quick\n", [])
-    # The probe sees what is loaded: a command that still uses protobuf shows it.
-    assert any(m.endswith("manager_pb2") for m in probe("ps", "--json")[2])
+    manager.ok("run", "--name", "said", "--network", "none", "--", "echo", "said")
+
+    assert "quick" in light("ps")
+    assert "said" in light("ps", "-a")
+    assert [c["name"] for c in json.loads(light("ps", "-a", "--json", allow="json"))] == [
+        "quick",
+        "said",
+    ]
+    assert json.loads(light("inspect", "quick", allow="json"))["name"] == "quick"
+    assert light("logs", "said") == "said\n"
+    assert light("logs", "--tail", "1", "-f", "said") == "said\n"
+    manager.ok("run", "-d", "--name", "talk", "--network", "none", "--", "sh", "-c",
+               "echo a; sleep 1; echo b")  # fmt: skip
+    assert light("logs", "-f", "talk") == "a\nb\n"  # followed to its exit, without a loop
+    assert light("logs", "-t", "said").endswith("Z said\n")
+    assert "sleep 1000" in light("top", "quick")
+    assert json.loads(light("top", "--json", "quick", allow="json"))[0]["command"] == "sleep 1000"
+    assert "quick" in light("stats", "--no-stream")
+    assert json.loads(light("stats", "--no-stream", "--json", allow="json"))[0]["name"] == "quick"
+    assert light("image", "ls").startswith("REF")
+    assert json.loads(light("image", "ls", "--json", allow="json")) == []
+    assert light("volume", "create", "v1") == "v1\n"
+    assert light("volume", "ls").splitlines()[1].startswith("v1 ")
+    assert json.loads(light("volume", "ls", "--json", allow="json"))[0]["name"] == "v1"
+    assert light("volume", "rm", "v1") == "v1\n"
+    # (sleep as pid 1 ignores SIGTERM: -t 1 rather than the default 10 s)
+    for command in (["pause"], ["unpause"], ["restart", "-t", "1"], ["stop", "-t", "1"], ["start"]):
+        assert light(*command, "quick") == "quick\n", command
+    assert light("kill", "quick") == ""
+    assert light("wait", "quick") == "137\n"
+    assert light("rm", "quick", "said", "talk") == "quick\nsaid\ntalk\n"
+    # The probe sees what is loaded: a command on the event loop shows asyncio.
+    manager.ok("run", "-d", "--name", "loop", "--network", "none", "--", "sleep", "1000")
+    rc, out, heavy = probe("exec", "loop", "--", "echo", "in")
+    assert (rc, out) == (0, "in\n") and "asyncio" in heavy
+
+
+def _reference_json(obj: object) -> str:
+    """`--json` as the CLI printed it with protobuf's json_format, before LiteMessages."""
+    from google.protobuf.json_format import MessageToDict
+
+    def to_dict(msg: Message) -> dict[str, object]:
+        return MessageToDict(
+            msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
+
+    def container(c: manager_pb2.Container) -> dict[str, object]:
+        d = to_dict(c)
+        if not c.exited:
+            d.pop("exited_at", None)
+        return d
+
+    if isinstance(obj, manager_pb2.InspectResponse):
+        out = container(obj.container)
+        out["spec"] = json.loads(obj.spec_json) if obj.spec_json else None
+        return json.dumps(out, indent=2) + "\n"
+    assert isinstance(obj, list)
+    rows = [container(m) if isinstance(m, manager_pb2.Container) else to_dict(m) for m in obj]
+    return json.dumps(rows, indent=2) + "\n"
+
+
+def test_json_output_is_protobufs_json(manager: Manager) -> None:
+    """ps/inspect/top/image ls/volume ls --json, byte for byte what MessageToDict of the
+    same answers (asked with the generated classes) gives; stats' keys in its order."""
+    from protocol.ttrpc.blocking import BlockingClient
+
+    manager.import_busybox("docker.io/library/bb:1")
+    manager.ok(
+        "run", "-d", "--name", "up", "-v", "data:/data", "-p", f"{free_port()}:80", "--restart",
+        "on-failure:3", "bb:1", "--", "sh", "-c", "sleep 1000 & exec sleep 1001",
+    )  # fmt: skip
+    down = manager.cli("run", "--name", "down", "--network", "none", "--", "sh", "-c", "exit 7")
+    assert down.returncode == 7, down.stderr
+    sock = BlockingClient.connect(str(manager.run_dir / "pyshimd.sock"), timeout=5)
+
+    def ask(method: str, req: Message, resp: type[M]) -> M:
+        return sock.call(MANAGER_SERVICE, method, req, resp)
+
+    try:
+        listed = ask("List", manager_pb2.ListRequest(all=True), manager_pb2.ListResponse)
+        assert manager.ok("ps", "-a", "--json") == _reference_json(list(listed.containers))
+        for name in ("up", "down"):
+            req = manager_pb2.InspectRequest(container=name)
+            want = _reference_json(ask("Inspect", req, manager_pb2.InspectResponse))
+            assert manager.ok("inspect", name) == want
+        top = ask("Top", manager_pb2.TopRequest(container="up"), manager_pb2.TopResponse)
+        assert manager.ok("top", "--json", "up") == _reference_json(list(top.processes))
+        images = ask("ImageList", manager_pb2.ImageListRequest(), manager_pb2.ImageListResponse)
+        assert manager.ok("image", "ls", "--json") == _reference_json(list(images.images))
+        req_v = manager_pb2.VolumeListRequest()
+        volumes = ask("VolumeList", req_v, manager_pb2.VolumeListResponse)
+        assert manager.ok("volume", "ls", "--json") == _reference_json(list(volumes.volumes))
+        stats = ask("Stats", manager_pb2.StatsRequest(), manager_pb2.StatsResponse)
+        (row,) = json.loads(manager.ok("stats", "--no-stream", "--json"))
+        (want_row,) = json.loads(_reference_json(list(stats.stats)))
+        assert list(row) == [*want_row, "cpu_percent", "memory_percent"]
+        assert [type(v) for v in row.values()][: len(want_row)] == [
+            type(v) for v in want_row.values()
+        ]
+    finally:
+        sock.close()
