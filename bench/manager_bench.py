@@ -4,14 +4,16 @@
     ctr run --rm --cni ...                   (ctr's own CNI path: bridge + host-local)
     pyshim run --rm --network none IMAGE -- true
     pyshim run --rm IMAGE -- true            (the default bridge network: + CNI ADD/DEL)
-    pyshim ps
+    ctr task ls
+    pyshim ps                                (beside ctr task ls: a listing)
 
 and, to show where the floor of a bridge run is, the CNI work alone from Python (no
 container): a namespace, bridge + host-local ADD, DEL, the namespace removed; and one
 bare plugin process (`bridge` asked for its VERSION).
 
 Rounds interleave the variants (drift hits all alike); medians and p90 in ms, each
-variant's ratio to `ctr run --rm`, and the bridge runs' ratio to `ctr run --rm --cni`;
+variant's ratio to `ctr run --rm`, and its ratio to the ctr command that does the same
+where there is one (the bridge runs': `ctr run --rm --cni`, `pyshim ps`'s: `ctr task ls`);
 the same for the CPU time each costs, all processes of the run counted (CpuMeter).
 A private containerd (bench/containerd_env.py) and a private pyshimd (own run/state
 dirs, own bridge and /24) are started and stopped by PID; everything is removed
@@ -59,6 +61,16 @@ MNT_DETACH = 2
 CTR = "ctr run --rm"
 CTR_CNI = "ctr run --rm --cni"
 PY_BRIDGE = "pyshim run --rm (bridge)"
+CTR_TASK_LS = "ctr task ls"
+PY_PS = "pyshim ps"
+# Rows also compared with the ctr command that does the same: that row, and the key
+# suffix of the ratio in the results (ratio_to_..., cpu_ratio_to_...).
+COUNTERPARTS = {
+    CTR_CNI: (CTR_CNI, "ctr_cni"),
+    PY_BRIDGE: (CTR_CNI, "ctr_cni"),
+    CTR_TASK_LS: (CTR_TASK_LS, "ctr_task_ls"),
+    PY_PS: (CTR_TASK_LS, "ctr_task_ls"),
+}
 
 
 class CpuMeter:
@@ -228,9 +240,10 @@ def main(argv: list[str] | None = None) -> int:
         pyshim = str(BIN / "pyshim")
         counter = iter(range(1 << 30))
 
+        ctr = ["ctr", "--address", str(ctrd.address), "-n", ctrd.namespace]
+
         def ctr_run(*flags: str) -> float:
-            argv = ["ctr", "--address", str(ctrd.address), "-n", ctrd.namespace, "run", "--rm"]
-            argv += [*flags, "--runtime", "io.containerd.pyshim.v1", IMAGE]
+            argv = [*ctr, "run", "--rm", *flags, "--runtime", "io.containerd.pyshim.v1", IMAGE]
             return _timed([*argv, f"b{next(counter)}", "true"], ctrd.env())
 
         def cni_alone() -> float:
@@ -246,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
                 [pyshim, "run", "--rm", "--network", "none", IMAGE, "--", "true"], mgr.env
             ),
             PY_BRIDGE: lambda: _timed([pyshim, "run", "--rm", IMAGE, "--", "true"], mgr.env),
-            "pyshim ps": lambda: _timed([pyshim, "ps"], mgr.env),
+            CTR_TASK_LS: lambda: _timed([*ctr, "task", "ls"], ctrd.env()),
+            PY_PS: lambda: _timed([pyshim, "ps"], mgr.env),
             "CNI ADD+DEL alone (no container)": cni_alone,
             "one plugin exec (bridge VERSION)": _plugin_version,
         }
@@ -268,13 +282,12 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(root, ignore_errors=True)
         meter.close()
     base = statistics.median(samples[CTR])
-    base_cni = statistics.median(samples[CTR_CNI])
     cpu_base = statistics.median(cpu[CTR])
-    cpu_base_cni = statistics.median(cpu[CTR_CNI])
     summary = {}
+    print("/ same: to the ctr command that does the same (ctr run --rm --cni, ctr task ls)")
     print(
-        f"{'':36} {'median ms':>10} {'p90 ms':>8} {'/ ctr':>6} {'/ ctr --cni':>11}"
-        f" {'CPU ms':>8} {'/ ctr':>6} {'/ ctr --cni':>11}"
+        f"{'':36} {'median ms':>10} {'p90 ms':>8} {'/ ctr':>6} {'/ same':>7}"
+        f" {'CPU ms':>8} {'/ ctr':>6} {'/ same':>7}"
     )
     for name, xs in samples.items():
         med = statistics.median(xs)
@@ -287,16 +300,19 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_ms": cpu_med * 1e3,
             "cpu_ratio": cpu_med / cpu_base,
         }
-        vs_cni = cpu_vs_cni = ""
-        if name in (CTR_CNI, PY_BRIDGE):
-            row["ratio_to_ctr_cni"] = med / base_cni
-            row["cpu_ratio_to_ctr_cni"] = cpu_med / cpu_base_cni
-            vs_cni = f"{med / base_cni:.2f}"
-            cpu_vs_cni = f"{cpu_med / cpu_base_cni:.2f}"
+        vs_same = cpu_vs_same = ""
+        if name in COUNTERPARTS and COUNTERPARTS[name][0] in samples:
+            same, key = COUNTERPARTS[name]
+            same_med = statistics.median(samples[same])
+            same_cpu = statistics.median(cpu[same])
+            row[f"ratio_to_{key}"] = med / same_med
+            row[f"cpu_ratio_to_{key}"] = cpu_med / same_cpu
+            vs_same = f"{med / same_med:.2f}"
+            cpu_vs_same = f"{cpu_med / same_cpu:.2f}"
         summary[name] = row
         print(
-            f"{name:36} {med * 1e3:10.1f} {p90 * 1e3:8.1f} {med / base:6.2f} {vs_cni:>11}"
-            f" {cpu_med * 1e3:8.1f} {cpu_med / cpu_base:6.2f} {cpu_vs_cni:>11}"
+            f"{name:36} {med * 1e3:10.1f} {p90 * 1e3:8.1f} {med / base:6.2f} {vs_same:>7}"
+            f" {cpu_med * 1e3:8.1f} {cpu_med / cpu_base:6.2f} {cpu_vs_same:>7}"
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
