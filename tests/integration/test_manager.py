@@ -326,10 +326,12 @@ def test_commands_import_no_asyncio_protobuf_pathlib_json(manager: Manager) -> N
     assert light("kill", "quick") == ""
     assert light("wait", "quick") == "137\n"
     assert light("rm", "quick", "said", "talk") == "quick\nsaid\ntalk\n"
-    # The probe sees what is loaded: a command on the event loop shows asyncio.
+    # The probe sees what is loaded: a command on the event loop shows asyncio (and
+    # still no protobuf: its messages are lite too).
     manager.ok("run", "-d", "--name", "loop", "--network", "none", "--", "sleep", "1000")
     rc, out, heavy = probe("exec", "loop", "--", "echo", "in")
     assert (rc, out) == (0, "in\n") and "asyncio" in heavy
+    assert [m for m in heavy if "protobuf" in m or m.endswith("_pb2")] == []
 
 
 def _reference_json(obj: object) -> str:
