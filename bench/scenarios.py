@@ -24,8 +24,10 @@ from bench import ksm
 from bench.containerd_env import CtrError, EventWatcher, PrivateContainerd
 from bench.procfs import MemoryUsage, read_memory, read_wakeups
 from bench.stats import (
+    joined_increment_kb,
     per_container_mb,
     pod_grouping_problems,
+    pod_owners,
     round_order,
     scale_scenario_name,
     summarize,
@@ -51,6 +53,9 @@ SANDBOX_ANNOTATION = "io.kubernetes.cri.sandbox-id"
 # A sample that fails this many times in a row drops that runtime from the scenario,
 # so a broken shim does not turn a 10-minute run into an hour of timeouts.
 MAX_CONSECUTIVE_FAILURES = 2
+# Seconds after starting containers before their shims' memory is read (start-up work:
+# GC, lazy imports, goroutines).
+SETTLE_S = 2.0
 
 
 @dataclass
@@ -418,7 +423,7 @@ def run_idle(ctx: Context, log: Callable[[str], None]) -> None:
                     keys.remove(key)
                     ctx.error(name, key, f"start #{i + 1}: {exc}")
                     log(f"  idle/{key}: {exc}")
-        time.sleep(2.0)  # let start-up work (GC, lazy imports, goroutines) settle
+        time.sleep(SETTLE_S)
         pids = {key: ctx.shims_of(key) for key in keys}
         _settle_ksm(ctx, name, log, [pid for shim_pids in pids.values() for pid in shim_pids])
         for key, shim_pids in pids.items():
@@ -461,14 +466,30 @@ def run_idle(ctx: Context, log: Callable[[str], None]) -> None:
         ctx.env.remove_containers(started)
 
 
+def _pod_shim(ctx: Context, key: str, pod: str, members: Sequence[str]) -> int | None:
+    """The pid of ``pod``'s shim, None unless exactly one serves it."""
+    owners = pod_owners({pod: members})
+    shims = ctx.env.shims()
+    pids = [s.pid for s in shims if s.runtime == RUNTIMES[key] and s.container_id in owners]
+    return pids[0] if len(pids) == 1 else None
+
+
 def run_pods(ctx: Context, log: Callable[[str], None]) -> None:
     """P pods of C idle containers per runtime, grouped by the CRI sandbox-id
     annotation so each pod gets one shim process: memory per container, and the
-    time to start a pod's containers one after another."""
+    time to start a pod's containers one after another.
+
+    The per-container figure spreads over the pods' containers what the runtime's
+    processes hold in total, the template included; a pod shim's PSS alone moves with
+    how many processes share its pages. So each pod's shim is also read after its
+    first container (once settled) and at the end: its private growth per container
+    that joined it (``private_per_joined_container``)."""
     name = "pods"
     n_pods, size = ctx.cfg.pods, ctx.cfg.pod_size
     keys = list(ctx.cfg.runtimes)
     pods: dict[str, dict[str, list[str]]] = {key: {} for key in keys}
+    # Private KB of a pod's shim serving its first container only: key -> pod -> KB.
+    first_private: dict[str, dict[str, int]] = {key: {} for key in keys}
     started: list[str] = []
     misgrouped: list[str] = []
     try:
@@ -489,12 +510,17 @@ def run_pods(ctx: Context, log: Callable[[str], None]) -> None:
                         pod_ms += ms
                         # The first container spawns the pod's shim; the rest join it.
                         ctx.record(name, "start_first" if i == 0 else "start_joined", key, ms, "ms")
+                        if i == 0 and size > 1:
+                            time.sleep(SETTLE_S)
+                            pid = _pod_shim(ctx, key, pod, members)
+                            if pid is not None:
+                                first_private[key][pod] = read_memory(pid).private_kb
                     ctx.record(name, "pod_start", key, pod_ms, "ms")
                 except Exception as exc:
                     keys.remove(key)
                     ctx.error(name, key, f"pod #{p + 1}: {exc}")
                     log(f"  pods/{key}: {exc}")
-        time.sleep(2.0)  # as idle: let start-up work settle before reading memory
+        time.sleep(SETTLE_S)  # as idle: let start-up work settle before reading memory
         _settle_ksm(ctx, name, log, [s.pid for s in ctx.env.shims()])
         totals = ctx.scenario(name).setdefault("totals", {})
         for key in keys:
@@ -507,6 +533,20 @@ def run_pods(ctx: Context, log: Callable[[str], None]) -> None:
                 ctx.error(name, key, msg)
                 log(f"  pods/{key}: FAILED, {msg}")
                 continue
+            owners = pod_owners(pods[key])
+            for shim in shims:
+                mem = read_memory(shim.pid)
+                ctx.record(name, "pod_shim_private", key, mem.private_kb / 1024, "MB")
+                first = first_private[key].get(owners[shim.container_id])
+                if first is not None:
+                    grown = joined_increment_kb(first, mem.private_kb, size)
+                    ctx.record(name, "private_per_joined_container", key, grown / 1024, "MB")
+            helpers = _total_memory(ctx.helpers_of(key))
+            if helpers.rss_kb:
+                # Paid once per node: its share of the per-container figure shrinks as
+                # pods are added, while the shims' private memory does not.
+                ctx.record(name, "template_private", key, helpers.private_kb / 1024, "MB")
+                ctx.record(name, "template_pss", key, helpers.pss_kb / 1024, "MB")
             containers = n_pods * size
             total = _total_memory([s.pid for s in shims] + ctx.helpers_of(key))
             totals[key] = {

@@ -16,10 +16,12 @@ __all__ = [
     "Summary",
     "format_markdown",
     "format_table",
+    "joined_increment_kb",
     "parse_counts",
     "per_container_mb",
     "percentile",
     "pod_grouping_problems",
+    "pod_owners",
     "ratio",
     "round_order",
     "rows_from_results",
@@ -235,13 +237,27 @@ def per_container_mb(total_kb: float, containers: int) -> float:
     return total_kb / containers / 1024
 
 
+def pod_owners(pods: Mapping[str, Sequence[str]]) -> dict[str, str]:
+    """Shim ``-id`` -> pod: a shim daemon of a pod was started with the id of the pod's
+    first container, or is named for the pod itself when found by its socket."""
+    owner = {cid: pod for pod, cids in pods.items() for cid in cids}
+    owner.update((pod, pod) for pod in pods)
+    return owner
+
+
+def joined_increment_kb(first_kb: int, last_kb: int, size: int) -> float:
+    """What a pod's shim grew by per container that joined it after the first."""
+    if size < 2:
+        raise ValueError("a pod of one container has no joined containers")
+    return (last_kb - first_kb) / (size - 1)
+
+
 def pod_grouping_problems(shim_ids: Sequence[str], pods: Mapping[str, Sequence[str]]) -> list[str]:
     """What is wrong with a pod fleet's shims, given the ``-id`` each shim daemon
     was started with (the pod's first container; or the pod itself, for a shim found
     by its socket, which is named for the pod) and each pod's containers.
     Empty when there is exactly one shim per pod."""
-    owner = {cid: pod for pod, cids in pods.items() for cid in cids}
-    owner.update((pod, pod) for pod in pods)
+    owner = pod_owners(pods)
     problems: list[str] = []
     if len(shim_ids) != len(pods):
         problems.append(f"{len(shim_ids)} shim processes for {len(pods)} pods")

@@ -10,10 +10,12 @@ from bench.stats import (
     Summary,
     format_markdown,
     format_table,
+    joined_increment_kb,
     parse_counts,
     per_container_mb,
     percentile,
     pod_grouping_problems,
+    pod_owners,
     ratio,
     round_order,
     rows_from_results,
@@ -208,3 +210,17 @@ def test_pod_grouping_reports_missing_and_foreign_shims() -> None:
         "pod pod-go-0 has no shim",
         "pod pod-go-3 has no shim",
     ]
+
+
+def test_pod_owners_name_a_pod_by_any_of_its_containers_or_itself() -> None:
+    owners = pod_owners(PODS)
+    assert owners["pod-go-0-c-go-2"] == "pod-go-0"
+    assert owners["pod-go-3"] == "pod-go-3"
+    assert "idle-go-9" not in owners
+
+
+def test_joined_increment_is_per_container_after_the_first() -> None:
+    assert joined_increment_kb(7000, 7300, 4) == 100.0
+    assert joined_increment_kb(7000, 6900, 2) == -100.0  # a shim may also shrink
+    with pytest.raises(ValueError):
+        joined_increment_kb(7000, 7000, 1)
