@@ -7,8 +7,15 @@ mapping, the pages a shim holds privately and splits them into copies of templat
 pages (same address present in the template) and pages the template never had; with
 an object dump of the template it says which Python objects sit on the copied pages.
 
-    python -m bench.cow run [--containers 10] [--idle 10] [--prepare] [--out FILE]
+    python -m bench.cow run [--containers 10] [--pod-size 1] [--idle 10] [--prepare] [--out FILE]
     python -m bench.cow snapshot PID --template TPID [--objects FILE]
+    python -m bench.cow traces FIRST [LAST]
+
+``--pod-size N`` groups the containers in pods of N (the CRI sandbox annotation: one
+shim per pod) and measures each pod's shim after its first container ("started")
+and after its last ("joined"): what the containers that join a shim add.
+``--prepare bench.cow:trace_allocations`` (with ``COW_TRACE_DIR``) has every daemon
+write a tracemalloc snapshot after each Start it serves; ``traces`` compares two.
 
 ``run`` starts a private containerd, an instrumented template in its template dir
 (dumps every object's address before ``gc.freeze()``; ``--prepare MODULE:FUNC``
@@ -28,6 +35,8 @@ from dataclasses import dataclass, field
 TYPE_CHECKING = False  # the template imports this module: keep its top level light
 if TYPE_CHECKING:
     from pathlib import Path
+
+    from protocol.proto.task.v2 import shim_pb2
 
 __all__ = [
     "ObjectRecord",
@@ -792,6 +801,54 @@ def run_template(directory: str, dump: str | None, prepare: str | None) -> int:
     return template.serve(directory, main=cli.main)
 
 
+TRACE_DIR_ENV = "COW_TRACE_DIR"
+
+
+def trace_allocations() -> None:
+    """A ``--prepare`` hook: every daemon forked from here traces its allocations
+    (tracemalloc, from the freeze on) and writes a snapshot to
+    ``$COW_TRACE_DIR/<pid>-<n>.snap`` after the n-th Start it serves."""
+    import gc
+    import tracemalloc
+
+    from shim.task import service
+
+    out = os.environ[TRACE_DIR_ENV]
+    real_start = service.TaskService.start
+    served = [0]
+
+    async def start(
+        self: service.TaskService, req: shim_pb2.StartRequest
+    ) -> shim_pb2.StartResponse:
+        response = await real_start(self, req)
+        served[0] += 1
+        gc.collect()  # what the request left for the collector is not a cost
+        tracemalloc.take_snapshot().dump(os.path.join(out, f"{os.getpid()}-{served[0]}.snap"))
+        return response
+
+    service.TaskService.start = start  # type: ignore[method-assign]
+    tracemalloc.start(12)
+
+
+def format_traces(first: str, last: str | None, top: int) -> str:
+    """What a daemon holds at ``first`` (by line), or what it gained from ``first`` to
+    ``last``; tracemalloc's own allocations left out."""
+    import tracemalloc
+
+    own = [tracemalloc.Filter(False, tracemalloc.__file__)]
+    a = tracemalloc.Snapshot.load(first).filter_traces(own)
+    total_a = sum(t.size for t in a.traces)
+    if last is None:
+        lines = [f"{total_a / 1024:.1f} KB in {len(a.traces)} blocks"]
+        lines += [str(st) for st in a.statistics("lineno")[:top]]
+        return "\n".join(lines)
+    b = tracemalloc.Snapshot.load(last).filter_traces(own)
+    total_b = sum(t.size for t in b.traces)
+    lines = [f"{total_a / 1024:.1f} -> {total_b / 1024:.1f} KB"]
+    lines += [str(st) for st in b.compare_to(a, "lineno")[:top]]
+    return "\n".join(lines)
+
+
 def template_command(
     launcher: str, directory: str, dump: str | None, prepare: str | None
 ) -> list[str]:
@@ -949,6 +1006,7 @@ def measure(
     probes: int,
     log: object = print,
     diff: bool = False,
+    pod_size: int = 1,
 ) -> tuple[list[PhaseResult], list[ObjectRecord], dict[str, int]]:
     import secrets
     import shutil
@@ -959,10 +1017,12 @@ def measure(
 
     from bench.containerd_env import PrivateContainerd
     from bench.procfs import read_memory
-    from bench.scenarios import IDLE_CMD, IMAGE, RUNTIMES
+    from bench.scenarios import IDLE_CMD, IMAGE, RUNTIMES, SANDBOX_ANNOTATION
     from crashtest.images import build_busybox_oci_archive
 
     assert callable(log)
+    if pod_size < 1:
+        raise ValueError("a pod holds at least one container")
     workdir = Path(tempfile.mkdtemp(prefix="pyshim-cow-", dir="/tmp"))
     launcher = pin_sources(source, workdir)
 
@@ -1014,19 +1074,30 @@ def measure(
                 serving.diffs.append(diffs[1])
         phases += [forked, serving]
         after_start = PhaseResult("started", [])
+        joined = PhaseResult("joined", [])
         seen: set[int] = set()
         for i in range(containers):
             cid = f"cow-{i}"
             env.container_ids.add(cid)
             started.append(cid)
+            extra: list[str] = []
+            if pod_size > 1:
+                pod = f"cow-pod-{i // pod_size}"
+                env.container_ids.add(pod)  # its shim's socket is named for the pod
+                extra = ["--annotation", f"{SANDBOX_ANNOTATION}={pod}"]
+            first = i % pod_size == 0
             # The spare serving this run was forked when the last hand-over ended,
             # and the template has idled in poll(2) since.
-            baseline = template_baseline(template_pid) if diff else None
+            baseline = template_baseline(template_pid) if diff and first else None
             env.ctr("run", "-d", "--runtime", RUNTIMES["py"], "--fifo-dir", str(env.fifo_dir),
-                    IMAGE, cid, *IDLE_CMD)  # fmt: skip
+                    *extra, IMAGE, cid, *IDLE_CMD)  # fmt: skip
             pids = [s.pid for s in env.shims() if s.pid not in seen]
-            if len(pids) != 1:
-                raise RuntimeError(f"expected one new shim, found {pids}")
+            if len(pids) != (1 if first else 0):
+                raise RuntimeError(f"container {i + 1}: unexpected new shims {pids}")
+            if not first:
+                if i % pod_size == pod_size - 1:
+                    joined.snapshots.append(snapshot(max(seen), template_pid))
+                continue
             seen.add(pids[0])
             snap = snapshot(pids[0], template_pid)
             after_start.snapshots.append(snap)
@@ -1036,6 +1107,8 @@ def measure(
         if env.template_pids():
             raise RuntimeError("`start` spawned its own template: the code keys differ")
         phases.append(after_start)
+        if joined.snapshots:
+            phases.append(joined)
         time.sleep(idle)
         phases.append(PhaseResult("idle", [snapshot(pid, template_pid) for pid in sorted(seen)]))
         objects = parse_object_dump(dump.read_text().splitlines())
@@ -1168,6 +1241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser("run", help="private containerd + instrumented template, all phases")
     run.add_argument("--containers", type=int, default=10)
+    run.add_argument("--pod-size", type=int, default=1, help="containers per shim (CRI pods)")
     run.add_argument("--idle", type=float, default=10.0)
     run.add_argument("--probes", type=int, default=3)
     run.add_argument(
@@ -1185,7 +1259,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     snap.add_argument(
         "--diff", action="store_true", help="changed words (no fork-time copy: sides unknown)"
     )
+    traces = sub.add_parser("traces", help="compare two trace_allocations snapshots")
+    traces.add_argument("first")
+    traces.add_argument("last", nargs="?")
+    traces.add_argument("--top", type=int, default=25)
     args = parser.parse_args(argv)
+    if args.cmd == "traces":
+        print(format_traces(args.first, args.last, args.top))
+        return 0
     if os.geteuid() != 0:
         print("needs root: page frame numbers in pagemap are hidden otherwise", file=sys.stderr)
         return 2
@@ -1205,13 +1286,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     phases, objects, extra = measure(
         Path(args.src), args.containers, args.idle, args.prepare, args.probes,
-        lambda m: print(m, file=sys.stderr, flush=True), args.diff,
+        lambda m: print(m, file=sys.stderr, flush=True), args.diff, args.pod_size,
     )  # fmt: skip
     print(f"template: {extra}")
     print(format_report(phases, objects, args.top))
     if args.out:
         body = {
             "prepare": args.prepare,
+            "pod_size": args.pod_size,
             **extra,
             "phases": [phase_summary(p) for p in phases],
             "by_type": attribution_table(objects, phases[-1].snapshots, "type", args.top),

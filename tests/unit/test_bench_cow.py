@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import struct
+import tracemalloc
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +26,7 @@ from bench.cow import (
     classify_pages,
     decode_pagemap,
     field_of,
+    format_traces,
     page_writes,
     parse_nm,
     parse_object_dump,
@@ -226,3 +230,27 @@ def test_tally_writes_splits_each_page_among_its_writers() -> None:
     assert groups["side"]["template wrote after the fork"].kb == PAGE / 1024
     assert groups["side"]["written and restored (no word differs)"].kb == 3 * PAGE / 1024
     assert groups["field"]["ob_refcnt"].words == 2
+
+
+def _grow(held: list[bytes]) -> None:
+    held.extend(bytes(1000) + bytes([i % 256]) for i in range(100))
+
+
+def test_format_traces_says_which_line_a_daemon_grew_by(tmp_path: Path) -> None:
+    held: list[bytes] = []
+    tracemalloc.start(4)
+    try:
+        tracemalloc.take_snapshot().dump(str(tmp_path / "1.snap"))
+        _grow(held)
+        tracemalloc.take_snapshot().dump(str(tmp_path / "2.snap"))
+    finally:
+        tracemalloc.stop()
+    grown = format_traces(str(tmp_path / "1.snap"), str(tmp_path / "2.snap"), 3)
+    first, top = grown.splitlines()[:2]
+    before, after = (float(kb) for kb in first.removesuffix(" KB").split(" -> "))
+    assert after - before > 90  # 100 KB held, less what the first snapshot held
+    assert "test_bench_cow.py" in top
+    gained = re.search(r"size=[\d.]+ KiB \(\+([\d.]+) KiB\)", top)
+    assert gained is not None and float(gained.group(1)) > 90
+    alone = format_traces(str(tmp_path / "2.snap"), None, 3)
+    assert "test_bench_cow.py" in alone.splitlines()[1]
