@@ -34,12 +34,16 @@ class MemoryUsage:
     rss_kb: int
     pss_kb: int
     private_kb: int
+    # The PSS of file pages (executables, libraries): shared with every process that
+    # maps the same files, shim or not. 0 where the kernel does not say (before 5.9).
+    pss_file_kb: int = 0
 
     def __add__(self, other: MemoryUsage) -> MemoryUsage:
         return MemoryUsage(
             self.rss_kb + other.rss_kb,
             self.pss_kb + other.pss_kb,
             self.private_kb + other.private_kb,
+            self.pss_file_kb + other.pss_file_kb,
         )
 
 
@@ -58,6 +62,7 @@ def parse_smaps_rollup(text: str) -> MemoryUsage:
         rss_kb=fields["Rss"],
         pss_kb=fields["Pss"],
         private_kb=fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0),
+        pss_file_kb=fields.get("Pss_File", 0),
     )
 
 

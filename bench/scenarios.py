@@ -555,6 +555,7 @@ def run_pods(ctx: Context, log: Callable[[str], None]) -> None:
                 "rss_kb": total.rss_kb,
                 "pss_kb": total.pss_kb,
                 "private_kb": total.private_kb,
+                "pss_file_kb": total.pss_file_kb,
             }
             for metric, kb in (
                 ("rss_per_container", total.rss_kb),

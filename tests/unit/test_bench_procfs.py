@@ -40,13 +40,20 @@ def test_parse_smaps_rollup() -> None:
     assert parse_smaps_rollup(SMAPS_ROLLUP) == MemoryUsage(rss_kb=1756, pss_kb=354, private_kb=164)
 
 
+def test_parse_smaps_rollup_splits_file_pss_where_the_kernel_does() -> None:
+    text = SMAPS_ROLLUP.replace(
+        "Pss_Dirty:", "Pss_Anon:            116 kB\nPss_File:             238 kB\nPss_Dirty:"
+    )
+    assert parse_smaps_rollup(text) == MemoryUsage(1756, 354, 164, pss_file_kb=238)
+
+
 def test_parse_smaps_rollup_rejects_other_text() -> None:
     with pytest.raises(ValueError):
         parse_smaps_rollup("Name:\tbash\n")
 
 
 def test_memory_usage_adds() -> None:
-    assert MemoryUsage(1, 2, 3) + MemoryUsage(10, 20, 30) == MemoryUsage(11, 22, 33)
+    assert MemoryUsage(1, 2, 3, 4) + MemoryUsage(10, 20, 30, 40) == MemoryUsage(11, 22, 33, 44)
 
 
 def test_parse_ctxt_switches() -> None:
