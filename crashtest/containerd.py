@@ -273,6 +273,8 @@ class Containerd:
 
     # Seconds between readiness checks (_ready) while containerd starts.
     ready_poll_interval = 0.05
+    # How long it may take to serve (a qemu TCG guest on a busy host needs longer).
+    start_timeout = START_TIMEOUT
 
     def __init__(
         self,
@@ -378,7 +380,7 @@ class Containerd:
 
     def _wait_ready(self) -> None:
         assert self.proc is not None
-        deadline = time.monotonic() + START_TIMEOUT
+        deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise ContainerdError(
@@ -387,7 +389,9 @@ class Containerd:
             if self._ready():
                 return
             time.sleep(self.ready_poll_interval)
-        raise ContainerdError(f"containerd not ready after {START_TIMEOUT}s\n{self.log_tail()}")
+        raise ContainerdError(
+            f"containerd not ready after {self.start_timeout}s\n{self.log_tail()}"
+        )
 
     def _stop(self, sig: int) -> None:
         if self.proc is None:
