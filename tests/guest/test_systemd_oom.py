@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.guest.test_cgroup_v2 import driver_flags
-from tests.integration.test_stats_oom import GO_SHIM, PYSHIM, Events, wait_until
+from tests.integration.test_stats_oom import GO_SHIM, PYSHIM, Events
 from tests.support.containerd import Containerd
 
 pytestmark = pytest.mark.integration
@@ -48,7 +48,20 @@ def test_init_oom_in_a_systemd_scope_is_reported(
             assert res.returncode == 137, (cid, res.returncode, res.stderr)
             cids[runtime].append(cid)
     everyone = cids[PYSHIM] + cids[GO_SHIM]
-    wait_until("every exit", lambda: all("/tasks/exit" in events.topics(c) for c in everyone))
+
+    def exited(cid: str) -> bool:
+        return "/tasks/exit" in events.topics(cid)
+
+    # Every pyshim exit must be published. The Go shim's are the reference's, not under
+    # test: one that never shows is printed and its container left out of the figures.
+    deadline = time.monotonic() + 20
+    while not all(exited(c) for c in everyone) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    missing = {c: events.topics(c) for c in everyone if not exited(c)}
+    assert not [c for c in missing if c in cids[PYSHIM]], f"no /tasks/exit from pyshim: {missing}"
+    if missing:
+        print(f"\nthe Go shim published no /tasks/exit for: {missing}")
+        cids[GO_SHIM] = [c for c in cids[GO_SHIM] if c not in missing]
 
     def reported() -> dict[str, int]:
         return {rt: sum("/tasks/oom" in events.topics(c) for c in cs) for rt, cs in cids.items()}
@@ -57,7 +70,7 @@ def test_init_oom_in_a_systemd_scope_is_reported(
     deadline = time.monotonic() + 5
     while sum(reported().values()) < len(everyone) and time.monotonic() < deadline:
         time.sleep(0.1)
-    figures = {rt: f"{n}/{ROUNDS}" for rt, n in reported().items()}
+    figures = {rt: f"{n}/{len(cids[rt])}" for rt, n in reported().items()}
     print(f"\ninit OOM in a systemd scope, /tasks/oom published: {figures}")
     for cid in cids[PYSHIM]:
         topics = events.topics(cid)
