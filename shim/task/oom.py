@@ -3,7 +3,8 @@
 cgroup v1: an eventfd registered on ``memory.oom_control`` through
 ``cgroup.event_control``; the kernel also signals it when the cgroup is removed, which
 is how a watch ends. cgroup v2: inotify on ``memory.events``; an OOM is an increase of
-its ``oom_kill`` counter. Nothing here polls (io.md §6).
+its ``oom_kill`` counter. Nothing here polls (io.md §6): the one timer is a short burst
+of reads that an OOM the kernel signalled starts (RECHECK_DELAYS).
 """
 
 from __future__ import annotations
@@ -18,21 +19,36 @@ from shim.sys.inotify import IN_IGNORED, IN_MODIFY, Inotify
 from shim.task.process import EventSink
 from shim.task.stats import Cgroup
 
-__all__ = ["OomWatcher", "read_oom_kills"]
+__all__ = ["RECHECK_DELAYS", "OomWatcher", "read_memory_events"]
 
 log = logging.getLogger(__name__)
 
 
-def read_oom_kills(memory_events: str) -> int | None:
+# After memory.events' ``max`` or ``oom`` counter rose without its ``oom_kill`` (the
+# cgroup hit its limit; the OOM killer may be choosing a victim), the file is read again
+# after each of these delays (~0.25 s in all) until the kill is counted or the file is
+# gone. The kill's own notification is not enough under runc's systemd driver: the
+# kernel notifies a cgroup file at most once per 10 ms, and the victim's exit empties the
+# container's scope, which systemd removes, memory.events with it, within that time
+# (Debian sid guest, 12 rounds: the notified reads saw ``max`` only, or nothing, then the
+# file was gone 1-40 ms later; 3 of 12 kills were read). A container held at its limit
+# raises ``max`` up to every 10 ms: a burst then runs on without restarting, ~30 reads
+# a second beside the notified ones; only an ``oom`` rise restarts it.
+RECHECK_DELAYS = (0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128)
+
+
+def read_memory_events(memory_events: str) -> tuple[int, int, int] | None:
+    """memory.events' (max, oom, oom_kill) counters; None when it cannot be read (gone)."""
+    counts = {"max": 0, "oom": 0, "oom_kill": 0}
     try:
         with open(memory_events) as f:
             for line in f:
                 key, _, value = line.partition(" ")
-                if key == "oom_kill":
-                    return int(value)
+                if key in counts:
+                    counts[key] = int(value)
     except (OSError, ValueError):
         return None
-    return 0
+    return counts["max"], counts["oom"], counts["oom_kill"]
 
 
 @dataclass
@@ -45,7 +61,9 @@ class _V1Watch:
 class _V2Watch:
     wd: int
     events_path: str
-    oom_kills: int
+    counts: tuple[int, int, int]  # (max, oom, oom_kill) as last read
+    recheck: asyncio.TimerHandle | None = None
+    rechecks: int = 0  # of RECHECK_DELAYS used by the burst under way; 0: none is
 
 
 class OomWatcher:
@@ -96,7 +114,8 @@ class OomWatcher:
             self._inotify = Inotify()
             self._loop.add_reader(self._inotify.fd, self._on_inotify)
         wd = self._inotify.add_watch(events_path, IN_MODIFY)
-        self._v2[container_id] = _V2Watch(wd, events_path, read_oom_kills(events_path) or 0)
+        counts = read_memory_events(events_path) or (0, 0, 0)
+        self._v2[container_id] = _V2Watch(wd, events_path, counts)
 
     def flush(self, container_id: str) -> None:
         """Deliver a notification already signalled but not yet read.
@@ -115,8 +134,10 @@ class OomWatcher:
             self._loop.remove_reader(v1.eventfd)
             os.close(v1.eventfd)
         v2 = self._v2.pop(container_id, None)
-        if v2 is not None and self._inotify is not None:
-            self._inotify.rm_watch(v2.wd)
+        if v2 is not None:
+            _stop_recheck(v2)
+            if self._inotify is not None:
+                self._inotify.rm_watch(v2.wd)
 
     def close(self) -> None:
         for container_id in list(self._v1) + list(self._v2):
@@ -153,13 +174,51 @@ class OomWatcher:
                 continue
             if mask & IN_IGNORED:
                 # The file (with its cgroup) is gone; the kernel dropped the watch.
-                self._v2.pop(container_id, None)
+                gone = self._v2.pop(container_id, None)
+                if gone is not None:
+                    _stop_recheck(gone)
             else:
                 self._check_v2(container_id)
 
     def _check_v2(self, container_id: str) -> None:
-        watch = self._v2[container_id]
-        kills = read_oom_kills(watch.events_path)
-        if kills is not None and kills > watch.oom_kills:
-            watch.oom_kills = kills
+        watch = self._v2.get(container_id)
+        if watch is None:
+            return
+        counts = read_memory_events(watch.events_path)
+        if counts is None:
+            return
+        (hits, ooms, kills), (old_hits, old_ooms, old_kills) = counts, watch.counts
+        watch.counts = counts
+        if kills > old_kills:
+            _stop_recheck(watch)
             self._publish(container_id)
+        elif ooms > old_ooms:
+            _stop_recheck(watch)
+            self._arm_recheck(container_id, watch)
+        elif hits > old_hits and not watch.rechecks:
+            self._arm_recheck(container_id, watch)
+
+    def _arm_recheck(self, container_id: str, watch: _V2Watch) -> None:
+        if watch.rechecks < len(RECHECK_DELAYS):
+            delay = RECHECK_DELAYS[watch.rechecks]
+            watch.rechecks += 1
+            watch.recheck = self._loop.call_later(delay, self._recheck, container_id)
+        else:
+            watch.rechecks = 0  # the burst is over
+
+    def _recheck(self, container_id: str) -> None:
+        watch = self._v2.get(container_id)
+        if watch is None:
+            return
+        watch.recheck = None
+        self._check_v2(container_id)
+        # Neither a kill (published: the burst ends) nor a new OOM (a new burst): go on.
+        if watch.recheck is None and watch.rechecks and self._v2.get(container_id) is watch:
+            self._arm_recheck(container_id, watch)
+
+
+def _stop_recheck(watch: _V2Watch) -> None:
+    if watch.recheck is not None:
+        watch.recheck.cancel()
+        watch.recheck = None
+    watch.rechecks = 0

@@ -3,10 +3,12 @@
 With runc's systemd driver the container is a transient scope, which systemd stops and
 removes as soon as its last process is gone, so the scope's memory.events can vanish
 before a shim reads the kill in it. Both shims run the same rounds here, interleaved,
-and the figures are printed (`-s`): pyshim watches memory.events from Create and reads
-it once more the moment the init is reaped, yet systemd may remove the scope first, so
-neither shim reports every such kill (README, Known limits). What pyshim must hold: an
-OOM it reports comes before the exit it caused (CRI's OOMKilled reason depends on it).
+and the figures are printed (`-s`): pyshim watches memory.events from Create, rereads it
+in a short burst once its `max` or `oom` counter rises (the kernel notifies it at most
+every 10 ms) and once more the moment the init is reaped, yet systemd may remove the
+scope first, so neither shim reports every such kill (README, Known limits). What
+pyshim must hold: an OOM it reports comes before the exit it caused (CRI's OOMKilled
+reason depends on it), and every exit it has is published.
 VM tier only.
 """
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import mmap
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -282,6 +284,119 @@ async def test_v2_flush_sees_a_pending_kill_before_the_loop_does(tmp_path: Path)
         await asyncio.sleep(0.1)
         # The inotify event that follows is not a second OOM.
         assert len(sink.published) == 1
+    finally:
+        watcher.close()
+
+
+def _write_unnotified(path: Path, text: str) -> None:
+    """Change the file in place without an inotify event (writes through a mapping
+    raise none): a kill the kernel counted but never notified before the file went."""
+    data = text.encode()
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), len(data)) as m:
+        assert len(m) == len(data)
+        m[:] = data
+
+
+async def test_v2_a_kill_counted_after_the_oom_is_read_without_its_notification(
+    tmp_path: Path,
+) -> None:
+    from shim.task.oom import OomWatcher
+
+    events_file = tmp_path / "memory.events"
+    events_file.write_text("max 0\noom 0\noom_kill 0\n")
+    sink = Events()
+    watcher = OomWatcher(sink)
+    try:
+        watcher.watch("c1", Cgroup(unified=True, dirs={"": str(tmp_path)}))
+        # The OOM killer was invoked (notified); its kill comes a little later, unnotified.
+        events_file.write_text("max 1\noom 1\noom_kill 0\n")
+        await asyncio.sleep(0.02)
+        assert sink.published == []
+        _write_unnotified(events_file, "max 1\noom 1\noom_kill 1\n")
+        await asyncio.wait_for(sink.changed.wait(), 5)
+        assert sink.published == [("/tasks/oom", events_pb2.TaskOOM(container_id="c1"))]
+        await asyncio.sleep(0.3)
+        assert len(sink.published) == 1
+    finally:
+        watcher.close()
+
+
+def _count_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    from shim.task import oom
+
+    reads: list[str] = []
+    real = oom.read_memory_events
+
+    def counting(path: str) -> tuple[int, int, int] | None:
+        reads.append(path)
+        return real(path)
+
+    monkeypatch.setattr(oom, "read_memory_events", counting)
+    return reads
+
+
+async def _until(what: str, check: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.001)
+
+
+async def test_v2_rereads_after_an_oom_are_bounded_and_end_with_the_watch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shim.task import oom
+
+    reads = _count_reads(monkeypatch)
+    events_file = tmp_path / "memory.events"
+    events_file.write_text("oom 0\noom_kill 0\n")
+    sink = Events()
+    watcher = oom.OomWatcher(sink)
+    try:
+        watcher.watch("c1", Cgroup(unified=True, dirs={"": str(tmp_path)}))
+        # An OOM without a kill (no victim left to choose): one burst of rereads, then
+        # nothing, however long the shim stays idle.
+        events_file.write_text("oom 1\noom_kill 0\n")
+        burst = 2 + len(oom.RECHECK_DELAYS)  # the watch's read, the notified one, the burst
+        await _until("the burst", lambda: len(reads) >= burst)
+        await asyncio.sleep(0.3)
+        assert len(reads) == burst
+        assert sink.published == []
+        # A second OOM starts a new burst, which the end of the watch stops.
+        events_file.write_text("oom 2\noom_kill 0\n")
+        await _until("a second burst", lambda: len(reads) >= burst + 2)
+        watcher.unwatch("c1")
+        stopped = len(reads)
+        await asyncio.sleep(0.3)
+        assert len(reads) == stopped < 2 * burst - 1
+    finally:
+        watcher.close()
+
+
+async def test_v2_a_cgroup_held_at_its_limit_does_not_restart_the_burst(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shim.task import oom
+
+    reads = _count_reads(monkeypatch)
+    # The burst's last reread comes late, so the second limit hit falls inside it.
+    monkeypatch.setattr(oom, "RECHECK_DELAYS", (0.001, 0.002, 1.0))
+    events_file = tmp_path / "memory.events"
+    events_file.write_text("max 0\noom 0\noom_kill 0\n")
+    sink = Events()
+    watcher = oom.OomWatcher(sink)
+    try:
+        watcher.watch("c1", Cgroup(unified=True, dirs={"": str(tmp_path)}))
+        events_file.write_text("max 1\noom 0\noom_kill 0\n")
+        await _until("two rereads", lambda: len(reads) >= 4)  # watch, notified, 2 rereads
+        events_file.write_text("max 2\noom 0\noom_kill 0\n")
+        await _until("the notified read", lambda: len(reads) >= 5)
+        await asyncio.sleep(0.2)
+        assert len(reads) == 5  # no new burst: its 1 and 2 ms rereads would show here
+        await _until("the burst's last reread", lambda: len(reads) >= 6)
+        await asyncio.sleep(0.3)
+        assert len(reads) == 6
+        assert sink.published == []
     finally:
         watcher.close()
 
