@@ -31,9 +31,9 @@ log = logging.getLogger(__name__)
 # kernel notifies a cgroup file at most once per 10 ms, and the victim's exit empties the
 # container's scope, which systemd removes, memory.events with it, within that time
 # (Debian sid guest, 12 rounds: the notified reads saw ``max`` only, or nothing, then the
-# file was gone 1-40 ms later; 3 of 12 kills were read). A container held at its limit
-# raises ``max`` up to every 10 ms: a burst then runs on without restarting, ~30 reads
-# a second beside the notified ones; only an ``oom`` rise restarts it.
+# file was gone 1-40 ms later; 1 kill of 12 was read, 7 with the burst). A container held
+# at its limit raises ``max`` up to every 10 ms: a burst then runs on without restarting,
+# ~30 reads a second beside the notified ones; only an ``oom`` rise restarts it.
 RECHECK_DELAYS = (0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128)
 
 
