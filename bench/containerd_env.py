@@ -17,17 +17,36 @@ from pathlib import Path
 from typing import Any
 
 from bench.procfs import find_shims
+from shim.boot.launcher import is_launcher
 from shim.boot.start import socket_address
 from tests.support.containerd import Containerd, ContainerdError, socket_accepts
 from tests.support.containerd2 import DEBIAN, Host
 
-__all__ = ["CtrError", "Event", "EventWatcher", "PrivateContainerd"]
+__all__ = ["CtrError", "Event", "EventWatcher", "PrivateContainerd", "launcher_problem"]
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 class CtrError(ContainerdError):
     pass
+
+
+def launcher_problem(bin_dir: Path, *names: str) -> str | None:
+    """Why the programs ``names`` in ``bin_dir`` would not be measured as installed.
+
+    scripts/install.sh writes the launcher (shim.boot.launcher: -IS, no site, no
+    editable finder) over pip's console-script wrapper; a later `pip install -e .` puts
+    the wrapper back, and every shim start then pays ~50 ms more (a quiet-machine `ctr
+    run --rm` 1.33x the Go shim's instead of 1.02x): a bench run on it measures pip."""
+    wrappers = [n for n in names if not is_launcher(str(bin_dir / n))]
+    if not wrappers:
+        return None
+    return (
+        f"{', '.join(wrappers)} in {bin_dir}: not pyshim's launcher (pip's console-script "
+        "wrapper, put back by a `pip install` after scripts/install.sh?); the bench would "
+        "measure pip's start. Rewrite it as scripts/install.sh does (its shim.boot.launcher "
+        "lines)."
+    )
 
 
 class PrivateContainerd(Containerd):

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.containerd_env import launcher_problem
 from bench.stats import MetricRow, format_markdown, format_table, round_order, summarize
 from crashtest.images import build_busybox_oci_archive
 from protocol.proto.cri.runtime.v1 import api_pb2 as cri
@@ -134,6 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("needs root (containerd, CNI, cgroups)", file=sys.stderr)
+        return 2
+    if problem := launcher_problem(Path(sys.executable).parent, "containerd-shim-pyshim-v1"):
+        print(problem, file=sys.stderr)
         return 2
     result = run(opts.rounds, opts.warmup)
     Path(opts.out).parent.mkdir(parents=True, exist_ok=True)

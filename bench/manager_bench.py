@@ -46,7 +46,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.containerd_env import PrivateContainerd
+from bench.containerd_env import PrivateContainerd, launcher_problem
 from crashtest.images import build_busybox_oci_archive
 from tests.support.manager import Manager, free_subnet
 
@@ -215,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         help="comma list of variants left out, by the start of their names (e.g. CNI,one)",
     )
     args = p.parse_args(argv)
+    if problem := launcher_problem(BIN, "containerd-shim-pyshim-v1", "pyshim"):
+        print(problem, file=sys.stderr)
+        return 2
     os.environ["PATH"] = f"{BIN}:{os.environ['PATH']}"
     root = Path(tempfile.mkdtemp(prefix="psmb-", dir="/tmp"))
     ctr_bridge = f"psmc{secrets.token_hex(4)}"

@@ -24,7 +24,7 @@ from types import FrameType
 from typing import Any
 
 from bench import ksm
-from bench.containerd_env import REPO, EventWatcher, PrivateContainerd
+from bench.containerd_env import REPO, EventWatcher, PrivateContainerd, launcher_problem
 from bench.scenarios import (
     FLEET_SCENARIOS,
     LATENCY_SCENARIOS,
@@ -196,6 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         _log("bench needs root (containerd, runc, mounts)")
         return 2
+    if "py" in args.runtimes.split(",") and (
+        problem := launcher_problem(Path(sys.executable).parent, "containerd-shim-pyshim-v1")
+    ):
+        _log(problem)
+        return 2
     signal.signal(signal.SIGTERM, _raise_interrupt)
     cfg = BenchConfig(
         rounds=args.rounds,
@@ -296,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             from bench.plot import plot_results
         except ImportError as exc:  # matplotlib is the optional `bench` extra
-            _log(f"no plot ({exc}); pip install -e '.[bench]'")
+            _log(f"no plot ({exc}); scripts/install.sh installs the bench extra")
         else:
             plot_results(report, plot_path)
             _log(f"plot: {plot_path}")

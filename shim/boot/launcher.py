@@ -76,6 +76,17 @@ def render(
     return ENTRY_TEMPLATE.format(python=python, paths=paths, module=module, func=func)
 
 
+def is_launcher(path: str) -> bool:
+    """Whether ``path`` is a launcher this module wrote, not pip's console-script
+    wrapper (which a later `pip install` of the project puts back in its place)."""
+    try:
+        with open(path) as f:
+            head = f.read(256)
+    except (OSError, UnicodeDecodeError):
+        return False
+    return head.startswith("#!") and "\n# Written by `python -m shim.boot.launcher" in head
+
+
 def install(path: str, text: str) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:

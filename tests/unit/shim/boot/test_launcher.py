@@ -34,3 +34,21 @@ def test_entry_launcher_runs_a_console_script_without_site(tmp_path: Path) -> No
     launcher.install(str(binary), probe)
     assert subprocess.run([binary], capture_output=True, text=True).stdout == "False\n"
     assert launcher.main(["--entry", "manager.cli", str(binary)]) == 2
+
+
+def test_is_launcher_tells_the_launcher_from_pips_wrapper(tmp_path: Path) -> None:
+    shim, cli = tmp_path / "containerd-shim-pyshim-v1", tmp_path / "pyshim"
+    launcher.install(str(shim), launcher.render())
+    launcher.install(str(cli), launcher.render(entry="manager.cli:main"))
+    assert launcher.is_launcher(str(shim)) and launcher.is_launcher(str(cli))
+    # What pip writes for a console script (and puts back on every `pip install`).
+    pip = tmp_path / "pip-wrapper"
+    pip.write_text(
+        "#!/venv/bin/python3\nimport sys\nfrom shim.boot.cli import main\n"
+        "if __name__ == '__main__':\n    sys.exit(main())\n"
+    )
+    assert not launcher.is_launcher(str(pip))
+    assert not launcher.is_launcher(str(tmp_path / "missing"))
+    binary = tmp_path / "binary"
+    binary.write_bytes(b"\x7fELF\x02\x01\x01\xff\xfe" + bytes(300))
+    assert not launcher.is_launcher(str(binary))
