@@ -3,8 +3,9 @@
 containerd runs the binary twice per container (`start`, `delete`), plus once more
 for every daemon that is not forked from the template. pip's wrapper starts a full
 interpreter: `site`, every `.pth` file, and for an editable install the finder
-(~16 ms of importlib machinery). The launcher runs the same `shim.boot.cli:main` (after
-shim.boot.quickstart's hand-over of `start` to the template) with `-I -S` (no site, no
+(~16 ms of importlib machinery) before its entry point (`shim.boot.quickstart:console`:
+the hand-over of `start` to the template, then `shim.boot.cli`). The launcher runs the
+same two steps with `-I -S` (no site, no
 environment variables, no user or script directory on sys.path) and the few
 directories it needs written in, as they are at install time.
 

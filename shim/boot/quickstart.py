@@ -216,3 +216,14 @@ def run() -> None:
         code = handoff([a.encode(errors="surrogateescape") for a in argv], directory, key)
         if code is not None:
             posix._exit(code)
+
+
+def console() -> None:
+    """The binary as pip's console-script wrapper runs it (an install without
+    scripts/install.sh's launcher): the launcher's two steps, `start` handed to the
+    template first. pip's wrapper still imports site first (~20 ms); the launcher
+    does not."""
+    run()
+    from shim.boot.cli import run as cli_run
+
+    cli_run()
