@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import mmap
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from google.protobuf.message import Message
@@ -23,6 +25,9 @@ from shim.task.stats import (
     parse_mountinfo,
     resolve_cgroup,
 )
+
+if TYPE_CHECKING:
+    from shim.task.oom import OomWatcher
 
 HYBRID_MOUNTINFO = """\
 25 30 0:23 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:9 - tmpfs tmpfs ro,mode=755
@@ -244,15 +249,29 @@ class Events:
         self.changed.set()
 
 
-async def test_v2_oom_watch_publishes_on_oom_kill_increase(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def _watching(tmp_path: Path, events: str) -> Iterator[tuple[Path, Events, OomWatcher]]:
+    """An OomWatcher on a memory.events file under ``tmp_path`` that holds ``events``,
+    watching it for "c1"; closed on the way out."""
     from shim.task.oom import OomWatcher
 
     events_file = tmp_path / "memory.events"
-    events_file.write_text("low 0\nhigh 0\nmax 0\noom 0\noom_kill 1\n")
+    events_file.write_text(events)
     sink = Events()
     watcher = OomWatcher(sink)
     try:
         watcher.watch("c1", Cgroup(unified=True, dirs={"": str(tmp_path)}))
+        yield events_file, sink, watcher
+    finally:
+        watcher.close()
+
+
+async def test_v2_oom_watch_publishes_on_oom_kill_increase(tmp_path: Path) -> None:
+    with _watching(tmp_path, "low 0\nhigh 0\nmax 0\noom 0\noom_kill 1\n") as (
+        events_file,
+        sink,
+        watcher,
+    ):
         # A change that is not an OOM kill publishes nothing.
         events_file.write_text("low 0\nhigh 3\nmax 0\noom 0\noom_kill 1\n")
         await asyncio.sleep(0.1)
@@ -265,27 +284,16 @@ async def test_v2_oom_watch_publishes_on_oom_kill_increase(tmp_path: Path) -> No
         events_file.write_text("low 0\nhigh 3\nmax 1\noom 2\noom_kill 3\n")
         await asyncio.sleep(0.1)
         assert len(sink.published) == 1
-    finally:
-        watcher.close()
 
 
 async def test_v2_flush_sees_a_pending_kill_before_the_loop_does(tmp_path: Path) -> None:
-    from shim.task.oom import OomWatcher
-
-    events_file = tmp_path / "memory.events"
-    events_file.write_text("oom_kill 0\n")
-    sink = Events()
-    watcher = OomWatcher(sink)
-    try:
-        watcher.watch("c1", Cgroup(unified=True, dirs={"": str(tmp_path)}))
+    with _watching(tmp_path, "oom_kill 0\n") as (events_file, sink, watcher):
         events_file.write_text("oom_kill 1\n")
         watcher.flush("c1")
         assert [t for t, _ in sink.published] == ["/tasks/oom"]
         await asyncio.sleep(0.1)
         # The inotify event that follows is not a second OOM.
         assert len(sink.published) == 1
-    finally:
-        watcher.close()
 
 
 def _write_unnotified(path: Path, text: str) -> None:
@@ -300,14 +308,7 @@ def _write_unnotified(path: Path, text: str) -> None:
 async def test_v2_a_kill_counted_after_the_oom_is_read_without_its_notification(
     tmp_path: Path,
 ) -> None:
-    from shim.task.oom import OomWatcher
-
-    events_file = tmp_path / "memory.events"
-    events_file.write_text("max 0\noom 0\noom_kill 0\n")
-    sink = Events()
-    watcher = OomWatcher(sink)
-    try:
-        watcher.watch("c1", Cgroup(unified=True, dirs={"": str(tmp_path)}))
+    with _watching(tmp_path, "max 0\noom 0\noom_kill 0\n") as (events_file, sink, _):
         # The OOM killer was invoked (notified); its kill comes a little later, unnotified.
         events_file.write_text("max 1\noom 1\noom_kill 0\n")
         await asyncio.sleep(0.02)
@@ -317,8 +318,6 @@ async def test_v2_a_kill_counted_after_the_oom_is_read_without_its_notification(
         assert sink.published == [("/tasks/oom", events_pb2.TaskOOM(container_id="c1"))]
         await asyncio.sleep(0.3)
         assert len(sink.published) == 1
-    finally:
-        watcher.close()
 
 
 def _count_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -348,12 +347,7 @@ async def test_v2_rereads_after_an_oom_are_bounded_and_end_with_the_watch(
     from shim.task import oom
 
     reads = _count_reads(monkeypatch)
-    events_file = tmp_path / "memory.events"
-    events_file.write_text("oom 0\noom_kill 0\n")
-    sink = Events()
-    watcher = oom.OomWatcher(sink)
-    try:
-        watcher.watch("c1", Cgroup(unified=True, dirs={"": str(tmp_path)}))
+    with _watching(tmp_path, "oom 0\noom_kill 0\n") as (events_file, sink, watcher):
         # An OOM without a kill (no victim left to choose): one burst of rereads, then
         # nothing, however long the shim stays idle.
         events_file.write_text("oom 1\noom_kill 0\n")
@@ -369,8 +363,6 @@ async def test_v2_rereads_after_an_oom_are_bounded_and_end_with_the_watch(
         stopped = len(reads)
         await asyncio.sleep(0.3)
         assert len(reads) == stopped < 2 * burst - 1
-    finally:
-        watcher.close()
 
 
 async def test_v2_a_cgroup_held_at_its_limit_does_not_restart_the_burst(
@@ -381,12 +373,7 @@ async def test_v2_a_cgroup_held_at_its_limit_does_not_restart_the_burst(
     reads = _count_reads(monkeypatch)
     # The burst's last reread comes late, so the second limit hit falls inside it.
     monkeypatch.setattr(oom, "RECHECK_DELAYS", (0.001, 0.002, 1.0))
-    events_file = tmp_path / "memory.events"
-    events_file.write_text("max 0\noom 0\noom_kill 0\n")
-    sink = Events()
-    watcher = oom.OomWatcher(sink)
-    try:
-        watcher.watch("c1", Cgroup(unified=True, dirs={"": str(tmp_path)}))
+    with _watching(tmp_path, "max 0\noom 0\noom_kill 0\n") as (events_file, sink, _):
         events_file.write_text("max 1\noom 0\noom_kill 0\n")
         await _until("two rereads", lambda: len(reads) >= 4)  # watch, notified, 2 rereads
         events_file.write_text("max 2\noom 0\noom_kill 0\n")
@@ -397,8 +384,6 @@ async def test_v2_a_cgroup_held_at_its_limit_does_not_restart_the_burst(
         await asyncio.sleep(0.3)
         assert len(reads) == 6
         assert sink.published == []
-    finally:
-        watcher.close()
 
 
 async def test_watch_without_memory_controller_is_a_no_op(tmp_path: Path) -> None:
