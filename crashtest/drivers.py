@@ -333,7 +333,10 @@ class Driver:
 
 
 class _CrashContainerd(Containerd):
-    """Our private containerd with the slow-runc wrapper first on the shims' PATH."""
+    """Our private containerd with the slow-runc wrapper first on the shims' PATH, and
+    pyshim's fork template in a directory of its own: close() SIGKILLs the template
+    (a helper carrying our marker), which in the shared default directory left its
+    socket, link and lock behind."""
 
     def __init__(self, slowbin: Path, **kw: object) -> None:
         self.slowbin = slowbin
@@ -342,6 +345,7 @@ class _CrashContainerd(Containerd):
     def env(self) -> dict[str, str]:
         env = super().env()
         env["PATH"] = f"{self.slowbin}:{env['PATH']}"
+        env["PYSHIM_TEMPLATE_DIR"] = str(self.tmp / "template")
         return env
 
 
