@@ -44,6 +44,11 @@ REPLY_TIMEOUT = 1.0
 # For the spare that has the request: its whole start (bind under the socket
 # directory's lock, O_SYNC address file, cgroup) takes a few ms, more on a busy disk.
 SPARE_TIMEOUT = 10.0
+# A template that has not answered within REPLY_TIMEOUT but is runnable (waiting for
+# a core on an overloaded node) or in the kernel is starved, not wedged: it gets up to
+# this many more REPLY_TIMEOUTs. Retiring it costs this start a re-exec and the node a
+# new template's imports, which an overloaded node can least afford.
+BUSY_ROUNDS = 9
 # A core-scheduling cookie must exist before the daemon does: start makes it and
 # re-executes (shim.boot.start.sched_core_create).
 SCHED_CORE_ENV = "SCHED_CORE"
@@ -158,10 +163,7 @@ def handoff(
         try:
             reply = conn.recv(64)
         except TimeoutError:
-            # Killed, it can hand nothing over any more; then the connection ends
-            # (nobody has the request) or the spare that has it answers.
-            retire_wedged(link, pid)
-            reply = TAKEN
+            reply = _late_reply(conn, link, pid)
         except OSError:
             reply = b""  # reset: whoever had the request is gone, with its listener
         if reply == TAKEN:
@@ -188,6 +190,42 @@ def handoff(
         return int(reply)
     finally:
         conn.close()
+
+
+def _late_reply(conn: "_socket.socket", link: str, pid: int) -> bytes:
+    """The template's answer once REPLY_TIMEOUT passed without one: waited for while
+    the template is busy (BUSY_ROUNDS), else it is retired. Killed, it can hand
+    nothing over any more; then the connection ends (nobody has the request) or the
+    spare that has it answers (TAKEN)."""
+    for _ in range(BUSY_ROUNDS):
+        if not busy(pid):
+            break
+        try:
+            return conn.recv(64)
+        except TimeoutError:
+            continue
+        except OSError:
+            return b""
+    retire_wedged(link, pid)
+    return TAKEN
+
+
+def busy(pid: int) -> bool:
+    """Whether ``pid`` is runnable or in an uninterruptible wait (state R or D in
+    /proc/PID/stat): using or waiting for the CPU or the kernel, not blocked on us."""
+    try:
+        fd = posix.open(f"/proc/{pid}/stat", posix.O_RDONLY | posix.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        data = posix.read(fd, 1024)
+    except OSError:
+        return False
+    finally:
+        posix.close(fd)
+    # The command name (in parentheses) may hold spaces and parentheses: the state is
+    # the first field after the last ")".
+    return data.rpartition(b")")[2].split(None, 1)[:1] in ([b"R"], [b"D"])
 
 
 def fail_to(fd: int, message: str) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -124,8 +125,9 @@ def test_a_directory_others_can_write_is_not_used(tdir: Path) -> None:
 class _server:
     """A stand-in template at the link path, in a child process: ``hang`` never answers,
     ``garbage`` answers what no template says, ``handed`` passes the connection to a
-    grandchild (as to a spare) that answers "1" after 0.5 s, ``taken`` does the same
-    after saying TAKEN."""
+    grandchild (as to a spare) that answers "1" once the template is killed, ``taken``
+    says TAKEN and passes it to a grandchild that answers "1" after 0.5 s, ``busy``
+    keeps a core busy for 0.8 s, then answers "1"."""
 
     def __init__(self, tdir: Path, mode: str) -> None:
         self.path = quickstart.link_path(str(tdir), KEY)
@@ -150,8 +152,21 @@ class _server:
                     conn.send(b"not a status")
                 elif self.mode == "taken":
                     conn.send(quickstart.TAKEN)
+                elif self.mode == "busy":
+                    until = time.monotonic() + 0.8
+                    while time.monotonic() < until:
+                        pass
+                    conn.send(b"1")
                 if self.mode in ("handed", "taken") and os.fork() == 0:
-                    time.sleep(0.5)
+                    if self.mode == "handed":
+                        # Answers once the template that handed it the request is
+                        # retired (killed: this one is re-parented), at most 30 s on.
+                        template = os.getppid()
+                        until = time.monotonic() + 30
+                        while os.getppid() == template and time.monotonic() < until:
+                            time.sleep(0.01)
+                    else:
+                        time.sleep(0.5)
                     conn.send(b"1")
                     os._exit(0)
                 time.sleep(60)
@@ -188,6 +203,41 @@ def test_a_template_that_handed_the_request_on_is_not_retired(tdir: Path) -> Non
         os.close(stdio[1])
 
 
+def test_a_busy_template_is_waited_for_not_retired(tdir: Path) -> None:
+    # Runnable past the reply timeout (starved of a core, here spinning on one): not
+    # wedged, so neither killed nor unlinked, and its answer is the start's.
+    stdio = _stdio()
+    try:
+        with _server(tdir, "busy") as (pid, _):
+            code = quickstart.handoff([b"x", b"start"], str(tdir), KEY, stdio, timeout=0.3)
+            assert code == 1
+            assert os.path.exists(f"/proc/{pid}")
+            assert os.path.lexists(quickstart.link_path(str(tdir), KEY))
+    finally:
+        os.close(stdio[0])
+        os.close(stdio[1])
+
+
+def test_busy_tells_a_running_process_from_a_blocked_one() -> None:
+    assert quickstart.busy(os.getpid())  # running this very line
+    assert not quickstart.busy(0x7FFFFFF0)  # no such process
+    # A command name with ") R " in it: the state is read after the last ")".
+    code = "open('/proc/self/comm', 'w').write('x) R (y'); import time; time.sleep(60)"
+    sleeper = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        until = time.monotonic() + 20
+        while True:  # until it has its name and sleeps (S), on a loaded machine too
+            with open(f"/proc/{sleeper.pid}/stat", "rb") as f:
+                if b" (x) R (y) S " in f.read():
+                    break
+            assert time.monotonic() < until, "the child never slept under its name"
+            time.sleep(0.01)
+        assert not quickstart.busy(sleeper.pid)  # blocked, as a wedged template is
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
 @pytest.mark.parametrize("mode", ["hang", "garbage", "handed"])
 def test_a_template_that_does_not_answer_is_retired(tdir: Path, mode: str) -> None:
     stdio = _stdio()
@@ -209,7 +259,7 @@ def test_a_template_that_does_not_answer_is_retired(tdir: Path, mode: str) -> No
             if mode == "hang":
                 assert code is None and elapsed < 5  # nobody holds the request
             else:
-                assert code == 1 and elapsed >= 0.5  # what the holder answered
+                assert code == 1 and elapsed >= 0.3  # what the holder answered
     finally:
         os.close(stdio[0])
         os.close(stdio[1])
