@@ -3,11 +3,11 @@
 containerd runs the binary twice per container (`start`, `delete`), plus once more
 for every daemon that is not forked from the template. pip's wrapper starts a full
 interpreter: `site`, every `.pth` file, and for an editable install the finder
-(~16 ms of importlib machinery) before its entry point (`shim.boot.quickstart:console`:
-the hand-over of `start` to the template, then `shim.boot.cli`). The launcher runs the
-same two steps with `-I -S` (no site, no
-environment variables, no user or script directory on sys.path) and the few
-directories it needs written in, as they are at install time.
+(~16 ms of importlib machinery) before its entry point (`shim.boot.entry:main`: the
+hand-over of `start` to the template, then `shim.boot.cli`). The launcher runs the
+same two steps with `-I -S` (no site, no environment variables, no user or script
+directory on sys.path) and the few directories it needs written in, as they are at
+install time.
 
     python -m shim.boot.launcher PATH [PATH...]     # e.g. .venv/bin/containerd-shim-pyshim-v1
 

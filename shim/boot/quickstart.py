@@ -25,9 +25,9 @@ from shim.boot.rendezvous import (
     DEFAULT_DIR,
     DIR_ENV,
     ENABLE_ENV,
+    late_reply,
     peer,
     private_dir,
-    retire_wedged,
     send_fds,
     sha256,
     trusted,
@@ -44,11 +44,6 @@ REPLY_TIMEOUT = 1.0
 # For the spare that has the request: its whole start (bind under the socket
 # directory's lock, O_SYNC address file, cgroup) takes a few ms, more on a busy disk.
 SPARE_TIMEOUT = 10.0
-# A template that has not answered within REPLY_TIMEOUT but is runnable (waiting for
-# a core on an overloaded node) or in the kernel is starved, not wedged: it gets up to
-# this many more REPLY_TIMEOUTs. Retiring it costs this start a re-exec and the node a
-# new template's imports, which an overloaded node can least afford.
-BUSY_ROUNDS = 9
 # A core-scheduling cookie must exist before the daemon does: start makes it and
 # re-executes (shim.boot.start.sched_core_create).
 SCHED_CORE_ENV = "SCHED_CORE"
@@ -163,7 +158,10 @@ def handoff(
         try:
             reply = conn.recv(64)
         except TimeoutError:
-            reply = _late_reply(conn, link, pid)
+            # Retired (killed), the template can hand nothing over any more; then the
+            # connection ends (nobody has the request) or the spare that has it answers.
+            late = late_reply(conn, link, pid, 64)
+            reply = TAKEN if late is None else late
         except OSError:
             reply = b""  # reset: whoever had the request is gone, with its listener
         if reply == TAKEN:
@@ -192,42 +190,6 @@ def handoff(
         conn.close()
 
 
-def _late_reply(conn: "_socket.socket", link: str, pid: int) -> bytes:
-    """The template's answer once REPLY_TIMEOUT passed without one: waited for while
-    the template is busy (BUSY_ROUNDS), else it is retired. Killed, it can hand
-    nothing over any more; then the connection ends (nobody has the request) or the
-    spare that has it answers (TAKEN)."""
-    for _ in range(BUSY_ROUNDS):
-        if not busy(pid):
-            break
-        try:
-            return conn.recv(64)
-        except TimeoutError:
-            continue
-        except OSError:
-            return b""
-    retire_wedged(link, pid)
-    return TAKEN
-
-
-def busy(pid: int) -> bool:
-    """Whether ``pid`` is runnable or in an uninterruptible wait (state R or D in
-    /proc/PID/stat): using or waiting for the CPU or the kernel, not blocked on us."""
-    try:
-        fd = posix.open(f"/proc/{pid}/stat", posix.O_RDONLY | posix.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        data = posix.read(fd, 1024)
-    except OSError:
-        return False
-    finally:
-        posix.close(fd)
-    # The command name (in parentheses) may hold spaces and parentheses: the state is
-    # the first field after the last ")".
-    return data.rpartition(b")")[2].split(None, 1)[:1] in ([b"R"], [b"D"])
-
-
 def fail_to(fd: int, message: str) -> None:
     """The Go shim's error convention (shim.boot.cli.fail) on ``fd``: `<runtime>: <message>`."""
     from shim.sys.fdio import write_all
@@ -254,14 +216,3 @@ def run() -> None:
         code = handoff([a.encode(errors="surrogateescape") for a in argv], directory, key)
         if code is not None:
             posix._exit(code)
-
-
-def console() -> None:
-    """The binary as pip's console-script wrapper runs it (an install without
-    scripts/install.sh's launcher): the launcher's two steps, `start` handed to the
-    template first. pip's wrapper still imports site first (~20 ms); the launcher
-    does not."""
-    run()
-    from shim.boot.cli import run as cli_run
-
-    cli_run()

@@ -4,9 +4,10 @@ Shared by the quick path's client (shim.boot.quickstart), `start`'s own request
 (shim.boot.templateclient) and the template (shim.boot.template): the template
 directory and the variables that name or disable it, the checks that a directory and
 a peer are ours, file descriptors over SCM_RIGHTS, and the retirement of a template
-that stopped answering. Also SHA-256 without hashlib, which names the template's
-link and socket and the shim's own socket. The quick path loads this module, so it
-imports builtins only (`os` alone costs ~1.2 ms).
+that stopped answering (one only starved of a core is waited for). Also SHA-256
+without hashlib, which names the template's link and socket and the shim's own
+socket. The quick path loads this module, so it imports builtins only (`os` alone
+costs ~1.2 ms).
 """
 
 # No `from __future__ import annotations` (~0.1 ms): typing-only names are strings.
@@ -64,6 +65,43 @@ def peer(sock: _socket.socket) -> tuple[int, int, int]:
 def trusted(uid: int) -> bool:
     """Root, or who we run as."""
     return uid in (0, posix.geteuid())
+
+
+# A template that has not answered within its reply timeout but is runnable (waiting
+# for a core on an overloaded node) or in the kernel is starved, not wedged: it gets up
+# to this many more timeouts. Retiring it costs the start a re-exec and the node a new
+# template's imports, which an overloaded node can least afford.
+BUSY_ROUNDS = 9
+
+
+def late_reply(conn: _socket.socket, path: str, pid: int, bufsize: int) -> "bytes | None":
+    """The template's answer once ``conn``'s timeout passed without one: waited for
+    while the template (``pid``, serving ``path``) is busy, for at most BUSY_ROUNDS
+    more timeouts; b"" when the connection ends; None when it is wedged, and then
+    retired (retire_wedged)."""
+    for _ in range(BUSY_ROUNDS):
+        if not busy(pid):
+            break
+        try:
+            return conn.recv(bufsize)
+        except TimeoutError:
+            continue
+        except OSError:
+            return b""
+    retire_wedged(path, pid)
+    return None
+
+
+def busy(pid: int) -> bool:
+    """Whether ``pid`` is runnable or in an uninterruptible wait (state R or D in
+    /proc/PID/stat): using or waiting for the CPU or the kernel, not blocked on us."""
+    # Only after a timeout: the quick path's imports stay builtins at start-up.
+    from shim.sys.procfs import stat_fields
+
+    try:
+        return stat_fields(pid)[:1] in ([b"R"], [b"D"])
+    except (OSError, ValueError):
+        return False
 
 
 def retire_wedged(path: str, pid: int) -> None:

@@ -21,9 +21,9 @@ from shim.boot.rendezvous import (
     DEFAULT_DIR,
     DIR_ENV,
     ENABLE_ENV,
+    late_reply,
     peer,
     private_dir,
-    retire_wedged,
     send_fds,
     trusted,
 )
@@ -194,8 +194,10 @@ def fork_daemon(
         try:
             data = conn.recv(4096)
         except TimeoutError:
-            retire_wedged(path, pid)
-            raise
+            late = late_reply(conn, path, pid, 4096)
+            if late is None:
+                raise
+            data = late
         reply = minijson.loads(data) if data else {"error": "template closed the connection"}
         if not isinstance(reply, dict) or not isinstance(reply.get("pid"), int):
             raise TemplateError(str(reply.get("error") if isinstance(reply, dict) else reply))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from shim.boot import quickstart
+from shim.boot import quickstart, rendezvous
 from shim.boot.quickstart import Request
 from tests.support.imports import printed_by_isolated
 
@@ -219,8 +219,8 @@ def test_a_busy_template_is_waited_for_not_retired(tdir: Path) -> None:
 
 
 def test_busy_tells_a_running_process_from_a_blocked_one() -> None:
-    assert quickstart.busy(os.getpid())  # running this very line
-    assert not quickstart.busy(0x7FFFFFF0)  # no such process
+    assert rendezvous.busy(os.getpid())  # running this very line
+    assert not rendezvous.busy(0x7FFFFFF0)  # no such process
     # A command name with ") R " in it: the state is read after the last ")".
     code = "open('/proc/self/comm', 'w').write('x) R (y'); import time; time.sleep(60)"
     sleeper = subprocess.Popen([sys.executable, "-c", code])
@@ -232,7 +232,7 @@ def test_busy_tells_a_running_process_from_a_blocked_one() -> None:
                     break
             assert time.monotonic() < until, "the child never slept under its name"
             time.sleep(0.01)
-        assert not quickstart.busy(sleeper.pid)  # blocked, as a wedged template is
+        assert not rendezvous.busy(sleeper.pid)  # blocked, as a wedged template is
     finally:
         sleeper.kill()
         sleeper.wait()

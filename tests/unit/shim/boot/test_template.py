@@ -572,9 +572,9 @@ def test_second_template_for_same_key_exits(serve: Running, tdir: Path) -> None:
     assert serve.exited(timeout=0.05) is None
 
 
-def test_wedged_template_is_replaced(tdir: Path, listener: socket.socket) -> None:
-    """Accepts but never answers: start gives up after the timeout and kills it."""
-    path = templateclient.socket_path(str(tdir), KEY)
+def _fake_template(path: str, then: str) -> subprocess.Popen[bytes]:
+    """A process serving the template socket ``path``: it accepts one connection
+    (``c``) and runs the code ``then``; returned once it listens."""
     fake = subprocess.Popen(
         [
             sys.executable,
@@ -583,20 +583,50 @@ def test_wedged_template_is_replaced(tdir: Path, listener: socket.socket) -> Non
             "s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n"
             f"s.bind({path!r}); s.listen()\n"
             "print('ready', flush=True)\n"
-            "c = s.accept()\n"
-            "time.sleep(60)\n",
+            "c, _ = s.accept()\n" + then,
         ],
         stdout=subprocess.PIPE,
     )
+    assert fake.stdout is not None
+    assert fake.stdout.readline() == b"ready\n"
+    return fake
+
+
+def test_wedged_template_is_replaced(tdir: Path, listener: socket.socket) -> None:
+    """Accepts but never answers: start gives up after the timeout and kills it."""
+    path = templateclient.socket_path(str(tdir), KEY)
+    fake = _fake_template(path, "time.sleep(60)\n")
     try:
-        assert fake.stdout is not None
-        assert fake.stdout.readline() == b"ready\n"
         t0 = time.monotonic()
         got = templateclient.fork_daemon(["x"], listener, directory=str(tdir), key=KEY, timeout=0.3)
         assert got is None
-        assert time.monotonic() - t0 < 2
+        # Asleep, it is retired at the first check (a loaded machine may take a few).
+        assert time.monotonic() - t0 < 0.3 * (1 + rendezvous.BUSY_ROUNDS)
         assert fake.wait(timeout=5) == -signal.SIGKILL
         assert not os.path.exists(path)
+    finally:
+        fake.kill()
+        fake.wait()
+
+
+def test_busy_template_is_waited_for(tdir: Path, listener: socket.socket) -> None:
+    """Runnable past the timeout (starved of a core; here it spins on one): its answer
+    is waited for, and it is neither killed nor unlinked."""
+    path = templateclient.socket_path(str(tdir), KEY)
+    fake = _fake_template(
+        path,
+        "c.recv(1 << 20)\n"
+        "until = time.monotonic() + 0.8\n"
+        "while time.monotonic() < until: pass\n"
+        "c.send(b'{\"pid\": 4242}')\n"
+        "time.sleep(60)\n",
+    )
+    try:
+        got = templateclient.fork_daemon(["x"], listener, directory=str(tdir), key=KEY, timeout=0.3)
+        assert got is not None and got.pid == 4242
+        got.go()  # closes the connection
+        assert fake.poll() is None
+        assert os.path.exists(path)
     finally:
         fake.kill()
         fake.wait()
