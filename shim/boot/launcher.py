@@ -23,8 +23,11 @@ import os
 import site
 import sys
 
+# The second line of every launcher this module writes; is_launcher() looks for it.
+MARK = "# Written by `python -m shim.boot.launcher"
+
 TEMPLATE = """#!{python} -IS
-# Written by `python -m shim.boot.launcher`; rewrite it after moving the install.
+{mark}`; rewrite it after moving the install.
 # -IS skips site (and its .pth files and editable-install finder) and ignores
 # PYTHON* variables; the directories below are all the shim imports from.
 import sys
@@ -40,7 +43,7 @@ run()
 
 
 ENTRY_TEMPLATE = """#!{python} -IS
-# Written by `python -m shim.boot.launcher --entry {module}:{func}`; rewrite it after
+{mark} --entry {module}:{func}`; rewrite it after
 # moving the install. -IS skips site (and its .pth files and editable-install finder)
 # and ignores PYTHON* variables; the directories below are all it imports from.
 import sys
@@ -70,11 +73,11 @@ def render(
     python = python or sys.executable
     paths = import_paths() if paths is None else paths
     if entry is None:
-        return TEMPLATE.format(python=python, paths=paths)
+        return TEMPLATE.format(python=python, paths=paths, mark=MARK)
     module, sep, func = entry.partition(":")
     if not sep or not module or not func.isidentifier():
         raise ValueError(f"--entry wants MODULE:FUNCTION, not {entry!r}")
-    return ENTRY_TEMPLATE.format(python=python, paths=paths, module=module, func=func)
+    return ENTRY_TEMPLATE.format(python=python, paths=paths, module=module, func=func, mark=MARK)
 
 
 def is_launcher(path: str) -> bool:
@@ -85,7 +88,7 @@ def is_launcher(path: str) -> bool:
             head = f.read(256)
     except (OSError, UnicodeDecodeError):
         return False
-    return head.startswith("#!") and "\n# Written by `python -m shim.boot.launcher" in head
+    return head.startswith("#!") and f"\n{MARK}" in head
 
 
 def install(path: str, text: str) -> None:
