@@ -10,12 +10,17 @@ an object dump of the template it says which Python objects sit on the copied pa
     python -m bench.cow run [--containers 10] [--pod-size 1] [--idle 10] [--prepare] [--out FILE]
     python -m bench.cow snapshot PID --template TPID [--objects FILE]
     python -m bench.cow traces FIRST [LAST]
+    python -m bench.cow copies FILE...
 
 ``--pod-size N`` groups the containers in pods of N (the CRI sandbox annotation: one
 shim per pod) and measures each pod's shim after its first container ("started")
 and after its last ("joined"): what the containers that join a shim add.
 ``--prepare bench.cow:trace_allocations`` (with ``COW_TRACE_DIR``) has every daemon
 write a tracemalloc snapshot after each Start it serves; ``traces`` compares two.
+``--prepare bench.cow:trace_copies`` (same variable) has every daemon say, after each
+Start, how much private memory it gained while each of our functions ran (the first
+run of a path is where its copies happen) and which modules it imported itself;
+``copies`` averages those files.
 
 ``run`` starts a private containerd, an instrumented template in its template dir
 (dumps every object's address before ``gc.freeze()``; ``--prepare MODULE:FUNC``
@@ -28,8 +33,9 @@ from __future__ import annotations
 
 import os
 import sys
+import types
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 TYPE_CHECKING = False  # the template imports this module: keep its top level light
@@ -804,16 +810,11 @@ def run_template(directory: str, dump: str | None, prepare: str | None) -> int:
 TRACE_DIR_ENV = "COW_TRACE_DIR"
 
 
-def trace_allocations() -> None:
-    """A ``--prepare`` hook: every daemon forked from here traces its allocations
-    (tracemalloc, from the freeze on) and writes a snapshot to
-    ``$COW_TRACE_DIR/<pid>-<n>.snap`` after the n-th Start it serves."""
-    import gc
-    import tracemalloc
-
+def _after_each_start(record: Callable[[int], None]) -> None:
+    """Have every daemon forked from here call ``record(n)`` after the n-th Start it
+    serves (before answering it)."""
     from shim.task import service
 
-    out = os.environ[TRACE_DIR_ENV]
     real_start = service.TaskService.start
     served = [0]
 
@@ -822,12 +823,145 @@ def trace_allocations() -> None:
     ) -> shim_pb2.StartResponse:
         response = await real_start(self, req)
         served[0] += 1
-        gc.collect()  # what the request left for the collector is not a cost
-        tracemalloc.take_snapshot().dump(os.path.join(out, f"{os.getpid()}-{served[0]}.snap"))
+        record(served[0])
         return response
 
     service.TaskService.start = start  # type: ignore[method-assign]
+
+
+def trace_allocations() -> None:
+    """A ``--prepare`` hook: every daemon forked from here traces its allocations
+    (tracemalloc, from the freeze on) and writes a snapshot to
+    ``$COW_TRACE_DIR/<pid>-<n>.snap`` after the n-th Start it serves."""
+    import gc
+    import tracemalloc
+
+    out = os.environ[TRACE_DIR_ENV]
+
+    def record(n: int) -> None:
+        gc.collect()  # what the request left for the collector is not a cost
+        tracemalloc.take_snapshot().dump(os.path.join(out, f"{os.getpid()}-{n}.snap"))
+
+    _after_each_start(record)
     tracemalloc.start(12)
+
+
+FORK = "(forked: before its first call)"
+OUTSIDE = "(no frame of ours)"
+
+
+class CopyTally:
+    """Private memory a process gained, by who ran while it grew.
+
+    Fed a reading of the process's private KB at each call and return of one of our
+    functions; the growth since the previous reading goes to the function that was
+    running in between. What a function's first run copies includes the first run of
+    whatever it calls outside our packages (the stdlib, asyncio), so a row is "what
+    copying happened first here", not what would disappear with that function."""
+
+    def __init__(self) -> None:
+        self.last: int | None = None
+        self.kb: dict[object, int] = {}
+
+    def reading(self, private_kb: int, owner: object) -> None:
+        if self.last is None:
+            self.kb[FORK] = private_kb
+        elif private_kb != self.last:
+            self.kb[owner] = self.kb.get(owner, 0) + private_kb - self.last
+        self.last = private_kb
+
+
+def code_label(code: object) -> str:
+    if not isinstance(code, types.CodeType):
+        return str(code)
+    where = code.co_filename
+    for tree in ("/shim/", "/protocol/"):
+        if tree in where:
+            where = tree[1:] + where.rsplit(tree, 1)[1]
+            break
+    return f"{where}:{code.co_firstlineno} {code.co_qualname}"
+
+
+def read_private_kb() -> int:
+    fd = os.open("/proc/self/smaps_rollup", os.O_RDONLY)
+    try:
+        text = os.read(fd, 4096)
+    finally:
+        os.close(fd)  # every read: the daemon closes fds it does not know
+    total = 0
+    for line in text.split(b"\n"):
+        if line.startswith((b"Private_Clean:", b"Private_Dirty:")):
+            total += int(line.split()[1])
+    return total
+
+
+def trace_copies() -> None:
+    """A ``--prepare`` hook: every daemon forked from here reads its private memory
+    at each call and return of a function of ours (sys.setprofile, from the fork on:
+    slow) and writes ``$COW_TRACE_DIR/<pid>-<n>.copies.json`` after the n-th Start
+    it serves: KB by function (CopyTally), and the modules imported since the
+    freeze (each one built in every daemon's own memory)."""
+    import json
+
+    out = os.environ[TRACE_DIR_ENV]
+    frozen = set(sys.modules)
+    tally = CopyTally()
+
+    def ours(code: types.CodeType) -> bool:
+        return "/shim/" in code.co_filename or "/protocol/" in code.co_filename
+
+    def owner(frame: types.FrameType | None) -> object:
+        while frame is not None:
+            if ours(frame.f_code):
+                return frame.f_code
+            frame = frame.f_back
+        return OUTSIDE
+
+    def profile(frame: types.FrameType, event: str, arg: object) -> None:
+        if (event == "call" or event == "return") and ours(frame.f_code):
+            who = owner(frame.f_back) if event == "call" else frame.f_code
+            tally.reading(read_private_kb(), who)
+
+    def record(n: int) -> None:
+        rows = sorted(((code_label(k), kb) for k, kb in tally.kb.items()), key=lambda r: -r[1])
+        body = {
+            "private_kb": tally.last,
+            "kb": dict(rows),
+            "imported": sorted(set(sys.modules) - frozen),
+        }
+        with open(os.path.join(out, f"{os.getpid()}-{n}.copies.json"), "w") as f:
+            json.dump(body, f, indent=1)
+
+    _after_each_start(record)
+    os.register_at_fork(after_in_child=lambda: sys.setprofile(profile))
+
+
+def format_copies(paths: Sequence[str], top: int) -> str:
+    """trace_copies' files, the mean of each function's KB over them."""
+    import json
+
+    bodies = []
+    for path in paths:
+        with open(path) as f:
+            bodies.append(json.load(f))
+    if not bodies:
+        return "no files"
+    sums: dict[str, float] = {}
+    for body in bodies:
+        for label, kb in body["kb"].items():
+            sums[label] = sums.get(label, 0) + kb
+    n = len(bodies)
+    totals = [b["private_kb"] for b in bodies]
+    imported = sorted({m for b in bodies for m in b["imported"]})
+    lines = [
+        f"{n} daemons, private KB after Start: {totals}",
+        f"imported after the freeze: {', '.join(imported) or 'nothing'}",
+        "| KB (mean) | first copied while running |",
+        "| ---: | --- |",
+    ]
+    ranked = sorted(sums.items(), key=lambda kv: -kv[1])[:top]
+    lines += [f"| {kb / n:.0f} | {label} |" for label, kb in ranked]
+    return "\n".join(lines)
 
 
 def format_traces(first: str, last: str | None, top: int) -> str:
@@ -1259,6 +1393,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     snap.add_argument(
         "--diff", action="store_true", help="changed words (no fork-time copy: sides unknown)"
     )
+    copies = sub.add_parser("copies", help="trace_copies' files: KB by function, averaged")
+    copies.add_argument("files", nargs="+")
+    copies.add_argument("--top", type=int, default=40)
     traces = sub.add_parser("traces", help="compare two trace_allocations snapshots")
     traces.add_argument("first")
     traces.add_argument("last", nargs="?")
@@ -1266,6 +1403,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.cmd == "traces":
         print(format_traces(args.first, args.last, args.top))
+        return 0
+    if args.cmd == "copies":
+        print(format_copies(args.files, args.top))
         return 0
     if os.geteuid() != 0:
         print("needs root: page frame numbers in pagemap are hidden otherwise", file=sys.stderr)

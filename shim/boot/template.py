@@ -114,6 +114,7 @@ def preload() -> None:
     import asyncio  # noqa: F401
     import faulthandler  # noqa: F401
     import random  # noqa: F401
+    import resource  # noqa: F401  (os.wait4 imports it, from C, on its first call)
     import tempfile  # noqa: F401
     import urllib.parse  # noqa: F401
 
@@ -121,6 +122,7 @@ def preload() -> None:
 
     import protocol.proto.cgroups.v1.metrics_pb2
     import protocol.proto.cgroups.v2.metrics_pb2
+    import protocol.proto.ttrpc_pb2  # a server's request envelope (messages.decode_request)
     import protocol.ttrpc.client  # noqa: F401
     import shim.boot.start
     import shim.daemon
@@ -554,12 +556,21 @@ def _spare_main(link: socket.socket, template_end: socket.socket, priority: int 
 
 
 def _take_environment(env: Mapping[str, str]) -> None:
-    """Replace the environment, and what the stdlib cached from the old one."""
+    """Replace the environment, and what the stdlib cached from the old one.
+
+    Only what differs is set or removed: `start` runs with the environment the
+    template had (both come from containerd), so a hand-over changes a few variables,
+    and rewriting every one of them copies ~0.5 MB of template pages into every
+    daemon (bench/README, "What a daemon's own steps copy")."""
     import random
     import tempfile
 
-    os.environ.clear()
-    os.environ.update(env)
+    current = os.environ
+    for key in [k for k in current if k not in env]:
+        del current[key]
+    for key, value in env.items():
+        if current.get(key) != value:
+            current[key] = value
     tempfile.tempdir = None  # re-read TMPDIR from the new environment
     random.seed()  # os.register_at_fork does it too; not everything honours that
 

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from bench import procfs
 from bench.cow import (
+    FORK,
     FREE,
     PAGE,
     PFN_MASK,
@@ -17,6 +19,7 @@ from bench.cow import (
     PM_PRESENT,
     SHIM,
     TEMPLATE,
+    CopyTally,
     ObjectIndex,
     ObjectRecord,
     RegionCount,
@@ -24,13 +27,16 @@ from bench.cow import (
     attribute,
     changed_words,
     classify_pages,
+    code_label,
     decode_pagemap,
     field_of,
+    format_copies,
     format_traces,
     page_writes,
     parse_nm,
     parse_object_dump,
     parse_smaps,
+    read_private_kb,
     region_names,
     tally_writes,
 )
@@ -254,3 +260,41 @@ def test_format_traces_says_which_line_a_daemon_grew_by(tmp_path: Path) -> None:
     assert gained is not None and float(gained.group(1)) > 90
     alone = format_traces(str(tmp_path / "2.snap"), None, 3)
     assert "test_bench_cow.py" in alone.splitlines()[1]
+
+
+def test_copy_tally_charges_each_growth_to_who_ran_meanwhile() -> None:
+    tally = CopyTally()
+    for kb, owner in [(100, "x"), (100, "a"), (108, "a"), (112, "b"), (110, "b"), (116, "a")]:
+        tally.reading(kb, owner)
+    assert tally.kb == {FORK: 100, "a": 14, "b": 2}
+    assert tally.last == 116
+
+
+def test_code_label_names_our_functions_by_tree_line_and_qualname() -> None:
+    from shim.boot import template
+
+    code = template._take_environment.__code__
+    assert code_label(code) == f"shim/boot/template.py:{code.co_firstlineno} _take_environment"
+    assert code_label("(elsewhere)") == "(elsewhere)"
+
+
+def test_private_kb_reads_what_smaps_rollup_says() -> None:
+    with open("/proc/self/smaps_rollup") as f:
+        expected = procfs.parse_smaps_rollup(f.read()).private_kb
+    assert expected > 0
+    assert abs(read_private_kb() - expected) < 1024
+
+
+def test_format_copies_averages_functions_over_daemons(tmp_path: Path) -> None:
+    import json
+
+    files = []
+    for n, (kb, imported) in enumerate([({"f": 100, "g": 10}, ["m"]), ({"f": 200}, [])]):
+        path = tmp_path / f"{n}.copies.json"
+        path.write_text(json.dumps({"private_kb": 5000 + n, "kb": kb, "imported": imported}))
+        files.append(str(path))
+    text = format_copies(files, 5)
+    assert "[5000, 5001]" in text
+    assert "imported after the freeze: m" in text
+    rows = [line for line in text.splitlines() if line.startswith("| 1") or line.startswith("| 5")]
+    assert rows == ["| 150 | f |", "| 5 | g |"]

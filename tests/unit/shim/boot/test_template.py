@@ -285,6 +285,69 @@ def test_forked_daemon_looks_like_a_reexec(
     assert _spare(serve.directory, other_than=idle) != forked.pid
 
 
+_TAKE_ENVIRONMENT = """
+import json, os, subprocess, sys
+sys.path.insert(0, sys.argv[1])
+from shim.boot import template
+target = json.loads(sys.argv[2])
+template._take_environment(target)
+child = subprocess.run(["/usr/bin/env", "-0"], capture_output=True, check=True).stdout
+inherited = dict(e.split("=", 1) for e in child.decode().split("\\0") if e)
+print(json.dumps({"environ": dict(os.environ), "inherited": inherited}))
+"""
+
+
+def test_take_environment_leaves_exactly_the_new_one_for_python_and_children() -> None:
+    # Only what differs is written (shim/boot/template.py): what is the same, changed,
+    # added and removed must all end up as the new environment, in os.environ and in
+    # the C environment an exec inherits.
+    old = {"SAME": "1", "CHANGED": "old", "REMOVED": "x", "PATH": os.environ["PATH"]}
+    new = {"SAME": "1", "CHANGED": "new", "ADDED": "a=b", "PATH": os.environ["PATH"]}
+    repo = str(Path(template.__file__).resolve().parents[2])
+    res = subprocess.run(
+        [sys.executable, "-I", "-c", _TAKE_ENVIRONMENT, repo, json.dumps(new)],
+        env=old,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    seen = json.loads(res.stdout)
+    assert seen["environ"] == new
+    assert seen["inherited"] == new
+
+
+_AFTER_PRELOAD = """
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+from shim.boot import template
+template.preload()
+before = set(sys.modules)
+from protocol.ttrpc import messages
+from shim import daemon
+daemon.rehearse()
+messages.decode_request(messages.encode_request(messages.RequestMessage("s", "m", b"x")))
+pid = os.fork()
+if pid == 0:
+    os._exit(0)
+os.wait4(pid, 0)
+print(json.dumps(sorted(set(sys.modules) - before)))
+"""
+
+
+def test_what_every_daemon_runs_imports_nothing_the_template_did_not() -> None:
+    # A module imported after the fork is built in every daemon's own memory: the
+    # server's request envelope (ttrpc_pb2) and os.wait4's rusage (`resource`, which
+    # the C function imports on its first call) were, ~0.3 MB each.
+    repo = str(Path(template.__file__).resolve().parents[2])
+    res = subprocess.run(
+        [sys.executable, "-I", "-c", _AFTER_PRELOAD, repo],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(res.stdout) == []
+
+
 def test_spare_is_detached_and_idle(serve: Running) -> None:
     pid = _spare(serve.directory)
     # It is listed once it has named itself, a moment before its set-up ends and it
