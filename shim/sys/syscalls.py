@@ -88,10 +88,39 @@ MM_MAP_FIELDS = {
 
 _libc: ctypes.CDLL | None = None
 
+# The libc functions called, with their prototypes: (argtypes, restype).
+_c_int, _c_uint, _c_ulong, _c_char_p = ctypes.c_int, ctypes.c_uint, ctypes.c_ulong, ctypes.c_char_p
+_SIGNATURES: dict[str, tuple[tuple[Any, ...], Any]] = {
+    "prctl": ((_c_int, _c_ulong, _c_ulong, _c_ulong, _c_ulong), _c_int),
+    "madvise": ((ctypes.c_void_p, ctypes.c_size_t, _c_int), _c_int),
+    "malloc_trim": ((ctypes.c_size_t,), _c_int),
+    "mount": ((_c_char_p, _c_char_p, _c_char_p, _c_ulong, _c_char_p), _c_int),
+    "umount2": ((_c_char_p, _c_int), _c_int),
+    "eventfd": ((_c_uint, _c_int), _c_int),
+    "inotify_init1": ((_c_int,), _c_int),
+    "inotify_add_watch": ((_c_int, _c_char_p, ctypes.c_uint32), _c_int),
+    "inotify_rm_watch": ((_c_int, _c_int), _c_int),
+}
+_funcs: dict[str, Any] = {}
+
 
 def load_libc() -> None:
-    """Load libc now, e.g. before fork: dlopen in a forked child can deadlock."""
-    _lib()
+    """Load libc and set up every function now, e.g. before fork: dlopen in a forked
+    child can deadlock, and a daemon forked from the template shares the set-up
+    instead of building it into its own memory on its first call."""
+    for name in _SIGNATURES:
+        _func(name)
+
+
+def _func(name: str) -> Any:
+    """libc's ``name`` with its prototype; None where this libc has no such function."""
+    fn = _funcs.get(name)
+    if fn is None and name not in _funcs:
+        fn = getattr(_lib(), name, None)
+        if fn is not None:
+            fn.argtypes, fn.restype = _SIGNATURES[name]
+        _funcs[name] = fn
+    return fn
 
 
 def _lib() -> ctypes.CDLL:
@@ -118,28 +147,18 @@ def _check(result: int, what: str, path: str | None = None) -> int:
 
 
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
-    fn = _lib().prctl
-    fn.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-    fn.restype = ctypes.c_int
-    return _check(fn(option, arg2, arg3, arg4, arg5), "prctl")
+    return _check(_func("prctl")(option, arg2, arg3, arg4, arg5), "prctl")
 
 
 def madvise(address: int, length: int, advice: int) -> None:
-    fn = _lib().madvise
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    _check(fn(address, length, advice), "madvise")
+    _check(_func("madvise")(address, length, advice), "madvise")
 
 
 def malloc_trim() -> bool:
     """Give the C heap's free pages back to the kernel (glibc's malloc_trim(0)): whether
     anything was released. False where the C library has no such call (not glibc)."""
-    fn = getattr(_lib(), "malloc_trim", None)
-    if fn is None:
-        return False
-    fn.argtypes = [ctypes.c_size_t]
-    fn.restype = ctypes.c_int
-    return bool(fn(0))
+    fn = _func("malloc_trim")
+    return fn is not None and bool(fn(0))
 
 
 def set_child_subreaper(enabled: bool = True) -> None:
@@ -158,16 +177,7 @@ def set_pdeathsig(sig: int = _signal.SIGKILL) -> None:
 
 
 def mount(source: str, target: str, fstype: str, flags: int = 0, data: str | None = None) -> None:
-    fn = _lib().mount
-    fn.argtypes = [
-        ctypes.c_char_p,
-        ctypes.c_char_p,
-        ctypes.c_char_p,
-        ctypes.c_ulong,
-        ctypes.c_char_p,
-    ]
-    fn.restype = ctypes.c_int
-    result = fn(
+    result = _func("mount")(
         os.fsencode(source),
         os.fsencode(target),
         os.fsencode(fstype),
@@ -178,10 +188,7 @@ def mount(source: str, target: str, fstype: str, flags: int = 0, data: str | Non
 
 
 def umount2(target: str, flags: int = 0) -> None:
-    fn = _lib().umount2
-    fn.argtypes = [ctypes.c_char_p, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    _check(fn(os.fsencode(target), flags), "umount2", target)
+    _check(_func("umount2")(os.fsencode(target), flags), "umount2", target)
 
 
 def eventfd(initval: int = 0, flags: int = 0) -> int:
@@ -190,32 +197,22 @@ def eventfd(initval: int = 0, flags: int = 0) -> int:
     if native is not None:
         fd: int = native(initval, flags)
         return fd
-    fn = _lib().eventfd
-    fn.argtypes = [ctypes.c_uint, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return _check(fn(initval, flags), "eventfd")
+    return _check(_func("eventfd")(initval, flags), "eventfd")
 
 
 def inotify_init1(flags: int = 0) -> int:
-    fn = _lib().inotify_init1
-    fn.argtypes = [ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return _check(fn(flags), "inotify_init1")
+    return _check(_func("inotify_init1")(flags), "inotify_init1")
 
 
 def inotify_add_watch(fd: int, path: str, mask: int) -> int:
     """The watch descriptor for ``path`` (the same one again for an inode already watched)."""
-    fn = _lib().inotify_add_watch
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
-    fn.restype = ctypes.c_int
-    return _check(fn(fd, os.fsencode(path), mask), "inotify_add_watch", path)
+    return _check(
+        _func("inotify_add_watch")(fd, os.fsencode(path), mask), "inotify_add_watch", path
+    )
 
 
 def inotify_rm_watch(fd: int, wd: int) -> None:
-    fn = _lib().inotify_rm_watch
-    fn.argtypes = [ctypes.c_int, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    _check(fn(fd, wd), "inotify_rm_watch")
+    _check(_func("inotify_rm_watch")(fd, wd), "inotify_rm_watch")
 
 
 _mm_map_tools: list[Any] = []
