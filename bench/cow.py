@@ -11,6 +11,7 @@ an object dump of the template it says which Python objects sit on the copied pa
     python -m bench.cow snapshot PID --template TPID [--objects FILE]
     python -m bench.cow traces FIRST [LAST]
     python -m bench.cow copies FILE...
+    python -m bench.cow hotcode FILE...
 
 ``--pod-size N`` groups the containers in pods of N (the CRI sandbox annotation: one
 shim per pod) and measures each pod's shim after its first container ("started")
@@ -20,7 +21,9 @@ write a tracemalloc snapshot after each Start it serves; ``traces`` compares two
 ``--prepare bench.cow:trace_copies`` (same variable) has every daemon say, after each
 Start, how much private memory it gained while each of our functions ran (the first
 run of a path is where its copies happen) and which modules it imported itself;
-``copies`` averages those files.
+``copies`` averages those files. ``--prepare bench.cow:trace_code`` has every daemon
+list the functions outside our packages it ran; ``hotcode`` turns those lists into
+shim/boot/hotcode.py.
 
 ``run`` starts a private containerd, an instrumented template in its template dir
 (dumps every object's address before ``gc.freeze()``; ``--prepare MODULE:FUNC``
@@ -936,6 +939,67 @@ def trace_copies() -> None:
     os.register_at_fork(after_in_child=lambda: sys.setprofile(profile))
 
 
+def trace_code() -> None:
+    """A ``--prepare`` hook: every daemon forked from here notes each function it
+    calls (sys.setprofile, from the fork on) and writes the ones outside our packages
+    (which shim.boot.prefork compacts anyway), as ``module:qualname`` in the order of
+    their first call, to ``$COW_TRACE_DIR/<pid>-<n>.code.json`` after the n-th Start
+    it serves. ``hotcode`` turns those files into shim/boot/hotcode.py."""
+    import json
+
+    from shim.boot import prefork
+
+    out = os.environ[TRACE_DIR_ENV]
+    called: dict[types.CodeType, None] = {}  # insertion-ordered set
+
+    def profile(frame: types.FrameType, event: str, arg: object) -> None:
+        if event == "call":
+            called.setdefault(frame.f_code)
+
+    def record(n: int) -> None:
+        names: dict[types.CodeType, str] = {}
+        for module_name, module in list(sys.modules.items()):
+            if module is None or module_name.partition(".")[0] in prefork.PACKAGES:
+                continue
+            namespace = getattr(module, "__dict__", None)
+            if isinstance(namespace, dict):
+                for func in prefork.functions_of(namespace, module_name):
+                    names.setdefault(func.__code__, f"{func.__module__}:{func.__qualname__}")
+        ordered = [names[code] for code in list(called) if code in names]
+        with open(os.path.join(out, f"{os.getpid()}-{n}.code.json"), "w") as f:
+            json.dump(list(dict.fromkeys(ordered)), f, indent=0)
+
+    _after_each_start(record)
+    os.register_at_fork(after_in_child=lambda: sys.setprofile(profile))
+
+
+HOTCODE_HEADER = '''"""Functions outside our packages that every daemon runs, as ``module:qualname``
+in the order a daemon first calls them: shim.boot.prefork gives them fresh code
+objects, allocated together, so that the pages a daemon un-shares by running them
+are few and dense (bench/README.md, "Hot code outside our packages").
+
+Generated (on Python {version}) by:
+
+    COW_TRACE_DIR=DIR python -m bench.cow run --containers 3 --prepare bench.cow:trace_code
+    python -m bench.cow hotcode DIR/*.code.json > shim/boot/hotcode.py
+
+A name this Python does not have is skipped, so a list made on another version
+still compacts what it names.
+"""
+
+FUNCTIONS: tuple[str, ...] = (
+'''
+
+
+def format_hotcode(lists: Sequence[Sequence[str]], version: str) -> str:
+    """shim/boot/hotcode.py for the functions every one of ``lists`` (trace_code's
+    files) names, in the first list's order."""
+    common = set(lists[0]).intersection(*lists[1:]) if lists else set()
+    names = [name for name in (lists[0] if lists else []) if name in common]
+    body = "".join(f'    "{name}",\n' for name in names)
+    return HOTCODE_HEADER.format(version=version) + body + ")\n"
+
+
 def format_copies(paths: Sequence[str], top: int) -> str:
     """trace_copies' files, the mean of each function's KB over them."""
     import json
@@ -1393,6 +1457,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     snap.add_argument(
         "--diff", action="store_true", help="changed words (no fork-time copy: sides unknown)"
     )
+    hot = sub.add_parser("hotcode", help="trace_code's files as shim/boot/hotcode.py")
+    hot.add_argument("files", nargs="+")
     copies = sub.add_parser("copies", help="trace_copies' files: KB by function, averaged")
     copies.add_argument("files", nargs="+")
     copies.add_argument("--top", type=int, default=40)
@@ -1403,6 +1469,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.cmd == "traces":
         print(format_traces(args.first, args.last, args.top))
+        return 0
+    if args.cmd == "hotcode":
+        lists = []
+        for path in args.files:
+            with open(path) as f:
+                lists.append(json.load(f))
+        version = ".".join(str(n) for n in sys.version_info[:3])
+        sys.stdout.write(format_hotcode(lists, version))
         return 0
     if args.cmd == "copies":
         print(format_copies(args.files, args.top))

@@ -11,7 +11,11 @@ touches, so each costs a page or more.
 more than half of what a daemon runs) in one batch, so they lie next to each other
 and the daemon's calls dirty a few dense pages instead of hundreds of sparse
 ones. The old code objects are kept alive: freeing them would leave holes that the
-daemon's allocations fill, each dirtying a page again.
+daemon's allocations fill, each dirtying a page again. The ~250 functions outside
+our packages that every daemon runs (asyncio's, logging's, enum's...: the list in
+shim.boot.hotcode, made by bench/cow.py from traced daemons) get the same, right
+after ours and in the order a daemon first calls them; not the rest of the standard
+library, whose code objects a daemon never runs (doing all of them was worse).
 
 It also builds what the daemon's hand-over would otherwise build in every child
 (the prctl_mm_map ctypes structure), so that it is shared.
@@ -41,9 +45,16 @@ import ctypes
 import sys
 import types
 
+TYPE_CHECKING = False  # the template imports this module; mypy honours this name
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
 __all__ = [
     "PACKAGES",
     "assign_type_versions",
+    "compact_code",
+    "compact_hot",
+    "functions_of",
     "immortalize",
     "prepare",
     "release_free_heap",
@@ -62,7 +73,7 @@ def _fresh(code: types.CodeType) -> types.CodeType:
     return code.replace(co_consts=consts)
 
 
-def _functions(namespace: dict[str, object], module: str) -> list[types.FunctionType]:
+def functions_of(namespace: dict[str, object], module: str) -> list[types.FunctionType]:
     """Functions defined in ``module``: module-level, and methods of its classes."""
     found: list[types.FunctionType] = []
     for value in namespace.values():
@@ -93,7 +104,7 @@ def compact_code(packages: tuple[str, ...] = PACKAGES) -> int:
     for name, module in sorted(sys.modules.items()):
         if module is None or name.partition(".")[0] not in packages:
             continue
-        for func in _functions(vars(module), name):
+        for func in functions_of(vars(module), name):
             if id(func) not in seen:
                 seen.add(id(func))
                 functions.append(func)
@@ -102,11 +113,40 @@ def compact_code(packages: tuple[str, ...] = PACKAGES) -> int:
     return len(functions)
 
 
+def compact_hot(names: Sequence[str]) -> int:
+    """Give the functions ``names`` lists (``module:qualname``) fresh code objects,
+    allocated together in the list's order, after our packages'; the number replaced.
+    A name this interpreter does not have (another version, a module not imported)
+    is skipped."""
+    ranks: dict[str, dict[str, int]] = {}
+    for rank, name in enumerate(names):
+        module_name, _, qualname = name.partition(":")
+        ranks.setdefault(module_name, {}).setdefault(qualname, rank)
+    found: list[tuple[int, types.FunctionType]] = []
+    for module_name, qualnames in ranks.items():
+        namespace = getattr(sys.modules.get(module_name), "__dict__", None)
+        if not isinstance(namespace, dict):
+            continue
+        for func in functions_of(namespace, module_name):
+            at = qualnames.get(func.__qualname__)
+            if at is not None:
+                found.append((at, func))
+    found.sort(key=lambda item: item[0])
+    seen: set[int] = set()
+    for _, func in found:
+        if id(func) not in seen:
+            seen.add(id(func))
+            func.__code__ = _fresh(func.__code__)
+    return len(seen)
+
+
 def prepare() -> None:
+    from shim.boot import hotcode
     from shim.sys import syscalls
 
     syscalls.prctl_mm_map()
     compact_code()
+    compact_hot(hotcode.FUNCTIONS)
 
 
 def _immortal_refcount() -> int | None:

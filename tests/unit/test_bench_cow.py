@@ -31,6 +31,7 @@ from bench.cow import (
     decode_pagemap,
     field_of,
     format_copies,
+    format_hotcode,
     format_traces,
     page_writes,
     parse_nm,
@@ -298,3 +299,11 @@ def test_format_copies_averages_functions_over_daemons(tmp_path: Path) -> None:
     assert "imported after the freeze: m" in text
     rows = [line for line in text.splitlines() if line.startswith("| 1") or line.startswith("| 5")]
     assert rows == ["| 150 | f |", "| 5 | g |"]
+
+
+def test_format_hotcode_keeps_what_every_daemon_ran_in_the_first_ones_order() -> None:
+    text = format_hotcode([["a:f", "b:C.m", "c:g"], ["c:g", "a:f"], ["a:f", "c:g", "d:h"]], "3.x")
+    namespace: dict[str, object] = {}
+    exec(text, namespace)
+    assert namespace["FUNCTIONS"] == ("a:f", "c:g")
+    assert "on Python 3.x" in str(namespace["__doc__"])

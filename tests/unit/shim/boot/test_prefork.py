@@ -66,6 +66,59 @@ def test_compact_code_replaces_code_of_package_functions() -> None:
     assert (mod.outer(2), mod.K().method(), mod.K.static(), mod.K().prop) == (3, "m", "s", "p")
 
 
+def test_compact_hot_replaces_the_named_functions_in_the_lists_order() -> None:
+    mod = types.ModuleType("pfhot")
+    exec(compile(SOURCE, "pfhot.py", "exec"), mod.__dict__)
+    outer, method, static = mod.outer, mod.K.method, mod.K.__dict__["static"].__func__
+    before = (outer.__code__, method.__code__, static.__code__, mod.K.prop.fget.__code__)
+    names = ["pfhot:K.static", "pfhot:nothing", "pfgone:f", "pfhot:outer", "pfhot:K.method"]
+    sys.modules["pfhot"] = mod
+    try:
+        assert prefork.compact_hot(names) == 3
+    finally:
+        del sys.modules["pfhot"]
+    assert outer.__code__ is not before[0] and outer.__code__.co_code == before[0].co_code
+    assert method.__code__ is not before[1] and static.__code__ is not before[2]
+    assert mod.K.prop.fget.__code__ is before[3]  # not named: left as it was
+    # Re-created (so allocated) in the list's order.
+    retired = [id(c) for c in prefork._retired]
+    assert (
+        retired.index(id(before[2])) < retired.index(id(before[0])) < retired.index(id(before[1]))
+    )
+    assert (mod.outer(2), mod.K().method(), mod.K.static()) == (3, "m", "s")
+
+
+def test_hot_list_names_what_a_daemons_start_up_runs() -> None:
+    # shim/boot/hotcode.py is made from traced daemons (bench/cow.py trace_code): a
+    # daemon's start-up (the spare's rehearsal) must still run mostly what it names,
+    # or it is stale and should be made again.
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "from shim.boot import template, prefork, hotcode\n"
+        "template.preload()\n"
+        "names = {}\n"
+        "for m, mod in list(sys.modules.items()):\n"
+        "    ns = getattr(mod, '__dict__', None)\n"
+        "    if isinstance(ns, dict) and m.partition('.')[0] not in prefork.PACKAGES:\n"
+        "        for f in prefork.functions_of(ns, m):\n"
+        "            names.setdefault(f.__code__, f'{f.__module__}:{f.__qualname__}')\n"
+        "called = set()\n"
+        "sys.setprofile(lambda fr, ev, a: called.add(fr.f_code) if ev == 'call' else None)\n"
+        "from shim import daemon; daemon.rehearse()\n"
+        "sys.setprofile(None)\n"
+        "ran = {names[c] for c in called if c in names}\n"
+        "listed = set(hotcode.FUNCTIONS)\n"
+        "print(len(ran), len(ran & listed), sorted(ran - listed))\n"
+    )
+    repo = str(Path(prefork.__file__).resolve().parents[2])
+    res = subprocess.run(
+        [sys.executable, "-I", "-c", code, repo], capture_output=True, text=True, check=True
+    )
+    ran, listed, missing = res.stdout.split(" ", 2)
+    assert int(ran) > 50
+    assert int(listed) >= 0.9 * int(ran), missing
+
+
 def _python_312_or_later() -> str | None:
     """An interpreter that can make objects immortal: this one, or another on the host."""
     if sys.version_info >= (3, 12):
