@@ -957,6 +957,7 @@ def trace_code() -> None:
             called.setdefault(frame.f_code)
 
     def record(n: int) -> None:
+        sys.setprofile(None)  # what the walk below calls is not the daemon's
         names: dict[types.CodeType, str] = {}
         for module_name, module in list(sys.modules.items()):
             if module is None or module_name.partition(".")[0] in prefork.PACKAGES:
@@ -968,6 +969,7 @@ def trace_code() -> None:
         ordered = [names[code] for code in list(called) if code in names]
         with open(os.path.join(out, f"{os.getpid()}-{n}.code.json"), "w") as f:
             json.dump(list(dict.fromkeys(ordered)), f, indent=0)
+        sys.setprofile(profile)
 
     _after_each_start(record)
     os.register_at_fork(after_in_child=lambda: sys.setprofile(profile))
