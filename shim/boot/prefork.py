@@ -11,7 +11,7 @@ touches, so each costs a page or more.
 more than half of what a daemon runs) in one batch, so they lie next to each other
 and the daemon's calls dirty a few dense pages instead of hundreds of sparse
 ones. The old code objects are kept alive: freeing them would leave holes that the
-daemon's allocations fill, each dirtying a page again. The ~250 functions outside
+daemon's allocations fill, each dirtying a page again. The ~230 functions outside
 our packages that every daemon runs (asyncio's, logging's, enum's...: the list in
 shim.boot.hotcode, made by bench/cow.py from traced daemons) get the same, right
 after ours and in the order a daemon first calls them; not the rest of the standard
