@@ -885,19 +885,6 @@ def code_label(code: object) -> str:
     return f"{where}:{code.co_firstlineno} {code.co_qualname}"
 
 
-def read_private_kb() -> int:
-    fd = os.open("/proc/self/smaps_rollup", os.O_RDONLY)
-    try:
-        text = os.read(fd, 4096)
-    finally:
-        os.close(fd)  # every read: the daemon closes fds it does not know
-    total = 0
-    for line in text.split(b"\n"):
-        if line.startswith((b"Private_Clean:", b"Private_Dirty:")):
-            total += int(line.split()[1])
-    return total
-
-
 def trace_copies() -> None:
     """A ``--prepare`` hook: every daemon forked from here reads its private memory
     at each call and return of a function of ours (sys.setprofile, from the fork on:
@@ -905,6 +892,8 @@ def trace_copies() -> None:
     it serves: KB by function (CopyTally), and the modules imported since the
     freeze (each one built in every daemon's own memory)."""
     import json
+
+    from bench.procfs import read_memory
 
     out = os.environ[TRACE_DIR_ENV]
     frozen = set(sys.modules)
@@ -923,7 +912,7 @@ def trace_copies() -> None:
     def profile(frame: types.FrameType, event: str, arg: object) -> None:
         if (event == "call" or event == "return") and ours(frame.f_code):
             who = owner(frame.f_back) if event == "call" else frame.f_code
-            tally.reading(read_private_kb(), who)
+            tally.reading(read_memory(os.getpid()).private_kb, who)
 
     def record(n: int) -> None:
         rows = sorted(((code_label(k), kb) for k, kb in tally.kb.items()), key=lambda r: -r[1])
@@ -939,6 +928,22 @@ def trace_copies() -> None:
     os.register_at_fork(after_in_child=lambda: sys.setprofile(profile))
 
 
+def code_names() -> dict[types.CodeType, str]:
+    """``module:qualname`` (what shim/boot/hotcode.py lists) of the code object of
+    every function outside our packages that prefork.compact_hot can find."""
+    from shim.boot import prefork
+
+    names: dict[types.CodeType, str] = {}
+    for module_name, module in list(sys.modules.items()):
+        if module is None or module_name.partition(".")[0] in prefork.PACKAGES:
+            continue
+        namespace = getattr(module, "__dict__", None)
+        if isinstance(namespace, dict):
+            for func in prefork.functions_of(namespace, module_name):
+                names.setdefault(func.__code__, f"{func.__module__}:{func.__qualname__}")
+    return names
+
+
 def trace_code() -> None:
     """A ``--prepare`` hook: every daemon forked from here notes each function it
     calls (sys.setprofile, from the fork on) and writes the ones outside our packages
@@ -946,8 +951,6 @@ def trace_code() -> None:
     their first call, to ``$COW_TRACE_DIR/<pid>-<n>.code.json`` after the n-th Start
     it serves. ``hotcode`` turns those files into shim/boot/hotcode.py."""
     import json
-
-    from shim.boot import prefork
 
     out = os.environ[TRACE_DIR_ENV]
     called: dict[types.CodeType, None] = {}  # insertion-ordered set
@@ -957,15 +960,8 @@ def trace_code() -> None:
             called.setdefault(frame.f_code)
 
     def record(n: int) -> None:
-        sys.setprofile(None)  # what the walk below calls is not the daemon's
-        names: dict[types.CodeType, str] = {}
-        for module_name, module in list(sys.modules.items()):
-            if module is None or module_name.partition(".")[0] in prefork.PACKAGES:
-                continue
-            namespace = getattr(module, "__dict__", None)
-            if isinstance(namespace, dict):
-                for func in prefork.functions_of(namespace, module_name):
-                    names.setdefault(func.__code__, f"{func.__module__}:{func.__qualname__}")
+        sys.setprofile(None)  # what code_names() calls is not the daemon's
+        names = code_names()
         ordered = [names[code] for code in list(called) if code in names]
         with open(os.path.join(out, f"{os.getpid()}-{n}.code.json"), "w") as f:
             json.dump(list(dict.fromkeys(ordered)), f, indent=0)

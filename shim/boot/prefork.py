@@ -47,7 +47,7 @@ import types
 
 TYPE_CHECKING = False  # the template imports this module; mypy honours this name
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterable, Sequence
 
 __all__ = [
     "PACKAGES",
@@ -99,18 +99,21 @@ def _unwrap(value: object) -> list[types.FunctionType]:
 def compact_code(packages: tuple[str, ...] = PACKAGES) -> int:
     """Give every function of ``packages`` a fresh code object, allocated together;
     the number replaced."""
-    seen: set[int] = set()
     functions: list[types.FunctionType] = []
     for name, module in sorted(sys.modules.items()):
-        if module is None or name.partition(".")[0] not in packages:
-            continue
-        for func in functions_of(vars(module), name):
-            if id(func) not in seen:
-                seen.add(id(func))
-                functions.append(func)
+        if module is not None and name.partition(".")[0] in packages:
+            functions += functions_of(vars(module), name)
+    return _renew(functions)
+
+
+def _renew(functions: Iterable[types.FunctionType]) -> int:
+    """Fresh code objects for ``functions``, once each, in their order; how many."""
+    seen: set[int] = set()
     for func in functions:
-        func.__code__ = _fresh(func.__code__)
-    return len(functions)
+        if id(func) not in seen:
+            seen.add(id(func))
+            func.__code__ = _fresh(func.__code__)
+    return len(seen)
 
 
 def compact_hot(names: Sequence[str]) -> int:
@@ -132,12 +135,7 @@ def compact_hot(names: Sequence[str]) -> int:
             if at is not None:
                 found.append((at, func))
     found.sort(key=lambda item: item[0])
-    seen: set[int] = set()
-    for _, func in found:
-        if id(func) not in seen:
-            seen.add(id(func))
-            func.__code__ = _fresh(func.__code__)
-    return len(seen)
+    return _renew(func for _, func in found)
 
 
 def prepare() -> None:

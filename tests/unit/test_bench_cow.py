@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from bench import procfs
 from bench.cow import (
     FORK,
     FREE,
@@ -37,7 +36,6 @@ from bench.cow import (
     parse_nm,
     parse_object_dump,
     parse_smaps,
-    read_private_kb,
     region_names,
     tally_writes,
 )
@@ -277,13 +275,6 @@ def test_code_label_names_our_functions_by_tree_line_and_qualname() -> None:
     code = template._take_environment.__code__
     assert code_label(code) == f"shim/boot/template.py:{code.co_firstlineno} _take_environment"
     assert code_label("(elsewhere)") == "(elsewhere)"
-
-
-def test_private_kb_reads_what_smaps_rollup_says() -> None:
-    with open("/proc/self/smaps_rollup") as f:
-        expected = procfs.parse_smaps_rollup(f.read()).private_kb
-    assert expected > 0
-    assert abs(read_private_kb() - expected) < 1024
 
 
 def test_format_copies_averages_functions_over_daemons(tmp_path: Path) -> None:

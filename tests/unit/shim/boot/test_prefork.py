@@ -94,14 +94,10 @@ def test_hot_list_names_what_a_daemons_start_up_runs() -> None:
     # or it is stale and should be made again.
     code = (
         "import sys; sys.path.insert(0, sys.argv[1])\n"
-        "from shim.boot import template, prefork, hotcode\n"
+        "from shim.boot import template, hotcode\n"
+        "from bench.cow import code_names\n"
         "template.preload()\n"
-        "names = {}\n"
-        "for m, mod in list(sys.modules.items()):\n"
-        "    ns = getattr(mod, '__dict__', None)\n"
-        "    if isinstance(ns, dict) and m.partition('.')[0] not in prefork.PACKAGES:\n"
-        "        for f in prefork.functions_of(ns, m):\n"
-        "            names.setdefault(f.__code__, f'{f.__module__}:{f.__qualname__}')\n"
+        "names = code_names()\n"
         "called = set()\n"
         "sys.setprofile(lambda fr, ev, a: called.add(fr.f_code) if ev == 'call' else None)\n"
         "from shim import daemon; daemon.rehearse()\n"
