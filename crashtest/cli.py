@@ -16,7 +16,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from crashtest.containerd import (
@@ -37,7 +37,7 @@ from crashtest.drivers import (
 )
 from crashtest.plan import FAULT_KINDS, Plan, generate
 from crashtest.report import compare_text, html_page, text
-from crashtest.result import Report
+from crashtest.result import Report, Violation
 from crashtest.runner import Runner
 
 PROG = "pyshim-crashtest"
@@ -280,14 +280,29 @@ def keep_evidence(d: Driver, report: Report) -> list[str]:
         except OSError as exc:
             lines.append(f"{path}: not kept ({exc})")
     for v in report.violations:
-        name = v.container or v.detail.split()[0].rstrip(":")
-        ids = {d.ids.get(name, name), name} - {""}
+        ids = _named_in(v, d.ids)
         # As a word: "c2" is not the c2 inside a digest.
         named = re.compile("|".join(rf"(?<![\w-]){re.escape(i)}(?![\w-])" for i in ids))
         for fname, text_lines in texts.items():
             quoted = [t for t in text_lines if ids and named.search(t)][-EVIDENCE_LINES:]
             v.evidence += [f"{fname}: {t[:300]}" for t in quoted]
     return lines
+
+
+# A manager container id (16 hex digits), or containerd's 64.
+_CONTAINER_ID = re.compile(r"[0-9a-f]{16}|[0-9a-f]{64}")
+
+
+def _named_in(v: Violation, known: Mapping[str, str]) -> set[str]:
+    """The containers a violation is about, by name and id: its own, or (a leak found
+    at the end of a run names no container of its own) every known name or id, and
+    every word shaped like a container id, in its text."""
+    if v.container:
+        return {v.container, known.get(v.container, "")} - {""}
+    ids = set(known.values())
+    words = set(re.findall(r"[\w.-]+", v.detail))
+    found = {w for w in words if w in known or w in ids or _CONTAINER_ID.fullmatch(w)}
+    return (found | {known[w] for w in found if w in known}) - {""}
 
 
 def _write(path: str, content: str) -> None:

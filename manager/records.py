@@ -34,6 +34,8 @@ from manager.paths import Paths
 RECORD_VERSION = 1
 # The unsynced snapshot beside record.json (RecordStore.save).
 SNAPSHOT_NAME = "record.snapshot.json"
+# A container directory being removed is first renamed to this + its id (RecordStore.retire).
+RETIRED_PREFIX = ".removing-"
 
 
 class MountSpec(msgspec.Struct, kw_only=True):
@@ -164,7 +166,13 @@ class RecordStore:
 
     def save(self, record: ContainerRecord, durable: bool = True) -> None:
         """``durable=False`` only for what recovery can do without after a power loss
-        (module docstring); the first save of a container is always durable."""
+        (module docstring); the first save of a container is always durable.
+
+        Only the first save makes the container's directory: once it is gone the
+        container was removed, and a save that comes after (a task that learned
+        something late) writes nothing rather than bring a record of it back."""
+        if record.seq and not self._paths.container_dir(record.id).is_dir():
+            return
         record.seq += 1
         data = msgspec.json.encode(record)
         path = self._paths.record(record.id)
@@ -217,6 +225,37 @@ class RecordStore:
         for path in (self._snapshot(container_id), self._paths.record(container_id)):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+
+    def retire(self, container_id: str) -> Path | None:
+        """The first step of removing a container's directory: one rename takes it,
+        record and all, out of the listing, so that a crash while its files are being
+        removed leaves no directory without a record (which no one would remove). The
+        caller removes the returned directory; `abandoned` finds it if it cannot."""
+        retired = self._paths.containers_dir / f"{RETIRED_PREFIX}{container_id}"
+        try:
+            os.rename(self._paths.container_dir(container_id), retired)
+        except FileNotFoundError:
+            return None
+        return retired
+
+    def abandoned(self) -> list[tuple[str, Path]]:
+        """(id, directory) of what a crash left: a removal that did not finish, and a
+        directory whose first record was never written (a `run` killed in its first
+        save, before anything else of the container was made)."""
+        found: list[tuple[str, Path]] = []
+        try:
+            names = sorted(os.listdir(self._paths.containers_dir))
+        except FileNotFoundError:
+            return found
+        for name in names:
+            path = self._paths.containers_dir / name
+            if name.startswith(RETIRED_PREFIX):
+                found.append((name.removeprefix(RETIRED_PREFIX), path))
+            elif not name.startswith(".") and path.is_dir():
+                with contextlib.suppress(RecordError):
+                    if self.load(name) is None:
+                        found.append((name, path))
+        return found
 
 
 def _read(path: Path) -> ContainerRecord | None:

@@ -749,12 +749,16 @@ class Supervisor:
         if c.relay is not None:
             c.relay.close()
             c.relay = None
-        bundle = Path(c.record.bundle)
-        _unmount_all(bundle / "rootfs")
-        for path in (bundle, self.paths.fifo_dir(c.id), self.paths.container_dir(c.id)):
-            shutil.rmtree(path, ignore_errors=True)
+        self._remove_files(c.id, Path(c.record.bundle), self.store.retire(c.id))
         self.containers.pop(c.id, None)
         c.exited.set()
+
+    def _remove_files(self, cid: str, bundle: Path, state: Path | None) -> None:
+        """A removed container's bundle, fifos and (retired) state directory."""
+        _unmount_all(bundle / "rootfs")
+        for path in (bundle, self.paths.fifo_dir(cid), state):
+            if path is not None:
+                shutil.rmtree(path, ignore_errors=True)
 
     async def _release_shim(self, c: Container) -> None:
         """Delete the task and stop its shim (by ttrpc, else by the shim's own delete)."""
@@ -820,6 +824,8 @@ class Supervisor:
             # and no client yet): let it finish, then stop what it started.
             async with c.lock:
                 pass
+        if c.removing:
+            raise _not_found(ref)
         if rec.exited or rec.shim_gone:
             if rec.status == "restarting":
                 rec.status = "stopped"
@@ -1128,6 +1134,9 @@ class Supervisor:
     # ------------------------------------------------------------------ restart
 
     async def recover(self) -> None:
+        for cid, state in self.store.abandoned():
+            log.info("container %s: removing what a crash left of it", cid)
+            self._remove_files(cid, self.paths.bundle(cid), state)
         records, problems = self.store.load_all()
         for problem in problems:
             log.error("skipping container: %s", problem)

@@ -125,6 +125,30 @@ def test_restart_reconnects_and_learns_missed_exits(manager: Manager) -> None:
     assert manager.ok("wait", "long").strip() == "137"
 
 
+def test_a_removal_left_unfinished_is_finished_at_the_next_start(manager: Manager) -> None:
+    # A removal cut short (pyshimd SIGKILLed while the files went, or one it could not
+    # remove: here a mount inside the state dir) left a directory without its record,
+    # which no later pyshimd listed nor removed.
+    cid = manager.ok("run", "-d", "--name", "pinned", "--", "true").strip()
+    assert manager.ok("wait", "pinned").strip() == "0"
+    pin = manager.state_dir / "containers" / cid / "pin"
+    pin.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "pin", str(pin)], check=True)
+    retired = manager.state_dir / "containers" / f".removing-{cid}"
+    try:
+        manager.ok("rm", "pinned")
+        assert json.loads(manager.ok("ps", "--all", "--json")) == []
+        assert os.listdir(manager.state_dir / "containers") == [retired.name]
+        manager.kill(signal.SIGKILL)
+    finally:
+        for mounted in (pin, retired / "pin"):
+            subprocess.run(["umount", str(mounted)], capture_output=True)
+    manager.start()
+    assert os.listdir(manager.state_dir / "containers") == []
+    assert json.loads(manager.ok("ps", "--all", "--json")) == []
+    assert f"container {cid}: removing what a crash left of it" in manager.daemon_log()
+
+
 def test_killed_shim_is_noticed(manager: Manager) -> None:
     manager.ok("run", "-d", "--name", "victim", "--", "sleep", "1000")
     shim_pid = int(manager.inspect("victim")["shim_pid"])  # type: ignore[call-overload]

@@ -30,6 +30,8 @@ def test_violations_keep_the_log_records_and_lines_naming_their_containers(
         "level=info msg=unrelated c3\n"
         "level=warning msg=exit of c2 not recorded\n"
         "level=debug msg=removed digest=sha256:e1c2d9\n"
+        "level=info msg=serving /tmp/crash-x/state\n"
+        "level=info msg=run 00aa11bb22cc33dd\n"
     )
     records = tmp_path / "state"
     (records / "containers").mkdir(parents=True)
@@ -37,6 +39,10 @@ def test_violations_keep_the_log_records_and_lines_naming_their_containers(
     report = Report(driver="manager", runtime="rt", seed=7)
     report.violations.append(
         Violation("exit-unknown", 4, "c2 init: no exit status", container="c2")
+    )
+    # A leak names no container of its own: the lines naming the ids in its text.
+    report.violations.append(
+        Violation("leak", -1, "state left in /tmp/crash-x/state/containers: ['00aa11bb22cc33dd']")
     )
     d = cast(Driver, FakeDriver([log, records, tmp_path / "missing.log"]))
     lines = keep_evidence(d, report)
@@ -51,6 +57,7 @@ def test_violations_keep_the_log_records_and_lines_naming_their_containers(
             "pyshimd.log: level=info msg=started container 0a1b2c",
             "pyshimd.log: level=warning msg=exit of c2 not recorded",
         ]
+        assert report.violations[1].evidence == ["pyshimd.log: level=info msg=run 00aa11bb22cc33dd"]
         assert any("missing.log: not kept" in line for line in lines)
         report.evidence = lines
         rendered = text(report)

@@ -91,3 +91,44 @@ def test_snapshot_is_read_when_newer_and_never_replaces_a_synced_record(
     assert loaded is not None and loaded.status == "stopped"
     store.delete("c1")
     assert os.listdir(paths.container_dir("c1")) == []
+
+
+def test_a_removed_container_is_not_brought_back_by_a_late_save(tmp_path: Path) -> None:
+    paths = Paths(tmp_path / "run", tmp_path / "state")
+    store = RecordStore(paths)
+    rec = _record()
+    store.save(rec)
+    (paths.container_dir("c1") / "ctr.log").write_text("out\n")
+    retired = store.retire("c1")
+    assert retired is not None and retired.name == ".removing-c1"
+    assert sorted(os.listdir(retired)) == ["ctr.log", "record.json"]
+    assert store.load_all() == ([], [])
+    rec.status = "stopped"
+    store.save(rec)
+    store.save(rec, durable=False)
+    assert os.listdir(paths.containers_dir) == [".removing-c1"]
+    assert store.retire("c1") is None
+    # A new container (its first save) still makes its directory.
+    store.save(_record("c2"))
+    assert store.load("c2") is not None
+
+
+def test_abandoned_is_what_a_crash_left(tmp_path: Path) -> None:
+    paths = Paths(tmp_path / "run", tmp_path / "state")
+    store = RecordStore(paths)
+    assert store.abandoned() == []
+    for cid in ("kept", "removing", "corrupt"):
+        store.save(_record(cid))
+    # SIGKILLed while its files were being removed, after the rename.
+    retired = store.retire("removing")
+    assert retired is not None
+    (retired / "record.json").unlink()
+    # SIGKILLed in the first save: the directory made, the record not yet renamed in.
+    paths.container_dir("unborn").mkdir()
+    (paths.container_dir("unborn") / ".record.json.tmp").write_bytes(b"{")
+    # A record that cannot be read is reported by load_all, never removed.
+    paths.record("corrupt").write_text("{not json")
+    assert store.abandoned() == [
+        ("removing", retired),
+        ("unborn", paths.container_dir("unborn")),
+    ]

@@ -16,6 +16,7 @@ from manager.records import ContainerRecord, RecordStore
 from manager.shimclient import ShimClient
 from manager.supervisor import Container, Supervisor, valid_identifier
 from protocol.proto.manager.v1 import manager_pb2
+from protocol.ttrpc.status import TtrpcError
 
 
 def _supervisor(tmp_path: Path) -> Supervisor:
@@ -228,3 +229,66 @@ async def test_after_a_power_loss_the_first_save_is_enough(tmp_path: Path) -> No
         await asyncio.sleep(0.01)
     assert "0ff1ce" not in sup.containers
     assert not sup.paths.container_dir("0ff1ce").exists()
+
+
+async def test_a_removal_cut_short_by_a_crash_is_finished_at_recovery(tmp_path: Path) -> None:
+    # pyshimd SIGKILLed in `rm`, after the shim was stopped, while the container's
+    # files were being removed: the next pyshimd removes the rest, and lists nothing.
+    sup = _supervisor(tmp_path)
+    for cid in ("d0ne", "ke9t"):
+        sup.store.save(
+            ContainerRecord(
+                id=cid,
+                name=cid,
+                bundle=str(sup.paths.bundle(cid)),
+                created_at_ns=1,
+                command=["x"],
+                shim_gone=True,
+                exit_status=0,
+            )
+        )
+        sup.paths.bundle(cid).mkdir(parents=True)
+        sup.paths.fifo_dir(cid).mkdir(parents=True)
+    retired = sup.store.retire("d0ne")
+    assert retired is not None
+    (retired / "record.json").unlink()
+    (retired / "overlay" / "upper").mkdir(parents=True)
+    unborn = sup.paths.container_dir("0b0e")
+    unborn.mkdir()
+    after = _supervisor(tmp_path)
+    await after.recover()
+    assert list(after.containers) == ["ke9t"]
+    assert os.listdir(sup.paths.containers_dir) == ["ke9t"]
+    assert os.listdir(sup.paths.bundle("ke9t").parent) == ["ke9t"]
+    assert os.listdir(sup.paths.fifo_dir("ke9t").parent) == ["ke9t"]
+
+
+async def test_nothing_that_finishes_after_a_removal_brings_the_container_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sup = _supervisor(tmp_path)
+    c = _add(sup, "abc123", "web")
+    c.record.bundle = str(sup.paths.bundle("abc123"))
+    sup.record_exit(c, 0, 5)
+    gate = asyncio.Event()
+
+    async def release(c_: Container) -> None:
+        await gate.wait()
+
+    monkeypatch.setattr(sup, "_release_shim", release)
+    removing = asyncio.create_task(sup.remove("web", force=True))
+    await asyncio.sleep(0.01)
+    assert c.lock.locked()
+    # A stop that waited for the removal's lock finds no container.
+    stopping = asyncio.create_task(sup.stop("web", 1.0))
+    await asyncio.sleep(0.01)
+    gate.set()
+    await asyncio.wait_for(removing, 5)
+    with pytest.raises(TtrpcError, match="no such container"):
+        await asyncio.wait_for(stopping, 5)
+    # And a save of the removed record (a task that learned something late) writes
+    # nothing: the next pyshimd would list the container again.
+    c.record.status = "paused"
+    sup.store.save(c.record)
+    assert not sup.paths.container_dir("abc123").exists()
+    assert os.listdir(sup.paths.containers_dir) == []
