@@ -251,11 +251,15 @@ class RecordStore:
             path = self._paths.containers_dir / name
             if name.startswith(RETIRED_PREFIX):
                 found.append((name.removeprefix(RETIRED_PREFIX), path))
-            elif not name.startswith(".") and path.is_dir():
-                with contextlib.suppress(RecordError):
-                    if self.load(name) is None:
-                        found.append((name, path))
+            elif not name.startswith(".") and path.is_dir() and not self._has_record(name):
+                found.append((name, path))
         return found
+
+    def _has_record(self, container_id: str) -> bool:
+        """A record file, readable or not (load_all reads it, and reports it if not)."""
+        return any(
+            p.exists() for p in (self._paths.record(container_id), self._snapshot(container_id))
+        )
 
 
 def _read(path: Path) -> ContainerRecord | None:
